@@ -1,0 +1,5 @@
+"""yolos_jax: YOLOS object detection in JAX/Flax."""
+
+from yolos_jax.yolos import YOLOS
+
+__all__ = ["YOLOS"]

@@ -1,0 +1,55 @@
+"""Configuration: the model variants of the papers and the default training recipe.
+
+Every `configs/*.py` file builds on `base_config(variant)`. Each stage reads only its own sub-config:
+`config.model` -> `YOLOS(**config.model)`, `config.input` -> the data pipeline, `config.matcher`,
+`config.loss`, `config.optim`, `config.train`, `config.eval`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+# Paper Table 1 and the original README (backbone_name, init_pe_size, mid_pe_size).
+MODEL_VARIANTS: dict[str, dict[str, Any]] = {
+    # YOLOS-Ti: DeiT-Ti, no mid position embeddings, init_pe_size 800x1333.
+    "ti": dict(hidden_size=192, depth=12, num_heads=3, init_pe_size=(800, 1333), mid_pe_size=None),
+    # YOLOS-S: DeiT-S, init_pe_size = mid_pe_size = 512x864.
+    "s": dict(hidden_size=384, depth=12, num_heads=6, init_pe_size=(512, 864), mid_pe_size=(512, 864)),
+    # YOLOS-B: DeiT-B (distilled, 384), init_pe_size = mid_pe_size = 800x1344.
+    "b": dict(hidden_size=768, depth=12, num_heads=12, init_pe_size=(800, 1344), mid_pe_size=(800, 1344)),
+    # YOLOS-S (dWr): fast scaling, width first: 14 deep, 330 wide.
+    "s_dWr": dict(hidden_size=330, depth=14, num_heads=6, init_pe_size=(512, 864), mid_pe_size=(512, 864)),
+    # YOLOS-S (dwr): uniform compound scaling: 19 deep, 240 wide.
+    "s_dwr": dict(hidden_size=240, depth=19, num_heads=6, init_pe_size=(512, 864), mid_pe_size=(512, 864)),
+}
+
+
+def model_config(variant: str, **overrides: Any) -> ml_collections.ConfigDict:
+    """The `config.model` sub-config of a variant: exactly the keyword arguments of `YOLOS`."""
+    if variant not in MODEL_VARIANTS:
+        raise ValueError(f"unknown model variant {variant!r}; choose one of {sorted(MODEL_VARIANTS)}")
+    fields = dict(
+        hidden_size=384,
+        depth=12,
+        num_heads=6,
+        mlp_dim=None,
+        patch_size=16,
+        num_det_tokens=100,
+        num_classes=91,
+        init_pe_size=(512, 864),
+        mid_pe_size=None,
+        layer_norm_eps=1e-6,
+        qkv_bias=True,
+        dtype="float32",
+        remat=False,
+        attention_impl=None,
+        aux_layers=0,
+    )
+    fields.update(MODEL_VARIANTS[variant])
+    fields.update(overrides)
+    # `mlp_dim`, `mid_pe_size` and `attention_impl` may be None; give them placeholders that keep their
+    # types so that `--config.model.x=...` overrides type-check.
+    cfg = ml_collections.ConfigDict(fields)
+    return cfg

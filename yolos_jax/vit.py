@@ -1,0 +1,219 @@
+"""Vision Transformer building blocks: patch embedding, position-embedding resizing, attention, blocks.
+
+Layout conventions used throughout the package:
+  * images are NHWC: [B, H, W, 3] float, ImageNet-normalised;
+  * token sequences are [B, T, D];
+  * attention keys can be masked with a boolean key mask [B, T] (True = the token may be attended to).
+
+The bicubic resize here reproduces PyTorch's `F.interpolate(mode='bicubic', align_corners=False)`
+(Keys' cubic with a = -0.75, clamped borders, no antialiasing) so that converted position embeddings give
+the same outputs as the reference. `jax.image.resize(method='cubic')` uses a = -0.5 and antialiasing on
+downsampling, which is a different function.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# Initialisers as timm's ViT (the DeiT/YOLOS reference): truncated normal std 0.02 for tokens and
+# position embeddings and linear layers, zero biases.
+trunc_normal_02 = nn.initializers.truncated_normal(stddev=0.02)
+
+
+# --------------------------------------------------------------------------------------------------
+# Position embedding resizing
+# --------------------------------------------------------------------------------------------------
+
+_CUBIC_A = -0.75  # PyTorch's bicubic coefficient.
+
+
+def _cubic_weight_near(x: np.ndarray) -> np.ndarray:
+    """Keys' kernel for |x| <= 1."""
+    a = _CUBIC_A
+    return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+
+
+def _cubic_weight_far(x: np.ndarray) -> np.ndarray:
+    """Keys' kernel for 1 < |x| < 2."""
+    a = _CUBIC_A
+    return ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
+
+
+@functools.lru_cache(maxsize=256)
+def bicubic_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """Dense [out_size, in_size] float64 matrix equal to PyTorch's 1-D bicubic interpolation.
+
+    PyTorch (align_corners=False, size given) samples output index i at source coordinate
+    `(i + 0.5) * in_size / out_size - 0.5`, takes the 4 neighbours floor(src) - 1 .. floor(src) + 2,
+    clamps them into [0, in_size - 1] and weights them with Keys' cubic (a = -0.75). The 2-D resize is
+    separable, so applying this matrix along height and then width reproduces `F.interpolate`.
+    """
+    if in_size <= 0 or out_size <= 0:
+        raise ValueError(f"bicubic resize needs positive sizes, got {in_size} -> {out_size}")
+    scale = in_size / out_size
+    matrix = np.zeros((out_size, in_size), np.float64)
+    for i in range(out_size):
+        src = scale * (i + 0.5) - 0.5
+        base = np.floor(src)
+        t = src - base
+        weights = (
+            _cubic_weight_far(t + 1.0),
+            _cubic_weight_near(t),
+            _cubic_weight_near(1.0 - t),
+            _cubic_weight_far(2.0 - t),
+        )
+        for k, w in enumerate(weights):
+            idx = int(min(max(base - 1 + k, 0), in_size - 1))
+            matrix[i, idx] += w
+    return matrix
+
+
+def resize_posemb_grid(grid: jax.Array, new_hw: Sequence[int]) -> jax.Array:
+    """Resizes patch position embeddings laid out on a 2-D grid, as PyTorch's bicubic.
+
+    Args:
+      grid: [..., gh, gw, D] embeddings on their stored (gh, gw) grid.
+      new_hw: the target grid (new_gh, new_gw) in patches.
+    Returns:
+      [..., new_gh, new_gw, D] in grid's dtype. Identity when the grid shape already matches.
+    """
+    gh, gw = grid.shape[-3], grid.shape[-2]
+    new_h, new_w = int(new_hw[0]), int(new_hw[1])
+    if (gh, gw) == (new_h, new_w):
+        return grid
+    mat_h = jnp.asarray(bicubic_resize_matrix(gh, new_h), jnp.float32)
+    mat_w = jnp.asarray(bicubic_resize_matrix(gw, new_w), jnp.float32)
+    x = grid.astype(jnp.float32)
+    hi = jax.lax.Precision.HIGHEST  # These are parameters: keep full fp32 accuracy on TPU/GPU too.
+    x = jnp.einsum("oh,...hwd->...owd", mat_h, x, precision=hi)
+    x = jnp.einsum("pw,...owd->...opd", mat_w, x, precision=hi)
+    return x.astype(grid.dtype)
+
+
+def resize_posemb_grid_np(grid: np.ndarray, new_hw: Sequence[int]) -> np.ndarray:
+    """NumPy (float64) twin of `resize_posemb_grid`, for checkpoint surgery on the host."""
+    gh, gw = grid.shape[-3], grid.shape[-2]
+    mat_h = bicubic_resize_matrix(gh, int(new_hw[0]))
+    mat_w = bicubic_resize_matrix(gw, int(new_hw[1]))
+    x = np.einsum("oh,...hwd->...owd", mat_h, grid.astype(np.float64))
+    x = np.einsum("pw,...owd->...opd", mat_w, x)
+    return x.astype(grid.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------------
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch projection (a stride-p convolution).
+
+    [B, H, W, C] -> [B, H // p, W // p, D]. Pixels beyond the last full patch are dropped, as PyTorch's
+    Conv2d does.
+    """
+
+    hidden_size: int
+    patch_size: int = 16
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        p = self.patch_size
+        return nn.Conv(
+            self.hidden_size,
+            kernel_size=(p, p),
+            strides=(p, p),
+            padding="VALID",
+            dtype=self.dtype,
+            kernel_init=nn.initializers.lecun_normal(),
+            name="proj",
+        )(images)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection.
+
+    The qkv kernel is [D, 3 * D] with columns ordered (q | k | v), each head-major — the layout of timm's
+    `attn.qkv` (transposed), so DeiT/YOLOS checkpoints map onto it directly.
+    """
+
+    num_heads: int
+    qkv_bias: bool = True
+    dtype: Dtype = jnp.float32
+    attention_impl: Optional[str] = None  # None: jax picks; 'xla' | 'cudnn'; 'einsum': explicit matmuls.
+
+    @nn.compact
+    def __call__(self, x: jax.Array, key_mask: Optional[jax.Array] = None) -> jax.Array:
+        """x: [B, T, D]; key_mask: [B, T] bool or None. Returns [B, T, D]."""
+        batch, tokens, width = x.shape
+        if width % self.num_heads:
+            raise ValueError(f"hidden_size {width} is not divisible by num_heads {self.num_heads}")
+        head_dim = width // self.num_heads
+        qkv = nn.Dense(
+            3 * width, use_bias=self.qkv_bias, dtype=self.dtype, kernel_init=trunc_normal_02, name="qkv"
+        )(x)
+        qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, H, Dh]
+        out = dot_product_attention(q, k, v, key_mask, self.attention_impl)
+        out = out.reshape(batch, tokens, width)
+        return nn.Dense(width, dtype=self.dtype, kernel_init=trunc_normal_02, name="proj")(out)
+
+
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, key_mask: Optional[jax.Array], impl: Optional[str]
+) -> jax.Array:
+    """Softmax attention. q, k, v: [B, T, H, Dh]; key_mask: [B, S] bool or None. Returns [B, T, H, Dh]."""
+    if impl == "einsum":
+        scale = q.shape[-1] ** -0.5
+        logits = jnp.einsum("bthd,bshd->bhts", q * jnp.asarray(scale, q.dtype), k)
+        if key_mask is not None:
+            logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        return jnp.einsum("bhts,bshd->bthd", weights, v)
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+
+
+class Mlp(nn.Module):
+    """Transformer feed-forward: Dense -> exact (erf) GELU -> Dense."""
+
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=trunc_normal_02, name="fc1")(x)
+        x = nn.gelu(x, approximate=False)
+        return nn.Dense(width, dtype=self.dtype, kernel_init=trunc_normal_02, name="fc2")(x)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LN Transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    num_heads: int
+    mlp_dim: int
+    layer_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    dtype: Dtype = jnp.float32
+    attention_impl: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, key_mask: Optional[jax.Array] = None) -> jax.Array:
+        """x: [B, T, D]; key_mask: [B, T] bool or None. Returns [B, T, D]."""
+        y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="norm1")(x)
+        y = SelfAttention(
+            self.num_heads, self.qkv_bias, self.dtype, self.attention_impl, name="attn"
+        )(y, key_mask)
+        x = x + y
+        y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="norm2")(x)
+        y = Mlp(self.mlp_dim, self.dtype, name="mlp")(y)
+        return x + y

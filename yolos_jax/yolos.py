@@ -1,0 +1,211 @@
+"""The YOLOS detector: a ViT encoder over [CLS] + patch tokens + N [DET] tokens, with two MLP heads.
+
+Model output schema (the one contract every later stage reads):
+  outputs = {
+    'logits': [B, Q, num_classes + 1] float32  class logits; the last index is "no object",
+    'boxes':  [B, Q, 4] float32                 (cx, cy, w, h) in [0, 1], relative to the *un-padded*
+                                                image, as DETR/YOLOS targets are,
+    'aux_outputs': list of {'logits', 'boxes'}  only when `aux_layers > 0`: predictions from the [DET]
+                                                tokens after intermediate blocks (earliest first),
+  }
+Q = num_det_tokens. Parameters are float32 whatever the compute `dtype`.
+
+Parameter tree (names used by the converter and the optimiser's decay mask):
+  patch_embed/proj/{kernel [p, p, 3, D], bias [D]}
+  cls_token [1, 1, D], det_tokens [1, Q, D]
+  pos_embed_cls [1, 1, D], pos_embed_patches [1, gh, gw, D], pos_embed_det [1, Q, D]
+      (gh, gw) = init_pe_size // patch_size; kept as a 2-D grid so that resizing is always by grid
+      shape, never inferred from a token count.
+  mid_pos_embed_{cls,patches,det}  the same with a leading [depth - 1] axis (when mid_pe_size is set)
+  block_{i}/{norm1, attn/{qkv, proj}, norm2, mlp/{fc1, fc2}}
+  encoder_norm/{scale, bias}
+  class_head/layers_{0,1,2}, box_head/layers_{0,1,2}
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from yolos_jax import vit
+
+Dtype = Any
+
+
+def _as_dtype(dtype: Any) -> Any:
+    return jnp.dtype(dtype) if isinstance(dtype, str) else dtype
+
+
+def patch_key_mask(pixel_mask: jax.Array, patch_size: int, grid_hw: Sequence[int]) -> jax.Array:
+    """Valid-patch mask from a valid-pixel mask.
+
+    pixel_mask: [B, H, W] bool (True = real pixel); returns [B, gh * gw] bool, True where the patch holds
+    at least one real pixel. Padding sits at the bottom/right, so this equals "the patch's top-left pixel
+    is real".
+    """
+    gh, gw = grid_hw
+    p = patch_size
+    m = pixel_mask[:, : gh * p, : gw * p].reshape(pixel_mask.shape[0], gh, p, gw, p)
+    return jnp.any(m, axis=(2, 4)).reshape(pixel_mask.shape[0], gh * gw)
+
+
+class MLPHead(nn.Module):
+    """`num_layers` Dense layers with ReLU between them (DETR's prediction FFN)."""
+
+    hidden_size: int
+    out_size: int
+    num_layers: int = 3
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i in range(self.num_layers):
+            last = i == self.num_layers - 1
+            x = nn.Dense(
+                self.out_size if last else self.hidden_size,
+                dtype=self.dtype,
+                kernel_init=vit.trunc_normal_02,
+                name=f"layers_{i}",
+            )(x)
+            if not last:
+                x = nn.relu(x)
+        return x
+
+
+class YOLOS(nn.Module):
+    """YOLOS detector. Construct with `YOLOS(**config.model)`; see `configs/` for the variants.
+
+    Attributes:
+      hidden_size, depth, num_heads, mlp_dim: the ViT (mlp_dim defaults to 4 * hidden_size).
+      patch_size: side of the square patches, in pixels.
+      num_det_tokens: Q, the number of [DET] tokens (= detections per image).
+      num_classes: number of class logits before "no object" (COCO: 91 ids, so 92 logits).
+      init_pe_size: (H, W) in pixels of the grid the position embeddings are stored on.
+      mid_pe_size: (H, W) of the mid position embeddings; None disables them.
+      layer_norm_eps: 1e-6 as timm/DeiT; HF-converted configs carry 1e-12.
+      dtype: compute dtype ('float32' or 'bfloat16'); parameters stay float32.
+      remat: rematerialise each block in the backward pass (saves activation memory).
+      attention_impl: passed to `jax.nn.dot_product_attention` (None, 'xla', 'cudnn'), or 'einsum'.
+      aux_layers: also predict from the [DET] tokens of this many blocks before the last.
+    """
+
+    hidden_size: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_dim: Optional[int] = None
+    patch_size: int = 16
+    num_det_tokens: int = 100
+    num_classes: int = 91
+    init_pe_size: Sequence[int] = (512, 864)
+    mid_pe_size: Optional[Sequence[int]] = None
+    layer_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    dtype: Any = "float32"
+    remat: bool = False
+    attention_impl: Optional[str] = None
+    aux_layers: int = 0
+
+    def _grid(self, size_hw: Sequence[int]) -> tuple[int, int]:
+        return int(size_hw[0]) // self.patch_size, int(size_hw[1]) // self.patch_size
+
+    @nn.compact
+    def __call__(
+        self, images: jax.Array, pixel_mask: Optional[jax.Array] = None, *, train: bool = False
+    ) -> dict[str, Any]:
+        """images: [B, H, W, 3] float (normalised, padded); pixel_mask: [B, H, W] bool or None.
+
+        Returns the output dict described in the module docstring.
+        """
+        del train  # No stochastic layers in the base model.
+        dtype = _as_dtype(self.dtype)
+        width = self.hidden_size
+        batch = images.shape[0]
+        q = self.num_det_tokens
+
+        patches = vit.PatchEmbed(width, self.patch_size, dtype, name="patch_embed")(images.astype(dtype))
+        grid_hw = patches.shape[1:3]
+        patches = patches.reshape(batch, grid_hw[0] * grid_hw[1], width)
+
+        cls_token = self.param("cls_token", vit.trunc_normal_02, (1, 1, width))
+        det_tokens = self.param("det_tokens", vit.trunc_normal_02, (1, q, width))
+        pe_grid = self._grid(self.init_pe_size)
+        pos_cls = self.param("pos_embed_cls", vit.trunc_normal_02, (1, 1, width))
+        pos_patches = self.param("pos_embed_patches", vit.trunc_normal_02, (1, *pe_grid, width))
+        pos_det = self.param("pos_embed_det", vit.trunc_normal_02, (1, q, width))
+
+        pos = jnp.concatenate(
+            [
+                pos_cls,
+                vit.resize_posemb_grid(pos_patches, grid_hw).reshape(1, -1, width),
+                pos_det,
+            ],
+            axis=1,
+        )
+        x = jnp.concatenate(
+            [
+                jnp.broadcast_to(cls_token, (batch, 1, width)).astype(dtype),
+                patches,
+                jnp.broadcast_to(det_tokens, (batch, q, width)).astype(dtype),
+            ],
+            axis=1,
+        )
+        x = x + pos.astype(dtype)
+
+        mid_pos = None
+        if self.mid_pe_size is not None and self.depth > 1:
+            mid_grid = self._grid(self.mid_pe_size)
+            n_mid = self.depth - 1
+            mid_cls = self.param("mid_pos_embed_cls", vit.trunc_normal_02, (n_mid, 1, width))
+            mid_patches = self.param("mid_pos_embed_patches", vit.trunc_normal_02, (n_mid, *mid_grid, width))
+            mid_det = self.param("mid_pos_embed_det", vit.trunc_normal_02, (n_mid, q, width))
+            mid_pos = jnp.concatenate(
+                [
+                    mid_cls,
+                    vit.resize_posemb_grid(mid_patches, grid_hw).reshape(n_mid, -1, width),
+                    mid_det,
+                ],
+                axis=1,
+            ).astype(dtype)  # [depth - 1, T, D]
+
+        key_mask = None
+        if pixel_mask is not None:
+            patch_mask = patch_key_mask(pixel_mask, self.patch_size, grid_hw)
+            ones = jnp.ones((batch, 1), bool)
+            key_mask = jnp.concatenate([ones, patch_mask, jnp.ones((batch, q), bool)], axis=1)
+
+        block_cls = nn.remat(vit.EncoderBlock) if self.remat else vit.EncoderBlock
+        mlp_dim = self.mlp_dim or 4 * width
+        intermediates = []
+        for i in range(self.depth):
+            x = block_cls(
+                num_heads=self.num_heads,
+                mlp_dim=mlp_dim,
+                layer_norm_eps=self.layer_norm_eps,
+                qkv_bias=self.qkv_bias,
+                dtype=dtype,
+                attention_impl=self.attention_impl,
+                name=f"block_{i}",
+            )(x, key_mask)
+            if i >= self.depth - 1 - self.aux_layers and i < self.depth - 1:
+                intermediates.append(x[:, -q:])
+            if mid_pos is not None and i < self.depth - 1:
+                x = x + mid_pos[i][None]
+
+        encoder_norm = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=dtype, name="encoder_norm")
+        class_head = MLPHead(width, self.num_classes + 1, 3, dtype, name="class_head")
+        box_head = MLPHead(width, 4, 3, dtype, name="box_head")
+
+        def predict(det: jax.Array) -> dict[str, jax.Array]:
+            det = encoder_norm(det)
+            return {
+                "logits": class_head(det).astype(jnp.float32),
+                "boxes": jax.nn.sigmoid(box_head(det).astype(jnp.float32)),
+            }
+
+        outputs = predict(x[:, -q:])
+        if self.aux_layers:
+            outputs["aux_outputs"] = [predict(d) for d in intermediates]
+        return outputs
