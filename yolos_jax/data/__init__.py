@@ -1,0 +1,1 @@
+"""Input pipeline (placeholder while being written)."""
