@@ -1,0 +1,21 @@
+r"""YOLOS-B: DeiT-B (distilled, 384) backbone, 150 epochs on COCO, multi-scale 480-800 (original README).
+
+  python train.py --config=configs/yolos_b.py --workdir=/tmp/yolos_b \
+      --config.init_from=/path/to/converted/deit_base_distilled_384 --config.input.data_dir=/path/to/tfds
+
+Total batch 8 at lr 2.5e-5; init_pe_size = mid_pe_size = 800x1344. For large meshes set
+--config.mesh.fsdp=N to shard parameters and optimiser state, --config.model.remat=True and
+--config.model.dtype=bfloat16 to save activation memory.
+"""
+
+from yolos_jax.trainer import default_config
+
+
+def get_config(arg=None):
+    del arg
+    config = default_config("b")
+    config.input.batch_size = 8
+    config.train.num_epochs = 150
+    config.eval.eval_size = 800
+    config.input.eval_size = 800
+    return config

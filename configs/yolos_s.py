@@ -1,0 +1,24 @@
+r"""YOLOS-S and its scaled variants: 150 epochs on COCO, multi-scale 480-800 (original README).
+
+  python train.py --config=configs/yolos_s.py --workdir=/tmp/yolos_s \
+      --config.init_from=/path/to/converted/deit_small --config.input.data_dir=/path/to/tfds
+  python train.py --config=configs/yolos_s.py:dWr ...   # YOLOS-S (dWr): 14 deep, 330 wide (fast scaling)
+  python train.py --config=configs/yolos_s.py:dwr ...   # YOLOS-S (dwr): 19 deep, 240 wide (compound scaling)
+
+Total batch 8 at lr 2.5e-5 (1 image x 8 GPUs in the original); init_pe_size = mid_pe_size = 512x864.
+"""
+
+from yolos_jax.trainer import default_config
+
+_VARIANTS = {None: "s", "": "s", "s": "s", "dWr": "s_dWr", "dwr": "s_dwr"}
+
+
+def get_config(arg=None):
+    if arg not in _VARIANTS:
+        raise ValueError(f"configs/yolos_s.py: unknown variant {arg!r}; use one of 'dWr', 'dwr' or nothing")
+    config = default_config(_VARIANTS[arg])
+    config.input.batch_size = 8
+    config.train.num_epochs = 150
+    config.eval.eval_size = 784 if arg == "dwr" else 800  # the paper's best eval size per variant (Sec. 3.3)
+    config.input.eval_size = config.eval.eval_size
+    return config

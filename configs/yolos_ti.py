@@ -1,0 +1,20 @@
+r"""YOLOS-Ti: DeiT-Ti backbone, 300 epochs on COCO, multi-scale 256-608 (original README).
+
+  python train.py --config=configs/yolos_ti.py --workdir=/tmp/yolos_ti \
+      --config.init_from=/path/to/converted/deit_tiny --config.input.data_dir=/path/to/tfds
+
+Total batch 16 at lr 5e-5 (2 images x 8 GPUs in the original); other batch sizes scale the lr linearly
+(config.optim.lr_scaling). Evaluated at shortest side 512.
+"""
+
+from yolos_jax.trainer import default_config
+
+
+def get_config(arg=None):
+    del arg
+    config = default_config("ti")
+    config.input.batch_size = 16
+    config.train.num_epochs = 300
+    config.eval.eval_size = 512
+    config.input.eval_size = 512
+    return config
