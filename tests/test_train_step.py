@@ -1,0 +1,109 @@
+"""The sharded train step: 8 devices == 1 device, FSDP == replicated, 2 processes == 1 process,
+non-finite updates never applied."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import train_fixtures as tf_
+from yolos_jax import data, sharding, train_step
+
+HERE = os.path.dirname(__file__)
+
+
+def _run(devices, fsdp=1, steps=3, nan_at=None, policy="stop"):
+    state, step, mesh = tf_.build_step(devices, fsdp=fsdp, policy=policy)
+    history = []
+    for i in range(steps):
+        host = tf_.fake_batch(8, seed=i)
+        if nan_at == i:
+            host["image"][0, 0, 0, 0] = np.nan
+        batch = data.to_global_batch(train_step.select_train_batch(host), sharding.batch_sharding(mesh))
+        state, metrics = step(state, batch)
+        history.append(jax.device_get(metrics))
+    return jax.device_get(state), history
+
+
+def _flat(tree):
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.fixture(scope="module")
+def single_device_run():
+    return _run(jax.devices()[:1])
+
+
+def _assert_close(a, b, atol=1e-5):
+    fa, fb = _flat(a), _flat(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        np.testing.assert_allclose(fa[k], fb[k], rtol=0, atol=atol, err_msg=k)
+
+
+def test_eight_devices_equal_one(single_device_run):
+    assert len(jax.devices()) == 8
+    state1, hist1 = single_device_run
+    state8, hist8 = _run(jax.devices())
+    _assert_close(state8["params"], state1["params"])
+    _assert_close(state8["opt_state"], state1["opt_state"])
+    for m1, m8 in zip(hist1, hist8):
+        np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+    assert int(state8["step"]) == 3
+    # Training does something: the loss terms are finite and the parameters moved.
+    assert all(h["finite"] == 1.0 for h in hist1)
+
+
+def test_fsdp_equals_replicated(single_device_run):
+    state1, _ = single_device_run
+    state_f, _ = _run(jax.devices(), fsdp=4)
+    _assert_close(state_f["params"], state1["params"])
+
+
+def test_state_is_sharded_under_fsdp():
+    state, _, mesh = tf_.build_step(jax.devices(), fsdp=4)
+    kernel = state["params"]["block_0"]["mlp"]["fc1"]["kernel"]
+    assert sharding.FSDP_AXIS in tuple(kernel.sharding.spec)
+    assert kernel.addressable_shards[0].data.shape[0] * kernel.addressable_shards[0].data.shape[1] == kernel.size // 4
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nonfinite_update_is_dropped(policy):
+    clean, _ = _run(jax.devices()[:1], steps=1)
+    state, hist = _run(jax.devices()[:1], steps=2, nan_at=1, policy=policy)
+    assert hist[0]["finite"] == 1.0 and hist[1]["finite"] == 0.0
+    assert not np.isfinite(hist[1]["loss"])
+    # The bad step left parameters and optimiser state exactly as after step 1.
+    fa, fb = _flat(state["params"]), _flat(clean["params"])
+    for k in fa:
+        np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(tmp_path, single_device_run):
+    out = str(tmp_path / "mp.npz")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [
+        subprocess.Popen([sys.executable, os.path.join(HERE, "multihost_worker.py"), str(i), "2", str(port), out],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for i in range(2)
+    ]
+    logs = [p.communicate(timeout=600)[0].decode(errors="replace") for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(l[-3000:] for l in logs)
+    multi = np.load(out)
+    state1, hist1 = single_device_run
+    flat1 = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+             for path, v in jax.tree_util.tree_flatten_with_path(state1["params"])[0]}
+    for k, v in flat1.items():
+        np.testing.assert_allclose(multi[k], v, rtol=0, atol=1e-5, err_msg=k)
+    np.testing.assert_allclose(multi["loss"], hist1[-1]["loss"], rtol=1e-5)

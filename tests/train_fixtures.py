@@ -1,0 +1,61 @@
+"""Tiny model/optimiser/batch fixtures shared by the train-step tests and the multi-process worker."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from yolos_jax import losses, matcher, optim, sharding, train_step
+from yolos_jax.config import model_config
+from yolos_jax.yolos import YOLOS
+
+IMAGE_HW = (48, 64)
+NUM_CLASSES = 5
+MAX_BOXES = 4
+
+
+def tiny_model() -> YOLOS:
+    cfg = model_config(
+        "s", hidden_size=32, depth=2, num_heads=2, num_det_tokens=6, num_classes=NUM_CLASSES,
+        init_pe_size=(32, 48), mid_pe_size=(32, 48),
+    )
+    return YOLOS(**cfg.to_dict())
+
+
+def fake_batch(batch_size: int, seed: int) -> dict:
+    """A padded batch in the input schema: random images, 0..MAX_BOXES boxes per image, some padding."""
+    rng = np.random.default_rng(seed)
+    h, w = IMAGE_HW
+    image = rng.normal(size=(batch_size, h, w, 3)).astype(np.float32)
+    pixel_mask = np.ones((batch_size, h, w), bool)
+    pixel_mask[::2, :, w - 16:] = False  # every other image is narrower (padded on the right)
+    image[~pixel_mask] = 0.0
+    counts = np.arange(batch_size) % (MAX_BOXES + 1)  # 0, 1, ..., MAX_BOXES targets
+    box_mask = np.arange(MAX_BOXES)[None, :] < counts[:, None]
+    centers = rng.uniform(0.25, 0.75, size=(batch_size, MAX_BOXES, 2))
+    sizes = rng.uniform(0.1, 0.4, size=(batch_size, MAX_BOXES, 2))
+    boxes = np.concatenate([centers, sizes], -1).astype(np.float32) * box_mask[..., None]
+    labels = (rng.integers(0, NUM_CLASSES, size=(batch_size, MAX_BOXES)) * box_mask).astype(np.int32)
+    return {"image": image, "pixel_mask": pixel_mask, "boxes": boxes, "labels": labels, "box_mask": box_mask}
+
+
+def build_step(mesh_devices, fsdp: int = 1, total_steps: int = 10, global_batch: int = 8, policy: str = "stop"):
+    """(initial state, jitted step, mesh) for a mesh over `mesh_devices`."""
+    model = tiny_model()
+    mesh_cfg = sharding.default_mesh_config()
+    mesh_cfg.fsdp = fsdp
+    mesh_cfg.min_fsdp_size = 16
+    mesh = sharding.make_mesh(mesh_cfg, mesh_devices)
+    optim_cfg = optim.default_optim_config()
+    optim_cfg.base_lr = 1e-3
+    optim_cfg.warmup_steps = 2
+    abstract_params = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, *IMAGE_HW, 3), np.float32))
+    )["params"]
+    tx, schedule = optim.make_optimizer(optim_cfg, abstract_params, global_batch, total_steps)
+    _, shardings = train_step.abstract_state_and_shardings(model, tx, 0, IMAGE_HW, mesh, mesh_cfg)
+    state = jax.jit(lambda: train_step.init_state(model, tx, 0, IMAGE_HW), out_shardings=shardings)()
+    step = train_step.make_train_step(
+        model, tx, schedule, losses.default_loss_config(), matcher.default_matcher_config(), mesh, shardings, policy
+    )
+    return state, step, mesh
