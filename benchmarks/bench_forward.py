@@ -17,6 +17,20 @@ import os
 import sys
 import time
 
+def _threads_from_argv(argv) -> int:
+    for i, a in enumerate(argv):
+        if a.startswith("--threads="):
+            return int(a.split("=", 1)[1])
+        if a == "--threads":
+            return int(argv[i + 1])
+    return len(os.sched_getaffinity(0))
+
+
+# Both libraries must see the same cores: pin the process before jax and torch create their thread pools
+# (XLA sizes its pool from the affinity mask; torch gets set_num_threads below).
+THREADS = _threads_from_argv(sys.argv[1:])
+os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:THREADS])
+
 # XLA flags must be in the environment before jax is imported.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from yolos_jax import xla_flags  # noqa: E402  (imports no jax)
@@ -207,12 +221,13 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", help="compute dtype of ours: float32 or bfloat16")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds (each: one call of each model)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds after the first call")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for torch")
+    parser.add_argument("--threads", type=int, default=THREADS,
+                        help="cores for both libraries (the process is pinned to the first N; default all)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, "
-          f"torch threads {torch.get_num_threads()}, cpu_count {os.cpu_count()}")
+          f"torch threads {torch.get_num_threads()}, pinned to cores {sorted(os.sched_getaffinity(0))}")
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     rows = []
     for variant in args.variants.split(","):

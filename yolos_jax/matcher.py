@@ -199,22 +199,41 @@ def device_assignment(cost: jax.Array, box_mask: jax.Array) -> jax.Array:
 
 
 def _solve_one(cost_qm: jax.Array, valid: jax.Array) -> jax.Array:
-    """Shortest augmenting path (Crouse 2016, as scipy's `linear_sum_assignment`) for one image.
+    """One image: cost_qm [Q, M] float, valid [M] bool -> int32 [M], the query of each target or -1.
 
-    cost_qm: [Q, M]; valid: [M] bool. Rows of the algorithm are the M targets (the smaller side, as scipy
-    transposes a tall matrix), columns the Q queries. Rows are added one at a time in order (invalid rows
-    are skipped, which is exactly scipy on the matrix without them); each addition is a Dijkstra search
-    over reduced costs for the cheapest path to a free column, then the duals are updated and the path
-    flipped. One loop iteration is one Dijkstra step or one step along the augmenting path, so the loop is
-    flat (a single `while_loop`, friendly to vmap). Scipy's scan order over the `remaining` columns and its
-    tie rule are kept, so on ties the result is the same assignment too, up to float32 rounding.
-
-    Returns col4row: int32 [M], the query of each target, -1 for invalid ones.
+    scipy solves a tall [Q, n] matrix (n real targets < Q) with the targets as rows, and a square one with
+    the queries as rows; both orientations are kept so that even tied costs give scipy's assignment.
     """
     q, m = cost_qm.shape
     dtype = cost_qm.dtype if jnp.issubdtype(cost_qm.dtype, jnp.floating) else jnp.float32
-    c = jnp.asarray(cost_qm, dtype).T  # [M, Q]
-    c = jnp.where(jnp.isfinite(c), jnp.minimum(c, _DEVICE_BAD_COST), _DEVICE_BAD_COST)
+    cost_qm = jnp.asarray(cost_qm, dtype)
+    by_target = lambda: _lsap(cost_qm.T, valid)
+    if m != q:
+        return by_target()
+
+    def by_query():  # every target real and M == Q: rows are the queries; invert the permutation.
+        target_of_query = _lsap(cost_qm, jnp.ones((q,), bool))
+        return jnp.zeros((m,), jnp.int32).at[target_of_query].set(jnp.arange(q, dtype=jnp.int32))
+
+    return jax.lax.cond(jnp.all(valid), by_query, by_target)
+
+
+def _lsap(cost: jax.Array, valid: jax.Array) -> jax.Array:
+    """Shortest augmenting path (Crouse 2016, as scipy's `linear_sum_assignment`) for R <= C.
+
+    cost: [R, C] float; valid: [R] bool, rows to assign. Rows are added one at a time in order (invalid
+    rows are skipped, which is exactly scipy on the matrix without them); each addition is a Dijkstra
+    search over reduced costs for the cheapest path to a free column, then the duals are updated and the
+    path flipped. One loop iteration is one Dijkstra step or one step along the augmenting path, so the
+    loop is flat (a single `while_loop`, friendly to vmap). Scipy's scan order over the `remaining` columns
+    and its tie rule are kept, so on ties the result is scipy's assignment too (exactly so when the
+    arithmetic is exact, e.g. small integer costs; otherwise up to float32 rounding of the duals).
+
+    Returns col4row: int32 [R], the column of each row, -1 for invalid rows.
+    """
+    m, q = cost.shape  # m rows (targets), q columns (queries)
+    dtype = cost.dtype
+    c = jnp.where(jnp.isfinite(cost), jnp.minimum(cost, _DEVICE_BAD_COST), _DEVICE_BAD_COST)
     # scipy shifts the matrix to be non-negative (over the solved entries only).
     c = c - jnp.min(jnp.where(valid[:, None], c, jnp.inf), initial=jnp.inf)
     c = jnp.where(valid[:, None], c, 0.0)

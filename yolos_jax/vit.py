@@ -138,17 +138,35 @@ class PatchEmbed(nn.Module):
         )(images)
 
 
+# Attention on CPU: measured on XLA:CPU (jax 0.10, benchmarks/RESULTS_forward.md), a head-major layout
+# [B, H, T, Dh] lets XLA put the whole logits -> softmax -> weights @ v chain into one fused (YNNPACK)
+# kernel, while the token-major layout of `jax.nn.dot_product_attention` ([B, T, H, Dh]) makes XLA
+# transpose the [B, H, T, S] weights before the second matmul (about 3x slower at T = 1477).
+# Processing the queries in chunks keeps the [B, H, chunk, S] logits cache-sized; 128 was the best of
+# 64..1024 for YOLOS-Ti (T = 1477) and -S (T = 3401).
+CPU_QUERY_CHUNK = 128
+
+ATTENTION_IMPLS = (None, "xla", "cudnn", "einsum", "chunked")
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused qkv projection.
 
     The qkv kernel is [D, 3 * D] with columns ordered (q | k | v), each head-major — the layout of timm's
     `attn.qkv` (transposed), so DeiT/YOLOS checkpoints map onto it directly.
+
+    attention_impl:
+      None: 'chunked' when running on CPU, else `jax.nn.dot_product_attention`'s own choice (cuDNN's
+        fused flash attention on GPUs that support it, XLA otherwise);
+      'xla' | 'cudnn': passed to `jax.nn.dot_product_attention`;
+      'einsum': explicit head-major matmuls and softmax (any backend);
+      'chunked': the same over blocks of `CPU_QUERY_CHUNK` queries (the fastest on CPU).
     """
 
     num_heads: int
     qkv_bias: bool = True
     dtype: Dtype = jnp.float32
-    attention_impl: Optional[str] = None  # None: jax picks; 'xla' | 'cudnn'; 'einsum': explicit matmuls.
+    attention_impl: Optional[str] = None
 
     @nn.compact
     def __call__(self, x: jax.Array, key_mask: Optional[jax.Array] = None) -> jax.Array:
@@ -156,28 +174,66 @@ class SelfAttention(nn.Module):
         batch, tokens, width = x.shape
         if width % self.num_heads:
             raise ValueError(f"hidden_size {width} is not divisible by num_heads {self.num_heads}")
+        impl = self.attention_impl
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+        if impl is None and jax.default_backend() == "cpu":
+            impl = "chunked"
         head_dim = width // self.num_heads
         qkv = nn.Dense(
             3 * width, use_bias=self.qkv_bias, dtype=self.dtype, kernel_init=trunc_normal_02, name="qkv"
         )(x)
         qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, H, Dh]
-        out = dot_product_attention(q, k, v, key_mask, self.attention_impl)
+        if impl in ("einsum", "chunked"):
+            # One transpose of the (small) [B, T, 3D] projections buys the fused head-major attention.
+            q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))  # each [B, H, T, Dh]
+            chunk = CPU_QUERY_CHUNK if impl == "chunked" else None
+            out = attention_heads_major(q, k, v, key_mask, chunk)
+            out = jnp.transpose(out, (0, 2, 1, 3))  # [B, T, H, Dh]
+        else:
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, H, Dh]
+            out = dot_product_attention(q, k, v, key_mask, impl)
         out = out.reshape(batch, tokens, width)
         return nn.Dense(width, dtype=self.dtype, kernel_init=trunc_normal_02, name="proj")(out)
+
+
+def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: Optional[jax.Array]) -> jax.Array:
+    """q: [B, H, t, Dh]; k, v: [B, H, S, Dh]; key_mask: [B, S] bool or None. Returns [B, H, t, Dh]."""
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bhtd,bhsd->bhts", q * jnp.asarray(scale, q.dtype), k)
+    if key_mask is not None:
+        logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    return jnp.einsum("bhts,bhsd->bhtd", weights, v)
+
+
+def attention_heads_major(
+    q: jax.Array, k: jax.Array, v: jax.Array, key_mask: Optional[jax.Array], chunk: Optional[int] = None
+) -> jax.Array:
+    """Softmax attention in head-major layout, optionally over blocks of `chunk` queries.
+
+    q, k, v: [B, H, T, Dh]; key_mask: [B, T] bool or None. Returns [B, H, T, Dh]. Chunking changes the
+    order of nothing but the (independent) query rows, so the result equals the unchunked one.
+    """
+    tokens = q.shape[2]
+    if chunk is None or tokens <= chunk:
+        return _softmax_attention(q, k, v, key_mask)
+    n = -(-tokens // chunk)
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, n * chunk - tokens), (0, 0)))  # padded queries are dropped below
+    q = jnp.moveaxis(q.reshape(*q.shape[:2], n, chunk, q.shape[-1]), 2, 0)  # [n, B, H, chunk, Dh]
+    out = jax.lax.map(lambda qc: _softmax_attention(qc, k, v, key_mask), q)
+    out = jnp.moveaxis(out, 0, 2).reshape(*out.shape[1:3], n * chunk, out.shape[-1])
+    return out[:, :, :tokens]
 
 
 def dot_product_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, key_mask: Optional[jax.Array], impl: Optional[str]
 ) -> jax.Array:
     """Softmax attention. q, k, v: [B, T, H, Dh]; key_mask: [B, S] bool or None. Returns [B, T, H, Dh]."""
-    if impl == "einsum":
-        scale = q.shape[-1] ** -0.5
-        logits = jnp.einsum("bthd,bshd->bhts", q * jnp.asarray(scale, q.dtype), k)
-        if key_mask is not None:
-            logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        return jnp.einsum("bhts,bshd->bthd", weights, v)
+    if impl in ("einsum", "chunked"):
+        chunk = CPU_QUERY_CHUNK if impl == "chunked" else None
+        out = attention_heads_major(*(jnp.swapaxes(a, 1, 2) for a in (q, k, v)), key_mask, chunk)
+        return jnp.swapaxes(out, 1, 2)
     mask = None if key_mask is None else key_mask[:, None, None, :]
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 

@@ -1,0 +1,44 @@
+r"""Detect objects in image files: annotated PNGs (boxes, class names, scores) and a JSON of detections.
+
+  python infer.py --checkpoint=/ckpt/yolos_s_hf --images=photo.jpg,more/ --out=/tmp/detections
+  python infer.py --checkpoint=/tmp/yolos_s --config=configs/yolos_s.py --images='val/*.jpg' --out=OUT
+
+--checkpoint takes a converted checkpoint (convert_torch_weights.py) or a training workdir/step. Class
+names come from the converted checkpoint, or from the dataset of --config (training checkpoints).
+Writes OUT/<image name>.png and OUT/detections.json ([{file, height, width, detections: [{box_xyxy
+(pixels), score, label, name}]}]). The logic is `yolos_jax.visualize.run_inference`.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "Converted checkpoint dir, training workdir or checkpoint step dir.")
+flags.DEFINE_list("images", None, "Image files, directories or glob patterns (comma-separated).")
+flags.DEFINE_string("out", None, "Output directory.")
+flags.DEFINE_float("threshold", 0.5, "Keep detections with score > threshold.")
+flags.DEFINE_integer("top_k", 100, "At most this many detections per image (0: no limit).")
+flags.DEFINE_integer("eval_size", 0, "Shortest side after resizing (0: the checkpoint's or the config's).")
+config_flags.DEFINE_config_file("config", None, "Optional config file: class names and eval size of its dataset.",
+                                lock_config=True)
+flags.mark_flags_as_required(["checkpoint", "images", "out"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from yolos_jax import runtime
+
+    runtime.setup_host()
+    from yolos_jax import visualize
+
+    records = visualize.run_inference(
+        FLAGS.checkpoint, FLAGS.images, FLAGS.out, threshold=FLAGS.threshold, top_k=FLAGS.top_k or None,
+        eval_size=FLAGS.eval_size or None, config=FLAGS.config,
+    )
+    for r in records:
+        print(f"{r['output']}: {len(r['detections'])} detections")
+
+
+if __name__ == "__main__":
+    app.run(main)

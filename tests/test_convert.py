@@ -1,0 +1,330 @@
+"""The converter: every source format against an independent reference, error paths, atomic writes,
+and `init_params_from`."""
+
+import argparse
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import convert_torch_weights
+import reference_models as ref
+from yolos_jax import Detector, config, convert, vit
+
+TOL = 1e-4
+
+
+def _leaves(tree):
+    return convert.flatten_params(tree)
+
+
+def _assert_same_params(a, b, tol=0.0):
+    fa, fb = _leaves(a), _leaves(b)
+    assert sorted(fa) == sorted(fb)
+    for k in fa:
+        assert np.shape(fa[k]) == np.shape(fb[k]), k
+        assert ref.max_abs(fa[k], fb[k]) <= tol, k
+
+
+def _check_outputs(det, model, seed=0):
+    rng = np.random.RandomState(seed)
+    for hw in ref.INPUT_SIZES:
+        x = rng.randn(2, *hw, 3).astype(np.float32)
+        want, got = ref.hf_outputs(model, x), det.forward(x)
+        assert ref.max_abs(got["logits"], want["logits"]) <= TOL, hw
+        assert ref.max_abs(got["boxes"], want["boxes"]) <= TOL, hw
+
+
+def _no_leftovers(parent, name):
+    return [f for f in os.listdir(parent) if name in f]
+
+
+@pytest.fixture(scope="module")
+def hf_ti(tmp_path_factory):
+    """A Ti-like HF model and its save_pretrained folder (model.safetensors + config.json)."""
+    model = ref.hf_yolos(ref.CFG_TI, 0)
+    folder = tmp_path_factory.mktemp("hf_ti")
+    model.save_pretrained(folder)
+    return model, str(folder)
+
+
+@pytest.fixture(scope="module")
+def hf_s():
+    return ref.hf_yolos(ref.CFG_S, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# (d) HF YOLOS: folder, model.safetensors, pytorch_model.bin, bare weights without config.json
+# --------------------------------------------------------------------------------------------------
+
+
+def test_hf_folder_safetensors_and_bin(hf_ti, tmp_path, monkeypatch):
+    model, folder = hf_ti
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "torch", None)  # safetensors convert without torch
+        meta = convert.convert(folder, str(tmp_path / "from_folder"))
+    assert meta["kind"] == "detector" and meta["source_format"] == "hf_yolos"
+    assert meta["label_names"] == [f"LABEL_{i}" for i in range(7)]
+    params, cfg, _ = convert.load_params_dir(str(tmp_path / "from_folder"))
+    assert cfg["layer_norm_eps"] == 1e-12 and cfg["mid_pe_size"] is None and cfg["init_pe_size"] == (64, 96)
+    # the safetensors file itself (config.json beside it)
+    same = convert.convert_state(os.path.join(folder, "model.safetensors"))
+    _assert_same_params(same.params, params)
+    # pytorch_model.bin (a torch pickle) in a folder with config.json
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    torch.save(ref.hf_state(model), bin_dir / "pytorch_model.bin")
+    shutil.copy(os.path.join(folder, "config.json"), bin_dir / "config.json")
+    from_bin = convert.convert_state(str(bin_dir))
+    assert from_bin.model_cfg == cfg
+    _assert_same_params(from_bin.params, params)
+    _check_outputs(Detector(from_bin.params, from_bin.model_cfg), model)
+    # bare weights without config.json: the sizes come from the shapes, the rest from the arguments
+    bare = tmp_path / "bare.safetensors"
+    shutil.copy(os.path.join(folder, "model.safetensors"), bare)
+    overrides = dict(hidden_size=32, depth=2, num_heads=2, mlp_dim=64, init_pe_size=(64, 96))
+    from_bare = convert.convert_state(str(bare), variant="ti", model_overrides=overrides)
+    _assert_same_params(from_bare.params, params)
+    assert {k: from_bare.model_cfg[k] for k in ("num_classes", "num_det_tokens", "mid_pe_size")} == {
+        "num_classes": 7, "num_det_tokens": 5, "mid_pe_size": None,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# (c) hustvl/YOLOS detector checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def _original_checkpoint(model, path, **args):
+    sd = ref.hf_to_original(ref.hf_state(model), model.config.num_hidden_layers)
+    torch.save({"model": sd, "args": argparse.Namespace(**args), "epoch": 149}, path)
+
+
+def test_original_detector_checkpoint(hf_s, tmp_path):
+    path = tmp_path / "yolos_s_orig.pth"
+    _original_checkpoint(
+        hf_s, path, backbone_name="small", init_pe_size=[64, 96], mid_pe_size=[64, 96], det_token_num=4, eval_size=80
+    )
+    out = tmp_path / "conv"
+    meta = convert.convert(str(path), str(out), model_overrides=dict(hidden_size=48, depth=3, num_heads=3))
+    assert meta["source_format"] == "yolos_original" and meta["kind"] == "detector" and meta["eval_size"] == 80
+    det = Detector.from_checkpoint(str(out))
+    assert det.model_cfg["mid_pe_size"] == (64, 96) and det.model_cfg["num_classes"] == 5
+    assert det.eval_size == 80
+    _check_outputs(det, hf_s)
+
+
+# --------------------------------------------------------------------------------------------------
+# (a) DeiT (distilled) and (b) MoCo v3 / DINO / MAE backbones, against the original's finetune_det
+# --------------------------------------------------------------------------------------------------
+
+_BACKBONE = dict(hidden=48, depth=3, mlp=192, grid=4)  # 64x64 pre-training images, 4x4 patches
+_OVERRIDES = dict(hidden_size=48, depth=3, num_heads=3, init_pe_size=(64, 96), mid_pe_size=(64, 96))
+
+
+def _wrap(kind, sd):
+    """The timm state dict as each project saves it."""
+    if kind == "deit":  # facebookresearch/deit release: {'model': sd}
+        return {"model": sd}
+    if kind == "mocov3":  # facebookresearch/moco-v3 main_moco.py checkpoint
+        base = {f"module.base_encoder.{k}": v for k, v in sd.items() if not k.startswith("head.")}
+        d = sd["cls_token"].shape[-1]
+        for j, shape in ((0, (64, d)), (1, (64,)), (3, (16, 64))):  # the projection MLP replacing `head`
+            base[f"module.base_encoder.head.{j}.weight"] = torch.randn(*shape)
+        mom = {k.replace("base_encoder", "momentum_encoder"): v.clone() for k, v in base.items()}
+        pred = {"module.predictor.0.weight": torch.randn(64, 16), "module.predictor.1.weight": torch.randn(64)}
+        return {"epoch": 300, "arch": "vit_small", "state_dict": {**base, **mom, **pred}, "optimizer": {}}
+    if kind == "dino":  # dino_deitsmall16_pretrain.pth: a bare backbone state dict (no head)
+        return {k: v for k, v in sd.items() if not k.startswith("head.")}
+    if kind == "dino_full":  # full DINO checkpoint: student/teacher with DINOHead
+        body = {k: v for k, v in sd.items() if not k.startswith("head.")}
+        teacher = {**{f"backbone.{k}": v for k, v in body.items()}, "head.mlp.0.weight": torch.randn(8, 48)}
+        student = {f"module.{k}": v + 1.0 for k, v in teacher.items()}
+        return {"student": student, "teacher": teacher, "epoch": 100}
+    if kind == "mae":  # MAE pre-training checkpoint with its decoder
+        body = {k: v for k, v in sd.items() if not k.startswith("head.")}
+        extra = {"mask_token": torch.randn(1, 1, 32), "decoder_embed.weight": torch.randn(32, 48),
+                 "decoder_pos_embed": torch.randn(1, 17, 32), "decoder_blocks.0.norm1.weight": torch.randn(32)}
+        return {"model": {**body, **extra}}
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind,distilled", [("deit", True), ("mocov3", False)], ids=["deit_distilled", "mocov3"])
+def test_backbone_matches_original_finetune_det(kind, distilled, hf_s, tmp_path):
+    """timm backbone -> kind 'backbone' -> init_params_from into a detector whose det tokens, det/mid
+    PEs and heads are HF's; the result must equal HF YOLOS carrying that backbone as the original's
+    Detector(pre_trained=...) loads it (strict=False load + finetune_det)."""
+    timm_sd = ref.timm_vit_state(**_BACKBONE, distilled=distilled, seed=7)
+    path = tmp_path / "backbone.pth"
+    torch.save(_wrap(kind, timm_sd), path)
+    out = tmp_path / "conv"
+    meta = convert.convert(str(path), str(out), variant="s", model_overrides=_OVERRIDES)
+    assert meta["kind"] == "backbone" and meta["distilled"] == distilled
+    converted, _, _ = convert.load_params_dir(str(out))
+    assert not any(k.startswith(("class_head", "box_head", "det_tokens", "mid_")) for k in converted)
+
+    reference = ref.hf_yolos(ref.CFG_S, 1)
+    ref.load_timm_backbone_into_hf(reference, timm_sd, backbone_img_size=64)
+    # fresh = the reference's detector parts with a *different* random backbone, so that only a correct
+    # take of the converted backbone can reproduce the reference
+    hf_dir = tmp_path / "hf_ref"
+    reference.save_pretrained(hf_dir)
+    full = convert.convert_state(str(hf_dir))
+    scrambled = {
+        k: (np.random.RandomState(0).randn(*np.shape(v)).astype(np.float32) if convert.is_backbone_leaf(k) else v)
+        for k, v in _leaves(full.params).items()
+    }
+    params, report = convert.init_params_from(convert.unflatten_params(scrambled), converted, full.model_cfg)
+    assert report.kind == "backbone" and not report.resized
+    assert sorted(report.taken) == sorted(k for k in scrambled if convert.is_backbone_leaf(k))
+    assert {f.split(" ")[0] for f in report.fresh} == {k for k in scrambled if not convert.is_backbone_leaf(k)}
+    _assert_same_params(params, full.params, tol=1e-5)  # converted backbone == original's finetune_det
+    _check_outputs(Detector(params, full.model_cfg), reference)
+
+
+def test_timm_wrappers_agree(tmp_path):
+    """DeiT (with head), DINO (bare and full/teacher), MAE (with decoder) and MoCo v3 wrappings of the
+    same ViT convert to the same backbone; the DeiT one is checked against finetune_det above."""
+    timm_sd = ref.timm_vit_state(**_BACKBONE, distilled=False, seed=8)
+    results = {}
+    for kind in ("deit", "mocov3", "dino", "dino_full", "mae"):
+        path = tmp_path / f"{kind}.pth"
+        torch.save(_wrap(kind, timm_sd), path)
+        results[kind] = convert.convert_state(str(path), variant="s", model_overrides=_OVERRIDES)
+    for kind, res in results.items():
+        _assert_same_params(res.params, results["deit"].params)
+    # and the position embedding was resized 4x4 -> 4x6 as finetune_det does
+    cls_pe, patch_pe = ref.original_finetune_det(timm_sd["pos_embed"], 64, (64, 96))
+    got = results["dino"].params
+    assert ref.max_abs(got["pos_embed_cls"], cls_pe.numpy()) == 0
+    assert ref.max_abs(got["pos_embed_patches"].reshape(1, 24, -1), patch_pe.numpy()) <= 1e-5
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors, atomic writes, variants
+# --------------------------------------------------------------------------------------------------
+
+
+def test_bad_keys_are_all_listed(hf_s, tmp_path):
+    sd = ref.hf_to_original(ref.hf_state(hf_s), 3)
+    del sd["backbone.blocks.0.attn.proj.bias"]
+    del sd["class_embed.layers.1.weight"]
+    sd["backbone.blocks.1.mlp.fc1.bias"] = sd["backbone.blocks.1.mlp.fc1.bias"][:7]
+    sd["backbone.norm.weight"] = sd["backbone.norm.weight"][None]
+    sd["backbone.extra_token"] = torch.zeros(3)
+    sd["something_else.weight"] = torch.zeros(3)
+    path = tmp_path / "broken.pth"
+    torch.save({"model": sd, "args": argparse.Namespace(init_pe_size=[64, 96], mid_pe_size=[64, 96])}, path)
+    out = tmp_path / "out"
+    with pytest.raises(convert.ConversionError) as e:
+        convert.convert(str(path), str(out), variant="s", model_overrides=dict(hidden_size=48, depth=3, num_heads=3))
+    msg = str(e.value)
+    for name in (
+        "backbone.blocks.0.attn.proj.bias", "class_embed.layers.1.weight", "backbone.blocks.1.mlp.fc1.bias: [7]",
+        "backbone.norm.weight: [1, 48]", "backbone.extra_token", "something_else.weight", str(path),
+    ):
+        assert name in msg, (name, msg)
+    assert "missing keys (2)" in msg and "mis-shaped keys (2)" in msg and "unknown keys (2)" in msg
+    assert not out.exists() and _no_leftovers(tmp_path, "out") == []
+
+
+def test_unrecognised_and_wrong_variant(tmp_path, hf_ti):
+    path = tmp_path / "junk.pth"
+    torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, path)
+    with pytest.raises(convert.ConversionError, match="unrecognised checkpoint"):
+        convert.convert_state(str(path))
+    timm_sd = ref.timm_vit_state(**_BACKBONE, distilled=False, seed=9)
+    path = tmp_path / "vit.pth"
+    torch.save({"model": timm_sd}, path)
+    with pytest.raises(convert.ConversionError, match="no model variant has embed dim 48 and depth 3"):
+        convert.convert_state(str(path))
+    with pytest.raises(convert.ConversionError, match="embed dim 48 and depth 3, but the model config says 192"):
+        convert.convert_state(str(path), variant="ti")
+    with pytest.raises(convert.ConversionError, match="unknown variant"):
+        convert.convert_state(str(path), variant="xl")
+
+
+def test_variant_inference(monkeypatch):
+    for name, v in config.MODEL_VARIANTS.items():
+        assert convert.infer_variant(v["hidden_size"], v["depth"]) == name
+    monkeypatch.setitem(config.MODEL_VARIANTS, "s_copy", dict(config.MODEL_VARIANTS["s"]))
+    with pytest.raises(convert.ConversionError, match="several variants"):
+        convert.infer_variant(384, 12)
+
+
+def test_overwrite_and_atomic_writes(hf_ti, tmp_path, monkeypatch):
+    _, folder = hf_ti
+    out = tmp_path / "ckpt"
+    convert.convert(folder, str(out))
+    before = sorted(os.listdir(out))
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        convert.convert(folder, str(out))
+    # a crash half-way leaves the existing output alone and no temporary directory behind
+    import orbax.checkpoint as ocp
+
+    def boom(self, *a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        convert.convert(folder, str(out), overwrite=True)
+    with pytest.raises(RuntimeError, match="disk full"):
+        convert.convert(folder, str(tmp_path / "fresh"))
+    monkeypatch.undo()
+    assert sorted(os.listdir(out)) == before and not (tmp_path / "fresh").exists()
+    assert _no_leftovers(tmp_path, ".tmp-") == [] and _no_leftovers(tmp_path, ".old-") == []
+    convert.convert(folder, str(out), overwrite=True)
+    assert _no_leftovers(tmp_path, ".old-") == []
+    convert.load_params_dir(str(out))
+
+
+def test_cli(hf_ti, tmp_path, capsys):
+    _, folder = hf_ti
+    out = tmp_path / "cli"
+    assert convert_torch_weights.main([f"--source={folder}", f"--output={out}"]) == 0
+    assert "hf_yolos" in capsys.readouterr().out
+    assert convert_torch_weights.main([f"--source={folder}", f"--output={out}"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert convert_torch_weights.main([f"--source={folder}", f"--output={out}", "--overwrite",
+                                       "--model", "num_classes=7"]) == 0
+    assert convert_torch_weights.main([f"--source={tmp_path / 'nope.pth'}", f"--output={tmp_path / 'x'}"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# init_params_from
+# --------------------------------------------------------------------------------------------------
+
+
+def test_init_params_from_detector_and_resizing(hf_s, tmp_path):
+    hf_s.save_pretrained(tmp_path / "hf")
+    conv = convert.convert_state(str(tmp_path / "hf"))
+    # A model on another dataset (9 classes) with other PE grids (80x112 -> 5x7 patches).
+    cfg = dict(conv.model_cfg, num_classes=9, init_pe_size=(80, 112), mid_pe_size=(80, 112))
+    shapes = convert.expected_param_shapes(cfg)
+    fresh = convert.unflatten_params({k: np.full(s, 0.5, np.float32) for k, s in shapes.items()})
+    params, report = convert.init_params_from(fresh, conv.params, cfg)
+    assert report.kind == "detector"
+    flat, src = _leaves(params), _leaves(conv.params)
+    assert [f.split(" ")[0] for f in report.fresh] == ["class_head/layers_2/bias", "class_head/layers_2/kernel"]
+    np.testing.assert_array_equal(flat["class_head/layers_2/kernel"], 0.5)
+    for k in ("class_head/layers_0/kernel", "box_head/layers_2/bias", "det_tokens", "pos_embed_det", "block_2/attn/qkv/kernel"):
+        np.testing.assert_array_equal(flat[k], src[k])
+    assert sorted(r.split(" ")[0] for r in report.resized) == ["mid_pos_embed_patches", "pos_embed_patches"]
+    want = torch.nn.functional.interpolate(
+        torch.from_numpy(src["mid_pos_embed_patches"]).permute(0, 3, 1, 2), size=(5, 7), mode="bicubic", align_corners=False
+    ).permute(0, 2, 3, 1).numpy()
+    assert ref.max_abs(flat["mid_pos_embed_patches"], want) <= 1e-5
+    assert "resized 2" in str(report)
+    # a backbone of another width is refused with every mismatch listed
+    small = dict(cfg, hidden_size=24, num_heads=2)
+    fresh_small = convert.unflatten_params({k: np.zeros(s, np.float32) for k, s in convert.expected_param_shapes(small).items()})
+    with pytest.raises(ValueError, match=r"problems\):") as e:
+        convert.init_params_from(fresh_small, conv.params, small)
+    assert "patch_embed/proj/kernel" in str(e.value) and "block_2/mlp/fc2/kernel" in str(e.value)
+    # kind 'backbone' keeps every detector-only leaf fresh even when it fits
+    _, report = convert.init_params_from(fresh, conv.params, cfg, kind="backbone")
+    assert not any(t.startswith(("det_tokens", "class_head", "mid_")) for t in report.taken)

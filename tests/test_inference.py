@@ -1,0 +1,137 @@
+"""Detector: pre-processing, batching and post-processing against HF's YolosImageProcessor(Pil) and
+YolosForObjectDetection."""
+
+import numpy as np
+import pytest
+import torch
+from transformers.models.yolos.image_processing_pil_yolos import (
+    YolosImageProcessorPil,
+    get_size_with_aspect_ratio_yolos,
+)
+from transformers.models.yolos.modeling_yolos import YolosObjectDetectionOutput
+
+import reference_models as ref
+from yolos_jax import Detector, convert
+from yolos_jax.inference import resized_hw
+
+EVAL_SIZE = 64  # tiny model: shortest side 64, longest capped at 64 * 1333 // 800 = 106
+# originals -> resized: (50, 77) -> 64x96; (90, 40) -> 96x32 (the longest-side cap binds); (37, 120) -> 32x96
+IMAGE_SIZES = [(50, 77), (90, 40), (37, 120)]
+
+
+def test_resized_hw_matches_hf():
+    rng = np.random.RandomState(0)
+    sizes = [(h, w) for h in (17, 100, 480, 481, 640, 800, 1333) for w in (16, 99, 480, 640, 801, 1600)]
+    sizes += [tuple(int(v) for v in rng.randint(16, 3000, 2)) for _ in range(300)]
+    for eval_size in (64, 512, 800):
+        max_size = eval_size * 1333 // 800
+        for h, w in sizes:
+            want = get_size_with_aspect_ratio_yolos((h, w), eval_size, max_size)
+            if min(want) <= 0:
+                continue
+            assert resized_hw(h, w, eval_size, max_size) == tuple(want), (h, w, eval_size)
+    assert resized_hw(480, 640, 800, 1333) == (800, 1056)  # 800 x 1066 floored to multiples of 16
+    assert resized_hw(1000, 200, 800, 1333) == (1328, 256)  # cap binds: round(1333 * 200 / 1000) = 267
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    model = ref.hf_yolos(ref.CFG_TI, 0)
+    folder = tmp_path_factory.mktemp("hf")
+    model.save_pretrained(folder)
+    out = tmp_path_factory.mktemp("conv") / "ti"
+    convert.convert(str(folder), str(out))
+    det = Detector.from_checkpoint(str(out), eval_size=EVAL_SIZE)
+    proc = YolosImageProcessorPil(size={"shortest_edge": EVAL_SIZE, "longest_edge": EVAL_SIZE * 1333 // 800})
+    rng = np.random.RandomState(1)
+    images = [rng.randint(0, 256, (h, w, 3)).astype(np.uint8) for h, w in IMAGE_SIZES]
+    # smooth images so that resizing matters but pixels are not noise
+    images = [np.clip(im.astype(np.int32) // 4 + np.linspace(0, 190, im.shape[1])[None, :, None], 0, 255).astype(np.uint8) for im in images]
+    return model, det, proc, images
+
+
+def _hf_post(proc, logits, boxes, sizes, threshold):
+    out = YolosObjectDetectionOutput(logits=torch.tensor(np.asarray(logits)), pred_boxes=torch.tensor(np.asarray(boxes)))
+    res = proc.post_process_object_detection(out, threshold=threshold, target_sizes=[tuple(s) for s in sizes])
+    sorted_res = []
+    for r in res:
+        order = np.argsort(-r["scores"].numpy(), kind="stable")
+        sorted_res.append({k: r[k].numpy()[order] for k in ("scores", "labels", "boxes")})
+    return sorted_res
+
+
+def _mid_threshold(scores):
+    """A threshold halfway between two neighbouring scores, keeping about half (no borderline cases)."""
+    s = np.sort(np.asarray(scores).ravel())
+    k = len(s) // 2
+    return float(s[k] + s[k + 1]) / 2
+
+
+def _assert_same(ours, theirs):
+    assert len(ours["scores"]) == len(theirs["scores"])
+    if not len(ours["scores"]):
+        return
+    assert ref.max_abs(ours["scores"], theirs["scores"]) <= 1e-4
+    np.testing.assert_array_equal(ours["labels"], theirs["labels"])
+    assert ref.max_abs(ours["boxes"], theirs["boxes"]) <= 1e-3  # pixels (~100): fp32 relative 1e-5
+
+
+def test_predict_matches_hf_single_images(setup):
+    model, det, proc, images = setup
+    assert det.label_names == [f"LABEL_{i}" for i in range(7)] and det.max_size == 106
+    for im in images:
+        enc = proc(images=[im], return_tensors="pt")
+        assert enc["pixel_mask"].all()
+        with torch.no_grad():
+            out = model(pixel_values=enc["pixel_values"])
+        # our pre-processing gives HF's pixels
+        pv, mask, sizes = det.preprocess([im])
+        assert pv.shape[1:3] == tuple(enc["pixel_values"].shape[-2:]) and mask.all()
+        assert ref.max_abs(pv, enc["pixel_values"].numpy().transpose(0, 2, 3, 1)) <= 1e-5
+        mid = _mid_threshold(_hf_post(proc, out.logits, out.pred_boxes, [im.shape[:2]], 0.0)[0]["scores"])
+        for threshold in (0.0, mid):
+            theirs = _hf_post(proc, out.logits, out.pred_boxes, [im.shape[:2]], threshold)[0]
+            ours = det.predict([im], threshold=threshold)[0]
+            _assert_same(ours, theirs)
+            assert ours["names"] == [f"LABEL_{i}" for i in ours["labels"]]
+        assert len(det.predict([im], threshold=mid)[0]["scores"]) == 2  # the threshold keeps 2 of 5
+        top = det.predict(im, threshold=0.0, top_k=2)[0]
+        assert len(top["scores"]) == 2 and top["scores"][0] >= top["scores"][1]
+
+
+def test_batched_predict_pads_like_hf(setup):
+    """Different sizes in one batch: HF's processor pads to the largest with a pixel mask; our forward on
+    HF's padded batch and mask, post-processed by HF, equals our predict."""
+    _, det, proc, images = setup
+    enc = proc(images=images, return_tensors="np")
+    pv_hf = enc["pixel_values"].transpose(0, 2, 3, 1)
+    pv, mask, sizes = det.preprocess(images)
+    assert pv.shape == pv_hf.shape == (3, 96, 96, 3)
+    np.testing.assert_array_equal(mask, enc["pixel_mask"].astype(bool))
+    assert ref.max_abs(pv, pv_hf) <= 1e-5
+    assert sizes.tolist() == [[64, 96], [96, 32], [32, 96]]
+    raw = det.forward(pv_hf, enc["pixel_mask"].astype(bool))
+    threshold = _mid_threshold(raw["scores"])
+    theirs = _hf_post(proc, raw["logits"], raw["boxes"], [im.shape[:2] for im in images], threshold)
+    ours = det.predict(images, threshold=threshold)
+    assert 0 < sum(len(o["scores"]) for o in ours) < 15
+    for o, t in zip(ours, theirs):
+        _assert_same(o, t)
+
+
+def test_detector_errors(setup, tmp_path):
+    _, det, _, images = setup
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        det.predict([images[0].astype(np.float32)])
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        det.predict([images[0][..., :2]])
+    with pytest.raises(ValueError, match=r"\[B, H, W, 3\]"):
+        det.forward(np.zeros((1, 3, 64, 64), np.float32))
+    timm_sd = ref.timm_vit_state(hidden=32, depth=2, mlp=64, grid=4, distilled=False, seed=3)
+    torch.save({"model": timm_sd}, tmp_path / "vit.pth")
+    convert.convert(str(tmp_path / "vit.pth"), str(tmp_path / "backbone"), variant="ti",
+                    model_overrides=dict(hidden_size=32, depth=2, num_heads=2, mlp_dim=64))
+    with pytest.raises(ValueError, match="'backbone' checkpoint"):
+        Detector.from_checkpoint(str(tmp_path / "backbone"))
+    with pytest.raises(FileNotFoundError, match="convert_torch_weights"):
+        Detector.from_checkpoint(str(tmp_path))

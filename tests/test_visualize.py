@@ -1,0 +1,211 @@
+"""Visualisations and inference on files: [DET] attention vs HF, Fig. 2/3 statistics, annotated images whose
+boxes sit on the objects, and the commands on a tiny model."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from yolos_jax import draw, visualize
+from yolos_jax.config import model_config
+from yolos_jax.data.labels import LabelMap
+from yolos_jax.yolos import YOLOS
+
+
+def random_params(model, image_hw, seed=0, scale=0.05):
+    """Random params without running the initialisers (eval_shape only: no compilation)."""
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *image_hw, 3)))["params"]
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(scale=scale, size=s.shape).astype(np.float32)), shapes)
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention maps
+# --------------------------------------------------------------------------------------------------
+
+
+def test_attention_weights_match_hf_output_attentions(tmp_path):
+    torch = pytest.importorskip("torch")
+    import reference_models as ref
+
+    from yolos_jax import convert
+
+    hf = ref.hf_yolos(ref.CFG_TI, 0)
+    hf.set_attn_implementation("eager")  # sdpa returns no attention weights
+    hf.save_pretrained(tmp_path / "hf")
+    conv = convert.convert_state(str(tmp_path / "hf"))
+    model = YOLOS(**conv.model_cfg)
+    x = np.random.default_rng(0).normal(size=(2, 80, 112, 3)).astype(np.float32)
+    ours = visualize.attention_weights(model, conv.params, x)
+    with torch.no_grad():
+        out = hf(torch.from_numpy(x.transpose(0, 3, 1, 2)), output_attentions=True)
+    want = out.attentions[-1].numpy()  # [B, heads, T, T] of the last layer
+    assert ours["attention"].shape == want.shape
+    np.testing.assert_allclose(ours["attention"], want, atol=2e-5)
+    np.testing.assert_allclose(ours["logits"], out.logits.numpy(), atol=1e-4)
+    maps = visualize.det_token_maps(ours["attention"], ours["grid"], model.num_det_tokens)
+    gh, gw = ours["grid"]
+    assert maps.shape == (2, model.num_heads, model.num_det_tokens, gh, gw)
+    # Token 0's map is its attention row over the patch tokens (1 .. gh*gw), laid out row-major.
+    np.testing.assert_array_equal(maps[1, 1, 0].ravel(), ours["attention"][1, 1, -model.num_det_tokens, 1 : 1 + gh * gw])
+
+
+def test_attention_weights_with_padding_reproduce_the_block():
+    """With a pixel mask, recomputing attn(x) = proj(softmax(qk/sqrt d) v) from our weights must give the
+    model's own attention output (captured): the masked weights are the ones the model used."""
+    cfg = model_config("s", hidden_size=32, depth=2, num_heads=2, num_det_tokens=4, num_classes=3,
+                       init_pe_size=(64, 96), mid_pe_size=(64, 96))
+    model = YOLOS(**cfg.to_dict())
+    params = random_params(model, (64, 96), scale=0.3)
+    x = np.random.default_rng(1).normal(size=(2, 64, 96, 3)).astype(np.float32)
+    mask = np.ones((2, 64, 96), bool)
+    mask[1, :, 48:] = False
+    x[~mask] = 0
+    res = visualize.attention_weights(model, params, x, mask)
+    att = res["attention"].astype(np.float64)
+    gh, gw = res["grid"]
+    padded_cols = 1 + np.flatnonzero(~np.tile(np.arange(gw) < 3, gh))  # image 1: patch columns 3.. are padding
+    assert np.all(att[1][..., padded_cols] == 0) and np.all(att[0] > 0)
+    np.testing.assert_allclose(att.sum(-1), 1.0, atol=1e-5)
+
+    _, state = model.apply({"params": params}, x, mask, mutable=["intermediates"],
+                           capture_intermediates=lambda m, _: m.scope is not None and m.scope.path[:1] == ("block_1",))
+    inter = state["intermediates"]["block_1"]
+    y = np.asarray(inter["norm1"]["__call__"][0], np.float64)
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["block_1"]["attn"])
+    v = (y @ p["qkv"]["kernel"] + p["qkv"]["bias"])[..., 64:].reshape(2, -1, 2, 16)  # (q | k | v), heads
+    o = np.einsum("bhts,bshd->bthd", att, v).reshape(2, -1, 32) @ p["proj"]["kernel"] + p["proj"]["bias"]
+    np.testing.assert_allclose(o, np.asarray(inter["attn"]["__call__"][0]), atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# Figs. 2 and 3: the numbers behind the plots
+# --------------------------------------------------------------------------------------------------
+
+
+def test_token_centers_and_size_classes():
+    rel = np.asarray([[[0.5, 0.25, 0.05, 0.05], [0.1, 0.9, 0.5, 0.5]],
+                      [[0.3, 0.3, 0.1, 0.2], [0.7, 0.2, 1.0, 1.0]]])
+    orig = np.asarray([[400, 600], [100, 100]])  # (h, w)
+    centers, classes = visualize.token_centers(rel, orig)
+    np.testing.assert_array_equal(centers[0], [[0.5, 0.25], [0.3, 0.3]])  # token 0 over both images
+    # Areas: 30x20=600 (small), 300x200 (large) / 10x20=200 (small), 100x100 (large, >= 96^2).
+    np.testing.assert_array_equal(classes, [[0, 0], [2, 2]])
+    assert visualize.size_class([32 * 32, 32 * 32 + 1, 96 * 96 - 1, 96 * 96]).tolist() == [0, 1, 1, 2]
+
+
+def test_category_distribution_counts():
+    label_map = LabelMap.from_categories([{"id": 5, "name": "a"}, {"id": 9, "name": "b"}, {"id": 11, "name": "c"}])
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, size=(50, 4))
+    gt = rng.choice([5, 9, 11], size=70)
+    dist = visualize.category_distribution(labels, gt, label_map)
+    assert [c["id"] for c in dist["categories"]] == [5, 9, 11]
+    assert [c["name"] for c in dist["categories"]] == ["a", "b", "c"]
+    assert dist["gt"] == [int((gt == c).sum()) for c in (5, 9, 11)]
+    per_token = np.stack([np.bincount(labels[:, t], minlength=3) for t in range(4)])
+    np.testing.assert_array_equal(dist["per_token"], per_token)
+    np.testing.assert_allclose(dist["token_std"], per_token.std(0))
+    # Identity mode: label == id, and labels of unused ids are not counted.
+    ident = LabelMap.from_categories([{"id": 2, "name": "x"}, {"id": 4, "name": "y"}], "identity")
+    d = visualize.category_distribution(np.asarray([[2, 4, 0, 3]]), [4, 4], ident)
+    assert d["per_token"] == [[1, 0], [0, 1], [0, 0], [0, 0]] and d["gt"] == [0, 2]
+
+
+# --------------------------------------------------------------------------------------------------
+# Inference on image files
+# --------------------------------------------------------------------------------------------------
+
+
+class GroundTruthDetector:
+    """A stand-in detector whose predictions are the ground truth of the images it was built for: it tests
+    the file -> predict -> draw -> PNG/JSON path, not the model."""
+
+    def __init__(self, truth):
+        self.truth = truth  # list of (boxes xyxy, labels), in the order predict() is called
+
+    def predict(self, images, threshold=0.5, top_k=None):
+        boxes, labels = self.truth.pop(0)
+        return [{"boxes": boxes, "scores": np.full(len(boxes), 0.9, np.float32), "labels": labels}]
+
+
+def test_infer_images_draws_boxes_on_the_objects(tmp_path):
+    from yolos_jax.data import synthetic
+
+    names = list(synthetic.SHAPES[:3])
+    truth, objects = [], []
+    for i in range(2):
+        rng = np.random.default_rng(i)
+        img, objs = synthetic.render_image(rng, 120, 160, num_classes=3, max_objects=3)
+        Image.fromarray(img).save(tmp_path / f"img{i}.png")  # lossless: colours are exact
+        boxes = np.asarray([[x, y, x + w, y + h] for x, y, w, h in (o["bbox"] for o in objs)], np.float32)
+        truth.append((boxes, np.asarray([o["shape"] for o in objs], np.int32)))
+        objects.append((img, objs))
+    out = tmp_path / "out"
+    records = visualize.infer_images(GroundTruthDetector(list(truth)), visualize.list_images([str(tmp_path)]),
+                                     str(out), threshold=0.5, names=names)
+    saved = json.loads((out / "detections.json").read_text())
+    checked = 0
+    assert saved == json.loads(json.dumps(records)) and len(saved) == 2
+    for (img, objs), rec, (boxes, labels) in zip(objects, saved, truth):
+        drawn = np.asarray(Image.open(rec["output"]).convert("RGB"))
+        assert drawn.shape == img.shape
+        assert [d["name"] for d in rec["detections"]] == [names[k] for k in labels]
+        for o, det in zip(objs, rec["detections"]):
+            x0, y0, x1, y1 = (int(round(v)) for v in det["box_xyxy"])
+            np.testing.assert_allclose(det["box_xyxy"], [o["bbox"][0], o["bbox"][1], o["bbox"][0] + o["bbox"][2],
+                                                         o["bbox"][1] + o["bbox"][3]], atol=1e-3)
+            # The object (its own colour) fills its box: the box sits on the object ...
+            inside = img[y0:y1, x0:x1].reshape(-1, 3)
+            assert np.mean(np.all(inside == o["color"], axis=1)) > 0.2
+            # ... and the PNG has the outline drawn exactly there: the box's left and bottom edges (never
+            # covered by the text tag, which sits at the top) in the class colour.
+            color = draw.color_for(names[o["shape"]])
+            h, w = img.shape[:2]
+            if x0 < w:  # an edge on the image border itself is clipped away
+                frac = np.mean(np.all(drawn[y0 + 1 : min(y1, h), x0] == color, axis=1))
+                assert frac > 0.6, (frac, det)  # a later box may cross it; most of the edge is this colour
+                assert np.mean(np.all(img[y0 + 1 : min(y1, h), x0] == color, axis=1)) < 0.2  # not there before
+                checked += 1
+            if y1 < h:
+                frac = np.mean(np.all(drawn[y1, x0:min(x1, w)] == color, axis=1))
+                assert frac > 0.6, (frac, det)
+                checked += 1
+    assert checked >= 6
+
+
+def test_list_images_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        visualize.list_images([str(tmp_path / "nope.jpg")])
+    with pytest.raises(FileNotFoundError, match="holds no images"):
+        visualize.list_images([str(tmp_path)])
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match="bad.jpg"):
+        visualize.read_rgb(str(tmp_path / "bad.jpg"))
+
+
+def test_run_inference_with_a_converted_tiny_checkpoint(tmp_path):
+    """infer.py's logic with the real Detector on a tiny random model: files come out, limits hold."""
+    from yolos_jax import convert
+
+    cfg = model_config("s", hidden_size=32, depth=2, num_heads=2, num_det_tokens=6, num_classes=3,
+                       init_pe_size=(64, 96), mid_pe_size=None).to_dict()
+    params = jax.tree.map(np.asarray, random_params(YOLOS(**cfg), (64, 96)))
+    ckpt = tmp_path / "ckpt"
+    convert.save_params_dir(str(ckpt), params, cfg, {"label_names": ["a", "b", "c"], "eval_size": 64})
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    for i, (h, w) in enumerate([(60, 90), (100, 70)]):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(img_dir / f"{i}.jpg")
+    records = visualize.run_inference(str(ckpt), [str(img_dir)], str(tmp_path / "out"), threshold=0.0, top_k=4)
+    assert len(records) == 2
+    for rec, (h, w) in zip(records, [(60, 90), (100, 70)]):
+        assert (rec["height"], rec["width"]) == (h, w)
+        assert np.asarray(Image.open(rec["output"])).shape == (h, w, 3)
+        assert len(rec["detections"]) == 4 and {d["name"] for d in rec["detections"]} <= {"a", "b", "c"}
+        scores = [d["score"] for d in rec["detections"]]
+        assert scores == sorted(scores, reverse=True)

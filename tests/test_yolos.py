@@ -1,0 +1,164 @@
+"""The YOLOS model against HF transformers' YolosForObjectDetection, PyTorch's bicubic, the paper's
+parameter counts and a float64 numpy reference with key masking."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import ViTConfig, ViTForImageClassification, YolosConfig, YolosForObjectDetection
+
+import reference_models as ref
+from yolos_jax import Detector, config, convert, vit
+
+TOL = 1e-4
+
+
+# --------------------------------------------------------------------------------------------------
+# Position-embedding resizing = F.interpolate(bicubic, align_corners=False)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "src,dst",
+    [((4, 6), (7, 9)), ((10, 14), (3, 5)), ((6, 4), (3, 8)), ((5, 7), (5, 12)), ((3, 3), (1, 2))],
+    ids=["up", "down", "mixed", "one-axis", "tiny"],
+)
+def test_resize_posemb_grid_matches_torch(src, dst):
+    rng = np.random.RandomState(0)
+    grid = rng.randn(2, *src, 5).astype(np.float32)  # a leading axis, as mid position embeddings have
+    want = F.interpolate(
+        torch.from_numpy(grid.astype(np.float64)).permute(0, 3, 1, 2), size=dst, mode="bicubic", align_corners=False
+    ).permute(0, 2, 3, 1).numpy()
+    got_np = vit.resize_posemb_grid_np(grid.astype(np.float64), dst)
+    got_jax = np.asarray(vit.resize_posemb_grid(grid, dst))
+    assert got_np.shape == got_jax.shape == want.shape
+    assert ref.max_abs(got_np, want) < 1e-12
+    assert ref.max_abs(got_jax, want) < 1e-5
+    # and float32 torch, the precision converted weights meet at run time in HF
+    want32 = F.interpolate(torch.from_numpy(grid).permute(0, 3, 1, 2), size=dst, mode="bicubic", align_corners=False)
+    assert ref.max_abs(got_jax, want32.permute(0, 2, 3, 1).numpy()) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameter counts: HF with the same settings, and the paper
+# --------------------------------------------------------------------------------------------------
+
+# Table 6 (detectors, M params): Ti 6.5, S 30.7 (31 in Table 6; 30.7 at 0.1M precision), B 127,
+# S (dWr = fast scaling, 14 x 330) 28. Table 1 (pre-training DeiT classifiers with 1000 classes, at their
+# pre-training resolution): Ti 5.7, S 22.1, S(dwr) 13.7 @ 272, S(dWr) 19.0 @ 240.
+PAPER_DETECTOR = {"ti": ("%.1f", "6.5"), "s": ("%.1f", "30.7"), "b": ("%d", "127"), "s_dWr": ("%.0f", "28")}
+PAPER_BACKBONE = {"ti": (224, 5.7), "s": (224, 22.1), "s_dwr": (272, 13.7), "s_dWr": (240, 19.0)}
+
+
+@pytest.mark.parametrize("variant", sorted(config.MODEL_VARIANTS))
+def test_param_counts(variant):
+    cfg = config.model_config(variant)
+    ours = sum(int(np.prod(s)) for s in convert.expected_param_shapes(cfg).values())
+    hf_cfg = YolosConfig(
+        hidden_size=cfg.hidden_size, num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
+        intermediate_size=4 * cfg.hidden_size, image_size=list(cfg.init_pe_size), num_labels=cfg.num_classes,
+        num_detection_tokens=cfg.num_det_tokens, use_mid_position_embeddings=cfg.mid_pe_size is not None,
+    )
+    assert cfg.mid_pe_size is None or tuple(cfg.mid_pe_size) == tuple(cfg.init_pe_size)  # HF ties them
+    with torch.device("meta"):
+        hf = sum(p.numel() for p in YolosForObjectDetection(hf_cfg).parameters())
+    assert ours == hf
+    if variant in PAPER_DETECTOR:
+        fmt, want = PAPER_DETECTOR[variant]
+        value = ours / 1e6
+        assert (fmt % (int(value) if fmt == "%d" else value)) == want, (variant, value)
+    if variant in PAPER_BACKBONE:
+        res, want = PAPER_BACKBONE[variant]
+        vit_cfg = ViTConfig(
+            hidden_size=cfg.hidden_size, num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
+            intermediate_size=4 * cfg.hidden_size, image_size=res, num_labels=1000,
+        )
+        with torch.device("meta"):
+            n = sum(p.numel() for p in ViTForImageClassification(vit_cfg).parameters())
+        assert round(n / 1e6, 1) == want, (variant, n)
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs equal HF's YolosForObjectDetection (converted weights, PE resizing by grid shape)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """{'ti'|'s': (hf_model, Detector)} from save_pretrained folders converted by our converter."""
+    out = {}
+    for name, cfg, seed in (("ti", ref.CFG_TI, 0), ("s", ref.CFG_S, 1)):
+        model = ref.hf_yolos(cfg, seed)
+        folder = tmp_path_factory.mktemp(f"hf_{name}")
+        model.save_pretrained(folder)
+        conv = convert.convert_state(str(folder))
+        out[name] = (model, Detector(conv.params, conv.model_cfg))
+    return out
+
+
+@pytest.mark.parametrize("name", ["ti", "s"])
+def test_matches_hf(converted, name):
+    model, det = converted[name]
+    assert (det.model_cfg["mid_pe_size"] is not None) == (name == "s")
+    rng = np.random.RandomState(2)
+    for hw in ref.INPUT_SIZES:  # non-square; 48x128 = 3x8 has the 4x6 grid's token count
+        x = rng.randn(2, *hw, 3).astype(np.float32)
+        want = ref.hf_outputs(model, x)
+        got = det.forward(x)
+        assert np.std(want["logits"]) > 0.3  # O(1) outputs: a wrong mapping cannot hide
+        assert ref.max_abs(got["logits"], want["logits"]) <= TOL, hw
+        assert ref.max_abs(got["boxes"], want["boxes"]) <= TOL, hw
+
+
+def test_same_token_count_other_grid_is_resized(converted):
+    """48x128 (3x8) has as many patches as the stored 4x6 grid. The original skips the resize when the
+    token count matches, which lays the embeddings on the wrong 2-D grid; HF and we resize by grid shape."""
+    model, det = converted["s"]
+    stored = np.asarray(det.params["pos_embed_patches"])
+    assert stored.shape[1:3] == (4, 6)
+    by_count = stored.reshape(1, 3, 8, -1)  # what a token-count check would use
+    by_grid = vit.resize_posemb_grid_np(stored, (3, 8))
+    assert ref.max_abs(by_count, by_grid) > 0.1  # the two readings differ: the case is not trivial
+    x = np.random.RandomState(3).randn(2, 48, 128, 3).astype(np.float32)
+    want = ref.hf_outputs(model, x)
+    got = det.forward(x)
+    assert ref.max_abs(got["logits"], want["logits"]) <= TOL
+    assert ref.max_abs(got["boxes"], want["boxes"]) <= TOL
+
+
+# --------------------------------------------------------------------------------------------------
+# Padding-awareness
+# --------------------------------------------------------------------------------------------------
+
+
+def test_pixel_mask_all_true_equals_unmasked(converted):
+    _, det = converted["s"]
+    x = np.random.RandomState(4).randn(2, 80, 112, 3).astype(np.float32)
+    a = det.forward(x)
+    b = det.forward(x, np.ones(x.shape[:3], bool))
+    for k in ("logits", "boxes"):
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_padded_patches_get_no_attention(converted):
+    model, det = converted["s"]
+    rng = np.random.RandomState(5)
+    x = rng.randn(2, 80, 112, 3).astype(np.float32)
+    mask = np.ones(x.shape[:3], bool)
+    mask[0, 48:, :] = False  # image 0 is 48x80 on the 80x112 canvas
+    mask[0, :, 80:] = False
+    x[~mask] = 0.0
+    got = det.forward(x, mask)
+    # changing the padded pixels changes nothing
+    x2 = x.copy()
+    x2[~mask] = rng.randn(int((~mask).sum()), 3) * 10
+    got2 = det.forward(x2, mask)
+    for k in ("logits", "boxes"):
+        assert ref.max_abs(got[k], got2[k]) <= 1e-6
+    # float64 reference that excludes padded patches as keys
+    want = ref.numpy_yolos(model, x, mask)
+    assert ref.max_abs(got["logits"], want["logits"]) <= TOL
+    assert ref.max_abs(got["boxes"], want["boxes"]) <= TOL
+    # and the padding does matter without the mask (so the test can fail)
+    unmasked = ref.numpy_yolos(model, x2, None)
+    assert ref.max_abs(unmasked["logits"][0], want["logits"][0]) > 1e-2

@@ -1,0 +1,284 @@
+"""Static shapes: canvas sets, epoch plans, padding statistics (numpy only).
+
+XLA compiles one program per input shape, so every batch is padded to one *canvas* (H, W) from a small
+fixed set, and each batch holds images assigned to the same canvas (similar size and aspect ratio).
+
+Canvas set (`design_canvases`): always the two catch-alls (max_short x max_long) and (max_long x
+max_short), which hold any output image; plus up to `num_canvases - 2` canvases chosen greedily to
+minimise the padded area over a sample of output sizes (a simulated epoch of the random transform).
+Everything is a deterministic function of the dataset's image sizes and the config, so every process
+and every resumed run derives the same set.
+
+Epoch plan (`train_epoch_plan`): a seeded permutation of the examples; each example's transform is
+drawn (its output size is then known), it goes to the smallest canvas holding it; walking the
+permutation, a batch is cut whenever a canvas collects `batch_size` examples. Leftovers (fewer than a
+batch per canvas) are, with leftover='merge', packed into batches on a larger canvas that holds them
+(at most one partial batch per catch-all orientation is dropped per epoch), or with 'drop', dropped.
+The batch order is then shuffled. A plan is a pure function of (seed, epoch), so resuming at
+(epoch, batch) needs no replay.
+
+Padding waste = padded patch tokens / canvas patch tokens, where an image of (h, w) covers
+ceil(h/p) * ceil(w/p) patches (a partly filled patch is a real token, as `yolos.patch_key_mask`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import numpy as np
+
+from yolos_jax.data import transforms as T
+
+
+def _ceil_to(x, m: int):
+    return -(-np.asarray(x, np.int64) // m) * m
+
+
+def catch_all_canvases(max_short: int, max_long: int, multiple: int) -> list[tuple[int, int]]:
+    s, l = int(_ceil_to(max_short, multiple)), int(_ceil_to(max_long, multiple))
+    return [(s, l)] if s == l else [(s, l), (l, s)]
+
+
+def assign_canvases(hw: np.ndarray, canvases: np.ndarray) -> np.ndarray:
+    """Index of the smallest-area canvas holding each (h, w); -1 if none does. hw: [N, 2]; canvases: [K, 2]."""
+    hw = np.asarray(hw, np.int64).reshape(-1, 2)
+    c = np.asarray(canvases, np.int64).reshape(-1, 2)
+    fits = (hw[:, None, 0] <= c[None, :, 0]) & (hw[:, None, 1] <= c[None, :, 1])
+    area = np.where(fits, (c[:, 0] * c[:, 1])[None, :], np.iinfo(np.int64).max)
+    idx = np.argmin(area, axis=1)
+    return np.where(fits.any(axis=1), idx, -1)
+
+
+def design_canvases(
+    sample_hw: np.ndarray,
+    max_short: int,
+    max_long: int,
+    num_canvases: int,
+    multiple: int = 16,
+) -> list[tuple[int, int]]:
+    """Chooses up to `num_canvases` canvases (multiples of `multiple`) for images of sizes `sample_hw`.
+
+    sample_hw: [N, 2] output sizes (a representative sample). max_short/max_long: bounds on any output
+    image's short/long side (the catch-alls are built from them). Greedy: starting from the catch-alls,
+    repeatedly add the candidate canvas (a pair of sample heights x sample widths, rounded up to the
+    multiple) that most reduces the total padded area of the sample. Returns canvases sorted by (H, W).
+    """
+    canv = catch_all_canvases(max_short, max_long, multiple)
+    if num_canvases < len(canv):
+        raise ValueError(f"num_canvases={num_canvases} is below the {len(canv)} catch-all canvas(es) needed to hold "
+                         "every image (portrait and landscape)")
+    hw = _ceil_to(np.asarray(sample_hw, np.int64).reshape(-1, 2), multiple)
+    if len(hw) == 0:
+        return sorted(canv)
+    uniq, counts = np.unique(hw, axis=0, return_counts=True)
+    area = (uniq[:, 0] * uniq[:, 1]).astype(np.float64)
+    counts = counts.astype(np.float64)
+
+    def cost_per_point(cs: np.ndarray) -> np.ndarray:
+        fits = (uniq[:, None, 0] <= cs[None, :, 0]) & (uniq[:, None, 1] <= cs[None, :, 1])
+        a = np.where(fits, (cs[:, 0] * cs[:, 1]).astype(np.float64)[None, :], np.inf)
+        return a.min(axis=1) - area
+
+    hs, ws = np.unique(uniq[:, 0]), np.unique(uniq[:, 1])
+    cand = np.stack(np.meshgrid(hs, ws, indexing="ij"), -1).reshape(-1, 2)
+
+    def total(cs: list) -> float:
+        return float((cost_per_point(np.asarray(cs)) * counts).sum())
+
+    def best_addition(base: list) -> tuple[float, Optional[tuple[int, int]]]:
+        """The candidate whose addition to `base` most reduces the padded area: (gain, canvas)."""
+        current = cost_per_point(np.asarray(base))
+        best_gain, best = 0.0, None
+        for start in range(0, len(cand), 512):
+            cs = cand[start:start + 512]
+            fits = (uniq[:, None, 0] <= cs[None, :, 0]) & (uniq[:, None, 1] <= cs[None, :, 1])
+            new = np.where(fits, (cs[:, 0] * cs[:, 1]).astype(np.float64)[None, :] - area[:, None], np.inf)
+            gain = (np.maximum(current[:, None] - new, 0.0) * counts[:, None]).sum(axis=0)
+            k = int(np.argmax(gain))
+            if gain[k] > best_gain:
+                best_gain, best = float(gain[k]), tuple(int(v) for v in cs[k])
+        return best_gain, best
+
+    fixed = len(canv)
+    while len(canv) < num_canvases:  # greedy growth
+        gain, best = best_addition(canv)
+        if best is None:
+            break
+        canv.append(best)
+    for _ in range(3):  # local search: re-choose each added canvas given all the others
+        improved = False
+        for i in range(fixed, len(canv)):
+            others = canv[:i] + canv[i + 1:]
+            gain, best = best_addition(others)
+            if best is not None and best != canv[i] and total(others + [best]) < total(canv) - 1e-6:
+                canv[i] = best
+                improved = True
+        if not improved:
+            break
+    return sorted(set(canv))
+
+
+def padding_stats(hw: np.ndarray, canvas_hw: np.ndarray, patch_size: int = 16) -> dict[str, float]:
+    """Token and pixel padding waste of images hw [N, 2] placed on canvases canvas_hw [N, 2]."""
+    hw = np.asarray(hw, np.int64).reshape(-1, 2)
+    c = np.asarray(canvas_hw, np.int64).reshape(-1, 2)
+    real_tok = (_ceil_to(hw[:, 0], patch_size) * _ceil_to(hw[:, 1], patch_size)).sum() / patch_size**2
+    canv_tok = (c[:, 0] * c[:, 1]).sum() / patch_size**2
+    real_px = (hw[:, 0] * hw[:, 1]).sum()
+    canv_px = (c[:, 0] * c[:, 1]).sum()
+    return {
+        "token_waste": float(1 - real_tok / max(canv_tok, 1)),
+        "pixel_waste": float(1 - real_px / max(canv_px, 1)),
+        "num_shapes": int(len(np.unique(c, axis=0))) if len(c) else 0,
+    }
+
+
+@dataclasses.dataclass
+class Plan:
+    """The batches of one epoch (train) or one pass (eval), for the whole (global) batch.
+
+    example: [nb, B] int64 index into the split; valid: [nb, B] bool (False: filler, duplicates a real
+    example of the batch); geom: [nb, B, 9] int64 transform geometry; canvas: [nb, 2] int64 (H, W).
+    dropped: examples of the epoch left out (train, leftovers).
+    """
+
+    example: np.ndarray
+    valid: np.ndarray
+    geom: np.ndarray
+    canvas: np.ndarray
+    dropped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.example)
+
+    def stats(self, patch_size: int = 16) -> dict[str, float]:
+        v = self.valid.reshape(-1)
+        hw = T.output_hw(self.geom.reshape(-1, 9))[v]
+        c = np.repeat(self.canvas, self.valid.shape[1], axis=0)[v]
+        s = padding_stats(hw, c, patch_size)
+        s["num_shapes"] = int(len(np.unique(self.canvas, axis=0))) if len(self) else 0
+        s["batches"] = len(self)
+        s["dropped"] = self.dropped
+        s["examples"] = int(v.sum())
+        return s
+
+
+def epoch_rng(seed: int, epoch: int, stream: int = 0) -> np.random.Generator:
+    """The generator of one epoch: independent of every other (seed, epoch)."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), 0x9E3779B9, stream]))
+
+
+def train_epoch_plan(
+    seed: int,
+    epoch: int,
+    heights: np.ndarray,
+    widths: np.ndarray,
+    tcfg: T.TrainTransformConfig,
+    canvases: Sequence[tuple[int, int]],
+    batch_size: int,
+    leftover: str = "merge",
+    shuffle: bool = True,
+) -> Plan:
+    """The plan of train epoch `epoch` (see module docstring). heights/widths: [N] original sizes."""
+    n = len(heights)
+    rng = epoch_rng(seed, epoch)
+    perm = rng.permutation(n) if shuffle else np.arange(n)
+    geom = T.sample_train_geometry(rng, np.asarray(heights)[perm], np.asarray(widths)[perm], tcfg)
+    canv = np.asarray(canvases, np.int64)
+    cid = assign_canvases(T.output_hw(geom), canv)
+    if (cid < 0).any():
+        bad = T.output_hw(geom)[cid < 0][0]
+        raise ValueError(f"an output image of size {tuple(bad)} fits no canvas in {canvases}; input.canvases must "
+                         "include canvases as large as the largest output (or leave input.canvases empty for auto)")
+    batches: list[tuple[np.ndarray, int]] = []  # (positions into perm, canvas id)
+    pending: dict[int, list[int]] = {}
+    for pos, c in enumerate(cid):
+        lst = pending.setdefault(int(c), [])
+        lst.append(pos)
+        if len(lst) == batch_size:
+            batches.append((np.asarray(lst), int(c)))
+            pending[int(c)] = []
+    left = [p for c in sorted(pending) for p in pending[c]]
+    dropped = 0
+    if leftover == "merge" and left:
+        batches_m, dropped = _merge_leftovers(np.asarray(left), T.output_hw(geom), canv, batch_size)
+        batches.extend(batches_m)
+    elif leftover == "drop":
+        dropped = len(left)
+    elif leftover != "merge":
+        raise ValueError(f"input.leftover must be 'merge' or 'drop', got {leftover!r}")
+    order = rng.permutation(len(batches)) if shuffle else np.arange(len(batches))
+    nb = len(batches)
+    ex = np.zeros((nb, batch_size), np.int64)
+    g = np.zeros((nb, batch_size, 9), np.int64)
+    cv = np.zeros((nb, 2), np.int64)
+    for k, j in enumerate(order):
+        pos, c = batches[j]
+        ex[k] = perm[pos]
+        g[k] = geom[pos]
+        cv[k] = canv[c]
+    return Plan(ex, np.ones((nb, batch_size), bool), g, cv, dropped)
+
+
+def _merge_leftovers(pos: np.ndarray, hw_all: np.ndarray, canv: np.ndarray, batch_size: int):
+    """Packs leftover examples into full batches on canvases that hold the whole batch."""
+    hw = hw_all[pos]
+    land = hw[:, 1] >= hw[:, 0]
+    out, dropped = [], 0
+    for sel in (land, ~land):
+        p, h = pos[sel], hw[sel]
+        order = np.argsort(h[:, 0] * h[:, 1], kind="stable")  # small with small: less waste
+        p, h = p[order], h[order]
+        full = len(p) // batch_size * batch_size
+        dropped += len(p) - full
+        for s in range(0, full, batch_size):
+            need = h[s:s + batch_size].max(axis=0)
+            c = int(assign_canvases(need[None], canv)[0])
+            if c < 0:  # mixed sizes beyond one canvas: cannot happen with the catch-alls; drop safely
+                dropped += batch_size
+                continue
+            out.append((p[s:s + batch_size], c))
+    return out, dropped
+
+
+def eval_plan(
+    geom: np.ndarray,
+    canvases: Sequence[tuple[int, int]],
+    batch_size: int,
+) -> Plan:
+    """Batches covering every example exactly once, in index order within each canvas group; the last
+    batch of a group is filled with copies of its first example marked valid=False."""
+    canv = np.asarray(canvases, np.int64)
+    cid = assign_canvases(T.output_hw(geom), canv)
+    if (cid < 0).any():
+        bad = T.output_hw(geom)[cid < 0][0]
+        raise ValueError(f"an eval image of size {tuple(bad)} fits no canvas in {canvases}")
+    exs, vals, cvs = [], [], []
+    for c in range(len(canv)):
+        idx = np.nonzero(cid == c)[0]
+        for s in range(0, len(idx), batch_size):
+            chunk = idx[s:s + batch_size]
+            v = np.zeros(batch_size, bool)
+            v[: len(chunk)] = True
+            exs.append(np.concatenate([chunk, np.full(batch_size - len(chunk), chunk[0])]))
+            vals.append(v)
+            cvs.append(canv[c])
+    nb = len(exs)
+    ex = np.asarray(exs, np.int64).reshape(nb, batch_size)
+    return Plan(ex, np.asarray(vals, bool).reshape(nb, batch_size), np.asarray(geom)[ex].reshape(nb, batch_size, 9),
+                np.asarray(cvs, np.int64).reshape(nb, 2))
+
+
+def simulate_train_sizes(heights: np.ndarray, widths: np.ndarray, tcfg: T.TrainTransformConfig,
+                         min_samples: int = 20000, seed: int = 1234) -> np.ndarray:
+    """Output sizes [S, 2] of simulated train epochs (at least min_samples), with a fixed seed: the
+    sample the canvas set is designed on (independent of the training seed, so all runs share it)."""
+    h = np.asarray(heights, np.int64)
+    w = np.asarray(widths, np.int64)
+    if len(h) == 0:
+        return np.zeros((0, 2), np.int64)
+    reps = max(1, -(-min_samples // len(h)))
+    rng = np.random.default_rng(seed)
+    g = T.sample_train_geometry(rng, np.tile(h, reps), np.tile(w, reps), tcfg)
+    return T.output_hw(g)

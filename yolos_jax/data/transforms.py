@@ -1,0 +1,285 @@
+"""Train/eval transforms of YOLOS (= DETR's), split into a numpy "geometry" and a TF image executor.
+
+Original YOLOS (hustvl/YOLOS datasets/coco.py, DETR datasets/transforms.py), train:
+    RandomHorizontalFlip(0.5)
+    RandomSelect(p=0.5:  RandomResize(scales, max_size),
+                 else:   RandomResize([400, 500, 600]) -> RandomSizeCrop(384, 600) -> RandomResize(scales, max_size))
+    scales: Ti 256..608 step 16, max_size 608*1333//800 = 1013;  S/B 480..800 step 16, max_size 1333.
+eval: RandomResize([eval_size], max_size=eval_size*1333//800).
+
+Here every random choice is drawn up front, in numpy, from a seeded generator (so batches are
+reproducible and resumable, and output sizes are known before any image is read, which the static-shape
+batching needs). A transform is then fully described by one int32 row, the *geometry*:
+
+    GEOM = [flip, h1, w1, cy, cx, ch, cw, h2, w2]      (all pixels, ints)
+    flip        1: mirror the original image left-right first
+    (h1, w1)    resize the (flipped) original to this size (== original size: no resize)
+    (cy, cx, ch, cw)   crop window in the resized image (top, left, height, width)
+    (h2, w2)    resize the crop to this final size (== (ch, cw): no resize)
+
+Boxes follow DETR exactly (float32): hflip x -> w - x; resize multiplies by the size ratios; crop
+subtracts the offset, clips to the window, and drops boxes left with no area; crowd boxes are dropped
+before (as DETR's ConvertCocoPolysToMask). Final boxes are (cx, cy, w, h) / (w2, h2).
+
+Departures from the original, on purpose:
+  * the final size is floored to a multiple of `size_multiple` (16: whole patches; the aspect ratio
+    changes by < 16 px, boxes are unaffected because they are normalised);
+  * resampling is TF bilinear (antialiased when shrinking, like PIL's) instead of PIL bilinear.
+Large-scale jitter (ViTDet; detectron2 ResizeScale + FixedSizeCrop): flip, resize so the image fits
+lsj_size x lsj_size times a scale ~ U(min_scale, max_scale), then a random lsj_size crop (one offset
+fraction for both axes, as detectron2), then pad to lsj_size x lsj_size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+GEOM_FIELDS = ("flip", "h1", "w1", "cy", "cx", "ch", "cw", "h2", "w2")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+SCALES_TI = tuple(range(256, 609, 16))
+SCALES_S = tuple(range(480, 801, 16))
+
+
+def scales_for(name: str) -> tuple[int, ...]:
+    """The multi-scale training set of a model size: 'ti' or 's'/'b' (the original's two lists)."""
+    name = name.lower()
+    if name in ("ti", "tiny"):
+        return SCALES_TI
+    if name in ("s", "b", "small", "base"):
+        return SCALES_S
+    raise ValueError(f"unknown scale set {name!r}; use 'ti', 's' or 'b' (or give input.scales explicitly)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainTransformConfig:
+    """The train transform's parameters (built from `config.input` by `pipeline`)."""
+
+    scales: tuple[int, ...]
+    max_size: int
+    size_multiple: int = 16
+    hflip_prob: float = 0.5
+    crop_prob: float = 0.5
+    crop_resize_sizes: tuple[int, ...] = (400, 500, 600)
+    crop_min_size: int = 384
+    crop_max_size: int = 600
+    large_scale_jitter: bool = False
+    lsj_size: int = 1024
+    lsj_min_scale: float = 0.1
+    lsj_max_scale: float = 2.0
+
+    def __post_init__(self):
+        if not self.scales or min(self.scales) <= 0:
+            raise ValueError(f"input.scales must be positive ints, got {self.scales}")
+        if self.max_size < max(self.scales):
+            raise ValueError(f"input.max_size={self.max_size} is below the largest scale {max(self.scales)}")
+        if self.crop_min_size > min(self.crop_resize_sizes):
+            raise ValueError(f"input.crop_min_size={self.crop_min_size} exceeds the smallest crop_resize_sizes "
+                             f"{min(self.crop_resize_sizes)}: RandomSizeCrop could not fit")
+        if self.crop_min_size > self.crop_max_size:
+            raise ValueError(f"input.crop_min_size={self.crop_min_size} > crop_max_size={self.crop_max_size}")
+        if not 0 < self.lsj_min_scale <= self.lsj_max_scale:
+            raise ValueError(f"input.lsj_min_scale/lsj_max_scale must satisfy 0 < min <= max, got "
+                             f"{self.lsj_min_scale}, {self.lsj_max_scale}")
+        if self.size_multiple < 1:
+            raise ValueError(f"input.size_multiple must be >= 1, got {self.size_multiple}")
+
+    def max_output_hw(self) -> tuple[int, int]:
+        """(max short side, max long side) of any output image."""
+        if self.large_scale_jitter:
+            return self.lsj_size, self.lsj_size
+        m = self.size_multiple
+        return max(self.scales) // m * m, self.max_size // m * m
+
+
+# --------------------------------------------------------------------------------------------------
+# DETR's resize size rule, exact (Python float semantics, vectorised).
+
+
+def detr_resize_hw(h: Any, w: Any, size: Any, max_size: Optional[int]) -> tuple[np.ndarray, np.ndarray]:
+    """DETR `get_size_with_aspect_ratio`: shortest side -> size, longest <= max_size (None: no limit).
+
+    h, w, size: broadcastable int arrays. Returns (oh, ow) int64 arrays. Reproduces the original's
+    float64 arithmetic, Python round() (half to even) and int() truncation.
+    """
+    h = np.asarray(h, np.int64)
+    w = np.asarray(w, np.int64)
+    size = np.broadcast_to(np.asarray(size, np.int64), np.broadcast(h, w).shape).copy()
+    mn = np.minimum(h, w).astype(np.float64)
+    mx = np.maximum(h, w).astype(np.float64)
+    if max_size is not None:
+        over = mx / mn * size > max_size
+        size = np.where(over, np.round(max_size * mn / mx).astype(np.int64), size)
+    # (w <= h and w == size) or (h <= w and h == size): keep the size.
+    keep = ((w <= h) & (w == size)) | ((h <= w) & (h == size))
+    oh = np.where(w < h, (size * h.astype(np.float64) / w).astype(np.int64), size)
+    ow = np.where(w < h, size, (size * w.astype(np.float64) / h).astype(np.int64))
+    return np.where(keep, h, oh), np.where(keep, w, ow)
+
+
+def _floor_to(x: np.ndarray, m: int) -> np.ndarray:
+    return np.maximum(m, x // m * m) if m > 1 else x
+
+
+def _geom(n: int) -> np.ndarray:
+    return np.zeros((n, len(GEOM_FIELDS)), np.int64)
+
+
+def sample_train_geometry(rng: np.random.Generator, heights: Any, widths: Any, cfg: TrainTransformConfig) -> np.ndarray:
+    """Draws the random train transform of each example. heights/widths: [N] original sizes.
+    Returns GEOM [N, 9] int64 (see module docstring)."""
+    h = np.asarray(heights, np.int64)
+    w = np.asarray(widths, np.int64)
+    n = len(h)
+    g = _geom(n)
+    g[:, 0] = rng.random(n) < cfg.hflip_prob
+    if cfg.large_scale_jitter:
+        return _lsj_geometry(rng, h, w, cfg, g)
+    final_size = rng.choice(np.asarray(cfg.scales, np.int64), n)
+    crop = rng.random(n) < cfg.crop_prob
+    # Crop branch: RandomResize(crop_resize_sizes) -> RandomSizeCrop(min, max) (random.randint is inclusive).
+    inter = rng.choice(np.asarray(cfg.crop_resize_sizes, np.int64), n)
+    h1, w1 = detr_resize_hw(h, w, inter, None)
+    cw = rng.integers(cfg.crop_min_size, np.minimum(w1, cfg.crop_max_size) + 1)
+    ch = rng.integers(cfg.crop_min_size, np.minimum(h1, cfg.crop_max_size) + 1)
+    cy = rng.integers(0, h1 - ch + 1)
+    cx = rng.integers(0, w1 - cw + 1)
+    h1, w1 = np.where(crop, h1, h), np.where(crop, w1, w)
+    cy, cx = np.where(crop, cy, 0), np.where(crop, cx, 0)
+    ch, cw = np.where(crop, ch, h), np.where(crop, cw, w)
+    h2, w2 = detr_resize_hw(ch, cw, final_size, cfg.max_size)
+    g[:, 1], g[:, 2], g[:, 3], g[:, 4], g[:, 5], g[:, 6] = h1, w1, cy, cx, ch, cw
+    g[:, 7], g[:, 8] = _floor_to(h2, cfg.size_multiple), _floor_to(w2, cfg.size_multiple)
+    return g
+
+
+def _lsj_geometry(rng, h, w, cfg: TrainTransformConfig, g: np.ndarray) -> np.ndarray:
+    s = cfg.lsj_size
+    scale = rng.uniform(cfg.lsj_min_scale, cfg.lsj_max_scale, len(h)) * s
+    out_scale = np.minimum(scale / h, scale / w)
+    h1 = np.maximum(1, np.round(h * out_scale)).astype(np.int64)
+    w1 = np.maximum(1, np.round(w * out_scale)).astype(np.int64)
+    frac = rng.uniform(0.0, 1.0, len(h))  # detectron2 FixedSizeCrop: one fraction for both axes
+    cy = np.round(np.maximum(h1 - s, 0) * frac).astype(np.int64)
+    cx = np.round(np.maximum(w1 - s, 0) * frac).astype(np.int64)
+    ch, cw = np.minimum(h1, s), np.minimum(w1, s)
+    g[:, 1], g[:, 2], g[:, 3], g[:, 4], g[:, 5], g[:, 6], g[:, 7], g[:, 8] = h1, w1, cy, cx, ch, cw, ch, cw
+    return g
+
+
+def eval_geometry(heights: Any, widths: Any, eval_size: int, eval_max_size: int, size_multiple: int = 1) -> np.ndarray:
+    """Deterministic eval transform: shortest side -> eval_size, longest <= eval_max_size."""
+    h = np.asarray(heights, np.int64)
+    w = np.asarray(widths, np.int64)
+    g = _geom(len(h))
+    h2, w2 = detr_resize_hw(h, w, eval_size, eval_max_size)
+    g[:, 1], g[:, 2], g[:, 5], g[:, 6] = h, w, h, w
+    g[:, 7], g[:, 8] = _floor_to(h2, size_multiple), _floor_to(w2, size_multiple)
+    return g
+
+
+def output_hw(geom: np.ndarray) -> np.ndarray:
+    """[N, 2] (h, w) of the transformed, un-padded images."""
+    return np.asarray(geom)[..., 7:9]
+
+
+# --------------------------------------------------------------------------------------------------
+# Boxes (numpy float32, DETR's arithmetic).
+
+
+def transform_boxes(boxes_xyxy: np.ndarray, orig_hw: Sequence[int], geom: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Applies one example's geometry to its boxes.
+
+    boxes_xyxy: [N, 4] float (x0, y0, x1, y1) pixels of the original image (crowd boxes removed).
+    Returns (boxes [K, 4] float32 (cx, cy, w, h) normalised by the final (w2, h2); keep [N] bool, which
+    input boxes survived, in order).
+    """
+    b = np.asarray(boxes_xyxy, np.float32).reshape(-1, 4)
+    h, w = int(orig_hw[0]), int(orig_hw[1])
+    flip, h1, w1, cy, cx, ch, cw, h2, w2 = (int(v) for v in geom)
+    if flip:
+        b = b[:, [2, 1, 0, 3]] * np.float32([-1, 1, -1, 1]) + np.float32([w, 0, w, 0])
+    if (h1, w1) != (h, w):
+        b = b * np.float32([w1 / w, h1 / h, w1 / w, h1 / h])
+    keep = np.ones(len(b), bool)
+    if (cy, cx, ch, cw) != (0, 0, h1, w1):
+        b = b - np.float32([cx, cy, cx, cy])
+        b = np.minimum(b.reshape(-1, 2, 2), np.float32([cw, ch]))
+        b = np.maximum(b, np.float32(0)).reshape(-1, 4)
+        keep = np.all(b[:, 2:] > b[:, :2], axis=1)
+        b = b[keep]
+    if (h2, w2) != (ch, cw):
+        b = b * np.float32([w2 / cw, h2 / ch, w2 / cw, h2 / ch])
+    cxcywh = np.concatenate([(b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2]], axis=1)
+    return (cxcywh / np.float32([w2, h2, w2, h2])).astype(np.float32), keep
+
+
+def pad_targets(boxes: np.ndarray, labels: np.ndarray, max_boxes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Pads/truncates to max_boxes. Returns (boxes [M, 4] f32, labels [M] i32, box_mask [M] bool,
+    number of boxes dropped by truncation — the first max_boxes are kept)."""
+    n = min(len(boxes), max_boxes)
+    out_b = np.zeros((max_boxes, 4), np.float32)
+    out_l = np.zeros((max_boxes,), np.int32)
+    mask = np.zeros((max_boxes,), bool)
+    out_b[:n], out_l[:n], mask[:n] = boxes[:n], labels[:n], True
+    return out_b, out_l, mask, len(boxes) - n
+
+
+# --------------------------------------------------------------------------------------------------
+# Images (TF ops; traced inside tf.data.map).
+
+
+def tf_apply_geometry(image_bytes: Any, geom: Any, image_format: str = "float32") -> Any:
+    """Decodes and resamples one image following GEOM. TF graph function.
+
+    image_bytes: scalar tf.string (JPEG, PNG, GIF, BMP, WebP; any channel layout -> RGB).
+    geom: [9] int tensor. Returns [h2, w2, 3]: float32 ImageNet-normalised ((x/255 - mean) / std) when
+    image_format == 'float32', or uint8 (rounded 0..255) when 'uint8'.
+    """
+    from yolos_jax.data.tf_setup import get_tf
+
+    tf = get_tf()
+    geom = tf.cast(geom, tf.int32)
+    img = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    img = tf.ensure_shape(img, [None, None, 3])
+    img = tf.cond(geom[0] > 0, lambda: tf.reverse(img, axis=[1]), lambda: img)
+    img = tf.cast(img, tf.float32)
+    img = _tf_resize(tf, img, geom[1:3])
+    img = img[geom[3]:geom[3] + geom[5], geom[4]:geom[4] + geom[6], :]
+    img = _tf_resize(tf, img, geom[7:9])
+    if image_format == "uint8":
+        return tf.cast(tf.clip_by_value(tf.round(img), 0.0, 255.0), tf.uint8)
+    if image_format != "float32":
+        raise ValueError(f"input.image_format must be 'float32' or 'uint8', got {image_format!r}")
+    # Per-channel affine as a [.., 3] x [3, 3] matmul: TF's broadcast of a length-3 axis is ~5x slower.
+    scale = tf.constant([1.0 / (255.0 * s) for s in IMAGENET_STD], tf.float32)
+    shift = tf.constant([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], tf.float32)
+    shape = tf.shape(img)
+    flat = tf.matmul(tf.reshape(img, [-1, 3]), tf.linalg.diag(scale))
+    return tf.reshape(tf.nn.bias_add(flat, shift), shape)
+
+
+def _tf_resize(tf: Any, img: Any, size: Any) -> Any:
+    """Bilinear (half-pixel centres) to `size`; antialiased when shrinking (PIL-like); identity when equal."""
+    hw = tf.shape(img)[:2]
+    same = tf.reduce_all(tf.equal(hw, size))
+    shrink = tf.reduce_any(size < hw)
+    return tf.cond(
+        same,
+        lambda: img,
+        lambda: tf.cond(
+            shrink,
+            lambda: tf.image.resize(img, size, method="bilinear", antialias=True),
+            lambda: tf.image.resize(img, size, method="bilinear", antialias=False),
+        ),
+    )
+
+
+def normalize_np(image_uint8: np.ndarray) -> np.ndarray:
+    """Host reference of the normalisation: uint8 [..., 3] -> float32 (x/255 - mean) / std."""
+    x = np.asarray(image_uint8, np.float32) / np.float32(255.0)
+    return (x - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)

@@ -1,0 +1,756 @@
+"""Evaluation: post-processing, COCO AP with pycocotools, the `Evaluator`, speed/FLOPs and COCO-C runs.
+
+The protocol is the original YOLOS/DETR one (yolos_paper.md Sec. 3; DETR's `PostProcess` and
+`CocoEvaluator`):
+  * post-processing: softmax over the C + 1 logits; score and label = max / argmax over the C real
+    classes (the last logit is "no object"); *all* Q detections of every image are kept (no threshold, no
+    NMS); boxes (cx, cy, w, h) relative to the un-padded image are scaled to the original image size;
+  * label indices are mapped back to the dataset's category ids through its `LabelMap` (detections whose
+    label has no category, e.g. identity-mode COCO's unused ids, are dropped: COCOeval would ignore them);
+  * pycocotools `COCOeval(iouType='bbox')` on the images that were evaluated; the standard 12 numbers
+    are printed and written to `metrics.json`, the detections to `detections.json` (COCO results format:
+    `bbox` = [x, y, w, h] in original-image pixels).
+
+Multi-host: every process feeds its own shard of the val split through one jitted predict function whose
+outputs are replicated, so process 0 holds every detection without a separate exchange; process 0 scores
+and writes, and the metrics are broadcast so that every process returns the same dict.
+
+Speed/cost protocol (paper Tables 4-6, following DETR): batch 1 over the first 100 val images at their
+own (un-padded) eval sizes; FPS = images / forward seconds after compilation; FLOPs from XLA's cost
+analysis of the compiled forward. XLA counts a multiply-add as 2 FLOPs; the papers' FLOPs (fvcore, as
+DETR) count it as 1, so tables report `xla_flops / 2` as "FLOPs (G)" and keep the raw XLA count too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from yolos_jax import box_ops
+
+log = logging.getLogger("yolos_jax")
+
+# The 12 numbers of COCOeval.summarize(), in its order.
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+METRICS_FILE = "metrics.json"
+DETECTIONS_FILE = "detections.json"
+
+
+def default_eval_config() -> ml_collections.ConfigDict:
+    """`config.eval`: how the val split is evaluated (the transforms themselves live in `config.input`)."""
+    return ml_collections.ConfigDict(
+        dict(
+            # Shortest side of the eval images in pixels (the papers' "Size", e.g. 800 -> "800 x *").
+            # The input pipeline resizes by `config.input.eval_size`; configs set both to the same value.
+            eval_size=800,
+            # Global eval batch (all processes together); a multiple of the device count when a mesh is
+            # used. 0: use config.input.batch_size.
+            batch_size=0,
+            # Evaluate only the first N images of the split (0: all). COCOeval then scores those images
+            # only, as DETR's evaluator does with the images it saw.
+            max_images=0,
+            # Write detections.json (COCO results format) next to metrics.json.
+            write_detections=True,
+            # Speed/cost protocol (papers' Tables 4-6): batch 1 over the first `speed_images` val images.
+            speed_images=100,
+            # Untimed passes over those images before timing (compiles every distinct image shape).
+            speed_warmup=1,
+            # Timed passes; FPS is images / seconds over all of them.
+            speed_repeats=1,
+            # COCO-C robustness (fp_detr_paper.md Table 4): corruptions ('all', a group 'noise', 'blur',
+            # 'weather', 'digital', or comma-separated names), severities, and an optional image cap.
+            corruptions="all",
+            severities="1,2,3,4,5",
+            robustness_max_images=0,
+        )
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Post-processing
+# --------------------------------------------------------------------------------------------------
+
+
+def postprocess(logits: jax.Array, boxes: jax.Array, orig_size: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The original YOLOS/DETR `PostProcess`. Jittable; works on numpy inputs too.
+
+    Args:
+      logits: [B, Q, C + 1] class logits, the last one "no object".
+      boxes: [B, Q, 4] (cx, cy, w, h) in [0, 1], relative to the un-padded image.
+      orig_size: [B, 2] (height, width) in pixels of the original images.
+    Returns:
+      scores [B, Q] float32: the max softmax probability over the C real classes;
+      labels [B, Q] int32: its label index in [0, C);
+      boxes [B, Q, 4] float32: (x0, y0, x1, y1) in original-image pixels (not clipped, as the original).
+    """
+    prob = jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1)[..., :-1]
+    scores = jnp.max(prob, axis=-1)
+    labels = jnp.argmax(prob, axis=-1).astype(jnp.int32)
+    xyxy = box_ops.cxcywh_to_xyxy_pixels(jnp.asarray(boxes, jnp.float32), jnp.asarray(orig_size))
+    return scores, labels, xyxy
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------------
+
+
+def write_json_atomic(path: str, obj: Any, *, indent: Optional[int] = None) -> None:
+    """json.dump into a temp file next to `path`, then rename: readers never see a partial file."""
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=indent)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------------------------------
+# COCO
+# --------------------------------------------------------------------------------------------------
+
+
+def load_coco(gt: Any):
+    """A pycocotools COCO from a COCO object, an instances-JSON path or an already-parsed dataset dict."""
+    from pycocotools.coco import COCO
+
+    if isinstance(gt, COCO):
+        return gt
+    coco = COCO()
+    if isinstance(gt, (str, os.PathLike)):
+        path = os.fspath(gt)
+        try:
+            with open(path) as f:
+                dataset = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"COCO annotation file {path} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"COCO annotation file {path} is not valid JSON: {e}") from None
+    elif isinstance(gt, Mapping):
+        dataset = dict(gt)
+    else:
+        raise TypeError(f"ground truth must be a COCO object, a path or a dict, got {type(gt).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if key not in dataset:
+            raise ValueError(f"COCO ground truth has no '{key}' list (keys: {sorted(dataset)})")
+    dataset.setdefault("info", {})
+    dataset.setdefault("licenses", [])
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def detections_to_coco(
+    image_ids: np.ndarray,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    boxes_xyxy: np.ndarray,
+    label_map: Any,
+) -> list[dict]:
+    """Post-processed predictions -> COCO results list.
+
+    Args:
+      image_ids: [N] the dataset's image ids.
+      scores: [N, Q]; labels: [N, Q] label indices; boxes_xyxy: [N, Q, 4] original-image pixels.
+      label_map: `yolos_jax.data.labels.LabelMap` of the dataset.
+    Returns:
+      [{'image_id', 'category_id', 'bbox': [x, y, w, h], 'score'}, ...] in image then token order;
+      detections whose label maps to no category of the dataset are left out.
+    """
+    image_ids = np.asarray(image_ids).reshape(-1)
+    scores = np.asarray(scores, np.float32)
+    labels = np.asarray(labels).astype(np.int64)
+    boxes = np.asarray(boxes_xyxy, np.float32)
+    n, q = scores.shape
+    if labels.shape != (n, q) or boxes.shape != (n, q, 4) or image_ids.shape != (n,):
+        raise ValueError(
+            f"detections_to_coco: shapes disagree: image_ids {image_ids.shape}, scores {scores.shape}, "
+            f"labels {labels.shape}, boxes {boxes.shape}"
+        )
+    # label -> category id table (-1: no category), built once.
+    num_labels = int(max(labels.max(initial=0) + 1, label_map.num_classes))
+    table = np.full((num_labels,), -1, np.int64)
+    for lab in range(label_map.num_classes):
+        if label_map.is_used(lab):
+            table[lab] = label_map.to_category(lab)
+    cats = table[labels]
+    xywh = np.concatenate([boxes[..., :2], boxes[..., 2:] - boxes[..., :2]], axis=-1)
+    out = []
+    for i in range(n):
+        iid = int(image_ids[i])
+        for j in range(q):
+            if cats[i, j] < 0:
+                continue
+            out.append(
+                {
+                    "image_id": iid,
+                    "category_id": int(cats[i, j]),
+                    # float(float32) is exact: the JSON holds exactly the numbers that were scored.
+                    "bbox": [float(v) for v in xywh[i, j]],
+                    "score": float(scores[i, j]),
+                }
+            )
+    return out
+
+
+def coco_evaluate(
+    gt: Any, detections: Sequence[Mapping], image_ids: Optional[Iterable[int]] = None
+) -> tuple[dict[str, float], str]:
+    """COCO bbox AP/AR of `detections` with pycocotools.
+
+    Args:
+      gt: ground truth (COCO object, instances-JSON path or dataset dict).
+      detections: COCO results list (bbox [x, y, w, h] in pixels); not modified.
+      image_ids: evaluate only these images (default: every image of `gt`).
+    Returns:
+      ({name: value for METRIC_NAMES}, the printed 12-line summary). Values are pycocotools' (-1 where
+      undefined, e.g. no small objects in the ground truth).
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    coco_gt = load_coco(gt)
+    ids = sorted(coco_gt.getImgIds()) if image_ids is None else sorted({int(i) for i in image_ids})
+    unknown = sorted(set(ids) - set(coco_gt.getImgIds()))
+    if unknown:
+        raise ValueError(f"image ids {unknown[:5]} are not in the ground truth's 'images'")
+    dets = [dict(d) for d in detections]  # loadRes adds keys; keep the caller's list intact
+    bad = sorted({d["image_id"] for d in dets} - set(coco_gt.getImgIds()))
+    if bad:
+        raise ValueError(f"detections name image ids {bad[:5]} that the ground truth does not have")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        coco_dt = coco_gt.loadRes(dets) if dets else _empty_results(coco_gt)
+        ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        ev.params.imgIds = ids
+        ev.evaluate()
+        ev.accumulate()
+    summary = io.StringIO()
+    with contextlib.redirect_stdout(summary):
+        ev.summarize()
+    stats = [float(s) for s in ev.stats]
+    return dict(zip(METRIC_NAMES, stats)), summary.getvalue()
+
+
+def _empty_results(coco_gt):
+    """An empty results COCO (pycocotools' loadRes cannot take an empty list)."""
+    from pycocotools.coco import COCO
+
+    res = COCO()
+    res.dataset = {"images": list(coco_gt.dataset["images"]), "categories": list(coco_gt.dataset["categories"]),
+                   "annotations": []}
+    res.createIndex()
+    return res
+
+
+# --------------------------------------------------------------------------------------------------
+# Predictions
+# --------------------------------------------------------------------------------------------------
+
+
+class Predictions(dict):
+    """Post-processed predictions of the evaluated images (numpy, process 0 holds all of them).
+
+    Keys: image_id [N] int64; orig_size [N, 2] (h, w) int32; scores [N, Q]; labels [N, Q] int32;
+    boxes [N, Q, 4] xyxy original-image pixels; rel_boxes [N, Q, 4] the raw (cx, cy, w, h) in [0, 1].
+    Rows are in the order the images were read; the Q axis is the [DET] token index.
+    """
+
+    @property
+    def num_images(self) -> int:
+        return int(self["image_id"].shape[0])
+
+
+def _split_id(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int64 ids -> two int32 halves, so ids survive jax's 32-bit default through the device gather."""
+    ids = np.asarray(ids, np.int64)
+    if ids.size and ids.min() < 0:
+        raise ValueError(f"image ids must be >= 0, got {ids.min()}")
+    return (ids >> 31).astype(np.int32), (ids & 0x7FFFFFFF).astype(np.int32)
+
+
+def _join_id(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    return (np.asarray(hi, np.int64) << 31) | np.asarray(lo, np.int64)
+
+
+def _call_with_supported(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    """Calls `fn` with the keyword arguments its signature accepts (the rest must be None)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return fn(*args, **kwargs)
+    unsupported = {k: v for k, v in kwargs.items() if k not in params and v is not None}
+    if unsupported:
+        raise TypeError(
+            f"{fn.__module__}.{fn.__qualname__} does not accept {sorted(unsupported)}; the input pipeline "
+            "needs this argument for this evaluation"
+        )
+    return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
+
+
+class Evaluator:
+    """COCO evaluation of a YOLOS model on the val split (big_vision-style evaluator object).
+
+    `Evaluator(eval_cfg, input_cfg, model, mesh=None)`; then `run(params, out_dir) -> metrics` as often as
+    needed (the jitted predict function is built once and cached; XLA compiles once per canvas shape).
+
+    Args:
+      eval_cfg: `config.eval` (see `default_eval_config`).
+      input_cfg: `config.input` (the eval transforms and the dataset; read by `yolos_jax.data`).
+      model: the `YOLOS` module.
+      mesh: the device mesh; the batch is split over its batch axes. None: one process uses its default
+        device; several processes build a mesh over every device.
+    """
+
+    def __init__(self, eval_cfg: ml_collections.ConfigDict, input_cfg: ml_collections.ConfigDict, model: Any,
+                 *, mesh: Any = None):
+        from yolos_jax import sharding
+
+        self.eval_cfg = eval_cfg
+        self.input_cfg = input_cfg
+        self.model = model
+        if mesh is None and jax.process_count() > 1:
+            mesh = sharding.make_mesh(sharding.default_mesh_config())
+        self.mesh = mesh
+        self.batch_size = int(eval_cfg.batch_size) or int(input_cfg.batch_size)
+        if mesh is not None:
+            n = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES if a in mesh.shape]))
+            if self.batch_size % n:
+                raise ValueError(
+                    f"config.eval.batch_size: the global eval batch {self.batch_size} must be a multiple of the "
+                    f"{n} devices it is split over (set config.eval.batch_size)"
+                )
+        if self.batch_size % jax.process_count():
+            raise ValueError(f"config.eval.batch_size={self.batch_size} must be a multiple of the process count")
+        self._info = None
+        self._coco_gt = None
+        self._predict = self._build_predict()
+
+    # -- construction ---------------------------------------------------------------------------------
+
+    def _build_predict(self) -> Callable:
+        model = self.model
+
+        def predict(params, batch):
+            out = model.apply({"params": params}, batch["image"], batch["pixel_mask"])
+            scores, labels, boxes = postprocess(out["logits"], out["boxes"], batch["orig_size"])
+            return {
+                "scores": scores,
+                "labels": labels,
+                "boxes": boxes,
+                "rel_boxes": out["boxes"],
+                "orig_size": batch["orig_size"],
+                "id_hi": batch["id_hi"],
+                "id_lo": batch["id_lo"],
+                "valid": batch["valid"],
+            }
+
+        if self.mesh is None:
+            return jax.jit(predict)
+        from yolos_jax import sharding
+
+        # Replicated outputs: the all-gather to every process happens on device, inside the step.
+        return jax.jit(predict, out_shardings=sharding.replicated(self.mesh))
+
+    @property
+    def info(self):
+        """`yolos_jax.data.dataset_info(input_cfg)` (label map, split sizes, ground truth)."""
+        if self._info is None:
+            from yolos_jax import data
+
+            self._info = data.dataset_info(self.input_cfg)
+        return self._info
+
+    @property
+    def label_map(self):
+        return self.info.label_map
+
+    @property
+    def coco_gt(self):
+        """The val split's ground truth as a pycocotools COCO (built once)."""
+        if self._coco_gt is None:
+            from yolos_jax import data
+
+            self._coco_gt = load_coco(data.coco_ground_truth(self.input_cfg, split=self._split))
+        return self._coco_gt
+
+    @property
+    def _split(self) -> str:
+        return str(self.input_cfg.get("eval_split", "val"))
+
+    # -- prediction -----------------------------------------------------------------------------------
+
+    def batches(self, *, batch_size: Optional[int] = None, image_fn: Optional[Callable] = None) -> Iterator[dict]:
+        """This process's host batches of the val split (batch schema of `yolos_jax.data`)."""
+        from yolos_jax import data
+
+        return iter(
+            _call_with_supported(
+                data.make_eval_iterator,
+                self.input_cfg,
+                batch_size=batch_size or self.batch_size,
+                image_fn=image_fn,
+            )
+        )
+
+    def _device_batch(self, host: Mapping[str, np.ndarray]) -> dict:
+        hi, lo = _split_id(host["image_id"])
+        batch = {
+            "image": np.asarray(host["image"], np.float32),
+            "pixel_mask": np.asarray(host["pixel_mask"], bool),
+            "orig_size": np.asarray(host["orig_size"], np.int32),
+            "id_hi": hi,
+            "id_lo": lo,
+            "valid": np.asarray(host["valid"], bool),
+        }
+        if self.mesh is None:
+            return batch
+        from yolos_jax import sharding
+
+        spec = sharding.batch_sharding(self.mesh)
+        return {k: jax.make_array_from_process_local_data(spec, v) for k, v in batch.items()}
+
+    def predict(self, params: Any, *, image_fn: Optional[Callable] = None, max_images: Optional[int] = None) -> Predictions:
+        """Runs the model over the val split; returns every valid image's post-processed predictions.
+
+        Args:
+          params: the model's params (replicated or sharded on the mesh).
+          image_fn: optional `fn(image_uint8 [H, W, 3], image_id) -> uint8 [H, W, 3]` applied to each
+            decoded original image before the eval transforms (COCO-C corruptions).
+          max_images: stop after this many images (whole batches; default eval_cfg.max_images, 0 = all).
+        """
+        max_images = int(self.eval_cfg.max_images if max_images is None else max_images)
+        max_batches = -(-max_images // self.batch_size) if max_images > 0 else None
+        chunks: dict[str, list] = {}
+        for k, host in enumerate(self.batches(image_fn=image_fn)):
+            if max_batches is not None and k >= max_batches:
+                break
+            out = jax.device_get(self._predict(params, self._device_batch(host)))
+            for key, val in out.items():
+                chunks.setdefault(key, []).append(np.asarray(val))
+        if not chunks:
+            raise ValueError(f"the eval split '{self._split}' produced no batches (is it empty?)")
+        cat = {k: np.concatenate(v, axis=0) for k, v in chunks.items()}
+        keep = cat.pop("valid")
+        ids = _join_id(cat.pop("id_hi"), cat.pop("id_lo"))
+        pred = Predictions({k: v[keep] for k, v in cat.items()})
+        pred["image_id"] = ids[keep]
+        if max_images > 0:
+            pred = Predictions({k: v[:max_images] for k, v in pred.items()})
+        return pred
+
+    # -- scoring --------------------------------------------------------------------------------------
+
+    def score(self, pred: Predictions, out_dir: Optional[str] = None, *, verbose: bool = True) -> dict:
+        """COCO metrics of `pred`; writes metrics.json (and detections.json) into `out_dir` if given.
+
+        Call on process 0 (it reads the ground truth). Returns {METRIC_NAMES..., 'num_images',
+        'num_detections'}.
+        """
+        dets = detections_to_coco(pred["image_id"], pred["scores"], pred["labels"], pred["boxes"], self.label_map)
+        if out_dir and bool(self.eval_cfg.write_detections):
+            write_json_atomic(os.path.join(out_dir, DETECTIONS_FILE), dets)
+        metrics, table = coco_evaluate(self.coco_gt, dets, image_ids=pred["image_id"])
+        metrics.update(num_images=int(pred.num_images), num_detections=len(dets))
+        if verbose:
+            print(table, end="", flush=True)
+        if out_dir:
+            write_json_atomic(os.path.join(out_dir, METRICS_FILE), metrics, indent=2)
+        return metrics
+
+    def run(self, params: Any, out_dir: Optional[str] = None, *, image_fn: Optional[Callable] = None,
+            max_images: Optional[int] = None, verbose: bool = True) -> dict:
+        """Predicts on every process, scores on process 0, returns the same metrics dict everywhere.
+
+        Writes `out_dir/metrics.json` and `out_dir/detections.json` (process 0, atomically).
+        """
+        pred = self.predict(params, image_fn=image_fn, max_images=max_images)
+        metrics = self.score(pred, out_dir, verbose=verbose) if jax.process_index() == 0 else {}
+        return _broadcast_metrics(metrics)
+
+
+def _broadcast_metrics(metrics: dict) -> dict:
+    """Process 0's metrics on every process (identity with one process)."""
+    if jax.process_count() == 1:
+        return metrics
+    from jax.experimental import multihost_utils
+
+    keys = list(METRIC_NAMES) + ["num_images", "num_detections"]
+    vec = np.asarray([float(metrics.get(k, 0.0)) for k in keys], np.float32)
+    vec = np.asarray(multihost_utils.broadcast_one_to_all(vec))
+    out = {k: float(v) for k, v in zip(keys, vec)}
+    out["num_images"], out["num_detections"] = int(out["num_images"]), int(out["num_detections"])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Speed and cost (papers' Tables 4-6)
+# --------------------------------------------------------------------------------------------------
+
+
+def count_params(params: Any) -> int:
+    """Number of parameters (scalars) in a pytree."""
+    return int(sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params)))
+
+
+def _cost_flops(compiled: Any) -> float:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+        cost = cost[0] if cost else {}
+    flops = (cost or {}).get("flops")
+    if flops is None or flops < 0:
+        raise RuntimeError("XLA's cost analysis reported no 'flops' for the forward on this backend")
+    return float(flops)
+
+
+def measure_speed(model: Any, params: Any, images: Iterable[np.ndarray], *, warmup: int = 1,
+                  repeats: int = 1) -> dict:
+    """FPS and FLOPs of the forward at batch 1 (DETR/YOLOS protocol).
+
+    Args:
+      model: the `YOLOS` module.
+      params: its params.
+      images: [1, H, W, 3] float32 normalised images, each at its own un-padded eval size.
+      warmup: untimed passes over `images` before timing (caches, allocator, clocks warm up).
+      repeats: timed passes.
+    Returns:
+      {'num_images', 'fps', 'seconds_per_image', 'xla_gflops' (mean per image, XLA's count: 2 per
+       multiply-add), 'gflops' (= xla_gflops / 2, the papers' convention), 'params', 'num_shapes'}.
+    """
+    imgs = [np.asarray(x, np.float32) for x in images]
+    if not imgs:
+        raise ValueError("measure_speed: no images")
+    for x in imgs:
+        if x.ndim != 4 or x.shape[0] != 1 or x.shape[-1] != 3:
+            raise ValueError(f"measure_speed: need [1, H, W, 3] images, got {x.shape}")
+    fwd = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    # One ahead-of-time compilation per distinct shape gives both the cost analysis and the executable
+    # that is timed (so nothing compiles inside the timed loop).
+    compiled: dict[tuple, Any] = {}
+    flops_by_shape: dict[tuple, float] = {}
+    for x in imgs:
+        if x.shape not in compiled:
+            compiled[x.shape] = fwd.lower(params, jax.ShapeDtypeStruct(x.shape, x.dtype)).compile()
+            flops_by_shape[x.shape] = _cost_flops(compiled[x.shape])
+    device_imgs = [jax.device_put(x) for x in imgs]
+    for _ in range(int(warmup)):
+        for x in device_imgs:
+            jax.block_until_ready(compiled[x.shape](params, x))
+    start = time.perf_counter()
+    for _ in range(max(int(repeats), 1)):
+        for x in device_imgs:
+            jax.block_until_ready(compiled[x.shape](params, x))
+    seconds = time.perf_counter() - start
+    n = len(imgs) * max(int(repeats), 1)
+    xla = float(np.mean([flops_by_shape[x.shape] for x in imgs])) / 1e9
+    return {
+        "num_images": len(imgs),
+        "fps": n / seconds,
+        "seconds_per_image": seconds / n,
+        "xla_gflops": xla,
+        "gflops": xla / 2.0,
+        "params": count_params(params),
+        "num_shapes": len(flops_by_shape),
+    }
+
+
+def unpadded_images(batches: Iterable[Mapping[str, np.ndarray]], num_images: int) -> list[np.ndarray]:
+    """The first `num_images` valid images of host batches, each cropped to its un-padded `size`:
+    [1, h, w, 3] float32 (at batch 1 the padding would otherwise count as work)."""
+    out: list[np.ndarray] = []
+    for batch in batches:
+        for i in range(len(batch["valid"])):
+            if not batch["valid"][i]:
+                continue
+            h, w = (int(v) for v in batch["size"][i])
+            out.append(np.asarray(batch["image"][i : i + 1, :h, :w], np.float32))
+            if len(out) >= num_images:
+                return out
+    return out
+
+
+def speed_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Rows like the papers' Tables 4-6: Method, Size, AP, Params. (M), FLOPs (G), FPS (+ XLA GFLOPs).
+
+    Each row: {'model', 'size' (shortest side), 'AP' (0-1 or None), 'params', 'gflops', 'xla_gflops', 'fps'}.
+    """
+    head = f"{'Method':<16}{'Size':>10}{'AP':>7}{'Params. (M)':>13}{'FLOPs (G)':>11}{'FPS':>8}{'XLA GFLOPs':>12}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        ap = r.get("AP")
+        ap_s = "-" if ap is None else f"{100.0 * ap:.1f}"
+        lines.append(
+            f"{r['model']:<16}{str(r['size']) + ' x *':>10}{ap_s:>7}{r['params'] / 1e6:>13.1f}"
+            f"{r['gflops']:>11.1f}{r['fps']:>8.1f}{r['xla_gflops']:>12.1f}"
+        )
+    lines.append("FLOPs (G): multiply-adds / 1e9 (the papers' fvcore convention = XLA flops / 2); "
+                 "FPS at batch 1 on " + jax.devices()[0].device_kind)
+    return "\n".join(lines)
+
+
+def run_speed(evaluator: Evaluator, params: Any, *, model_name: str, ap: Optional[float] = None) -> dict:
+    """The speed/cost protocol on the evaluator's val split; returns the table row (also printed)."""
+    cfg = evaluator.eval_cfg
+    n = int(cfg.speed_images)
+    imgs = unpadded_images(evaluator.batches(batch_size=1), n)
+    result = measure_speed(evaluator.model, params, imgs, warmup=int(cfg.speed_warmup), repeats=int(cfg.speed_repeats))
+    row = {"model": model_name, "size": int(cfg.eval_size), "AP": ap, **result}
+    if jax.process_index() == 0:
+        print(speed_table([row]), flush=True)
+    return row
+
+
+# --------------------------------------------------------------------------------------------------
+# COCO-C robustness (fp_detr_paper.md Table 4)
+# --------------------------------------------------------------------------------------------------
+
+
+def run_robustness(evaluator: Evaluator, params: Any, out_dir: str, *, clean: Optional[Mapping] = None) -> dict:
+    """Evaluates on corrupted val images for every (corruption, severity) of `config.eval`.
+
+    Writes out_dir/<corruption>/s<severity>/metrics.json (and detections.json) and out_dir/robustness.json
+    with the per-corruption means, mPC and rPC (process 0). Returns the summary dict.
+    """
+    from yolos_jax import robustness
+
+    cfg = evaluator.eval_cfg
+    names = robustness.parse_corruptions(cfg.corruptions)
+    sevs = robustness.parse_severities(cfg.severities)
+    max_images = int(cfg.robustness_max_images) or int(cfg.max_images)
+    results: dict[str, dict[int, dict]] = {}
+    for name in names:
+        for sev in sevs:
+            sub = os.path.join(out_dir, name, f"s{sev}")
+            if jax.process_index() == 0:
+                print(f"== {name} severity {sev}", flush=True)
+            results.setdefault(name, {})[sev] = evaluator.run(
+                params, sub, image_fn=robustness.make_image_fn(name, sev), max_images=max_images
+            )
+    summary = robustness.summarize(clean, results)
+    if jax.process_index() == 0:
+        print(robustness.format_table(summary), flush=True)
+        write_json_atomic(os.path.join(out_dir, "robustness.json"), summary, indent=2)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints and the eval.py entry point
+# --------------------------------------------------------------------------------------------------
+
+CONVERTED_MARKER = "yolos_jax.json"  # convert.save_params_dir's metadata file
+
+
+def load_checkpoint(path: str) -> tuple[Any, dict, dict]:
+    """(params, model config dict, meta) from a converted directory or a training checkpoint.
+
+    path: a converted-checkpoint directory (convert_torch_weights.py --output), a training workdir (its
+    latest step), its checkpoints/ directory or one checkpoints/<step> directory. `meta` is the converted
+    directory's metadata (eval_size, label_names, ...) or {} for training checkpoints.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint path {path} does not exist")
+    if os.path.isfile(os.path.join(path, CONVERTED_MARKER)):
+        from yolos_jax import convert
+
+        params, model_cfg, meta = convert.load_params_dir(path)
+        if meta.get("kind") not in (None, "detector"):
+            raise ValueError(
+                f"{path} holds a {meta.get('kind')!r} checkpoint (no detection heads); evaluate a detector: "
+                "a converted trained YOLOS or a training checkpoint"
+            )
+    else:
+        try:
+            from yolos_jax.checkpointing import load_params
+        except ImportError as e:  # the training stage is not installed/available
+            raise ImportError(f"cannot read training checkpoint {path}: yolos_jax.checkpointing.load_params is "
+                              f"unavailable ({e})") from e
+        params, model_cfg = load_params(path)
+        meta = {}
+    cfg = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
+    for k in ("init_pe_size", "mid_pe_size"):  # JSON lists -> tuples (hashable module fields)
+        if cfg.get(k) is not None:
+            cfg[k] = tuple(int(v) for v in cfg[k])
+    return params, cfg, dict(meta)
+
+
+def load_model(path: str, **model_overrides: Any) -> tuple[Any, Any, dict]:
+    """(params, YOLOS module, meta) of a checkpoint (see `load_checkpoint`); `model_overrides` may change
+    fields that leave the parameters alone (dtype, attention_impl, remat)."""
+    from yolos_jax.yolos import YOLOS
+
+    params, cfg, meta = load_checkpoint(path)
+    cfg.update(model_overrides)
+    return params, YOLOS(**cfg), meta
+
+
+def check_label_map(label_map: Any, num_classes: int) -> None:
+    """The model must have a logit for every label of the dataset."""
+    if label_map.num_classes > int(num_classes):
+        raise ValueError(
+            f"the dataset's label map has {label_map.num_classes} labels ({label_map.mode} mode) but the model has "
+            f"num_classes={num_classes}; for COCO checkpoints with 91 ids use config.input.label_mode='identity'"
+        )
+
+
+def _place_params(params: Any, mesh: Any) -> Any:
+    """Host params -> device: replicated over the mesh (every process supplies its pieces), or one device."""
+    if mesh is None:
+        return jax.device_put(params)
+    from yolos_jax import sharding
+
+    rep = sharding.replicated(mesh)
+
+    def one(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, rep, lambda idx: x[idx])
+
+    return jax.tree.map(one, params)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, out_dir: str, *, speed: bool = False,
+                        robustness: bool = False, model_name: Optional[str] = None,
+                        skip_clean: bool = False) -> dict:
+    """What `eval.py` does: COCO evaluation of `checkpoint` on the val split of `config.input`.
+
+    Writes out_dir/metrics.json and out_dir/detections.json; with `speed` also out_dir/speed.json and the
+    Tables 4-6 row; with `robustness` out_dir/robustness/... (COCO-C). Returns
+    {'metrics': ..., 'speed': ... | None, 'robustness': ... | None}.
+    """
+    params, model, meta = load_model(checkpoint)
+    evaluator = Evaluator(config.eval, config.input, model)
+    check_label_map(evaluator.label_map, model.num_classes)
+    params = _place_params(params, evaluator.mesh)
+    is_main = jax.process_index() == 0
+    if is_main:
+        print(f"evaluating {checkpoint} ({count_params(params) / 1e6:.1f}M params) -> {out_dir}", flush=True)
+    result: dict[str, Any] = {"metrics": None, "speed": None, "robustness": None}
+    if not skip_clean:
+        result["metrics"] = evaluator.run(params, out_dir)
+    if speed:
+        name = model_name or meta.get("variant") or os.path.basename(os.path.normpath(checkpoint))
+        ap = result["metrics"]["AP"] if result["metrics"] else None
+        row = run_speed(evaluator, params, model_name=str(name), ap=ap)
+        if is_main:
+            write_json_atomic(os.path.join(out_dir, "speed.json"), row, indent=2)
+        result["speed"] = row
+    if robustness:
+        result["robustness"] = run_robustness(evaluator, params, os.path.join(out_dir, "robustness"),
+                                              clean=result["metrics"])
+    return result

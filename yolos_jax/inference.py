@@ -1,0 +1,272 @@
+"""Inference API: `Detector`, a YOLOS model with the original's eval pre- and post-processing.
+
+    from yolos_jax import Detector
+    detector = Detector.from_checkpoint("/ckpt/yolos_s")            # convert_torch_weights.py output
+    results = detector.predict([image_uint8_hwc, ...], threshold=0.5)
+    results[0]["boxes"], results[0]["scores"], results[0]["labels"]  # pixel xyxy in the original image
+
+Pre-processing (as the original YOLOS eval transform and HF's `YolosImageProcessor`):
+  1. resize (PIL bilinear on the uint8 image) so that the shortest side becomes `eval_size`, unless that
+     would make the longest side exceed `max_size` (default eval_size * 1333 // 800, the original's
+     `T.RandomResize([eval_size], max_size=eval_size * 1333 // 800)`), in which case the longest side
+     becomes ~max_size; both sides are then floored to multiples of 16. Sizes follow HF's
+     `get_size_with_aspect_ratio_yolos` exactly (`resized_hw`);
+  2. scale to [0, 1] and normalise with the ImageNet mean/std;
+  3. pad a batch bottom/right to its largest image with zeros and a pixel mask (the model ignores padded
+     patches as attention keys, so the padded pixel values do not matter; the padded canvas does set the
+     grid the position embeddings are resized to, as in the original's padded batches).
+Post-processing (as the original `PostProcess` / HF `post_process_object_detection`): softmax over the
+C + 1 logits; score and label = max / argmax over the C real classes ("no object" excluded); boxes
+(cx, cy, w, h) relative to the un-padded image -> (x0, y0, x1, y1) pixels of the original image.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from yolos_jax import convert
+from yolos_jax.yolos import YOLOS
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+SIZE_DIVISOR = 16  # sides are floored to multiples of the patch size
+
+
+def resized_hw(height: int, width: int, size: int, max_size: Optional[int], mod: int = SIZE_DIVISOR) -> tuple[int, int]:
+    """Output (h, w) of the eval resize for an image of (height, width) pixels.
+
+    The shortest side becomes `size` unless the longest would exceed `max_size`; then the longest side
+    becomes ~max_size (the short side is round(max_size * short / long), the long side is computed from
+    the unrounded value). Both are floored to multiples of `mod`. Same arithmetic, in the same order,
+    as HF's `get_size_with_aspect_ratio_yolos` (DETR's `get_size_with_aspect_ratio` plus the floor).
+    """
+    raw = None
+    if max_size is not None:
+        lo, hi = float(min(height, width)), float(max(height, width))
+        if hi / lo * size > max_size:
+            raw = max_size * lo / hi
+            size = int(round(raw))
+    if width < height:
+        ow = size
+        oh = int((raw if raw is not None else size) * height / width)
+    elif (height <= width and height == size) or (width <= height and width == size):
+        oh, ow = height, width
+    else:
+        oh = size
+        ow = int((raw if raw is not None else size) * width / height)
+    if mod:
+        oh, ow = oh - oh % mod, ow - ow % mod
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"image of {height}x{width} pixels is too thin to resize to multiples of {mod}")
+    return oh, ow
+
+
+def _cfg_key(model_cfg: Mapping[str, Any]) -> str:
+    return json.dumps(convert._json_model_cfg(model_cfg), sort_keys=True)
+
+
+@functools.lru_cache(maxsize=16)
+def _forward_fn(cfg_key: str):
+    """One jitted forward per model config, shared by every Detector with that config (jit caches per shape)."""
+    model = YOLOS(**convert._cfg_dict(json.loads(cfg_key)))
+
+    def forward(params, pixel_values, pixel_mask):
+        out = model.apply({"params": params}, pixel_values, pixel_mask)
+        probs = jax.nn.softmax(out["logits"].astype(jnp.float32), axis=-1)[..., :-1]
+        return {
+            "logits": out["logits"],
+            "boxes": out["boxes"],
+            "scores": jnp.max(probs, axis=-1),
+            "labels": jnp.argmax(probs, axis=-1).astype(jnp.int32),
+        }
+
+    return jax.jit(forward)
+
+
+ImageBatch = Union[np.ndarray, Sequence[np.ndarray]]
+
+
+class Detector:
+    """A YOLOS detector ready for inference.
+
+    Build from a converted checkpoint (`convert_torch_weights.py --output=DIR`, kind 'detector'):
+        detector = Detector.from_checkpoint(DIR)
+    or from parameters in memory:
+        detector = Detector(params, model_cfg, eval_size=800)
+
+    Args (constructor):
+      params: the Flax 'params' tree of `YOLOS(**model_cfg)`.
+      model_cfg: `YOLOS` keyword arguments (dict or ConfigDict); e.g. dtype='bfloat16' for bf16 compute.
+      eval_size: shortest side of the resized image in pixels (the original: 512 for YOLOS-Ti, else 800).
+      max_size: longest-side cap in pixels; default eval_size * 1333 // 800 as the original eval.
+      label_names: optional names indexed by label; adds 'names' to `predict` results.
+
+    Methods:
+      forward(pixel_values, pixel_mask=None) -> raw outputs for pre-processed batches.
+      preprocess(images) -> (pixel_values, pixel_mask, sizes) as `predict` feeds the model.
+      predict(images, threshold=0.5, top_k=None) -> per-image detections on plain uint8 RGB images.
+    """
+
+    def __init__(
+        self,
+        params: Mapping[str, Any],
+        model_cfg: Mapping[str, Any],
+        *,
+        eval_size: int = 800,
+        max_size: Optional[int] = None,
+        label_names: Optional[Sequence[str]] = None,
+    ):
+        cfg = convert._cfg_dict(model_cfg)
+        missing = [k for k in ("class_head", "box_head", "det_tokens") if k not in params]
+        if missing:
+            raise ValueError(
+                f"parameters lack {missing}: a 'backbone' checkpoint has no detection heads; train a detector "
+                "from it first (config.init_from) or convert a detector checkpoint"
+            )
+        self.model_cfg = cfg
+        self.params = jax.device_put(jax.tree.map(lambda x: np.asarray(x, np.float32), dict(params)))
+        self.eval_size = int(eval_size)
+        self.max_size = int(max_size) if max_size is not None else self.eval_size * 1333 // 800
+        self.label_names = list(label_names) if label_names is not None else None
+        if self.label_names is not None and len(self.label_names) != cfg["num_classes"]:
+            raise ValueError(f"label_names has {len(self.label_names)} names for {cfg['num_classes']} classes")
+        self._forward = _forward_fn(_cfg_key(cfg))
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str,
+        *,
+        eval_size: Optional[int] = None,
+        max_size: Optional[int] = None,
+        label_names: Optional[Sequence[str]] = None,
+        **model_overrides: Any,
+    ) -> "Detector":
+        """Loads a converted-checkpoint directory of kind 'detector'.
+
+        eval_size defaults to the one recorded at conversion (the original's args, HF's preprocessor
+        config, or the variant's: 512 for Ti, else 800); label_names to the checkpoint's (HF id2label).
+        model_overrides replace `YOLOS` fields that do not change parameters (dtype, attention_impl).
+        """
+        params, cfg, meta = convert.load_params_dir(path)
+        if meta.get("kind") != "detector":
+            raise ValueError(
+                f"{path} holds a {meta.get('kind')!r} checkpoint; Detector needs a 'detector' one (converted from "
+                "a trained YOLOS, or saved after training)"
+            )
+        cfg.update(model_overrides)
+        return cls(
+            params,
+            cfg,
+            eval_size=eval_size if eval_size is not None else int(meta.get("eval_size") or 800),
+            max_size=max_size,
+            label_names=label_names if label_names is not None else meta.get("label_names"),
+        )
+
+    # ---------------------------------------------------------------------------------------------
+
+    def forward(self, pixel_values: Any, pixel_mask: Optional[Any] = None) -> dict[str, np.ndarray]:
+        """Raw model outputs for a pre-processed batch.
+
+        Args:
+          pixel_values: [B, H, W, 3] float, ImageNet-normalised RGB (NHWC), zeros in any padding.
+          pixel_mask: optional [B, H, W] bool, True on real pixels (padding bottom/right).
+        Returns:
+          numpy dict: 'logits' [B, Q, C + 1] (last = no object), 'boxes' [B, Q, 4] (cx, cy, w, h) in [0, 1]
+          relative to the un-padded image, 'scores' [B, Q] and 'labels' [B, Q] (softmax max / argmax over
+          the C real classes). Compiled once per input shape.
+        """
+        x = np.asarray(pixel_values, np.float32)
+        p = self.model_cfg["patch_size"]
+        if x.ndim != 4 or x.shape[-1] != 3 or x.shape[1] < p or x.shape[2] < p:
+            raise ValueError(f"pixel_values must be [B, H, W, 3] with H, W >= {p}; got shape {x.shape}")
+        if pixel_mask is not None:
+            pixel_mask = np.asarray(pixel_mask, bool)
+            if pixel_mask.shape != x.shape[:3]:
+                raise ValueError(f"pixel_mask shape {pixel_mask.shape} does not match pixel_values {x.shape[:3]}")
+        return jax.device_get(self._forward(self.params, x, pixel_mask))
+
+    def preprocess(self, images: ImageBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """uint8 RGB images -> (pixel_values [B, H, W, 3] float32, pixel_mask [B, H, W] bool,
+        sizes [B, 2] int32 (h, w) of each resized, un-padded image)."""
+        from PIL import Image
+
+        images = _as_image_list(images)
+        resized = []
+        for i, im in enumerate(images):
+            h, w = resized_hw(im.shape[0], im.shape[1], self.eval_size, self.max_size)
+            if (h, w) != im.shape[:2]:
+                im = np.asarray(Image.fromarray(im).resize((w, h), Image.BILINEAR))
+            resized.append(((im.astype(np.float32) / 255.0) - IMAGENET_MEAN) / IMAGENET_STD)
+        sizes = np.array([r.shape[:2] for r in resized], np.int32)
+        canvas = sizes.max(axis=0)
+        pixel_values = np.zeros((len(resized), canvas[0], canvas[1], 3), np.float32)
+        pixel_mask = np.zeros((len(resized), canvas[0], canvas[1]), bool)
+        for i, r in enumerate(resized):
+            pixel_values[i, : r.shape[0], : r.shape[1]] = r
+            pixel_mask[i, : r.shape[0], : r.shape[1]] = True
+        return pixel_values, pixel_mask, sizes
+
+    def predict(
+        self, images: ImageBatch, threshold: float = 0.5, top_k: Optional[int] = None
+    ) -> list[dict[str, Any]]:
+        """Detections for plain RGB images.
+
+        Args:
+          images: a list of uint8 [H, W, 3] RGB arrays (sizes may differ), a [B, H, W, 3] array or one
+            [H, W, 3] image.
+          threshold: keep detections with score > threshold (score = the best real-class probability).
+          top_k: keep at most this many per image (after the threshold); None keeps all.
+        Returns:
+          One dict per image: 'boxes' [N, 4] float32 (x0, y0, x1, y1) in pixels of the original image,
+          'scores' [N] float32, 'labels' [N] int32 (and 'names' when label names are known), sorted by
+          descending score.
+        """
+        images = _as_image_list(images)
+        pixel_values, pixel_mask, _ = self.preprocess(images)
+        out = self.forward(pixel_values, pixel_mask)
+        results = []
+        for i, im in enumerate(images):
+            h, w = im.shape[:2]
+            cx, cy, bw, bh = np.moveaxis(out["boxes"][i].astype(np.float32), -1, 0)
+            boxes = np.stack([cx - 0.5 * bw, cy - 0.5 * bh, cx + 0.5 * bw, cy + 0.5 * bh], axis=-1)
+            boxes = boxes * np.array([w, h, w, h], np.float32)
+            scores, labels = out["scores"][i], out["labels"][i]
+            keep = np.flatnonzero(scores > threshold)
+            keep = keep[np.argsort(-scores[keep], kind="stable")]
+            if top_k is not None:
+                keep = keep[: int(top_k)]
+            res = {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+            if self.label_names is not None:
+                res["names"] = [self.label_names[int(k)] for k in res["labels"]]
+            results.append(res)
+        return results
+
+
+def _as_image_list(images: ImageBatch) -> list[np.ndarray]:
+    if isinstance(images, np.ndarray):
+        if images.ndim == 3:
+            images = [images]
+        elif images.ndim == 4:
+            images = list(images)
+        else:
+            raise ValueError(f"images must be [H, W, 3] or [B, H, W, 3] uint8; got shape {images.shape}")
+    images = list(images)
+    if not images:
+        raise ValueError("no images given")
+    out = []
+    for i, im in enumerate(images):
+        im = np.asarray(im)
+        if im.dtype != np.uint8 or im.ndim != 3 or im.shape[-1] != 3:
+            raise ValueError(
+                f"image {i}: expected a uint8 RGB array [H, W, 3], got {im.dtype} {im.shape} "
+                "(convert grayscale/RGBA with PIL's .convert('RGB'))"
+            )
+        out.append(im)
+    return out
