@@ -12,7 +12,7 @@ import torch
 
 import convert_torch_weights
 import reference_models as ref
-from yolos_jax import Detector, config, convert, vit
+from yolos_jax import Detector, config, convert
 
 TOL = 1e-4
 
@@ -153,7 +153,7 @@ def _wrap(kind, sd):
 
 
 @pytest.mark.parametrize("kind,distilled", [("deit", True), ("mocov3", False)], ids=["deit_distilled", "mocov3"])
-def test_backbone_matches_original_finetune_det(kind, distilled, hf_s, tmp_path):
+def test_backbone_matches_original_finetune_det(kind, distilled, tmp_path):
     """timm backbone -> kind 'backbone' -> init_params_from into a detector whose det tokens, det/mid
     PEs and heads are HF's; the result must equal HF YOLOS carrying that backbone as the original's
     Detector(pre_trained=...) loads it (strict=False load + finetune_det)."""
@@ -187,7 +187,7 @@ def test_backbone_matches_original_finetune_det(kind, distilled, hf_s, tmp_path)
 
 def test_timm_wrappers_agree(tmp_path):
     """DeiT (with head), DINO (bare and full/teacher), MAE (with decoder) and MoCo v3 wrappings of the
-    same ViT convert to the same backbone; the DeiT one is checked against finetune_det above."""
+    same ViT convert to the same backbone (the MoCo v3 path is checked against finetune_det above)."""
     timm_sd = ref.timm_vit_state(**_BACKBONE, distilled=False, seed=8)
     results = {}
     for kind in ("deit", "mocov3", "dino", "dino_full", "mae"):
@@ -311,17 +311,19 @@ def test_init_params_from_detector_and_resizing(hf_s, tmp_path):
     flat, src = _leaves(params), _leaves(conv.params)
     assert [f.split(" ")[0] for f in report.fresh] == ["class_head/layers_2/bias", "class_head/layers_2/kernel"]
     np.testing.assert_array_equal(flat["class_head/layers_2/kernel"], 0.5)
-    for k in ("class_head/layers_0/kernel", "box_head/layers_2/bias", "det_tokens", "pos_embed_det", "block_2/attn/qkv/kernel"):
+    for k in ("class_head/layers_0/kernel", "box_head/layers_2/bias", "det_tokens", "pos_embed_det",
+              "block_2/attn/qkv/kernel"):
         np.testing.assert_array_equal(flat[k], src[k])
     assert sorted(r.split(" ")[0] for r in report.resized) == ["mid_pos_embed_patches", "pos_embed_patches"]
-    want = torch.nn.functional.interpolate(
-        torch.from_numpy(src["mid_pos_embed_patches"]).permute(0, 3, 1, 2), size=(5, 7), mode="bicubic", align_corners=False
-    ).permute(0, 2, 3, 1).numpy()
+    mid = torch.from_numpy(src["mid_pos_embed_patches"]).permute(0, 3, 1, 2)
+    want = torch.nn.functional.interpolate(mid, size=(5, 7), mode="bicubic", align_corners=False)
+    want = want.permute(0, 2, 3, 1).numpy()
     assert ref.max_abs(flat["mid_pos_embed_patches"], want) <= 1e-5
     assert "resized 2" in str(report)
     # a backbone of another width is refused with every mismatch listed
     small = dict(cfg, hidden_size=24, num_heads=2)
-    fresh_small = convert.unflatten_params({k: np.zeros(s, np.float32) for k, s in convert.expected_param_shapes(small).items()})
+    small_shapes = convert.expected_param_shapes(small)
+    fresh_small = convert.unflatten_params({k: np.zeros(s, np.float32) for k, s in small_shapes.items()})
     with pytest.raises(ValueError, match=r"problems\):") as e:
         convert.init_params_from(fresh_small, conv.params, small)
     assert "patch_embed/proj/kernel" in str(e.value) and "block_2/mlp/fc2/kernel" in str(e.value)

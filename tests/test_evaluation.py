@@ -232,11 +232,11 @@ def test_write_json_atomic_leaves_no_partial_file(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-def random_params(model, image_hw, seed=0):
+def random_params(model, image_hw, seed=0, scale=0.05):
     """Random params of `model` without running its initialisers (eval_shape only: no compilation)."""
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *image_hw, 3)))["params"]
     rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: jnp.asarray(rng.normal(scale=0.05, size=s.shape).astype(np.float32)), shapes)
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(scale=scale, size=s.shape).astype(np.float32)), shapes)
 
 
 def _analytic_macs(cfg, h, w):
@@ -252,19 +252,155 @@ def _analytic_macs(cfg, h, w):
 
 
 def test_speed_protocol_flops_match_analytic_count():
-    cfg = model_config("s", hidden_size=64, depth=2, num_heads=2, num_det_tokens=8, num_classes=5,
+    # Default (fused/chunked) attention: at 345 tokens XLA's own count of that path misses attention FLOPs,
+    # so this also checks that the protocol counts on explicit matmuls.
+    cfg = model_config("s", hidden_size=32, depth=1, num_heads=2, num_det_tokens=8, num_classes=5,
                        init_pe_size=(64, 96), mid_pe_size=None)
     model = YOLOS(**cfg.to_dict())
     params = random_params(model, (64, 96))
     rng = np.random.default_rng(0)
-    images = [rng.normal(size=(1, 64, 96, 3)).astype(np.float32), rng.normal(size=(1, 96, 64, 3)).astype(np.float32),
-              rng.normal(size=(1, 64, 96, 3)).astype(np.float32)]
+    shapes = [(256, 336), (256, 336)]
+    images = [rng.normal(size=(1, h, w, 3)).astype(np.float32) for h, w in shapes]
     res = evaluation.measure_speed(model, params, images, warmup=1, repeats=1)
-    macs = _analytic_macs(cfg, 64, 96)  # both shapes hold the same number of patches
+    macs = np.mean([_analytic_macs(cfg, h, w) for h, w in shapes])
     # XLA counts 2 FLOPs per multiply-add; softmax, LayerNorm, GELU and adds are a few percent on top.
     assert 1.0 <= res["xla_gflops"] * 1e9 / (2 * macs) < 1.15, (res, macs)
     assert res["gflops"] == pytest.approx(res["xla_gflops"] / 2)
     assert res["params"] == sum(x.size for x in jax.tree.leaves(params))
-    assert res["num_images"] == 3 and res["num_shapes"] == 2 and res["fps"] > 0
+    assert res["num_images"] == 2 and res["num_shapes"] == 1 and res["fps"] > 0
     table = evaluation.speed_table([{"model": "tiny", "size": 64, "AP": 0.123, **res}])
     assert "12.3" in table and "tiny" in table and "64 x *" in table
+
+
+# --------------------------------------------------------------------------------------------------
+# The Evaluator end to end on a generated COCO-format set (the data pipeline's synthetic shapes)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """(input config, tiny YOLOS, random params) over a prepared synthetic set of 10 val images."""
+    from yolos_jax import data
+
+    # The same root as test_visualize's fixture: one preparation per session.
+    cfg = data.synthetic_input_config(str(tmp_path_factory.getbasetemp() / "synth_eval"), num_train=4, num_val=10)
+    label_map = data.dataset_info(cfg).label_map
+    model = YOLOS(**model_config("s", hidden_size=32, depth=2, num_heads=2, num_det_tokens=6,
+                                 num_classes=label_map.num_classes, init_pe_size=(64, 96), mid_pe_size=None).to_dict())
+    return cfg, model, random_params(model, (64, 96), scale=0.3)
+
+
+def _by_image(pred):
+    order = np.argsort(pred["image_id"])
+    return {k: np.asarray(v)[order] for k, v in pred.items()}
+
+
+def test_evaluator_end_to_end_matches_direct_computation(synth, tmp_path):
+    from yolos_jax import data
+
+    cfg, model, params = synth
+    ev = evaluation.Evaluator(evaluation.default_eval_config(), cfg, model)
+    metrics = ev.run(params, str(tmp_path))
+    pred = _by_image(ev.predict(params))
+    gt_path = data.coco_ground_truth(cfg)
+    gt = json.load(open(gt_path))
+    assert sorted(pred["image_id"].tolist()) == sorted(im["id"] for im in gt["images"])  # each image once
+
+    # Independent: the model on the pipeline's batches + the float64 numpy post-processing.
+    fwd = jax.jit(lambda p, x, m: model.apply({"params": p}, x, m))
+    for batch in data.make_eval_iterator(cfg):
+        out = fwd(params, batch["image"], batch["pixel_mask"])
+        s, l, b = _numpy_postprocess(np.asarray(out["logits"]), np.asarray(out["boxes"]), batch["orig_size"])
+        for i in np.flatnonzero(batch["valid"]):
+            row = int(np.searchsorted(pred["image_id"], batch["image_id"][i]))
+            np.testing.assert_allclose(pred["scores"][row], s[i], rtol=1e-4, atol=1e-6)
+            np.testing.assert_array_equal(pred["labels"][row], l[i])
+            np.testing.assert_allclose(pred["boxes"][row], b[i], rtol=1e-4, atol=1e-2)
+
+    # The files: detections.json holds all Q detections per image with category ids; metrics.json equals
+    # pycocotools run directly on those two files.
+    dets = json.load(open(tmp_path / evaluation.DETECTIONS_FILE))
+    assert len(dets) == len(gt["images"]) * model.num_det_tokens == metrics["num_detections"]
+    assert {d["category_id"] for d in dets} <= {c["id"] for c in gt["categories"]}
+    coco = COCO(gt_path)
+    direct = COCOeval(coco, coco.loadRes(str(tmp_path / evaluation.DETECTIONS_FILE)), "bbox")
+    direct.evaluate()
+    direct.accumulate()
+    direct.summarize()
+    saved = json.load(open(tmp_path / evaluation.METRICS_FILE))
+    assert [saved[k] for k in evaluation.METRIC_NAMES] == [float(v) for v in direct.stats]
+    assert saved == metrics and metrics["num_images"] == len(gt["images"])
+
+
+def test_ground_truth_through_the_evaluator_scores_ap_one(synth, tmp_path):
+    """The prepared split's ground truth (with crowd objects, which COCOeval ignores) as predictions."""
+    cfg, model, _ = synth
+    ev = evaluation.Evaluator(evaluation.default_eval_config(), cfg, model)
+    gt = ev.coco_gt.dataset
+    ids = [im["id"] for im in gt["images"]]
+    q = max(sum(1 for a in gt["annotations"] if a["image_id"] == i) for i in ids)
+    pred = evaluation.Predictions(image_id=np.asarray(ids), scores=np.zeros((len(ids), q), np.float32),
+                                  labels=np.zeros((len(ids), q), np.int32), boxes=np.zeros((len(ids), q, 4), np.float32))
+    assert any(a["iscrowd"] for a in gt["annotations"])
+    for r, iid in enumerate(ids):
+        for j, a in enumerate(a for a in gt["annotations"] if a["image_id"] == iid and not a["iscrowd"]):
+            x, y, w, h = a["bbox"]
+            pred["boxes"][r, j] = (x, y, x + w, y + h)
+            pred["labels"][r, j] = ev.label_map.to_label(a["category_id"])
+            pred["scores"][r, j] = 1.0
+    metrics = ev.score(pred, str(tmp_path))
+    assert metrics["AP"] == pytest.approx(1.0) and metrics["AR100"] == pytest.approx(1.0)
+    assert json.load(open(tmp_path / evaluation.METRICS_FILE))["AP50"] == pytest.approx(1.0)
+
+
+def test_evaluator_on_an_8_device_mesh_equals_one_device(synth):
+    from yolos_jax import sharding
+
+    cfg, model, params = synth
+    one = _by_image(evaluation.Evaluator(evaluation.default_eval_config(), cfg, model).predict(params))
+    cfg8 = ml_collections.ConfigDict(cfg.to_dict())
+    cfg8.eval_batch_size = 8
+    mesh = sharding.make_mesh(sharding.default_mesh_config())
+    assert mesh.devices.size == 8
+    ev8 = evaluation.Evaluator(evaluation.default_eval_config(), cfg8, model, mesh=mesh)
+    eight = _by_image(ev8.predict(evaluation._place_params(params, mesh)))
+    np.testing.assert_array_equal(eight["image_id"], one["image_id"])
+    np.testing.assert_array_equal(eight["labels"], one["labels"])
+    np.testing.assert_allclose(eight["scores"], one["scores"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(eight["boxes"], one["boxes"], rtol=1e-5, atol=1e-3)
+    cfg8.eval_batch_size = 4
+    with pytest.raises(ValueError, match="eval_batch_size=4 must be a multiple of the 8 devices"):
+        evaluation.Evaluator(evaluation.default_eval_config(), cfg8, model, mesh=mesh)
+
+
+def test_eval_command_with_speed_and_robustness(synth, tmp_path):
+    """eval.py's logic on a converted tiny checkpoint: metrics, the speed row, COCO-C files."""
+    from yolos_jax import convert
+
+    cfg, model, params = synth
+    ckpt = tmp_path / "ckpt"
+    model_cfg = {f: getattr(model, f) for f in model_config("s").keys()}
+    convert.save_params_dir(str(ckpt), jax.tree.map(np.asarray, params), model_cfg, {"variant": "tiny"})
+    config = ml_collections.ConfigDict({"input": cfg.to_dict(), "eval": evaluation.default_eval_config().to_dict()})
+    config.eval.speed_images = 3
+    config.eval.corruptions = "gaussian_noise"
+    config.eval.severities = "1,5"
+    config.eval.robustness_max_images = 4
+    out = tmp_path / "out"
+    res = evaluation.evaluate_checkpoint(config, str(ckpt), str(out), speed=True, robustness=True)
+    assert set(json.load(open(out / "metrics.json"))) >= set(evaluation.METRIC_NAMES)
+    speed = json.load(open(out / "speed.json"))
+    assert speed["num_images"] == 3 and speed["model"] == "tiny" and speed["AP"] == res["metrics"]["AP"]
+    assert speed["params"] == sum(x.size for x in jax.tree.leaves(params)) and speed["gflops"] > 0
+    rob = json.load(open(out / "robustness" / "robustness.json"))
+    assert set(rob["per_corruption"]) == {"gaussian_noise"}
+    for name in ("gaussian_noise",):
+        for sev in (1, 5):
+            m = json.load(open(out / "robustness" / name / f"s{sev}" / "metrics.json"))
+            assert m["num_images"] == 4
+    # The corruption reached the model: heavy noise changes the detections of the same images.
+    clean = {(d["image_id"], round(d["score"], 6)) for d in json.load(open(out / "detections.json"))}
+    noisy = {(d["image_id"], round(d["score"], 6)) for d in
+             json.load(open(out / "robustness" / "gaussian_noise" / "s5" / "detections.json"))}
+    assert noisy - clean
+    assert rob["mPC"] == pytest.approx(np.mean(list(rob["per_severity"]["gaussian_noise"].values())))

@@ -72,8 +72,9 @@ def test_attention_weights_with_padding_reproduce_the_block():
     assert np.all(att[1][..., padded_cols] == 0) and np.all(att[0] > 0)
     np.testing.assert_allclose(att.sum(-1), 1.0, atol=1e-5)
 
-    _, state = model.apply({"params": params}, x, mask, mutable=["intermediates"],
-                           capture_intermediates=lambda m, _: m.scope is not None and m.scope.path[:1] == ("block_1",))
+    capture = lambda m, _: m.scope is not None and m.scope.path[:1] == ("block_1",)  # noqa: E731
+    _, state = jax.jit(lambda p, x, m: model.apply({"params": p}, x, m, mutable=["intermediates"],
+                                                   capture_intermediates=capture))(params, x, mask)
     inter = state["intermediates"]["block_1"]
     y = np.asarray(inter["norm1"]["__call__"][0], np.float64)
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["block_1"]["attn"])
@@ -199,13 +200,49 @@ def test_run_inference_with_a_converted_tiny_checkpoint(tmp_path):
     convert.save_params_dir(str(ckpt), params, cfg, {"label_names": ["a", "b", "c"], "eval_size": 64})
     img_dir = tmp_path / "imgs"
     img_dir.mkdir()
-    for i, (h, w) in enumerate([(60, 90), (100, 70)]):
+    for i, (h, w) in enumerate([(60, 90), (80, 120)]):  # both resize to 64x96: one compilation
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(img_dir / f"{i}.jpg")
     records = visualize.run_inference(str(ckpt), [str(img_dir)], str(tmp_path / "out"), threshold=0.0, top_k=4)
     assert len(records) == 2
-    for rec, (h, w) in zip(records, [(60, 90), (100, 70)]):
+    for rec, (h, w) in zip(records, [(60, 90), (80, 120)]):
         assert (rec["height"], rec["width"]) == (h, w)
         assert np.asarray(Image.open(rec["output"])).shape == (h, w, 3)
         assert len(rec["detections"]) == 4 and {d["name"] for d in rec["detections"]} <= {"a", "b", "c"}
         scores = [d["score"] for d in rec["detections"]]
         assert scores == sorted(scores, reverse=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The figures command on a tiny model
+# --------------------------------------------------------------------------------------------------
+
+
+def test_make_figures_on_a_tiny_model(tmp_path_factory, tmp_path):
+    import ml_collections
+
+    from yolos_jax import convert, data, evaluation
+
+    # The same prepared synthetic set as test_evaluation's fixture (one preparation per session).
+    cfg = data.synthetic_input_config(str(tmp_path_factory.getbasetemp() / "synth_eval"), num_train=4, num_val=10)
+    label_map = data.dataset_info(cfg).label_map
+    model_cfg = model_config("s", hidden_size=32, depth=2, num_heads=2, num_det_tokens=6,
+                             num_classes=label_map.num_classes, init_pe_size=(64, 96), mid_pe_size=None).to_dict()
+    params = jax.tree.map(np.asarray, random_params(YOLOS(**model_cfg), (64, 96), scale=0.3))
+    convert.save_params_dir(str(tmp_path / "ckpt"), params, model_cfg)
+    config = ml_collections.ConfigDict({"input": cfg.to_dict(), "eval": evaluation.default_eval_config().to_dict()})
+    out = tmp_path / "figs"
+    written = visualize.make_figures(config, str(tmp_path / "ckpt"), str(out), num_tokens=4, attention_images=2,
+                                     attention_tokens=2)
+    pngs = written["centers"] + [p for p in written["categories"] if p.endswith(".png")] + written["attention"]
+    assert len(written["attention"]) == 4 and len(pngs) == 6
+    for p in pngs:
+        with Image.open(p) as im:
+            assert im.format == "PNG" and min(im.size) > 100
+    # Fig. 3's numbers: ground truth = the split's non-crowd objects per category; each token predicts
+    # one category per image.
+    dist = json.loads((out / "det_token_categories.json").read_text())
+    gt = json.load(open(data.coco_ground_truth(cfg)))
+    want = [sum(1 for a in gt["annotations"] if a["category_id"] == c and not a["iscrowd"])
+            for c in label_map.category_ids]
+    assert dist["gt"] == want
+    assert np.all(np.sum(dist["per_token"], axis=1) == len(gt["images"]))

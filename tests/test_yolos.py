@@ -110,6 +110,21 @@ def test_matches_hf(converted, name):
         assert ref.max_abs(got["boxes"], want["boxes"]) <= TOL, hw
 
 
+def test_matches_hf_more_tokens_than_a_query_chunk(converted):
+    """A sequence longer than the CPU attention's query chunk (so the chunked path, with its padded last
+    chunk, runs), on a non-square grid that forces position-embedding resizing."""
+    model, det = converted["s"]
+    chunk = getattr(vit, "CPU_QUERY_CHUNK", 128)
+    gh = 11
+    gw = chunk // gh + 2  # 1 + gh * gw + Q tokens > chunk, and not a multiple of it
+    x = np.random.RandomState(6).randn(1, 16 * gh, 16 * gw, 3).astype(np.float32)
+    assert (1 + gh * gw + model.config.num_detection_tokens) % chunk and gh * gw > chunk
+    want = ref.hf_outputs(model, x)
+    got = det.forward(x)
+    assert ref.max_abs(got["logits"], want["logits"]) <= TOL
+    assert ref.max_abs(got["boxes"], want["boxes"]) <= TOL
+
+
 def test_same_token_count_other_grid_is_resized(converted):
     """48x128 (3x8) has as many patches as the stored 4x6 grid. The original skips the resize when the
     token count matches, which lays the embeddings on the wrong 2-D grid; HF and we resize by grid shape."""

@@ -19,14 +19,16 @@ Array = jnp.ndarray
 
 def cxcywh_to_xyxy(boxes: Array) -> Array:
     """(cx, cy, w, h) -> (x0, y0, x1, y1). boxes: [..., 4]; returns [..., 4] in the same units."""
-    cx, cy, w, h = jnp.moveaxis(jnp.asarray(boxes), -1, 0)
-    return jnp.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
+    boxes = jnp.asarray(boxes)
+    center, half = boxes[..., :2], 0.5 * boxes[..., 2:]
+    return jnp.concatenate([center - half, center + half], axis=-1)
 
 
 def xyxy_to_cxcywh(boxes: Array) -> Array:
     """(x0, y0, x1, y1) -> (cx, cy, w, h). boxes: [..., 4]; returns [..., 4] in the same units."""
-    x0, y0, x1, y1 = jnp.moveaxis(jnp.asarray(boxes), -1, 0)
-    return jnp.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], axis=-1)
+    boxes = jnp.asarray(boxes)
+    lo, hi = boxes[..., :2], boxes[..., 2:]
+    return jnp.concatenate([(lo + hi) / 2, hi - lo], axis=-1)
 
 
 def scale_to_pixels(boxes_xyxy: Array, size_hw: Array) -> Array:
@@ -51,8 +53,9 @@ def cxcywh_to_xyxy_pixels(boxes: Array, size_hw: Array) -> Array:
 
 def box_area(boxes_xyxy: Array) -> Array:
     """Area of xyxy boxes [..., 4] -> [...] (squared input units; negative for inverted boxes)."""
-    b = jnp.asarray(boxes_xyxy)
-    return (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    wh = jnp.asarray(boxes_xyxy)
+    wh = wh[..., 2:] - wh[..., :2]
+    return wh[..., 0] * wh[..., 1]
 
 
 def pairwise_iou(boxes1: Array, boxes2: Array) -> tuple[Array, Array]:

@@ -62,7 +62,9 @@ _ORIGINAL_BACKBONES = {"tiny": "ti", "small": "s", "base": "b", "small_dWr": "s_
 
 # Parameter-tree leaves (flattened with '/') that belong to the ViT backbone; everything else
 # (det_tokens, pos_embed_det, mid_pos_embed_*, class_head, box_head) is detector-only.
-_BACKBONE_RE = re.compile(r"^(patch_embed/|cls_token$|pos_embed_cls$|pos_embed_patches$|block_\d+/|encoder_norm/)")
+_BACKBONE_RE = re.compile(
+    r"^(patch_embed/|cls_token$|pos_embed_cls$|pos_embed_patches$|block_\d+/|encoder_norm/)"
+)
 
 
 class ConversionError(ValueError):
@@ -298,7 +300,9 @@ def _load_safetensors(path: str) -> dict[str, np.ndarray]:
 def _unwrap(obj: Any, path: str) -> tuple[dict[str, Any], str, Optional[dict[str, Any]]]:
     """A loaded .pth object -> (state dict, wrapper key, training args)."""
     if not isinstance(obj, Mapping):
-        raise ConversionError(f"{path}: expected a dict (a state dict or a checkpoint), got {type(obj).__name__}")
+        raise ConversionError(
+            f"{path}: expected a dict (a state dict or a checkpoint), got {type(obj).__name__}"
+        )
     args = obj.get("args")
     if args is not None and not isinstance(args, Mapping):
         args = vars(args) if hasattr(args, "__dict__") else None
@@ -490,7 +494,10 @@ def _hf_blocks(r: _Reader, depth: int, d: int, mlp: int) -> dict[str, Any]:
                 "proj": _linear(r, b + "attention.output.dense", d, d),
             },
             "norm2": _layernorm(r, b + "layernorm_after", d),
-            "mlp": {"fc1": _linear(r, b + "intermediate.dense", d, mlp), "fc2": _linear(r, b + "output.dense", mlp, d)},
+            "mlp": {
+                "fc1": _linear(r, b + "intermediate.dense", d, mlp),
+                "fc2": _linear(r, b + "output.dense", mlp, d),
+            },
         }
     return out
 
@@ -537,7 +544,9 @@ def infer_variant(hidden_size: int, depth: int) -> str:
     )
 
 
-def _base_config(variant: Optional[str], hidden: int, depth: int, overrides: Mapping[str, Any]) -> tuple[dict, Optional[str]]:
+def _base_config(
+    variant: Optional[str], hidden: int, depth: int, overrides: Mapping[str, Any]
+) -> tuple[dict, Optional[str]]:
     """Model config from --variant (or the one inferred from the shapes) plus overrides."""
     if variant is None and not {"hidden_size", "depth", "num_heads"} <= set(overrides):
         variant = infer_variant(hidden, depth)
@@ -567,7 +576,8 @@ def _grid_for_tokens(
             return g
         tried.append(f"{tuple(size)} -> {g[0]}x{g[1]}")
     raise ConversionError(
-        f"{path}: {what} holds {n} patch positions, which fits none of the grids tried ({'; '.join(tried) or 'none'}). "
+        f"{path}: {what} holds {n} patch positions, which fits none of the grids tried "
+        f"({'; '.join(tried) or 'none'}). "
         "The grid cannot be told from a token count alone; pass --source_pe_size=H,W (pixels) or --variant"
     )
 
@@ -591,108 +601,180 @@ class Converted:
     meta: dict[str, Any]
 
 
-def _convert_hf(src: _Source, variant: Optional[str], overrides: Mapping[str, Any], source_pe_size) -> Converted:
-    st = src.state
-    # YolosModel (no heads) saves without the 'vit.' prefix; YolosForObjectDetection with it.
-    if "embeddings.detection_tokens" in st:
-        st = {("vit." + k if k.startswith(("embeddings.", "encoder.", "layernorm.", "pooler.")) else k): v for k, v in st.items()}
-    r = _Reader(st, src.path)
-    notes = []
-    hidden = st["vit.embeddings.cls_token"].shape[-1] if "vit.embeddings.cls_token" in st else 0
-    depth = _count_blocks(st, r"vit\.encoder\.layer\.(\d+)\.")
-    hc = src.hf_config
-    if hc is not None:
-        if hc.get("model_type") not in (None, "yolos"):
-            raise ConversionError(f"{src.path}: config.json has model_type {hc.get('model_type')!r}, expected 'yolos'")
-        if hc.get("hidden_act", "gelu") != "gelu":
-            raise ConversionError(f"{src.path}: hidden_act {hc['hidden_act']!r} unsupported (exact GELU only)")
-        image_size = hc.get("image_size", [512, 864])
-        image_size = tuple(image_size) if isinstance(image_size, (list, tuple)) else (image_size, image_size)
-        id2label = hc.get("id2label")
-        num_labels = len(id2label) if id2label else hc.get("num_labels")
-        fields = dict(
-            hidden_size=hc.get("hidden_size", 768),
-            depth=hc.get("num_hidden_layers", 12),
-            num_heads=hc.get("num_attention_heads", 12),
-            mlp_dim=hc.get("intermediate_size", 3072),
-            patch_size=hc.get("patch_size", 16),
-            num_det_tokens=hc.get("num_detection_tokens", 100),
-            init_pe_size=image_size,
-            mid_pe_size=image_size if hc.get("use_mid_position_embeddings", True) else None,
-            layer_norm_eps=hc.get("layer_norm_eps", 1e-12),
-            qkv_bias=hc.get("qkv_bias", True),
+@dataclasses.dataclass(frozen=True)
+class _DetectorNames:
+    """Where a detector format keeps each piece (prefixes of PyTorch names)."""
+
+    patch: str
+    cls: str
+    det: str
+    pos: str  # [1, 1 + N + Q, D]: cls | patches (row-major) | det
+    mids: tuple[str, ...]  # [L - 1, 1, 1 + N + Q, D], first present name wins
+    norm: str
+    class_head: str
+    box_head: str
+    blocks: Callable[[_Reader, int, int, int], dict[str, Any]]
+
+
+_HF_NAMES = _DetectorNames(
+    patch="vit.embeddings.patch_embeddings.projection",
+    cls="vit.embeddings.cls_token",
+    det="vit.embeddings.detection_tokens",
+    pos="vit.embeddings.position_embeddings",
+    # Files use encoder.mid_position_embeddings; transformers >= 5 names it
+    # encoder.interpolation.mid_position_embeddings in memory (and in its own state_dict()).
+    mids=("vit.encoder.mid_position_embeddings", "vit.encoder.interpolation.mid_position_embeddings"),
+    norm="vit.layernorm",
+    class_head="class_labels_classifier",
+    box_head="bbox_predictor",
+    blocks=_hf_blocks,
+)
+_ORIGINAL_NAMES = _DetectorNames(
+    patch="backbone.patch_embed.proj",
+    cls="backbone.cls_token",
+    det="backbone.det_token",
+    pos="backbone.pos_embed",
+    mids=("backbone.mid_pos_embed",),
+    norm="backbone.norm",
+    class_head="class_embed",
+    box_head="bbox_embed",
+    blocks=lambda r, depth, d, mlp: _timm_blocks(r, "backbone.", depth, d, mlp),
+)
+
+
+def _mid_key(st: Mapping[str, np.ndarray], names: _DetectorNames) -> Optional[str]:
+    return next((k for k in names.mids if k in st), None)
+
+
+def _stored_size(
+    st: Mapping[str, np.ndarray], key: Optional[str], q: int, candidates: Sequence[Any], p: int, path: str
+) -> Optional[tuple[int, int]]:
+    """The (H, W) pixel size among `candidates` whose patch grid holds the position embeddings of `key`
+    ([..., 1 + N + Q, D]); None when the entry is absent or malformed (the reader reports it)."""
+    if key is None or key not in st or st[key].ndim < 3:
+        return None
+    n = st[key].shape[-2] - 1 - q
+    grid = _grid_for_tokens(n, candidates, p, key, path)
+    return next(tuple(int(v) for v in s) for s in candidates if s is not None and _grid(s, p) == grid)
+
+
+def _detector_tree(r: _Reader, names: _DetectorNames, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The full YOLOS tree of a detector checkpoint, position embeddings on the stored grids
+    (cfg['init_pe_size'] / cfg['mid_pe_size'])."""
+    d, p, q, depth = cfg["hidden_size"], cfg["patch_size"], cfg["num_det_tokens"], cfg["depth"]
+    grid = _grid(cfg["init_pe_size"], p)
+    params: dict[str, Any] = {
+        "patch_embed": _patch_embed(r, names.patch, d, p),
+        "cls_token": r.get(names.cls, (1, 1, d)),
+        "det_tokens": r.get(names.det, (1, q, d)),
+    }
+    pe = _split_pos_embed(r.get(names.pos, (1, 1 + grid[0] * grid[1] + q, d)), grid, q)
+    params.update(pos_embed_cls=pe["cls"], pos_embed_patches=pe["patches"], pos_embed_det=pe["det"])
+    if cfg["mid_pe_size"] is not None:
+        mgrid = _grid(cfg["mid_pe_size"], p)
+        key = _mid_key(r.state, names) or names.mids[0]
+        mid = _split_pos_embed(r.get(key, (depth - 1, 1, 1 + mgrid[0] * mgrid[1] + q, d))[:, 0], mgrid, q)
+        params.update(
+            mid_pos_embed_cls=mid["cls"], mid_pos_embed_patches=mid["patches"], mid_pos_embed_det=mid["det"]
         )
-        if num_labels is not None:
-            fields["num_classes"] = int(num_labels)
+    params.update(names.blocks(r, depth, d, _mlp_dim(cfg)))
+    params["encoder_norm"] = _layernorm(r, names.norm, d)
+    params.update(_heads(r, names.class_head, names.box_head, d, cfg["num_classes"]))
+    return params
+
+
+def _hf_config_fields(hc: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """HF YolosConfig (config.json) -> YOLOS fields. HF keeps the mid PEs on `image_size` too."""
+    if hc.get("model_type") not in (None, "yolos"):
+        raise ConversionError(f"{path}: config.json has model_type {hc.get('model_type')!r}, expected 'yolos'")
+    if hc.get("hidden_act", "gelu") != "gelu":
+        raise ConversionError(f"{path}: hidden_act {hc['hidden_act']!r} is unsupported (exact GELU only)")
+    size = hc.get("image_size", [512, 864])
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    fields = dict(
+        hidden_size=hc.get("hidden_size", 768),
+        depth=hc.get("num_hidden_layers", 12),
+        num_heads=hc.get("num_attention_heads", 12),
+        mlp_dim=hc.get("intermediate_size", 3072),
+        patch_size=hc.get("patch_size", 16),
+        num_det_tokens=hc.get("num_detection_tokens", 100),
+        init_pe_size=size,
+        mid_pe_size=size if hc.get("use_mid_position_embeddings", True) else None,
+        layer_norm_eps=hc.get("layer_norm_eps", 1e-12),
+        qkv_bias=hc.get("qkv_bias", True),
+    )
+    id2label = hc.get("id2label")
+    if id2label or hc.get("num_labels") is not None:
+        fields["num_classes"] = len(id2label) if id2label else int(hc["num_labels"])
+    return fields
+
+
+def _convert_hf(
+    src: _Source, variant: Optional[str], overrides: Mapping[str, Any], source_pe_size: Optional[tuple]
+) -> Converted:
+    st = src.state
+    if "embeddings.detection_tokens" in st:  # a YolosModel saved alone: no 'vit.' prefix
+        top = ("embeddings.", "encoder.", "layernorm.", "pooler.")
+        st = {("vit." + k if k.startswith(top) else k): v for k, v in st.items()}
+    r = _Reader(st, src.path)
+    names = _HF_NAMES
+    hidden = st[names.cls].shape[-1] if names.cls in st else 0
+    depth = _count_blocks(st, r"vit\.encoder\.layer\.(\d+)\.")
+    notes, label_names = [], None
+    if src.hf_config is not None:
+        fields = _hf_config_fields(src.hf_config, src.path)
         if variant is None:
             try:
                 variant = infer_variant(fields["hidden_size"], fields["depth"])
             except ConversionError:
-                variant = None
+                variant = None  # a custom size: config.json says everything anyway
         cfg = _cfg_dict({**config_lib.model_config(variant or "s").to_dict(), **fields, **overrides})
         if cfg["mlp_dim"] == 4 * cfg["hidden_size"]:
             cfg["mlp_dim"] = None
-        label_names = [str(id2label.get(str(i), id2label.get(i, i))) for i in range(len(id2label))] if id2label else None
+        id2label = src.hf_config.get("id2label") or {}
+        if id2label:
+            label_names = [str(id2label.get(str(i), id2label.get(i, i))) for i in range(len(id2label))]
     else:
-        # No config.json: shapes give the sizes; --variant (or the inferred one) the head count and grids.
+        # No config.json: the weights give the sizes; --variant (or the inferred one) and the overrides
+        # the head count and the stored grid.
         cfg, variant = _base_config(variant, hidden, depth, overrides)
         cfg["layer_norm_eps"] = overrides.get("layer_norm_eps", 1e-12)  # HF's YolosConfig default
-        if "vit.embeddings.detection_tokens" in st:
-            cfg["num_det_tokens"] = overrides.get("num_det_tokens", st["vit.embeddings.detection_tokens"].shape[1])
+        if names.det in st:
+            cfg["num_det_tokens"] = overrides.get("num_det_tokens", st[names.det].shape[1])
         if "class_labels_classifier.layers.2.weight" in st:
-            cfg["num_classes"] = overrides.get("num_classes", st["class_labels_classifier.layers.2.weight"].shape[0] - 1)
-        has_mid = any("mid_position_embeddings" in k for k in st)
-        if not has_mid:
+            n_cls = st["class_labels_classifier.layers.2.weight"].shape[0] - 1
+            cfg["num_classes"] = overrides.get("num_classes", n_cls)
+        if _mid_key(st, names) is None:
             cfg["mid_pe_size"] = None
         elif cfg["mid_pe_size"] is None:
             cfg["mid_pe_size"] = cfg["init_pe_size"]
-        notes.append("no config.json: sizes from the weights, heads/grids from variant %r, layer_norm_eps 1e-12 (HF default)" % variant)
-        label_names = None
+        notes.append(
+            f"no config.json: sizes from the weights, heads and grids from variant {variant!r} and the "
+            "overrides, layer_norm_eps 1e-12 (HF's default)"
+        )
     if source_pe_size is not None:
         cfg["init_pe_size"] = tuple(source_pe_size)
         if cfg["mid_pe_size"] is not None:
             cfg["mid_pe_size"] = tuple(source_pe_size)
     _check_dims(cfg, hidden, depth, src.path)
-
-    d, p, q, L = cfg["hidden_size"], cfg["patch_size"], cfg["num_det_tokens"], cfg["depth"]
-    pe_key = "vit.embeddings.position_embeddings"
-    n_tok = st[pe_key].shape[1] - 1 - q if pe_key in st else 0
-    grid = _grid_for_tokens(n_tok, [cfg["init_pe_size"]], p, pe_key, src.path) if pe_key in st else _grid(cfg["init_pe_size"], p)
-    params: dict[str, Any] = {
-        "patch_embed": _patch_embed(r, "vit.embeddings.patch_embeddings.projection", d, p),
-        "cls_token": r.get("vit.embeddings.cls_token", (1, 1, d)),
-        "det_tokens": r.get("vit.embeddings.detection_tokens", (1, q, d)),
-    }
-    pe = _split_pos_embed(r.get(pe_key, (1, 1 + grid[0] * grid[1] + q, d)), grid, q)
-    params.update(pos_embed_cls=pe["cls"], pos_embed_patches=pe["patches"], pos_embed_det=pe["det"])
+    # Validate that the stored token counts fit the grids (a clear error instead of a reshape failure).
+    q, p = cfg["num_det_tokens"], cfg["patch_size"]
+    _stored_size(st, names.pos, q, [cfg["init_pe_size"]], p, src.path)
     if cfg["mid_pe_size"] is not None:
-        # transformers >= 5 names it encoder.interpolation.mid_position_embeddings in memory; files use
-        # the older encoder.mid_position_embeddings. Accept both.
-        mid_key = next(
-            (k for k in ("vit.encoder.mid_position_embeddings", "vit.encoder.interpolation.mid_position_embeddings") if k in st),
-            "vit.encoder.mid_position_embeddings",
-        )
-        mgrid = grid
-        if mid_key in st:
-            mgrid = _grid_for_tokens(st[mid_key].shape[2] - 1 - q, [cfg["mid_pe_size"]], p, mid_key, src.path)
-        mid = _split_pos_embed(r.get(mid_key, (L - 1, 1, 1 + mgrid[0] * mgrid[1] + q, d))[:, 0], mgrid, q)
-        params.update(mid_pos_embed_cls=mid["cls"], mid_pos_embed_patches=mid["patches"], mid_pos_embed_det=mid["det"])
-    params.update(_hf_blocks(r, L, d, _mlp_dim(cfg)))
-    params["encoder_norm"] = _layernorm(r, "vit.layernorm", d)
-    params.update(_heads(r, "class_labels_classifier", "bbox_predictor", d, cfg["num_classes"]))
+        _stored_size(st, _mid_key(st, names), q, [cfg["mid_pe_size"]], p, src.path)
+    params = _detector_tree(r, names, cfg)
     r.ignore(lambda k: k.startswith("vit.pooler."))  # YolosModel's pooler: unused by detection
     r.check("HF YOLOS")
-    return Converted(
-        params,
-        cfg,
-        "detector",
-        dict(source_format="hf_yolos", variant=variant, label_names=label_names, notes=notes, eval_size=_hf_eval_size(src, variant)),
+    meta = dict(
+        source_format="hf_yolos", variant=variant, label_names=label_names, notes=notes,
+        eval_size=_hf_eval_size(src, variant),
     )
+    return Converted(params, cfg, "detector", meta)
 
 
 def _hf_eval_size(src: _Source, variant: Optional[str]) -> int:
-    pp = src.hf_preprocessor or {}
-    size = pp.get("size")
+    """preprocessor_config.json's shortest edge when present, else the original's eval size."""
+    size = (src.hf_preprocessor or {}).get("size")
     if isinstance(size, Mapping) and size.get("shortest_edge"):
         return int(size["shortest_edge"])
     if isinstance(size, int):
@@ -700,58 +782,53 @@ def _hf_eval_size(src: _Source, variant: Optional[str]) -> int:
     return DEFAULT_EVAL_SIZE.get(variant or "", _FALLBACK_EVAL_SIZE)
 
 
-def _convert_original(src: _Source, variant: Optional[str], overrides: Mapping[str, Any], source_pe_size) -> Converted:
+def _convert_original(
+    src: _Source, variant: Optional[str], overrides: Mapping[str, Any], source_pe_size: Optional[tuple]
+) -> Converted:
     st = src.state
     r = _Reader(st, src.path)
+    names = _ORIGINAL_NAMES
     args = src.args or {}
-    hidden = st["backbone.cls_token"].shape[-1] if "backbone.cls_token" in st else 0
+    hidden = st[names.cls].shape[-1] if names.cls in st else 0
     depth = _count_blocks(st, r"backbone\.blocks\.(\d+)\.")
     if variant is None and args.get("backbone_name") in _ORIGINAL_BACKBONES:
         variant = _ORIGINAL_BACKBONES[args["backbone_name"]]
     cfg, variant = _base_config(variant, hidden, depth, overrides)
     _check_dims(cfg, hidden, depth, src.path)
-    if "backbone.det_token" in st and "num_det_tokens" not in overrides:
-        cfg["num_det_tokens"] = st["backbone.det_token"].shape[1]
+    if names.det in st and "num_det_tokens" not in overrides:
+        cfg["num_det_tokens"] = st[names.det].shape[1]
     if "class_embed.layers.2.weight" in st and "num_classes" not in overrides:
         cfg["num_classes"] = st["class_embed.layers.2.weight"].shape[0] - 1
-    d, p, q, L = cfg["hidden_size"], cfg["patch_size"], cfg["num_det_tokens"], cfg["depth"]
-    # The stored grids: --source_pe_size, else the checkpoint's own args, else the variant's sizes.
-    init_candidates = [source_pe_size, args.get("init_pe_size"), cfg["init_pe_size"]]
-    mid_candidates = [source_pe_size, args.get("mid_pe_size"), cfg["mid_pe_size"], cfg["init_pe_size"]]
-    pe = st.get("backbone.pos_embed")
-    grid = _grid(cfg["init_pe_size"], p)
-    if pe is not None and pe.ndim == 3:
-        grid = _grid_for_tokens(pe.shape[1] - 1 - q, init_candidates, p, "backbone.pos_embed", src.path)
-        size = next(s for s in init_candidates if s is not None and _grid(s, p) == grid)
-        cfg["init_pe_size"] = tuple(int(v) for v in size)
-    params: dict[str, Any] = {
-        "patch_embed": _patch_embed(r, "backbone.patch_embed.proj", d, p),
-        "cls_token": r.get("backbone.cls_token", (1, 1, d)),
-        "det_tokens": r.get("backbone.det_token", (1, q, d)),
-    }
-    split = _split_pos_embed(r.get("backbone.pos_embed", (1, 1 + grid[0] * grid[1] + q, d)), grid, q)
-    params.update(pos_embed_cls=split["cls"], pos_embed_patches=split["patches"], pos_embed_det=split["det"])
-    mid = st.get("backbone.mid_pos_embed")
-    if mid is not None and mid.ndim == 4:
-        mgrid = _grid_for_tokens(mid.shape[2] - 1 - q, mid_candidates, p, "backbone.mid_pos_embed", src.path)
-        cfg["mid_pe_size"] = tuple(int(v) for v in next(s for s in mid_candidates if s is not None and _grid(s, p) == mgrid))
-        ms = _split_pos_embed(r.get("backbone.mid_pos_embed", (L - 1, 1, 1 + mgrid[0] * mgrid[1] + q, d))[:, 0], mgrid, q)
-        params.update(mid_pos_embed_cls=ms["cls"], mid_pos_embed_patches=ms["patches"], mid_pos_embed_det=ms["det"])
-    else:
-        cfg["mid_pe_size"] = None
-    params.update(_timm_blocks(r, "backbone.", L, d, _mlp_dim(cfg)))
-    params["encoder_norm"] = _layernorm(r, "backbone.norm", d)
-    params.update(_heads(r, "class_embed", "bbox_embed", d, cfg["num_classes"]))
-    r.check("hustvl/YOLOS detector")
-    eval_size = args.get("eval_size") or DEFAULT_EVAL_SIZE.get(variant or "", _FALLBACK_EVAL_SIZE)
-    return Converted(
-        params, cfg, "detector", dict(source_format="yolos_original", variant=variant, eval_size=int(eval_size), notes=[])
+    q, p = cfg["num_det_tokens"], cfg["patch_size"]
+    # The stored grids: --source_pe_size, else the checkpoint's own args (its --init_pe_size /
+    # --mid_pe_size), else the variant's sizes.
+    init_size = _stored_size(
+        st, names.pos, q, [source_pe_size, args.get("init_pe_size"), cfg["init_pe_size"]], p, src.path
     )
+    if init_size is not None:
+        cfg["init_pe_size"] = init_size
+    mid_key = _mid_key(st, names)
+    mid_candidates = [source_pe_size, args.get("mid_pe_size"), cfg["mid_pe_size"], cfg["init_pe_size"]]
+    cfg["mid_pe_size"] = _stored_size(st, mid_key, q, mid_candidates, p, src.path) if mid_key else None
+    params = _detector_tree(r, names, cfg)
+    r.check("hustvl/YOLOS detector")
+    eval_size = int(args.get("eval_size") or DEFAULT_EVAL_SIZE.get(variant or "", _FALLBACK_EVAL_SIZE))
+    meta = dict(source_format="yolos_original", variant=variant, eval_size=eval_size, notes=[])
+    return Converted(params, cfg, "detector", meta)
 
 
 # Prefixes under which timm-style ViT backbones are stored, most specific first, and what else such
 # checkpoints hold that is not part of the backbone.
-_TIMM_PREFIXES = ("module.base_encoder.", "base_encoder.", "module.backbone.", "backbone.", "module.encoder.", "encoder.", "module.", "")
+_TIMM_PREFIXES = (
+    "module.base_encoder.",  # MoCo v3 (main_moco.py checkpoints)
+    "base_encoder.",
+    "module.backbone.",  # DINO student
+    "backbone.",  # DINO teacher
+    "module.encoder.",
+    "encoder.",
+    "module.",  # DistributedDataParallel wrappers
+    "",  # DeiT, DINO (released backbones), MAE, timm
+)
 
 
 def _timm_prefix(keys: Iterable[str]) -> str:
@@ -769,7 +846,9 @@ def _is_square(n: int) -> bool:
     return n > 0 and math.isqrt(n) ** 2 == n
 
 
-def _convert_timm(src: _Source, variant: Optional[str], overrides: Mapping[str, Any], source_pe_size) -> Converted:
+def _convert_timm(
+    src: _Source, variant: Optional[str], overrides: Mapping[str, Any], source_pe_size: Optional[tuple]
+) -> Converted:
     st = src.state
     prefix = _timm_prefix(st)
     r = _Reader(st, src.path)
@@ -792,21 +871,25 @@ def _convert_timm(src: _Source, variant: Optional[str], overrides: Mapping[str, 
     pe_key = prefix + "pos_embed"
     pe = r.get(pe_key, (1, None, d))
     t = pe.shape[1]
-    if pe_key not in st or st[pe_key].shape != (1, t, d):  # reported; carry on to list the other problems
-        n = 1
+    if pe_key not in st or st[pe_key].shape != (1, t, d) or t < 2:  # carry on to list the other problems
+        if pe_key in st and t < 2:
+            r.misshaped.append(f"{pe_key}: {list(pe.shape)} holds no patch positions")
         src_grid, distilled, pe = (1, 1), False, np.zeros((1, 2, d), np.float32)
     elif source_pe_size is not None:
         src_grid = _grid(source_pe_size, p)
         n = src_grid[0] * src_grid[1]
         if t not in (1 + n, 2 + n):
-            r.misshaped.append(f"{pe_key}: {list(pe.shape)}, expected [1, 1 + {n} (or 2 + {n}), {d}] for --source_pe_size")
+            r.misshaped.append(
+                f"{pe_key}: {list(pe.shape)}, expected [1, 1 + {n} (or 2 + {n}), {d}] for --source_pe_size"
+            )
         distilled = t == 2 + n
     else:
         distilled = not _is_square(t - 1)
         n = t - 2 if distilled else t - 1
         if not _is_square(n) and pe_key in st:
             r.misshaped.append(
-                f"{pe_key}: {list(pe.shape)} holds {n} patch positions, not a square grid; pass --source_pe_size=H,W"
+                f"{pe_key}: {list(pe.shape)} holds {n} patch positions, not a square grid; "
+                "pass --source_pe_size=H,W"
             )
             n = 1
         src_grid = (math.isqrt(n), math.isqrt(n))
@@ -821,7 +904,9 @@ def _convert_timm(src: _Source, variant: Optional[str], overrides: Mapping[str, 
     # As finetune_det: bicubic (PyTorch's, align_corners=False) from the pre-training grid to init_pe_size.
     resized = vit.resize_posemb_grid_np(patches, target_grid) if patches.shape[1:3] != target_grid else patches
     if patches.shape[1:3] != target_grid:
-        notes.append(f"patch position embeddings resized {src_grid[0]}x{src_grid[1]} -> {target_grid[0]}x{target_grid[1]}")
+        notes.append(
+            f"patch position embeddings resized {src_grid[0]}x{src_grid[1]} -> {target_grid[0]}x{target_grid[1]}"
+        )
 
     params: dict[str, Any] = {
         "patch_embed": _patch_embed(r, prefix + "patch_embed.proj", d, p),
@@ -840,9 +925,9 @@ def _convert_timm(src: _Source, variant: Optional[str], overrides: Mapping[str, 
 
     # Not part of the backbone: classifier heads, the distillation token, DINO/MoCo projection heads,
     # MoCo's momentum encoder and predictor, MAE's decoder and mask token.
-    drop = tuple(
-        prefix + s for s in ("head.", "head_dist.", "pre_logits.", "dist_token", "decoder_", "mask_token", "decoder.")
-    ) + ("module.momentum_encoder.", "momentum_encoder.", "module.predictor.", "predictor.")
+    not_backbone = ("head.", "head_dist.", "pre_logits.", "dist_token", "decoder_", "mask_token", "decoder.")
+    drop = tuple(prefix + s for s in not_backbone)
+    drop += ("module.momentum_encoder.", "momentum_encoder.", "module.predictor.", "predictor.")
     r.ignore(lambda k: k.startswith(drop))
     if prefix == "backbone.":
         r.ignore(lambda k: k.startswith("head."))  # DINO full checkpoint: the DINO head
@@ -894,9 +979,15 @@ def convert_state(
     if out.kind == "backbone":
         expected = {k: v for k, v in expected.items() if is_backbone_leaf(k)}
     got = {k: tuple(np.shape(v)) for k, v in flatten_params(out.params).items()}
-    bad = [f"{k}: {got.get(k)} vs model {expected.get(k)}" for k in sorted(set(got) | set(expected)) if got.get(k) != expected.get(k)]
-    if bad:
-        raise ConversionError(f"{source}: converted tree does not fit YOLOS({out.model_cfg}):\n  " + "\n  ".join(bad))
+    bad = [
+        f"{k}: {got.get(k)} vs model {expected.get(k)}"
+        for k in sorted(set(got) | set(expected))
+        if got.get(k) != expected.get(k)
+    ]
+    if bad:  # a converter bug or an inconsistent config, never a user's checkpoint problem
+        raise ConversionError(
+            f"{source}: converted tree does not fit YOLOS({out.model_cfg}):\n  " + "\n  ".join(bad)
+        )
     out.params = unflatten_params({k: np.asarray(v, np.float32) for k, v in flatten_params(out.params).items()})
     out.meta.update(kind=out.kind, source=os.path.abspath(source), wrapper=src.wrapper)
     out.meta.setdefault("label_names", None)
@@ -946,7 +1037,7 @@ class InitReport:
 
     kind: str
     taken: list[str] = dataclasses.field(default_factory=list)  # copied as they are
-    resized: list[str] = dataclasses.field(default_factory=list)  # position embeddings resized to the model's grid
+    resized: list[str] = dataclasses.field(default_factory=list)  # PE grids resized to the model's
     fresh: list[str] = dataclasses.field(default_factory=list)  # kept from the fresh initialisation (with why)
     dropped: list[str] = dataclasses.field(default_factory=list)  # in the checkpoint, not in the model
 
@@ -961,7 +1052,8 @@ class InitReport:
         return (
             f"converted kind {self.kind!r}: taken {len(self.taken)} ({short(self.taken)}); "
             f"resized {len(self.resized)} ({'; '.join(self.resized) or '-'}); "
-            f"fresh {len(self.fresh)} ({short(self.fresh)}); dropped {len(self.dropped)} ({short(self.dropped)})"
+            f"fresh {len(self.fresh)} ({short(self.fresh)}); "
+            f"dropped {len(self.dropped)} ({short(self.dropped)})"
         )
 
 
@@ -1048,7 +1140,8 @@ def init_params_from(
     if errors:
         what = f" for model {dict(model_cfg)}" if model_cfg is not None else ""
         raise ValueError(
-            f"converted checkpoint does not fit the model{what} ({len(errors)} problems):\n  " + "\n  ".join(errors)
+            f"converted checkpoint does not fit the model{what} ({len(errors)} problems):\n  "
+            + "\n  ".join(errors)
             + "\nCheck that config.model matches the converted variant (hidden_size, depth, qkv_bias, patch_size)."
         )
     return unflatten_params(out), report

@@ -17,21 +17,21 @@ and writes, and the metrics are broadcast so that every process returns the same
 
 Speed/cost protocol (paper Tables 4-6, following DETR): batch 1 over the first 100 val images at their
 own (un-padded) eval sizes; FPS = images / forward seconds after compilation; FLOPs from XLA's cost
-analysis of the compiled forward. XLA counts a multiply-add as 2 FLOPs; the papers' FLOPs (fvcore, as
-DETR) count it as 1, so tables report `xla_flops / 2` as "FLOPs (G)" and keep the raw XLA count too.
+analysis of the compiled forward (with explicit-matmul attention, which the analysis counts fully).
+XLA counts a multiply-add as 2 FLOPs; the papers' FLOPs (fvcore, as DETR) count it as 1, so tables
+report `xla_flops / 2` as "FLOPs (G)" and keep the raw XLA count too.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import json
 import logging
 import os
 import tempfile
 import time
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -55,9 +55,6 @@ def default_eval_config() -> ml_collections.ConfigDict:
             # Shortest side of the eval images in pixels (the papers' "Size", e.g. 800 -> "800 x *").
             # The input pipeline resizes by `config.input.eval_size`; configs set both to the same value.
             eval_size=800,
-            # Global eval batch (all processes together); a multiple of the device count when a mesh is
-            # used. 0: use config.input.batch_size.
-            batch_size=0,
             # Evaluate only the first N images of the split (0: all). COCOeval then scores those images
             # only, as DETR's evaluator does with the images it saw.
             max_images=0,
@@ -291,20 +288,6 @@ def _join_id(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
     return (np.asarray(hi, np.int64) << 31) | np.asarray(lo, np.int64)
 
 
-def _call_with_supported(fn: Callable, *args: Any, **kwargs: Any) -> Any:
-    """Calls `fn` with the keyword arguments its signature accepts (the rest must be None)."""
-    params = inspect.signature(fn).parameters
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return fn(*args, **kwargs)
-    unsupported = {k: v for k, v in kwargs.items() if k not in params and v is not None}
-    if unsupported:
-        raise TypeError(
-            f"{fn.__module__}.{fn.__qualname__} does not accept {sorted(unsupported)}; the input pipeline "
-            "needs this argument for this evaluation"
-        )
-    return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
-
-
 class Evaluator:
     """COCO evaluation of a YOLOS model on the val split (big_vision-style evaluator object).
 
@@ -329,16 +312,17 @@ class Evaluator:
         if mesh is None and jax.process_count() > 1:
             mesh = sharding.make_mesh(sharding.default_mesh_config())
         self.mesh = mesh
-        self.batch_size = int(eval_cfg.batch_size) or int(input_cfg.batch_size)
+        self.batch_size = int(input_cfg.eval_batch_size)  # global, all processes together
         if mesh is not None:
             n = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES if a in mesh.shape]))
             if self.batch_size % n:
                 raise ValueError(
-                    f"config.eval.batch_size: the global eval batch {self.batch_size} must be a multiple of the "
-                    f"{n} devices it is split over (set config.eval.batch_size)"
+                    f"config.input.eval_batch_size={self.batch_size} must be a multiple of the {n} devices the "
+                    "eval batch is split over"
                 )
-        if self.batch_size % jax.process_count():
-            raise ValueError(f"config.eval.batch_size={self.batch_size} must be a multiple of the process count")
+        if self.batch_size <= 0 or self.batch_size % jax.process_count():
+            raise ValueError(f"config.input.eval_batch_size={self.batch_size} must be a positive multiple of the "
+                             f"process count {jax.process_count()}")
         self._info = None
         self._coco_gt = None
         self._predict = self._build_predict()
@@ -384,48 +368,41 @@ class Evaluator:
 
     @property
     def coco_gt(self):
-        """The val split's ground truth as a pycocotools COCO (built once)."""
+        """The val split's ground truth (the prepared split's cleaned instances JSON) as a pycocotools COCO."""
         if self._coco_gt is None:
             from yolos_jax import data
 
-            self._coco_gt = load_coco(data.coco_ground_truth(self.input_cfg, split=self._split))
+            self._coco_gt = load_coco(data.coco_ground_truth(self.input_cfg))
         return self._coco_gt
-
-    @property
-    def _split(self) -> str:
-        return str(self.input_cfg.get("eval_split", "val"))
 
     # -- prediction -----------------------------------------------------------------------------------
 
-    def batches(self, *, batch_size: Optional[int] = None, image_fn: Optional[Callable] = None) -> Iterator[dict]:
-        """This process's host batches of the val split (batch schema of `yolos_jax.data`)."""
+    def batches(self, *, batch_size: Optional[int] = None, image_fn: Optional[Callable] = None) -> Any:
+        """This process's host batches of one pass over the val split (`yolos_jax.data` batch schema)."""
         from yolos_jax import data
 
-        return iter(
-            _call_with_supported(
-                data.make_eval_iterator,
-                self.input_cfg,
-                batch_size=batch_size or self.batch_size,
-                image_fn=image_fn,
-            )
-        )
+        return data.make_eval_iterator(self.input_cfg, batch_size=batch_size or self.batch_size, image_fn=image_fn)
 
     def _device_batch(self, host: Mapping[str, np.ndarray]) -> dict:
-        hi, lo = _split_id(host["image_id"])
+        from yolos_jax import data
+
+        valid = np.asarray(host["valid"], bool)
+        hi, lo = _split_id(np.where(valid, host["image_id"], 0))  # fillers carry id -1
         batch = {
-            "image": np.asarray(host["image"], np.float32),
-            "pixel_mask": np.asarray(host["pixel_mask"], bool),
-            "orig_size": np.asarray(host["orig_size"], np.int32),
+            "image": host["image"],  # float32 or uint8 (input.image_format): to_global_batch normalises
+            "pixel_mask": host["pixel_mask"],
+            "orig_size": host["orig_size"],
             "id_hi": hi,
             "id_lo": lo,
-            "valid": np.asarray(host["valid"], bool),
+            "valid": valid,
         }
         if self.mesh is None:
-            return batch
-        from yolos_jax import sharding
+            spec = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        else:
+            from yolos_jax import sharding
 
-        spec = sharding.batch_sharding(self.mesh)
-        return {k: jax.make_array_from_process_local_data(spec, v) for k, v in batch.items()}
+            spec = sharding.batch_sharding(self.mesh)
+        return data.to_global_batch(batch, spec)
 
     def predict(self, params: Any, *, image_fn: Optional[Callable] = None, max_images: Optional[int] = None) -> Predictions:
         """Runs the model over the val split; returns every valid image's post-processed predictions.
@@ -446,7 +423,7 @@ class Evaluator:
             for key, val in out.items():
                 chunks.setdefault(key, []).append(np.asarray(val))
         if not chunks:
-            raise ValueError(f"the eval split '{self._split}' produced no batches (is it empty?)")
+            raise ValueError(f"the eval split '{self.input_cfg.val_split}' produced no batches (is it empty?)")
         cat = {k: np.concatenate(v, axis=0) for k, v in chunks.items()}
         keep = cat.pop("valid")
         ids = _join_id(cat.pop("id_hi"), cat.pop("id_lo"))
@@ -541,14 +518,18 @@ def measure_speed(model: Any, params: Any, images: Iterable[np.ndarray], *, warm
         if x.ndim != 4 or x.shape[0] != 1 or x.shape[-1] != 3:
             raise ValueError(f"measure_speed: need [1, H, W, 3] images, got {x.shape}")
     fwd = jax.jit(lambda p, x: model.apply({"params": p}, x))
-    # One ahead-of-time compilation per distinct shape gives both the cost analysis and the executable
-    # that is timed (so nothing compiles inside the timed loop).
+    # FLOPs are counted on the same model with explicit-matmul attention: XLA's cost analysis counts a
+    # loop body once and a fused-attention custom call not at all, so the fused/chunked attention paths
+    # would under-report the attention FLOPs (which dominate at detection resolutions).
+    count_model = model.clone(attention_impl="einsum") if hasattr(model, "attention_impl") else model
+    count_fwd = jax.jit(lambda p, x: count_model.apply({"params": p}, x))
     compiled: dict[tuple, Any] = {}
     flops_by_shape: dict[tuple, float] = {}
     for x in imgs:
         if x.shape not in compiled:
-            compiled[x.shape] = fwd.lower(params, jax.ShapeDtypeStruct(x.shape, x.dtype)).compile()
-            flops_by_shape[x.shape] = _cost_flops(compiled[x.shape])
+            spec = jax.ShapeDtypeStruct(x.shape, x.dtype)
+            compiled[x.shape] = fwd.lower(params, spec).compile()  # the timed executable (no compile in the loop)
+            flops_by_shape[x.shape] = _cost_flops(count_fwd.lower(params, spec).compile())
     device_imgs = [jax.device_put(x) for x in imgs]
     for _ in range(int(warmup)):
         for x in device_imgs:
@@ -571,19 +552,41 @@ def measure_speed(model: Any, params: Any, images: Iterable[np.ndarray], *, warm
     }
 
 
-def unpadded_images(batches: Iterable[Mapping[str, np.ndarray]], num_images: int) -> list[np.ndarray]:
-    """The first `num_images` valid images of host batches, each cropped to its un-padded `size`:
-    [1, h, w, 3] float32 (at batch 1 the padding would otherwise count as work)."""
-    out: list[np.ndarray] = []
+def normalized(image: np.ndarray) -> np.ndarray:
+    """A batch image as the model reads it: float32 ImageNet-normalised (uint8 host images, from
+    input.image_format='uint8', are normalised as the pipeline does on device)."""
+    x = np.asarray(image)
+    if x.dtype == np.uint8:
+        from yolos_jax.data import transforms
+
+        mean = np.asarray(transforms.IMAGENET_MEAN, np.float32)
+        std = np.asarray(transforms.IMAGENET_STD, np.float32)
+        return (x.astype(np.float32) / 255.0 - mean) / std
+    return x.astype(np.float32)
+
+
+def unpadded_images(batches: Iterable[Mapping[str, np.ndarray]], num_images: int,
+                    image_ids: Optional[Sequence[int]] = None) -> list[np.ndarray]:
+    """Valid images of host batches, each cropped to its un-padded `size`: [1, h, w, 3] (at batch 1 the
+    padding would otherwise count as work; uint8 images are normalised as the pipeline does).
+
+    image_ids: take exactly these images, in this order (the iterator groups images by canvas, so the
+      split's first images are not the first ones it yields); None: the first `num_images` yielded.
+    """
+    wanted = None if image_ids is None else [int(i) for i in image_ids][:num_images]
+    found: dict[int, np.ndarray] = {}
+    order: list[int] = []
     for batch in batches:
         for i in range(len(batch["valid"])):
-            if not batch["valid"][i]:
+            iid = int(batch["image_id"][i])
+            if not batch["valid"][i] or (wanted is not None and (iid not in wanted or iid in found)):
                 continue
             h, w = (int(v) for v in batch["size"][i])
-            out.append(np.asarray(batch["image"][i : i + 1, :h, :w], np.float32))
-            if len(out) >= num_images:
-                return out
-    return out
+            found[iid] = normalized(batch["image"][i : i + 1, :h, :w])
+            order.append(iid)
+            if len(found) >= (num_images if wanted is None else len(wanted)):
+                return [found[k] for k in (order if wanted is None else wanted)]
+    return [found[k] for k in (order if wanted is None else wanted) if k in found]
 
 
 def speed_table(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -609,7 +612,10 @@ def run_speed(evaluator: Evaluator, params: Any, *, model_name: str, ap: Optiona
     """The speed/cost protocol on the evaluator's val split; returns the table row (also printed)."""
     cfg = evaluator.eval_cfg
     n = int(cfg.speed_images)
-    imgs = unpadded_images(evaluator.batches(batch_size=1), n)
+    it = evaluator.batches(batch_size=1)
+    index = getattr(it, "index", None)  # the split's examples in dataset order
+    first = None if index is None else index.image_id[:n]
+    imgs = unpadded_images(it, n, first)
     result = measure_speed(evaluator.model, params, imgs, warmup=int(cfg.speed_warmup), repeats=int(cfg.speed_repeats))
     row = {"model": model_name, "size": int(cfg.eval_size), "AP": ap, **result}
     if jax.process_index() == 0:

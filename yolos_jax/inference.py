@@ -5,12 +5,16 @@
     results = detector.predict([image_uint8_hwc, ...], threshold=0.5)
     results[0]["boxes"], results[0]["scores"], results[0]["labels"]  # pixel xyxy in the original image
 
-Pre-processing (as the original YOLOS eval transform and HF's `YolosImageProcessor`):
-  1. resize (PIL bilinear on the uint8 image) so that the shortest side becomes `eval_size`, unless that
-     would make the longest side exceed `max_size` (default eval_size * 1333 // 800, the original's
-     `T.RandomResize([eval_size], max_size=eval_size * 1333 // 800)`), in which case the longest side
-     becomes ~max_size; both sides are then floored to multiples of 16. Sizes follow HF's
-     `get_size_with_aspect_ratio_yolos` exactly (`resized_hw`);
+Pre-processing (as the original YOLOS eval transform and HF's `YolosImageProcessorPil`; HF's default
+torchvision backend resizes with torchvision's bilinear, which can differ from PIL's by one grey level):
+  1. resize (PIL bilinear on the uint8 image, as the original's PIL-based transforms) so that the
+     shortest side becomes `eval_size`, unless that would make the longest side exceed `max_size`
+     (default eval_size * 1333 // 800, the original's `T.RandomResize([eval_size], max_size=...)`), in
+     which case the longest side becomes ~max_size; both sides are then floored to multiples of 16.
+     Sizes follow HF's `get_size_with_aspect_ratio_yolos` exactly (`resized_hw`): DETR's
+     `get_size_with_aspect_ratio` with the capped long side computed from the unrounded short side, plus
+     the floor, which keeps every pixel inside a whole patch (the patch conv would otherwise cut the
+     remainder while boxes stay normalised by the full side);
   2. scale to [0, 1] and normalise with the ImageNet mean/std;
   3. pad a batch bottom/right to its largest image with zeros and a pixel mask (the model ignores padded
      patches as attention keys, so the padded pixel values do not matter; the padded canvas does set the

@@ -348,7 +348,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     step_fn = train_step.make_train_step(
         model, tx, schedule, config.loss, config.matcher, mesh, shardings, config.train.nonfinite_policy
     )
-    batch_sharding = sharding.batch_sharding(mesh)
 
     writer = None
     if is_main:
@@ -388,7 +387,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if stop.requested:
                 break
             host_batch = next(train_iter)
-            batch = data.to_global_batch(train_step.select_train_batch(host_batch), batch_sharding)
+            batch = sharding.to_global_batch(train_step.select_train_batch(host_batch), mesh)
             state, metrics = step_fn(state, batch)
             step += 1
             # Check the previous step while this one runs: no stall, and a bad update was never applied.

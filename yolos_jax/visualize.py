@@ -414,7 +414,7 @@ def make_figures(config: Any, checkpoint: str, out_dir: str, *, max_images: int 
         if not batch["valid"][0]:
             continue
         h, w = (int(v) for v in batch["size"][0])
-        image = np.asarray(batch["image"][:1, :h, :w], np.float32)  # un-padded: the grid is the image's
+        image = evaluation.normalized(batch["image"][:1, :h, :w])  # un-padded: the grid is the image's
         res = attention_weights(model, params, image)
         maps = det_token_maps(res["attention"], res["grid"], model.num_det_tokens)[0]  # [heads, Q, gh, gw]
         scores, labels, boxes = (np.asarray(v)[0] for v in evaluation.postprocess(

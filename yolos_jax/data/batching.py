@@ -31,12 +31,12 @@ import numpy as np
 from yolos_jax.data import transforms as T
 
 
-def _ceil_to(x, m: int):
+def ceil_to(x, m: int):
     return -(-np.asarray(x, np.int64) // m) * m
 
 
 def catch_all_canvases(max_short: int, max_long: int, multiple: int) -> list[tuple[int, int]]:
-    s, l = int(_ceil_to(max_short, multiple)), int(_ceil_to(max_long, multiple))
+    s, l = int(ceil_to(max_short, multiple)), int(ceil_to(max_long, multiple))
     return [(s, l)] if s == l else [(s, l), (l, s)]
 
 
@@ -52,28 +52,30 @@ def assign_canvases(hw: np.ndarray, canvases: np.ndarray) -> np.ndarray:
 
 def design_canvases(
     sample_hw: np.ndarray,
-    max_short: int,
-    max_long: int,
+    base_canvases: Sequence[tuple[int, int]],
     num_canvases: int,
     multiple: int = 16,
 ) -> list[tuple[int, int]]:
     """Chooses up to `num_canvases` canvases (multiples of `multiple`) for images of sizes `sample_hw`.
 
-    sample_hw: [N, 2] output sizes (a representative sample). max_short/max_long: bounds on any output
-    image's short/long side (the catch-alls are built from them). Greedy: starting from the catch-alls,
-    repeatedly add the candidate canvas (a pair of sample heights x sample widths, rounded up to the
-    multiple) that most reduces the total padded area of the sample. Returns canvases sorted by (H, W).
+    sample_hw: [N, 2] output sizes (a representative sample). base_canvases: always included; they
+    must hold every possible image (train: `catch_all_canvases`; eval: the bounding box of the known
+    sizes). Greedy: repeatedly add the candidate canvas (a sample height x a sample width, rounded up
+    to the multiple) that most reduces the total padded area of the sample, then re-choose each added
+    canvas given the others (two rounds of local search). Returns canvases sorted by (H, W).
     """
-    canv = catch_all_canvases(max_short, max_long, multiple)
+    canv = [tuple(int(v) for v in c) for c in base_canvases]
     if num_canvases < len(canv):
-        raise ValueError(f"num_canvases={num_canvases} is below the {len(canv)} catch-all canvas(es) needed to hold "
-                         "every image (portrait and landscape)")
-    hw = _ceil_to(np.asarray(sample_hw, np.int64).reshape(-1, 2), multiple)
+        raise ValueError(f"num_canvases={num_canvases} is below the {len(canv)} base canvas(es) needed to hold "
+                         "every image (for training: the portrait and landscape catch-alls)")
+    hw = ceil_to(np.asarray(sample_hw, np.int64).reshape(-1, 2), multiple)
     if len(hw) == 0:
         return sorted(canv)
     uniq, counts = np.unique(hw, axis=0, return_counts=True)
     area = (uniq[:, 0] * uniq[:, 1]).astype(np.float64)
     counts = counts.astype(np.float64)
+    counts32 = counts.astype(np.float32)
+    uniq_h, uniq_w = uniq[:, 0], uniq[:, 1]
 
     def cost_per_point(cs: np.ndarray) -> np.ndarray:
         fits = (uniq[:, None, 0] <= cs[None, :, 0]) & (uniq[:, None, 1] <= cs[None, :, 1])
@@ -87,14 +89,18 @@ def design_canvases(
         return float((cost_per_point(np.asarray(cs)) * counts).sum())
 
     def best_addition(base: list) -> tuple[float, Optional[tuple[int, int]]]:
-        """The candidate whose addition to `base` most reduces the padded area: (gain, canvas)."""
-        current = cost_per_point(np.asarray(base))
+        """The candidate whose addition to `base` most reduces the padded area: (gain, canvas).
+        A point moves to a candidate that holds it iff that is smaller than its current canvas, so
+        gain(c) = sum_p count_p * max(0, current_area_p - area_c) * [p fits c]."""
+        cur_area = (cost_per_point(np.asarray(base)) + area).astype(np.float32)
         best_gain, best = 0.0, None
-        for start in range(0, len(cand), 512):
-            cs = cand[start:start + 512]
-            fits = (uniq[:, None, 0] <= cs[None, :, 0]) & (uniq[:, None, 1] <= cs[None, :, 1])
-            new = np.where(fits, (cs[:, 0] * cs[:, 1]).astype(np.float64)[None, :] - area[:, None], np.inf)
-            gain = (np.maximum(current[:, None] - new, 0.0) * counts[:, None]).sum(axis=0)
+        for start in range(0, len(cand), 1024):
+            cs = cand[start:start + 1024]
+            val = cur_area[:, None] - (cs[:, 0] * cs[:, 1]).astype(np.float32)[None, :]
+            np.maximum(val, 0.0, out=val)
+            val *= uniq_h[:, None] <= cs[None, :, 0]
+            val *= uniq_w[:, None] <= cs[None, :, 1]
+            gain = counts32 @ val
             k = int(np.argmax(gain))
             if gain[k] > best_gain:
                 best_gain, best = float(gain[k]), tuple(int(v) for v in cs[k])
@@ -106,7 +112,7 @@ def design_canvases(
         if best is None:
             break
         canv.append(best)
-    for _ in range(3):  # local search: re-choose each added canvas given all the others
+    for _ in range(2):  # local search: re-choose each added canvas given all the others
         improved = False
         for i in range(fixed, len(canv)):
             others = canv[:i] + canv[i + 1:]
@@ -123,7 +129,7 @@ def padding_stats(hw: np.ndarray, canvas_hw: np.ndarray, patch_size: int = 16) -
     """Token and pixel padding waste of images hw [N, 2] placed on canvases canvas_hw [N, 2]."""
     hw = np.asarray(hw, np.int64).reshape(-1, 2)
     c = np.asarray(canvas_hw, np.int64).reshape(-1, 2)
-    real_tok = (_ceil_to(hw[:, 0], patch_size) * _ceil_to(hw[:, 1], patch_size)).sum() / patch_size**2
+    real_tok = (ceil_to(hw[:, 0], patch_size) * ceil_to(hw[:, 1], patch_size)).sum() / patch_size**2
     canv_tok = (c[:, 0] * c[:, 1]).sum() / patch_size**2
     real_px = (hw[:, 0] * hw[:, 1]).sum()
     canv_px = (c[:, 0] * c[:, 1]).sum()

@@ -309,8 +309,10 @@ def _folder_examples(source_dir: str, split: str, report: Report, verify: bool, 
 
 
 def _tfds_examples(tfds_name: str, tfds_data_dir: Optional[str], split: str, report: Report,
-                   categories_out: list) -> Iterator[dict[str, Any]]:
-    """Examples from tfds's prepared coco/20xx (labels are its 80 contiguous classes)."""
+                   categories_out: list, skip_decoding: bool = True) -> Iterator[dict[str, Any]]:
+    """Examples from tfds's prepared coco/20xx (labels are its 80 contiguous classes). Images are read
+    as stored (skip_decoding); with skip_decoding=False (tfds.testing.mock_data) decoded arrays are
+    stored as PNG."""
     tfds = get_tfds()
     tf = get_tf()
     builder = tfds.builder(tfds_name, data_dir=tfds_data_dir)
@@ -318,15 +320,19 @@ def _tfds_examples(tfds_name: str, tfds_data_dir: Optional[str], split: str, rep
     if len(names) != 80:
         raise DataError(f"{tfds_name}: expected COCO's 80 classes, found {len(names)}")
     categories_out.extend({"id": COCO80_TO_91[k], "name": n} for k, n in enumerate(names))
-    ds = builder.as_dataset(split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
+    decoders = {"image": tfds.decode.SkipDecoding()} if skip_decoding else None
+    ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
     rows = []
     for ex in ds.as_numpy_iterator():
         rows.append((int(ex["image/id"]), ex))
     rows.sort(key=lambda r: r[0])
     for iid, ex in rows:
         fname = ex["image/filename"].decode() if isinstance(ex["image/filename"], bytes) else str(ex["image/filename"])
+        image = ex["image"]
+        if isinstance(image, np.ndarray):  # decoded (mock data): store losslessly
+            image = tf.io.encode_png(image).numpy()
         try:
-            data, h, w, mode = probe_image(ex["image"], True)
+            data, h, w, mode = probe_image(image, True)
         except ValueError as err:
             report.add("image_undecodable", f"{tfds_name}[{split}] image id {iid}: {err}")
             continue
@@ -346,7 +352,6 @@ def _tfds_examples(tfds_name: str, tfds_data_dir: Optional[str], split: str, rep
         if not anns:
             report.add("image_no_annotations", f"{fname} (image id {iid})")
         yield _example(data, iid, fname, h, w, anns)
-    del tf
 
 
 def _example(data: bytes, image_id: int, file_name: str, h: int, w: int, anns: list) -> dict[str, Any]:
@@ -393,8 +398,9 @@ def _make_builder_classes():
 
         def __init__(self, *, source_dir: Optional[str] = None, splits: Optional[Sequence[str]] = None,
                      tfds_source: Optional[str] = None, tfds_data_dir: Optional[str] = None,
-                     verify_images: bool = True, num_threads: int = 2, **kwargs):
+                     verify_images: bool = True, num_threads: int = 2, tfds_skip_decoding: bool = True, **kwargs):
             super().__init__(version=VERSION, **kwargs)
+            self.tfds_skip_decoding = tfds_skip_decoding  # False only for tfds.testing.mock_data
             self.source_dir = source_dir
             self.splits = tuple(splits) if splits else None
             self.tfds_source = tfds_source
@@ -447,7 +453,7 @@ def _make_builder_classes():
             report = Report()
             cats: list = []
             if cfg.tfds_source:
-                stream = _tfds_examples(cfg.tfds_source, cfg.tfds_data_dir, split, report, cats)
+                stream = _tfds_examples(cfg.tfds_source, cfg.tfds_data_dir, split, report, cats, cfg.tfds_skip_decoding)
             else:
                 stream = _folder_examples(cfg.source_dir, split, report, cfg.verify_images, cfg.num_threads, cats)
             index = {"image_id": [], "height": [], "width": [], "num_objects": [], "num_crowd": []}
@@ -533,6 +539,8 @@ def prepare(
     tfds_data_dir: Optional[str] = None,
     verify_images: bool = True,
     num_threads: int = 2,
+    quiet: bool = False,
+    **builder_kwargs: Any,
 ) -> "PreparedDataset":
     """One-time: turns `source_dir` (COCO-format folder) or `tfds_source` (e.g. 'coco/2017') into the
     prepared dataset DATA_DIR/coco_folder/NAME/1.0.0. A no-op if it is already there (and came from the
@@ -544,13 +552,20 @@ def prepare(
         if not os.path.isdir(source_dir):
             raise DataError(f"source folder {source_dir} does not exist")
     b = make_builder(data_dir, name, source_dir=source_dir, splits=splits, tfds_source=tfds_source,
-                     tfds_data_dir=tfds_data_dir, verify_images=verify_images, num_threads=num_threads)
+                     tfds_data_dir=tfds_data_dir, verify_images=verify_images, num_threads=num_threads,
+                     **builder_kwargs)
     if b.data_path.exists():
         ds = load(data_dir, name)
         ds.check_source(source_dir, tfds_source)
         return ds
     tfds = get_tfds()
-    b.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
+    if quiet:
+        tfds.disable_progress_bar()
+    try:
+        b.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
+    finally:
+        if quiet:
+            tfds.enable_progress_bar()
     return load(data_dir, name)
 
 

@@ -233,19 +233,31 @@ def pad_targets(boxes: np.ndarray, labels: np.ndarray, max_boxes: int) -> tuple[
 # Images (TF ops; traced inside tf.data.map).
 
 
-def tf_apply_geometry(image_bytes: Any, geom: Any, image_format: str = "float32") -> Any:
+def tf_apply_geometry(image_bytes: Any, geom: Any, image_format: str = "float32", image_fn: Any = None,
+                      image_id: Any = None) -> Any:
     """Decodes and resamples one image following GEOM. TF graph function.
 
     image_bytes: scalar tf.string (JPEG, PNG, GIF, BMP, WebP; any channel layout -> RGB).
     geom: [9] int tensor. Returns [h2, w2, 3]: float32 ImageNet-normalised ((x/255 - mean) / std) when
     image_format == 'float32', or uint8 (rounded 0..255) when 'uint8'.
+    image_fn: optional Python `fn(uint8 [h, w, 3], image_id) -> uint8 [h, w, 3]` run on the decoded
+    original (tf.numpy_function), e.g. an eval-time corruption.
     """
-    from yolos_jax.data.tf_setup import get_tf
+    import tensorflow as tf  # configured by tf_setup.get_tf() before any pipeline is built
 
-    tf = get_tf()
     geom = tf.cast(geom, tf.int32)
     img = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
     img = tf.ensure_shape(img, [None, None, 3])
+    if image_fn is not None:
+        def hook(im, iid):
+            out = np.asarray(image_fn(im, int(iid)))
+            if out.shape != im.shape or out.dtype != np.uint8:
+                raise ValueError(f"image_fn must return uint8 {im.shape}, got {out.dtype} {out.shape}")
+            return out
+
+        shape = tf.shape(img)
+        img = tf.numpy_function(hook, [img, image_id], tf.uint8, stateful=False)
+        img = tf.reshape(img, shape)
     img = tf.cond(geom[0] > 0, lambda: tf.reverse(img, axis=[1]), lambda: img)
     img = tf.cast(img, tf.float32)
     img = _tf_resize(tf, img, geom[1:3])

@@ -1,0 +1,218 @@
+"""The tfds builder: a generated COCO-format folder round-trips exactly; every bad-data case follows its
+stated policy (skip and count, clip, convert, or a clear error); tfds's coco/2017 converts."""
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from yolos_jax.data import coco_builder as cb
+from yolos_jax.data import synthetic
+
+
+def _xyxy(bbox):
+    x, y, w, h = bbox
+    return [x, y, x + w, y + h]
+
+
+def test_builder_round_trips_a_generated_folder(tmp_path):
+    src = tmp_path / "src"
+    synthetic.generate(str(src), 7, 3, seed=4, image_size=[(48, 64), (64, 48)], num_classes=3,
+                       category_ids=[3, 7, 11], crowd_fraction=0.3)
+    ds = cb.prepare(str(tmp_path / "tfds"), "rt", source_dir=str(src), quiet=True)
+    assert ds.splits == ["train", "val"]
+    assert ds.categories == [{"id": 3, "name": "circle"}, {"id": 7, "name": "square"}, {"id": 11, "name": "triangle"}]
+    for split, n in (("train", 7), ("val", 3)):
+        doc = json.loads((src / "annotations" / f"instances_{split}.json").read_text())
+        images = sorted(doc["images"], key=lambda d: d["id"])
+        idx = ds.index(split)
+        assert idx.image_id.tolist() == [d["id"] for d in images] and len(idx) == n
+        assert idx.height.tolist() == [d["height"] for d in images] and idx.width.tolist() == [d["width"] for d in images]
+        source = ds.source_for(split)
+        n_crowd = 0
+        for i, im in enumerate(images):
+            rec = source[i]
+            assert rec["image"] == (src / split / im["file_name"]).read_bytes()  # stored as read
+            anns = [a for a in doc["annotations"] if a["image_id"] == im["id"]]
+            o = rec["objects"]
+            np.testing.assert_array_equal(np.asarray(o["bbox"], np.float32).reshape(-1, 4),
+                                          np.asarray([_xyxy(a["bbox"]) for a in anns], np.float32).reshape(-1, 4))
+            assert [int(c) for c in o["category_id"]] == [a["category_id"] for a in anns]
+            assert [bool(c) for c in o["is_crowd"]] == [bool(a["iscrowd"]) for a in anns]
+            assert [int(c) for c in o["id"]] == [a["id"] for a in anns]
+            np.testing.assert_allclose(o["area"], [a["area"] for a in anns])
+            n_crowd += sum(a["iscrowd"] for a in anns)
+            assert idx.num_crowd[i] == sum(a["iscrowd"] for a in anns)
+        assert n_crowd > 0 or split == "val"
+        gt = json.loads(open(ds.gt_json(split)).read())
+        strip = lambda a: {k: a[k] for k in ("id", "image_id", "category_id", "bbox", "iscrowd")}
+        assert sorted(map(json.dumps, map(strip, gt["annotations"]))) == sorted(map(json.dumps, map(strip, doc["annotations"])))
+        assert ds.report(split)["counts"] == {}
+    # Preparing again is a no-op; another source under the same name is refused.
+    assert cb.prepare(str(tmp_path / "tfds"), "rt", source_dir=str(src)).path == ds.path
+    with pytest.raises(cb.DataError, match="was prepared from"):
+        cb.prepare(str(tmp_path / "tfds"), "rt", source_dir=str(tmp_path))
+
+
+def _encode(img, fmt, **kw):
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _bad_folder(root):
+    """One folder holding every bad-data case of the input issue."""
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (40, 50, 3)).astype(np.uint8))
+    files = {
+        "good.jpg": _encode(rgb, "JPEG"),
+        "gray.jpg": _encode(rgb.convert("L"), "JPEG"),
+        "cmyk.jpg": _encode(rgb.convert("CMYK"), "JPEG"),
+        "rgba.png": _encode(Image.fromarray(np.dstack([np.asarray(rgb), np.full((40, 50), 90, np.uint8)])), "PNG"),
+        "pal.png": _encode(rgb.convert("P"), "PNG"),
+        "pic.tif": _encode(rgb, "TIFF"),
+        "corrupt.jpg": b"definitely not an image",
+        "trunc.jpg": _encode(rgb, "JPEG")[:200],
+        "empty.jpg": _encode(rgb, "JPEG"),
+        "sizewrong.jpg": _encode(rgb, "JPEG"),
+    }
+    os.makedirs(root / "train")
+    os.makedirs(root / "annotations")
+    for name, data in files.items():
+        (root / "train" / name).write_bytes(data)
+    names = list(files) + ["missing.jpg"]
+    images = [{"id": i + 1, "file_name": n, "height": 40, "width": 50} for i, n in enumerate(names)]
+    images[names.index("sizewrong.jpg")].update(height=100, width=100)
+    anns = [  # on good.jpg (id 1)
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 5, 10, 10], "area": 100, "iscrowd": 0},
+        {"id": 2, "image_id": 1, "category_id": 1, "bbox": [5, 5, 0, 10]},  # zero width
+        {"id": 3, "image_id": 1, "category_id": 1, "bbox": [5, 5, 10, -3]},  # negative height
+        {"id": 4, "image_id": 1, "category_id": 2, "bbox": [40, 30, 20, 20]},  # partly outside -> clipped
+        {"id": 5, "image_id": 1, "category_id": 2, "bbox": [60, 50, 5, 5]},  # wholly outside
+        {"id": 6, "image_id": 1, "category_id": 1, "bbox": "oops"},  # malformed
+        {"id": 7, "image_id": 999, "category_id": 1, "bbox": [1, 1, 5, 5]},  # unknown image
+        {"id": 8, "image_id": 1, "category_id": 77, "bbox": [1, 1, 5, 5]},  # unknown category
+        {"id": 9, "image_id": 1, "category_id": 2, "bbox": [20, 20, 10, 10], "iscrowd": 1},  # crowd
+        {"id": 10, "image_id": 1, "category_id": 1, "bbox": [-5, 2, 10, 10]},  # partly outside (left)
+    ]
+    for im in images[1:]:  # every other image gets one good box, except empty.jpg
+        if im["file_name"] != "empty.jpg":
+            anns.append({"id": 100 + im["id"], "image_id": im["id"], "category_id": 2, "bbox": [2, 3, 20, 15]})
+    doc = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+    (root / "annotations" / "instances_train.json").write_text(json.dumps(doc))
+    return rgb
+
+
+def test_bad_data_is_skipped_counted_clipped_or_converted(tmp_path):
+    rgb = _bad_folder(tmp_path / "bad")
+    ds = cb.prepare(str(tmp_path / "tfds"), "bad", source_dir=str(tmp_path / "bad"), quiet=True)
+    counts = ds.report("train")["counts"]
+    assert counts == {
+        "ann_bad_bbox": 1, "ann_clipped_box": 2, "ann_degenerate_box": 2, "ann_outside_box": 1,
+        "ann_unknown_category": 1, "ann_unknown_image": 1, "image_missing": 1, "image_undecodable": 2,
+        "image_mode_CMYK": 1, "image_mode_L": 1, "image_mode_P": 1, "image_mode_RGBA": 1,
+        "image_mode_TIFF:RGB->PNG": 1, "image_no_annotations": 1, "image_size_mismatch": 1,
+    }, counts
+    idx = ds.index("train")
+    kept = ["good.jpg", "gray.jpg", "cmyk.jpg", "rgba.png", "pal.png", "pic.tif", "empty.jpg", "sizewrong.jpg"]
+    assert idx.image_id.tolist() == [1, 2, 3, 4, 5, 6, 9, 10]
+    assert (idx.height == 40).all() and (idx.width == 50).all()  # the file's size, not the JSON's
+    src = ds.source_for("train")
+    good = src[0]["objects"]
+    np.testing.assert_array_equal(np.asarray(good["bbox"]),
+                                  [[5, 5, 15, 15], [40, 30, 50, 40], [20, 20, 30, 30], [0, 2, 5, 12]])
+    assert [bool(c) for c in good["is_crowd"]] == [False, False, True, False]
+    # Every kept image decodes to the RGB that PIL's convert('RGB') gives (the original's loader).
+    from yolos_jax.data import transforms as T
+
+    ident = np.asarray([0, 40, 50, 0, 0, 40, 50, 40, 50])
+    for i, name in enumerate(kept):
+        got = T.tf_apply_geometry(src[i]["image"], ident, "uint8").numpy().astype(int)
+        ref = np.asarray(Image.open(tmp_path / "bad" / "train" / name).convert("RGB")).astype(int)
+        diff = np.abs(got - ref)
+        if name.endswith(".jpg"):  # JPEG decoders (TF's libjpeg-turbo, PIL's libjpeg) differ in the last bits
+            assert diff.mean() < 1.5 and diff.max() <= 10, name
+        else:
+            assert diff.max() == 0, name
+    assert np.abs(np.asarray(Image.open(tmp_path / "bad" / "train" / "pal.png").convert("RGB")).astype(int)
+                  - np.asarray(rgb)).mean() < 40
+
+
+def _bad_json(tmp_path, text):
+    p = tmp_path / "instances_x.json"
+    p.write_text(text)
+    return str(p)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ('{"images": [', r"not valid JSON \(line 1, column 13"),
+        ("[1, 2]", "top level must be a JSON object"),
+        ('{"images": [], "annotations": []}', "missing field 'categories'"),
+        ('{"images": {}, "annotations": [], "categories": []}', "field 'images' must be a list"),
+    ],
+)
+def test_unreadable_json_raises_naming_file_and_field(tmp_path, text, match):
+    path = _bad_json(tmp_path, text)
+    with pytest.raises(cb.DataError, match=match) as e:
+        cb.read_instances_json(path)
+    assert path in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "images, categories, match",
+    [
+        ([{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"}], [{"id": 1, "name": "x"}], "repeats image id 1"),
+        ([{"id": 1}], [{"id": 1, "name": "x"}], r"images\[0\] \(id 1\) field 'file_name'"),
+        ([{"id": "7", "file_name": "a.jpg"}], [{"id": 1, "name": "x"}], r"images\[0\] field 'id' must be an integer"),
+        ([], [{"id": 1, "name": "x"}, {"id": 1, "name": "y"}], "field 'categories': duplicate category ids"),
+    ],
+)
+def test_bad_json_structure_raises(tmp_path, images, categories, match):
+    path = _bad_json(tmp_path, json.dumps({"images": images, "annotations": [], "categories": categories}))
+    doc = cb.read_instances_json(path)
+    with pytest.raises(cb.DataError, match=match):
+        cb.parse_instances(doc, path, cb.Report())
+
+
+def test_prepare_surfaces_json_errors_and_missing_data(tmp_path):
+    root = tmp_path / "src"
+    os.makedirs(root / "annotations")
+    os.makedirs(root / "train")
+    (root / "annotations" / "instances_train.json").write_text('{"images": [}')
+    with pytest.raises(cb.DataError, match="instances_train.json: not valid JSON"):
+        cb.prepare(str(tmp_path / "tfds"), "broken", source_dir=str(root), quiet=True)
+    assert not (tmp_path / "tfds" / "coco_folder" / "broken" / "1.0.0").exists()  # nothing half-written
+    with pytest.raises(cb.DataError, match="does not exist"):
+        cb.prepare(str(tmp_path / "tfds"), "x", source_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(cb.DataError, match="python -m yolos_jax.data.prepare"):
+        cb.load(str(tmp_path / "tfds"), "never_prepared")
+
+
+def test_prepare_from_tfds_coco(tmp_path):
+    """tfds's own coco/2017 (mocked: random images and boxes) -> our format with COCO category ids."""
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=3, policy=tfds.testing.MockPolicy.USE_CODE):
+        ds = cb.prepare(str(tmp_path / "tfds"), "coco_from_tfds", tfds_source="coco/2017", splits=["validation"],
+                        tfds_data_dir=str(tmp_path / "none"), tfds_skip_decoding=False, quiet=True)
+        ref = list(tfds.builder("coco/2017", data_dir=str(tmp_path / "none")).as_dataset(split="validation")
+                   .as_numpy_iterator())
+    assert len(ds.categories) == 80 and ds.categories[-1]["id"] == 90 and ds.categories[0]["name"] == "person"
+    ref.sort(key=lambda ex: int(ex["image/id"]))
+    idx = ds.index("validation")
+    assert idx.image_id.tolist() == [int(ex["image/id"]) for ex in ref]
+    src = ds.source_for("validation")
+    for i, ex in enumerate(ref):
+        h, w = ex["image"].shape[:2]
+        assert (idx.height[i], idx.width[i]) == (h, w)
+        o = src[i]["objects"]
+        ymin, xmin, ymax, xmax = ex["objects"]["bbox"].T
+        ok = (xmax > xmin) & (ymax > ymin)  # random mock boxes may be degenerate (skipped and counted)
+        want = np.stack([xmin * w, ymin * h, xmax * w, ymax * h], 1)[ok]
+        np.testing.assert_allclose(np.asarray(o["bbox"]).reshape(-1, 4), np.clip(want, 0, [w, h, w, h]), atol=1e-3)
+        assert [int(c) for c in o["category_id"]] == [cb.COCO80_TO_91[k] for k in ex["objects"]["label"][ok]]

@@ -1,0 +1,108 @@
+"""LabelMap (category ids <-> labels) and yolos_jax.draw. No TensorFlow here."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from yolos_jax import draw
+from yolos_jax.data.labels import LabelMap
+
+# COCO 2017's 80 category ids (gaps at 12, 26, 29, 30, 45, 66, 68, 69, 71, 83).
+COCO_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
+
+
+def _cats(ids):
+    return [{"id": i, "name": f"c{i}"} for i in ids]
+
+
+def test_contiguous_is_rank_of_sorted_ids():
+    rng = np.random.default_rng(0)
+    ids = [int(i) for i in rng.choice(np.arange(1, 500), 37, replace=False)]
+    lm = LabelMap.from_categories(_cats(ids), "contiguous")
+    ref = {c: k for k, c in enumerate(np.unique(ids))}  # independent: numpy's sorted unique
+    assert lm.num_classes == 37
+    assert all(lm.to_label(c) == ref[c] for c in ids)
+    assert all(lm.to_category(ref[c]) == c for c in ids)
+    assert lm.names == [f"c{c}" for c in sorted(ids)]
+    np.testing.assert_array_equal(lm.to_labels(np.asarray(ids).reshape(-1, 1)), np.asarray([[ref[c]] for c in ids]))
+    np.testing.assert_array_equal(lm.to_categories(np.arange(37)), np.unique(ids))
+
+
+def test_identity_matches_coco_91():
+    lm = LabelMap.from_categories(_cats(COCO_IDS), "identity")
+    assert lm.num_classes == 91  # HF YolosForObjectDetection num_labels for COCO
+    assert all(lm.to_label(c) == c and lm.to_category(c) == c for c in COCO_IDS)
+    assert lm.names[0] == "N/A" and lm.names[12] == "N/A" and lm.names[90] == "c90"
+    assert not lm.is_used(0) and not lm.is_used(83) and lm.is_used(1)
+    assert lm.to_category(12) == 12  # unused labels still map (the evaluator filters with is_used)
+
+
+def test_json_round_trip_and_equality():
+    for mode in ("contiguous", "identity"):
+        lm = LabelMap.from_categories(list(reversed(_cats([3, 7, 5]))), mode)
+        s = lm.to_json()
+        assert json.loads(s)["mode"] == mode
+        assert LabelMap.from_json(s) == lm and LabelMap.from_json(json.loads(s)) == lm
+    assert LabelMap.from_categories(_cats([1, 2])) != LabelMap.from_categories(_cats([1, 2]), "identity")
+
+
+@pytest.mark.parametrize(
+    "cats, mode, match",
+    [
+        (_cats([1, 2, 2]), "contiguous", "duplicate category ids"),
+        (_cats([-1, 2]), "identity", "negative"),
+        (_cats([1, 10**7]), "identity", "contiguous"),
+        ([], "contiguous", "at least one category"),
+        ([{"name": "x"}], "contiguous", "has no 'id'"),
+        ([{"id": "3", "name": "x"}], "contiguous", "not an integer"),
+        (_cats([1]), "sorted", "mode must be one of"),
+    ],
+)
+def test_bad_categories_raise(cats, mode, match):
+    with pytest.raises(ValueError, match=match):
+        LabelMap.from_categories(cats, mode)
+
+
+def test_unknown_ids_and_labels_raise():
+    lm = LabelMap.from_categories(_cats([4, 8]))
+    with pytest.raises(KeyError, match="category_id 5"):
+        lm.to_label(5)
+    with pytest.raises(KeyError, match="outside"):
+        lm.to_category(2)
+    with pytest.raises(KeyError):
+        lm.to_categories(np.asarray([0, 2]))
+
+
+def test_draw_boxes_outlines_the_box_and_writes_text():
+    img = np.zeros((60, 80, 3), np.uint8)
+    out = draw.draw_boxes(img, np.asarray([[10, 20, 50, 40]]), None, [(255, 0, 0)], width=1)
+    assert out.dtype == np.uint8 and out.shape == img.shape and not img.any()  # input untouched
+    red = np.all(out == [255, 0, 0], axis=-1)
+    ys, xs = np.nonzero(red)
+    assert (xs.min(), ys.min(), xs.max(), ys.max()) == (10, 20, 50, 40)  # PIL draws x1/y1 inclusive
+    assert red[20, 10:51].all() and red[40, 10:51].all() and red[20:41, 10].all() and red[20:41, 50].all()
+    assert not red[21:40, 11:50].any()  # outline only
+    tagged = draw.draw_boxes(img, np.asarray([[10, 30, 50, 55]]), ["cat 0.93"])
+    assert tagged[:30].any()  # the tag sits above the box
+    assert draw.color_for("cat 0.93") == draw.color_for("cat 0.41") == draw.color_for("cat")
+
+
+def test_draw_boxes_rejects_bad_input():
+    with pytest.raises(ValueError, match="uint8"):
+        draw.draw_boxes(np.zeros((4, 4, 3), np.float32), np.zeros((0, 4)), [])
+    with pytest.raises(ValueError, match="2 boxes but 1 texts"):
+        draw.draw_boxes(np.zeros((4, 4, 3), np.uint8), np.zeros((2, 4)), ["a"])
+
+
+def test_save_png_round_trip_is_atomic(tmp_path):
+    img = np.random.default_rng(0).integers(0, 256, (17, 23, 3)).astype(np.uint8)
+    path = tmp_path / "sub" / "x.png"
+    draw.save_png(path, img)
+    np.testing.assert_array_equal(np.asarray(Image.open(path)), img)
+    assert os.listdir(tmp_path / "sub") == ["x.png"]  # no temp file left behind
+    with pytest.raises(ValueError):
+        draw.save_png(tmp_path / "y.png", img.astype(np.float32))
+    assert os.listdir(tmp_path / "sub") == ["x.png"] and not (tmp_path / "y.png").exists()

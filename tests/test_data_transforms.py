@@ -1,0 +1,239 @@
+"""Train/eval transforms: DETR's size rule and box arithmetic against independent references, the
+random geometry's invariants, and (through the TF image ops) boxes that stay on their objects."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from yolos_jax.data import transforms as T
+
+
+def detr_get_size(image_size, size, max_size=None):
+    """DETR datasets/transforms.py resize.get_size_with_aspect_ratio, verbatim (image_size = (w, h))."""
+    w, h = image_size
+    if max_size is not None:
+        min_original_size = float(min((w, h)))
+        max_original_size = float(max((w, h)))
+        if max_original_size / min_original_size * size > max_size:
+            size = int(round(max_size * min_original_size / max_original_size))
+    if (w <= h and w == size) or (h <= w and h == size):
+        return (h, w)
+    if w < h:
+        ow = size
+        oh = int(size * h / w)
+    else:
+        oh = size
+        ow = int(size * w / h)
+    return (oh, ow)
+
+
+def test_detr_resize_rule_matches_original():
+    rng = np.random.default_rng(0)
+    h = rng.integers(16, 2000, 3000)
+    w = rng.integers(16, 2000, 3000)
+    h[:300] = 480  # COCO-like sizes, including the "already that size" branch
+    w[:300] = rng.choice([640, 480, 427], 300)
+    s = rng.choice(np.arange(256, 801, 16), 3000)
+    for max_size in (None, 1333, 1013):
+        oh, ow = T.detr_resize_hw(h, w, s, max_size)
+        ref = np.asarray([detr_get_size((int(b), int(a)), int(c), max_size) for a, b, c in zip(h, w, s)])
+        np.testing.assert_array_equal(np.stack([oh, ow], 1), ref)
+
+
+def _coco_like_sizes(n, rng):
+    short = rng.choice([480, 427, 360, 640, 424, 500], n)
+    land = rng.random(n) < 0.7
+    return np.where(land, short, 640), np.where(land, 640, short)
+
+
+def test_train_geometry_invariants_at_s_scales():
+    rng = np.random.default_rng(1)
+    h, w = _coco_like_sizes(4000, rng)
+    cfg = T.TrainTransformConfig(scales=T.SCALES_S, max_size=1333)
+    g = T.sample_train_geometry(np.random.default_rng(2), h, w, cfg)
+    flip, h1, w1, cy, cx, ch, cw, h2, w2 = g.T
+    crop = (h1 != h) | (w1 != w) | (ch != h1) | (cw != w1)
+    # Flip and branch choice are fair coins.
+    assert abs(flip.mean() - 0.5) < 0.04 and abs(crop.mean() - 0.5) < 0.04
+    # No-crop branch: the final size is DETR's resize of the original to one of the scales, floored to 16.
+    cand = {s: T.detr_resize_hw(h, w, s, 1333) for s in T.SCALES_S}
+    nc = ~crop
+    ok = np.zeros(len(h), bool)
+    for oh, ow in cand.values():
+        ok |= (h2 == oh // 16 * 16) & (w2 == ow // 16 * 16)
+    assert ok[nc].all()
+    # Crop branch: resize to 400/500/600, a crop of 384..min(side, 600) inside it, then a scale.
+    inter_ok = np.zeros(len(h), bool)
+    for s1 in (400, 500, 600):
+        a, b = T.detr_resize_hw(h, w, s1, None)
+        inter_ok |= (h1 == a) & (w1 == b)
+    assert inter_ok[crop].all()
+    assert ((cw >= 384) & (cw <= np.minimum(w1, 600)) & (ch >= 384) & (ch <= np.minimum(h1, 600)))[crop].all()
+    assert ((cx >= 0) & (cx + cw <= w1) & (cy >= 0) & (cy + ch <= h1)).all()
+    ok = np.zeros(len(h), bool)
+    for s in T.SCALES_S:
+        oh, ow = T.detr_resize_hw(ch, cw, s, 1333)
+        ok |= (h2 == oh // 16 * 16) & (w2 == ow // 16 * 16)
+    assert ok[crop].all()
+    assert (h2 % 16 == 0).all() and (w2 % 16 == 0).all()
+    assert (np.minimum(h2, w2) <= 800).all() and (np.maximum(h2, w2) <= 1333).all()
+    # Every scale is used (the multi-scale set, not a subset).
+    assert len({int(min(a, b)) for a, b in zip(h2[nc], w2[nc])} & set(T.SCALES_S)) >= 15
+
+
+def test_lsj_and_eval_geometry():
+    rng = np.random.default_rng(3)
+    h, w = _coco_like_sizes(2000, rng)
+    cfg = T.TrainTransformConfig(scales=T.SCALES_S, max_size=1333, large_scale_jitter=True)
+    g = T.sample_train_geometry(np.random.default_rng(4), h, w, cfg)
+    flip, h1, w1, cy, cx, ch, cw, h2, w2 = g.T
+    scale = np.maximum(h1 / h, w1 / w)
+    assert scale.min() > 0.1 * 1024 / 640 * 0.98 and scale.max() < 2.0 * 1024 / 480 * 1.02
+    assert ((ch == np.minimum(h1, 1024)) & (cw == np.minimum(w1, 1024)) & (h2 == ch) & (w2 == cw)).all()
+    assert ((cy >= 0) & (cy + ch <= h1) & (cx >= 0) & (cx + cw <= w1)).all()
+    assert ((h1 > 1024) | (w1 > 1024)).any() and ((h1 < 1024) & (w1 < 1024)).any()
+    ge = T.eval_geometry(h, w, 800, 1333)
+    oh, ow = T.detr_resize_hw(h, w, 800, 1333)
+    np.testing.assert_array_equal(ge[:, 7:], np.stack([oh, ow], 1))
+    assert (ge[:, 0] == 0).all() and (ge[:, 1] == h).all() and (ge[:, 6] == w).all()
+
+
+def reference_boxes(boxes, hw, geom):
+    """Independent float64 reference: map corners into the crop frame, clip, normalise by the crop
+    (the last resize is a pure scale, so it cancels in normalised coordinates)."""
+    flip, h1, w1, cy, cx, ch, cw, h2, w2 = (int(v) for v in geom)
+    h, w = hw
+    out, keep = [], []
+    for x0, y0, x1, y1 in np.asarray(boxes, np.float64):
+        if flip:
+            x0, x1 = w - x1, w - x0
+        x0, x1 = x0 * w1 / w - cx, x1 * w1 / w - cx
+        y0, y1 = y0 * h1 / h - cy, y1 * h1 / h - cy
+        x0, x1 = np.clip([x0, x1], 0, cw)
+        y0, y1 = np.clip([y0, y1], 0, ch)
+        k = x1 > x0 and y1 > y0
+        keep.append(k)
+        if k:
+            out.append([(x0 + x1) / 2 / cw, (y0 + y1) / 2 / ch, (x1 - x0) / cw, (y1 - y0) / ch])
+    return np.asarray(out).reshape(-1, 4), np.asarray(keep, bool)
+
+
+def test_box_transform_matches_reference():
+    rng = np.random.default_rng(5)
+    for lsj in (False, True):
+        cfg = T.TrainTransformConfig(scales=T.SCALES_S, max_size=1333, large_scale_jitter=lsj)
+        h, w = _coco_like_sizes(300, rng)
+        g = T.sample_train_geometry(rng, h, w, cfg)
+        n_dropped = 0
+        for i in range(300):
+            x0 = rng.uniform(0, w[i] - 2, 8)
+            y0 = rng.uniform(0, h[i] - 2, 8)
+            boxes = np.stack([x0, y0, rng.uniform(x0 + 1, w[i]), rng.uniform(y0 + 1, h[i])], 1).astype(np.float32)
+            got, keep = T.transform_boxes(boxes, (h[i], w[i]), g[i])
+            ref, ref_keep = reference_boxes(boxes, (h[i], w[i]), g[i])
+            np.testing.assert_array_equal(keep, ref_keep)
+            np.testing.assert_allclose(got, ref, atol=2e-6)
+            n_dropped += (~keep).sum()
+        assert n_dropped > 0  # the crops did remove boxes
+
+
+def test_pad_targets_truncates_and_masks():
+    b = np.arange(12, dtype=np.float32).reshape(3, 4)
+    out_b, out_l, m, cut = T.pad_targets(b, np.asarray([5, 6, 7]), 2)
+    np.testing.assert_array_equal(out_b, b[:2]) and np.testing.assert_array_equal(out_l, [5, 6])
+    assert m.all() and cut == 1
+    out_b, out_l, m, cut = T.pad_targets(b, np.asarray([5, 6, 7]), 5)
+    assert m.tolist() == [True] * 3 + [False] * 2 and cut == 0 and not out_b[3:].any() and not out_l[3:].any()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Through the TF image ops: after any transform, the pixels inside each box are its object's colour.
+
+COLOURS = [(230, 30, 30), (30, 200, 40), (40, 60, 230), (240, 220, 20), (200, 40, 220), (20, 210, 220)]
+
+
+def _test_image():
+    """A 120x160 gray image with 6 solid rectangles of known colour (lossless PNG), boxes xyxy pixels."""
+    img = np.full((120, 160, 3), 128, np.uint8)
+    boxes = np.asarray([[5, 5, 45, 35], [60, 10, 150, 40], [10, 50, 40, 110], [50, 55, 100, 115],
+                        [110, 50, 155, 80], [115, 88, 158, 117]], np.float32)
+    for (x0, y0, x1, y1), c in zip(boxes.astype(int), COLOURS):
+        img[y0:y1, x0:x1] = c
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue(), boxes
+
+
+def _check_boxes_on_objects(out_img, boxes_cxcywh, labels):
+    h, w = out_img.shape[:2]
+    checked = 0
+    for (cx, cy, bw, bh), lab in zip(boxes_cxcywh, labels):
+        x0, x1 = (cx - bw / 2) * w, (cx + bw / 2) * w
+        y0, y1 = (cy - bh / 2) * h, (cy + bh / 2) * h
+        if x1 - x0 < 6 or y1 - y0 < 6:
+            continue  # too small to judge after resampling
+        # Inside (1 px in from each edge, where resampling blurs): the object's colour.
+        inner = out_img[int(np.ceil(y0)) + 1:int(y1) - 1, int(np.ceil(x0)) + 1:int(x1) - 1].astype(int)
+        near = np.abs(inner - np.asarray(COLOURS[lab])).max(-1) < 40
+        assert near.mean() > 0.9, (lab, near.mean())
+        # A 2 px ring outside the box: mostly not that colour (the box is tight, not just large).
+        ring = np.zeros((h, w), bool)
+        ring[max(0, int(y0) - 3):int(np.ceil(y1)) + 3, max(0, int(x0) - 3):int(np.ceil(x1)) + 3] = True
+        ring[max(0, int(y0) - 1):int(np.ceil(y1)) + 1, max(0, int(x0) - 1):int(np.ceil(x1)) + 1] = False
+        if ring.sum() > 10:
+            outer = np.abs(out_img[ring].astype(int) - np.asarray(COLOURS[lab])).max(-1) < 40
+            assert outer.mean() < 0.3, (lab, outer.mean())
+        checked += 1
+    return checked
+
+
+def _geometries():
+    h, w = 120, 160
+    small = dict(scales=(96, 112, 128), max_size=200, crop_resize_sizes=(100, 120), crop_min_size=64,
+                 crop_max_size=110, lsj_size=128)
+    yield "flip", np.asarray([1, h, w, 0, 0, h, w, h, w])
+    yield "upscale", np.asarray([0, h, w, 0, 0, h, w, 192, 256])
+    yield "downscale", np.asarray([0, h, w, 0, 0, h, w, 64, 80])
+    yield "crop", np.asarray([0, h, w, 20, 30, 80, 100, 80, 100])
+    yield "flip+resize+crop+resize", np.asarray([1, 150, 200, 25, 40, 100, 120, 112, 128])
+    for lsj, name in ((False, "random train"), (True, "large-scale jitter")):
+        cfg = T.TrainTransformConfig(large_scale_jitter=lsj, **small)
+        for k, g in enumerate(T.sample_train_geometry(np.random.default_rng(6), [h] * 6, [w] * 6, cfg)):
+            yield f"{name} {k}", g
+
+
+def test_image_and_boxes_stay_together():
+    data, boxes = _test_image()
+    labels = np.arange(len(boxes))
+    checked = {}
+    for name, g in _geometries():
+        out = T.tf_apply_geometry(data, g, "uint8").numpy()
+        assert out.shape == (g[7], g[8], 3), name
+        b, keep = T.transform_boxes(boxes, (120, 160), g)
+        checked[name] = _check_boxes_on_objects(out, b, labels[keep])
+    assert checked["flip"] == checked["upscale"] == 6 and checked["crop"] >= 2
+    assert sum(v for k, v in checked.items() if k.startswith("large-scale")) >= 6
+    assert sum(v for k, v in checked.items() if k.startswith("random")) >= 12
+
+
+def test_float_output_is_normalised_uint8():
+    data, _ = _test_image()
+    g = np.asarray([1, 120, 160, 10, 20, 90, 120, 136, 176])
+    u8 = T.tf_apply_geometry(data, g, "uint8").numpy()
+    f32 = T.tf_apply_geometry(data, g, "float32").numpy()
+    assert f32.dtype == np.float32
+    # The uint8 output is the float one rounded: equal up to half a grey level.
+    np.testing.assert_allclose(f32, T.normalize_np(u8), atol=0.5 / 255 / min(T.IMAGENET_STD) + 1e-5)
+    with pytest.raises(ValueError, match="image_format"):
+        T.tf_apply_geometry(data, g, "bfloat16")
+
+
+def test_bad_transform_configs_raise():
+    with pytest.raises(ValueError, match="crop_min_size"):
+        T.TrainTransformConfig(scales=(480,), max_size=1333, crop_min_size=450, crop_resize_sizes=(400,))
+    with pytest.raises(ValueError, match="max_size"):
+        T.TrainTransformConfig(scales=(480, 800), max_size=700)
+    with pytest.raises(ValueError, match="scale set"):
+        T.scales_for("xl")
