@@ -68,7 +68,8 @@ def test_pairwise_iou_giou_match_float64_reference():
     np.testing.assert_allclose(giou, ref[..., 1], atol=1e-6)
     assert giou[3, 0] == pytest.approx(1.0, abs=1e-6) and np.all(giou[:, 1] < 0)
     # Leading batch axes broadcast.
-    giou_b = np.asarray(box_ops.pairwise_giou(np.stack([b1, b1]).astype(np.float32), np.stack([b2, b2]).astype(np.float32)))
+    stacked = [np.stack([b, b]).astype(np.float32) for b in (b1, b2)]
+    giou_b = np.asarray(box_ops.pairwise_giou(*stacked))
     np.testing.assert_allclose(giou_b[1], giou, atol=0)
 
 
@@ -76,16 +77,12 @@ def test_giou_equals_hf_generalized_box_iou():
     rng = np.random.default_rng(3)
     b1 = center_to_corners_format(torch.tensor(_random_cxcywh(rng, (9,)), dtype=torch.float64))
     b2 = center_to_corners_format(torch.tensor(_random_cxcywh(rng, (6,)), dtype=torch.float64))
-    ref = hf_giou(b1, b2).numpy()
-    ref_iou = hf_box_iou(b1, b2)[0].numpy()
-    got = np.asarray(box_ops.pairwise_giou(b1.numpy().astype(np.float32), b2.numpy().astype(np.float32)))
-    np.testing.assert_allclose(got, ref, atol=1e-6)
-    got_iou = np.asarray(box_ops.pairwise_iou(b1.numpy().astype(np.float32), b2.numpy().astype(np.float32))[0])
-    np.testing.assert_allclose(got_iou, ref_iou, atol=1e-6)
+    f1, f2 = b1.numpy().astype(np.float32), b2.numpy().astype(np.float32)
+    np.testing.assert_allclose(np.asarray(box_ops.pairwise_giou(f1, f2)), hf_giou(b1, b2).numpy(), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(box_ops.pairwise_iou(f1, f2)[0]), hf_box_iou(b1, b2)[0].numpy(), atol=1e-6)
     # Elementwise = the diagonal of the pairwise matrix.
-    n = 6
-    diag = hf_giou(b1[:n], b2).numpy().diagonal()
-    got_el = np.asarray(box_ops.elementwise_giou(b1[:n].numpy().astype(np.float32), b2.numpy().astype(np.float32)))
-    np.testing.assert_allclose(got_el, diag, atol=1e-6)
-    got_el_iou = np.asarray(box_ops.elementwise_iou(b1[:n].numpy().astype(np.float32), b2.numpy().astype(np.float32)))
-    np.testing.assert_allclose(got_el_iou, hf_box_iou(b1[:n], b2)[0].numpy().diagonal(), atol=1e-6)
+    n = len(b2)
+    np.testing.assert_allclose(np.asarray(box_ops.elementwise_giou(f1[:n], f2)),
+                               hf_giou(b1[:n], b2).numpy().diagonal(), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(box_ops.elementwise_iou(f1[:n], f2)),
+                               hf_box_iou(b1[:n], b2)[0].numpy().diagonal(), atol=1e-6)

@@ -193,26 +193,58 @@ def test_prepare_surfaces_json_errors_and_missing_data(tmp_path):
         cb.load(str(tmp_path / "tfds"), "never_prepared")
 
 
-def test_prepare_from_tfds_coco(tmp_path):
-    """tfds's own coco/2017 (mocked: random images and boxes) -> our format with COCO category ids."""
+def _fake_tfds_coco():
+    """Examples in the structure of tfds coco/2017: (image/id, JPEG bytes, [ymin, xmin, ymax, xmax]
+    normalised boxes, 80-class labels, is_crowd)."""
+    rng = np.random.default_rng(1)
+    out = []
+    for iid, (h, w) in ((42, (30, 40)), (7, (50, 20)), (19, (24, 24))):
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3)).astype(np.uint8))
+        bbox = np.asarray([[0.1, 0.2, 0.5, 0.9], [0.3, 0.3, 0.3, 0.6], [0.0, 0.5, 1.0, 1.0]], np.float32)  # 2nd: empty
+        out.append({"image": _encode(img, "JPEG"), "image/filename": f"{iid}.jpg", "image/id": iid,
+                    "objects": {"bbox": bbox, "label": np.asarray([0, 5, 79], np.int64),
+                                "is_crowd": np.asarray([False, False, True]), "area": np.asarray([1, 2, 3], np.float32),
+                                "id": np.asarray([iid * 10, iid * 10 + 1, iid * 10 + 2], np.int64)}})
+    return out
+
+
+def test_prepare_from_tfds_coco(tmp_path, monkeypatch):
+    """tfds's own coco/2017 (its reader mocked with known examples) -> our format, COCO category ids."""
+    import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    with tfds.testing.mock_data(num_examples=3, policy=tfds.testing.MockPolicy.USE_CODE):
-        ds = cb.prepare(str(tmp_path / "tfds"), "coco_from_tfds", tfds_source="coco/2017", splits=["validation"],
-                        tfds_data_dir=str(tmp_path / "none"), tfds_skip_decoding=False, quiet=True)
-        ref = list(tfds.builder("coco/2017", data_dir=str(tmp_path / "none")).as_dataset(split="validation")
-                   .as_numpy_iterator())
-    assert len(ds.categories) == 80 and ds.categories[-1]["id"] == 90 and ds.categories[0]["name"] == "person"
-    ref.sort(key=lambda ex: int(ex["image/id"]))
+    fake = _fake_tfds_coco()
+
+    def as_dataset_fn(self, split, decoders=None, read_config=None, **kwargs):
+        assert decoders is not None  # the adapter reads the JPEG bytes as stored (SkipDecoding)
+        sig = {"image": tf.TensorSpec([], tf.string), "image/filename": tf.TensorSpec([], tf.string),
+               "image/id": tf.TensorSpec([], tf.int64),
+               "objects": {"bbox": tf.TensorSpec([None, 4], tf.float32), "label": tf.TensorSpec([None], tf.int64),
+                           "is_crowd": tf.TensorSpec([None], tf.bool), "area": tf.TensorSpec([None], tf.float32),
+                           "id": tf.TensorSpec([None], tf.int64)}}
+        return tf.data.Dataset.from_generator(lambda: iter(fake), output_signature=sig)
+
+    read_coco = cb._tfds_examples
+
+    def mocked_read(*args, **kwargs):  # only the coco/2017 read is mocked, not our own builder
+        with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, as_dataset_fn=as_dataset_fn):
+            return iter(list(read_coco(*args, **kwargs)))
+
+    monkeypatch.setattr(cb, "_tfds_examples", mocked_read)
+    ds = cb.prepare(str(tmp_path / "tfds"), "coco_from_tfds", tfds_source="coco/2017", splits=["validation"],
+                    tfds_data_dir=str(tmp_path / "none"), quiet=True)
+    with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE):
+        names = tfds.builder("coco/2017").info.features["objects"]["label"].names
+    assert [c["id"] for c in ds.categories] == list(cb.COCO80_TO_91) and [c["name"] for c in ds.categories] == names
+    assert ds.report("validation")["counts"] == {"ann_degenerate_box": 3}
     idx = ds.index("validation")
-    assert idx.image_id.tolist() == [int(ex["image/id"]) for ex in ref]
+    assert idx.image_id.tolist() == [7, 19, 42] and idx.height.tolist() == [50, 24, 30] and idx.width.tolist() == [20, 24, 40]
     src = ds.source_for("validation")
-    for i, ex in enumerate(ref):
-        h, w = ex["image"].shape[:2]
-        assert (idx.height[i], idx.width[i]) == (h, w)
-        o = src[i]["objects"]
-        ymin, xmin, ymax, xmax = ex["objects"]["bbox"].T
-        ok = (xmax > xmin) & (ymax > ymin)  # random mock boxes may be degenerate (skipped and counted)
-        want = np.stack([xmin * w, ymin * h, xmax * w, ymax * h], 1)[ok]
-        np.testing.assert_allclose(np.asarray(o["bbox"]).reshape(-1, 4), np.clip(want, 0, [w, h, w, h]), atol=1e-3)
-        assert [int(c) for c in o["category_id"]] == [cb.COCO80_TO_91[k] for k in ex["objects"]["label"][ok]]
+    for i, ex in enumerate(sorted(fake, key=lambda e: e["image/id"])):
+        h, w = int(idx.height[i]), int(idx.width[i])
+        rec = src[i]
+        assert rec["image"] == ex["image"]
+        np.testing.assert_allclose(np.asarray(rec["objects"]["bbox"]),
+                                   [[0.2 * w, 0.1 * h, 0.9 * w, 0.5 * h], [0.5 * w, 0.0, w, h]], rtol=1e-6)
+        assert [int(c) for c in rec["objects"]["category_id"]] == [1, 90]
+        assert [bool(c) for c in rec["objects"]["is_crowd"]] == [False, True]

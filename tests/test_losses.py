@@ -4,7 +4,6 @@ import functools
 import types
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -49,8 +48,8 @@ def hf_loss(outputs, targets, aux):
     boxes = [torch.tensor(h["boxes"], requires_grad=True) for h in heads]
     labels = [dict(class_labels=torch.tensor(targets["labels"][i][targets["box_mask"][i]], dtype=torch.int64),
                    boxes=torch.tensor(targets["boxes"][i][targets["box_mask"][i]])) for i in range(B)]
-    loss, loss_dict, _ = ForObjectDetectionLoss(
-        logits[-1], labels, "cpu", boxes[-1], cfg, outputs_class=torch.stack(logits), outputs_coord=torch.stack(boxes))
+    loss, loss_dict, _ = ForObjectDetectionLoss(logits[-1], labels, "cpu", boxes[-1], cfg,
+                                                outputs_class=torch.stack(logits), outputs_coord=torch.stack(boxes))
     loss.backward()
     return loss, loss_dict, logits, boxes, labels
 
@@ -120,7 +119,8 @@ def test_sharded_loss_equals_unsharded():
     assert float(total_s) == pytest.approx(float(total), rel=1e-6)
     for k in metrics:
         assert float(metrics_s[k]) == pytest.approx(float(metrics[k]), rel=1e-6, abs=1e-6), k
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6), grads_s, grads)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6),
+                 grads_s, grads)
 
 
 def test_bad_config_and_missing_aux_fail_clearly():
@@ -133,6 +133,6 @@ def test_bad_config_and_missing_aux_fail_clearly():
         losses.set_loss(no_aux, targets, cfg, matcher_cfg)
     with pytest.raises(ValueError, match="config.loss.eos_coef"):
         losses.set_loss(outputs, targets, dict(losses.default_loss_config(), eos_coef=-0.1), matcher_cfg)
+    missing = {k: v for k, v in losses.default_loss_config().items() if k != "giou_weight"}
     with pytest.raises(ValueError, match="config.loss.giou_weight"):
-        losses.set_loss(outputs, targets, {k: v for k, v in losses.default_loss_config().items() if k != "giou_weight"},
-                        matcher_cfg)
+        losses.set_loss(outputs, targets, missing, matcher_cfg)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy.optimize import linear_sum_assignment
-from transformers.loss.loss_for_object_detection import HungarianMatcher
+from transformers.image_transforms import center_to_corners_format
+from transformers.loss.loss_for_object_detection import HungarianMatcher, generalized_box_iou
 
 from yolos_jax import matcher
 
@@ -86,15 +87,14 @@ def test_more_targets_than_queries_on_host_leaves_the_rest_unmatched():
 def test_cost_matrix_equals_hf_cost():
     logits, boxes, targets = random_batch(7, (4, 4), 4, interleave=False)
     cfg = matcher.default_matcher_config()
-    cost = np.asarray(jax.jit(lambda *a: matcher.cost_matrix(*a, cfg))(logits, boxes, targets["labels"], targets["boxes"]))
-    from transformers.image_transforms import center_to_corners_format
-    from transformers.loss.loss_for_object_detection import generalized_box_iou
-
+    cost_fn = jax.jit(lambda *a: matcher.cost_matrix(*a, cfg))
+    cost = np.asarray(cost_fn(logits, boxes, targets["labels"], targets["boxes"]))
     for i in range(2):
         prob = torch.tensor(logits[i]).softmax(-1)
         pb, tb = torch.tensor(boxes[i]), torch.tensor(targets["boxes"][i])
+        giou = generalized_box_iou(center_to_corners_format(pb), center_to_corners_format(tb))
         ref = (cfg.cost_bbox * torch.cdist(pb, tb, p=1) - cfg.cost_class * prob[:, targets["labels"][i]]
-               - cfg.cost_giou * generalized_box_iou(center_to_corners_format(pb), center_to_corners_format(tb)))
+               - cfg.cost_giou * giou)
         np.testing.assert_allclose(cost[i], ref.numpy(), atol=2e-6)
 
 

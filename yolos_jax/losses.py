@@ -47,7 +47,7 @@ def validate_loss_config(cfg: Mapping[str, Any]) -> None:
             raise ValueError(f"config.loss.{name} is missing; start from losses.default_loss_config()")
     for name in ("eos_coef", "ce_weight", "bbox_weight", "giou_weight"):
         value = cfg[name]
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
             raise ValueError(f"config.loss.{name} must be a finite number >= 0, got {value!r}")
     if cfg["eos_coef"] == 0:
         raise ValueError("config.loss.eos_coef must be > 0 (DETR/YOLOS use 0.1)")
@@ -94,7 +94,8 @@ def set_loss(outputs: Mapping[str, Any], targets: Mapping[str, jax.Array], loss_
                                        mesh=mesh, batch_axes=batch_axes)
         terms = _terms(head["logits"], head["boxes"], labels, target_boxes, box_mask, pred_index,
                        num_boxes, float(loss_cfg["eos_coef"]))
-        total = total + (loss_cfg["ce_weight"] * terms["loss_ce"] + loss_cfg["bbox_weight"] * terms["loss_bbox"]
+        total = total + (loss_cfg["ce_weight"] * terms["loss_ce"]
+                         + loss_cfg["bbox_weight"] * terms["loss_bbox"]
                          + loss_cfg["giou_weight"] * terms["loss_giou"])
         metrics.update({k + suffix: v for k, v in terms.items()})
     return total, metrics

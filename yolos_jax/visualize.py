@@ -26,6 +26,7 @@ Also here: `infer_images`, the logic of `infer.py` (images in -> annotated PNGs 
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -189,13 +190,21 @@ def attention_weights(model: Any, params: Any, images: np.ndarray, pixel_mask: O
       {'attention': [B, heads, T, T] float32 (rows: queries, over [CLS] + gh*gw patches + Q [DET]),
        'grid': (gh, gw), 'logits', 'boxes' (the model outputs of the same forward)}.
     """
+    images = np.asarray(images, np.float32)
+    mask = None if pixel_mask is None else np.asarray(pixel_mask, bool)
+    attn, logits, boxes = _attention_fn(model, int(layer) % int(model.depth))(params, images, mask)
+    grid = (images.shape[1] // model.patch_size, images.shape[2] // model.patch_size)
+    return {"attention": np.asarray(attn), "grid": grid, "logits": np.asarray(logits), "boxes": np.asarray(boxes)}
+
+
+@functools.lru_cache(maxsize=8)
+def _attention_fn(model: Any, layer: int):
+    """The jitted recomputation for (model, layer), built once (XLA then caches per input shape)."""
     import jax
     import jax.numpy as jnp
 
     from yolos_jax.yolos import patch_key_mask
 
-    depth = int(model.depth)
-    layer = layer % depth
     block = f"block_{layer}"
 
     def capture(mdl, _method):
@@ -210,22 +219,18 @@ def attention_weights(model: Any, params: Any, images: np.ndarray, pixel_mask: O
             qkv = qkv + attn_p["bias"].astype(jnp.float32)
         b, t, d = y.shape
         heads = int(model.num_heads)
-        qkv = qkv.reshape(b, t, 3, heads, d // heads)
+        qkv = qkv.reshape(b, t, 3, heads, d // heads)  # fused kernel columns: (q | k | v), head-major
         q, k = qkv[:, :, 0], qkv[:, :, 1]
         logits = jnp.einsum("bthd,bshd->bhts", q, k, precision=jax.lax.Precision.HIGHEST) * (d // heads) ** -0.5
-        p_grid = x.shape[1] // model.patch_size, x.shape[2] // model.patch_size
-        if m is not None:
+        if m is not None:  # the model's key mask: padded patches are never attended to
+            grid = (x.shape[1] // model.patch_size, x.shape[2] // model.patch_size)
             keys = jnp.concatenate(
-                [jnp.ones((b, 1), bool), patch_key_mask(m, model.patch_size, p_grid),
+                [jnp.ones((b, 1), bool), patch_key_mask(m, model.patch_size, grid),
                  jnp.ones((b, model.num_det_tokens), bool)], axis=1)
             logits = jnp.where(keys[:, None, None, :], logits, -jnp.inf)
         return jax.nn.softmax(logits, axis=-1), out["logits"], out["boxes"]
 
-    images = np.asarray(images, np.float32)
-    mask = None if pixel_mask is None else np.asarray(pixel_mask, bool)
-    attn, logits, boxes = jax.jit(run)(params, images, mask)
-    grid = (images.shape[1] // model.patch_size, images.shape[2] // model.patch_size)
-    return {"attention": np.asarray(attn), "grid": grid, "logits": np.asarray(logits), "boxes": np.asarray(boxes)}
+    return jax.jit(run)
 
 
 def det_token_maps(attention: np.ndarray, grid: Sequence[int], num_det_tokens: int) -> np.ndarray:

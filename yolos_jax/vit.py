@@ -229,17 +229,18 @@ def attention_heads_major(
     n = -(-tokens // chunk)
     q = jnp.pad(q, ((0, 0), (0, 0), (0, n * chunk - tokens), (0, 0)))  # padded rows are dropped below
     q = q.reshape(batch, heads, n, chunk, head_dim).transpose(1, 2, 0, 3, 4)  # [H, n, B, chunk, Dh]
-    q = q.reshape(heads * n, batch, 1, chunk, head_dim)
-    k, v = (jnp.moveaxis(a, 1, 0)[:, :, None] for a in (k, v))  # [H, B, 1, T, Dh]
+    k, v = (jnp.moveaxis(a, 1, 0) for a in (k, v))  # [H, B, T, Dh]
 
-    def step(args):
-        i, qc = args
-        h = i // n
-        return _softmax_attention(qc, k[h], v[h], key_mask)  # [B, 1, chunk, Dh]
+    # Outer loop over heads, inner over query blocks: the inner loop reads its head's k and v as
+    # loop invariants (a flat loop indexing k[h] copied them at every step: 5% of YOLOS-S's time).
+    def one_head(args):
+        qh, kh, vh = args  # [n, B, chunk, Dh], [B, T, Dh], [B, T, Dh]
+        step = lambda qc: _softmax_attention(qc[:, None], kh[:, None], vh[:, None], key_mask)[:, 0]
+        return jax.lax.map(step, qh)
 
-    out = jax.lax.map(step, (jnp.arange(heads * n), q))  # [H * n, B, 1, chunk, Dh]
-    out = out.reshape(heads, n, batch, chunk, head_dim).transpose(2, 0, 1, 3, 4)
-    return out.reshape(batch, heads, n * chunk, head_dim)[:, :, :tokens]
+    out = jax.lax.map(one_head, (q, k, v))  # [H, n, B, chunk, Dh]
+    out = out.transpose(2, 0, 1, 3, 4).reshape(batch, heads, n * chunk, head_dim)
+    return out[:, :, :tokens]
 
 
 def dot_product_attention(
