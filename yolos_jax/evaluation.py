@@ -104,6 +104,13 @@ def postprocess(logits: jax.Array, boxes: jax.Array, orig_size: jax.Array) -> tu
 # --------------------------------------------------------------------------------------------------
 
 
+def default_file_mode() -> int:
+    """0o666 minus the umask: what `open()` would give (mkstemp's temp files are 0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_json_atomic(path: str, obj: Any, *, indent: Optional[int] = None) -> None:
     """json.dump into a temp file next to `path`, then rename: readers never see a partial file."""
     path = os.fspath(path)
@@ -113,6 +120,7 @@ def write_json_atomic(path: str, obj: Any, *, indent: Optional[int] = None) -> N
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=indent)
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

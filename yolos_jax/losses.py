@@ -105,7 +105,7 @@ def _terms(logits, boxes, labels, target_boxes, box_mask, pred_index, num_boxes,
     """Loss terms of one head given the matching. Shapes as in `set_loss`; pred_index int32 [B, M]."""
     logits = jnp.asarray(logits, jnp.float32)
     boxes = jnp.asarray(boxes, jnp.float32)
-    b, q, c1 = logits.shape
+    q, c1 = logits.shape[1:]
     no_object = c1 - 1
     matched = box_mask & (pred_index >= 0)  # [B, M]
     # [B, Q, M] one-hot of the matching: a scatter-free way to give each query its target (if any).

@@ -60,6 +60,9 @@ def _save_fig(fig, path: str) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=100, facecolor="white")
+        from yolos_jax.evaluation import default_file_mode
+
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -89,13 +89,31 @@ def resize_posemb_grid(grid: jax.Array, new_hw: Sequence[int]) -> jax.Array:
     new_h, new_w = int(new_hw[0]), int(new_hw[1])
     if (gh, gw) == (new_h, new_w):
         return grid
-    mat_h = jnp.asarray(bicubic_resize_matrix(gh, new_h), jnp.float32)
-    mat_w = jnp.asarray(bicubic_resize_matrix(gw, new_w), jnp.float32)
+    # Four weighted taps per output row and column (gathers with constant indices), not the dense
+    # [out, in] matrices: XLA:CPU fuses them into elementwise loops, 3x faster than two matmuls plus the
+    # transposes they need (YOLOS-S: 11 mid grids of 32x54x384 per call). Exact fp32 on every backend.
     x = grid.astype(jnp.float32)
-    hi = jax.lax.Precision.HIGHEST  # These are parameters: keep full fp32 accuracy on TPU/GPU too.
-    x = jnp.einsum("oh,...hwd->...owd", mat_h, x, precision=hi)
-    x = jnp.einsum("pw,...owd->...opd", mat_w, x, precision=hi)
+    for axis, (size, new) in ((-3, (gh, new_h)), (-2, (gw, new_w))):
+        index, weight = bicubic_taps(size, new)
+        trailing = (1,) * (-axis - 1)  # weight[:, k] broadcasts along the axes after `axis`
+        x = sum(jnp.take(x, index[:, k], axis=axis) * weight[:, k].reshape(-1, *trailing) for k in range(4))
     return x.astype(grid.dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def bicubic_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """`bicubic_resize_matrix` as its <= 4 non-zeros per row: (index [out, 4] int32, weight [out, 4] f32).
+
+    Unused taps (rows near a clamped border, whose duplicate neighbours were merged) get weight 0.
+    """
+    matrix = bicubic_resize_matrix(in_size, out_size)
+    index = np.zeros((out_size, 4), np.int32)
+    weight = np.zeros((out_size, 4), np.float32)
+    for i, row in enumerate(matrix):
+        (cols,) = np.nonzero(row)
+        index[i, : len(cols)] = cols
+        weight[i, : len(cols)] = row[cols]
+    return index, weight
 
 
 def resize_posemb_grid_np(grid: np.ndarray, new_hw: Sequence[int]) -> np.ndarray:

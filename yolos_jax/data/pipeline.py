@@ -211,10 +211,14 @@ def dataset_info(cfg: ml_collections.ConfigDict) -> DatasetInfo:
 
 
 def train_canvases(cfg, index: coco_builder.SplitIndex) -> list[tuple[int, int]]:
-    """The train canvas set: input.canvases, or designed from the split's image sizes (deterministic)."""
+    """The train canvas set: input.canvases, or designed from the split's image sizes (deterministic);
+    with large-scale jitter, the single lsj_size x lsj_size canvas."""
     if len(cfg.canvases):
         return sorted(tuple(int(v) for v in c) for c in cfg.canvases)
     tcfg = train_transform_config(cfg)
+    if tcfg.large_scale_jitter:  # ViTDet: every image padded to the one lsj_size x lsj_size canvas
+        s = int(batching.ceil_to(tcfg.lsj_size, int(cfg.canvas_multiple)))
+        return [(s, s)]
     sample = batching.simulate_train_sizes(index.height, index.width, tcfg)
     short, long = tcfg.max_output_hw()
     m = int(cfg.canvas_multiple)
