@@ -368,9 +368,12 @@ def test_evaluator_on_an_8_device_mesh_equals_one_device(synth):
     np.testing.assert_array_equal(eight["labels"], one["labels"])
     np.testing.assert_allclose(eight["scores"], one["scores"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(eight["boxes"], one["boxes"], rtol=1e-5, atol=1e-3)
+    # An eval batch smaller than the mesh (4 images on 8 devices) is padded with fillers: same result.
     cfg8.eval_batch_size = 4
-    with pytest.raises(ValueError, match="eval_batch_size=4 must be a multiple of the 8 devices"):
-        evaluation.Evaluator(evaluation.default_eval_config(), cfg8, model, mesh=mesh)
+    four = _by_image(evaluation.Evaluator(evaluation.default_eval_config(), cfg8, model, mesh=mesh).predict(
+        evaluation._place_params(params, mesh)))
+    np.testing.assert_array_equal(four["image_id"], one["image_id"])
+    np.testing.assert_allclose(four["scores"], one["scores"], rtol=1e-5, atol=1e-6)
 
 
 def test_eval_command_with_speed_and_robustness(synth, tmp_path):
@@ -404,3 +407,94 @@ def test_eval_command_with_speed_and_robustness(synth, tmp_path):
              json.load(open(out / "robustness" / "gaussian_noise" / "s5" / "detections.json"))}
     assert noisy - clean
     assert rob["mPC"] == pytest.approx(np.mean(list(rob["per_severity"]["gaussian_noise"].values())))
+
+
+# One process of a 2-process evaluation on localhost (4 CPU devices each): every process reads its own
+# half of each eval batch; process 0 scores and writes.
+_WORKER = r"""
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+pid, port, cfg_json, ckpt, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+import ml_collections
+from yolos_jax import evaluation, sharding
+cfg = ml_collections.ConfigDict(json.loads(cfg_json))
+params, model, _ = evaluation.load_model(ckpt)
+mesh = sharding.make_mesh(sharding.default_mesh_config())
+ev = evaluation.Evaluator(evaluation.default_eval_config(), cfg, model, mesh=mesh)
+assert len(ev.batches()) == 2  # 10 images in global batches of 8; each process reads 4 of every 8
+metrics = ev.run(evaluation._place_params(params, mesh), out, verbose=False)
+print("METRICS " + json.dumps(metrics), flush=True)
+jax.distributed.shutdown()
+"""
+
+
+@pytest.mark.skipif(not os.environ.get("YOLOS_JAX_MULTIPROCESS_TESTS"),
+                    reason="two extra jax+TF processes (~50 s on the shared 2-core box); set YOLOS_JAX_MULTIPROCESS_TESTS=1")
+def test_two_processes_equal_one(synth, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from yolos_jax import convert
+
+    cfg, model, params = synth
+    ckpt = tmp_path / "ckpt"
+    convert.save_params_dir(str(ckpt), jax.tree.map(np.asarray, params),
+                            {f: getattr(model, f) for f in model_config("s").keys()})
+    cfg8 = ml_collections.ConfigDict(cfg.to_dict())
+    cfg8.eval_batch_size = 8
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(i), str(port), cfg8.to_json(), str(ckpt),
+                               str(tmp_path / f"out{i}")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for i in range(2)]
+    one = evaluation.Evaluator(evaluation.default_eval_config(), cfg, model).run(params, str(tmp_path / "one"),
+                                                                                 verbose=False)
+    logs = [p.communicate(timeout=600)[0].decode(errors="replace") for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    got = [json.loads(next(line for line in log.splitlines() if line.startswith("METRICS "))[8:]) for log in logs]
+    assert got[0] == got[1]  # every process returns process 0's metrics
+    for k in evaluation.METRIC_NAMES:
+        assert got[0][k] == pytest.approx(one[k], abs=1e-6), k
+    assert got[0]["num_images"] == one["num_images"] == 10
+    assert not (tmp_path / "out1").exists()  # only process 0 writes
+
+    def key(d):
+        return d["image_id"], d["category_id"], round(d["score"], 5), tuple(np.round(d["bbox"], 2))
+
+    multi = sorted(map(key, json.load(open(tmp_path / "out0" / evaluation.DETECTIONS_FILE))))
+    single = sorted(map(key, json.load(open(tmp_path / "one" / evaluation.DETECTIONS_FILE))))
+    assert len(multi) == len(single) == 10 * model.num_det_tokens
+    assert [m[:2] for m in multi] == [s[:2] for s in single]
+    np.testing.assert_allclose([m[2] for m in multi], [s[2] for s in single], atol=2e-5)
+
+
+def test_load_model_from_a_training_workdir_and_a_converted_dir(tmp_path):
+    """eval.py --workdir (the trainer's checkpoints) and --checkpoint (converted) give the same model."""
+    from yolos_jax import checkpointing, convert
+
+    cfg = model_config("s", hidden_size=16, depth=1, num_heads=2, num_det_tokens=3, num_classes=4,
+                       init_pe_size=(32, 48), mid_pe_size=(32, 48))
+    model = YOLOS(**cfg.to_dict())
+    params = jax.tree.map(np.asarray, random_params(model, (32, 48)))
+    ckpt_cfg = checkpointing.default_checkpoint_config()
+    ckpt_cfg.async_save = False
+    ck = checkpointing.Checkpointer(str(tmp_path / "work"), ckpt_cfg)
+    state = {"params": params, "step": np.int32(7), "opt_state": {"mu": np.zeros(3, np.float32)},
+             "rng": np.zeros(2, np.uint32)}
+    ck.save(7, state, {"epoch": 0, "batch": 7}, ml_collections.ConfigDict({"model": cfg.to_dict()}))
+    ck.close()
+    convert.save_params_dir(str(tmp_path / "conv"), params, cfg.to_dict())
+    for path in (tmp_path / "work", tmp_path / "conv"):
+        got, got_model, _ = evaluation.load_model(str(path))
+        assert got_model == model, path
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
+            np.testing.assert_array_equal(np.asarray(a), b)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        evaluation.load_model(str(tmp_path / "nothing"))

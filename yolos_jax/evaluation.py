@@ -53,10 +53,12 @@ def default_eval_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
             # Shortest side of the eval images in pixels (the papers' "Size", e.g. 800 -> "800 x *").
-            # The input pipeline resizes by `config.input.eval_size`; configs set both to the same value.
+            # Informational: the pipeline resizes by `config.input.eval_size`, which configs set to the
+            # same value; the evaluator warns when they differ and reports input.eval_size.
             eval_size=800,
-            # Evaluate only the first N images of the split (0: all). COCOeval then scores those images
-            # only, as DETR's evaluator does with the images it saw.
+            # Evaluate only the first N images the eval iterator yields (0: all), for quick checks; the
+            # iterator groups images by canvas, so this is not the split's first N. COCOeval then scores
+            # those images only, as DETR's evaluator does with the images it saw.
             max_images=0,
             # Write detections.json (COCO results format) next to metrics.json.
             write_detections=True,
@@ -321,16 +323,18 @@ class Evaluator:
             mesh = sharding.make_mesh(sharding.default_mesh_config())
         self.mesh = mesh
         self.batch_size = int(input_cfg.eval_batch_size)  # global, all processes together
+        # Host batches are padded with filler rows (valid=False) up to a multiple of this process's share
+        # of the devices the batch is split over, so any eval batch size works on any mesh.
+        self._local_multiple = 1
         if mesh is not None:
             n = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES if a in mesh.shape]))
-            if self.batch_size % n:
-                raise ValueError(
-                    f"config.input.eval_batch_size={self.batch_size} must be a multiple of the {n} devices the "
-                    "eval batch is split over"
-                )
+            self._local_multiple = max(1, n // jax.process_count())
         if self.batch_size <= 0 or self.batch_size % jax.process_count():
             raise ValueError(f"config.input.eval_batch_size={self.batch_size} must be a positive multiple of the "
                              f"process count {jax.process_count()}")
+        if int(eval_cfg.eval_size) != int(input_cfg.eval_size):
+            log.warning("config.eval.eval_size=%s differs from config.input.eval_size=%s; images are resized "
+                        "by input.eval_size", eval_cfg.eval_size, input_cfg.eval_size)
         self._info = None
         self._coco_gt = None
         self._predict = self._build_predict()
@@ -397,13 +401,17 @@ class Evaluator:
         valid = np.asarray(host["valid"], bool)
         hi, lo = _split_id(np.where(valid, host["image_id"], 0))  # fillers carry id -1
         batch = {
-            "image": host["image"],  # float32 or uint8 (input.image_format): to_global_batch normalises
-            "pixel_mask": host["pixel_mask"],
-            "orig_size": host["orig_size"],
+            "image": np.asarray(host["image"]),  # float32 or uint8 (input.image_format): normalised on device
+            "pixel_mask": np.asarray(host["pixel_mask"]),
+            "orig_size": np.asarray(host["orig_size"]),
             "id_hi": hi,
             "id_lo": lo,
             "valid": valid,
         }
+        pad = -len(valid) % self._local_multiple
+        if pad:
+            batch = {k: np.concatenate([v, np.repeat(v[:1], pad, axis=0)]) for k, v in batch.items()}
+            batch["valid"][-pad:] = False
         if self.mesh is None:
             spec = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         else:
@@ -419,17 +427,26 @@ class Evaluator:
           params: the model's params (replicated or sharded on the mesh).
           image_fn: optional `fn(image_uint8 [H, W, 3], image_id) -> uint8 [H, W, 3]` applied to each
             decoded original image before the eval transforms (COCO-C corruptions).
-          max_images: stop after this many images (whole batches; default eval_cfg.max_images, 0 = all).
+          max_images: keep only the first this many images read (default eval_cfg.max_images, 0 = all).
         """
         max_images = int(self.eval_cfg.max_images if max_images is None else max_images)
         max_batches = -(-max_images // self.batch_size) if max_images > 0 else None
         chunks: dict[str, list] = {}
+
+        def collect(out):
+            for key, val in jax.device_get(out).items():
+                chunks.setdefault(key, []).append(np.asarray(val))
+
+        pending = None
         for k, host in enumerate(self.batches(image_fn=image_fn)):
             if max_batches is not None and k >= max_batches:
                 break
-            out = jax.device_get(self._predict(params, self._device_batch(host)))
-            for key, val in out.items():
-                chunks.setdefault(key, []).append(np.asarray(val))
+            out = self._predict(params, self._device_batch(host))  # dispatched asynchronously
+            if pending is not None:
+                collect(pending)  # the previous batch's results, while this one runs
+            pending = out
+        if pending is not None:
+            collect(pending)
         if not chunks:
             raise ValueError(f"the eval split '{self.input_cfg.val_split}' produced no batches (is it empty?)")
         cat = {k: np.concatenate(v, axis=0) for k, v in chunks.items()}
@@ -607,9 +624,12 @@ def speed_table(rows: Sequence[Mapping[str, Any]]) -> str:
     for r in rows:
         ap = r.get("AP")
         ap_s = "-" if ap is None else f"{100.0 * ap:.1f}"
+        def g(v):  # the papers' one decimal; tiny test models need more
+            return f"{v:.1f}" if v >= 1 else f"{v:.4f}"
+
         lines.append(
             f"{r['model']:<16}{str(r['size']) + ' x *':>10}{ap_s:>7}{r['params'] / 1e6:>13.1f}"
-            f"{r['gflops']:>11.1f}{r['fps']:>8.1f}{r['xla_gflops']:>12.1f}"
+            f"{g(r['gflops']):>11}{r['fps']:>8.1f}{g(r['xla_gflops']):>12}"
         )
     lines.append("FLOPs (G): multiply-adds / 1e9 (the papers' fvcore convention = XLA flops / 2); "
                  "FPS at batch 1 on " + jax.devices()[0].device_kind)
@@ -625,7 +645,7 @@ def run_speed(evaluator: Evaluator, params: Any, *, model_name: str, ap: Optiona
     first = None if index is None else index.image_id[:n]
     imgs = unpadded_images(it, n, first)
     result = measure_speed(evaluator.model, params, imgs, warmup=int(cfg.speed_warmup), repeats=int(cfg.speed_repeats))
-    row = {"model": model_name, "size": int(cfg.eval_size), "AP": ap, **result}
+    row = {"model": model_name, "size": int(evaluator.input_cfg.eval_size), "AP": ap, **result}
     if jax.process_index() == 0:
         print(speed_table([row]), flush=True)
     return row
@@ -652,11 +672,11 @@ def run_robustness(evaluator: Evaluator, params: Any, out_dir: str, *, clean: Op
     for name in names:
         for sev in sevs:
             sub = os.path.join(out_dir, name, f"s{sev}")
+            m = evaluator.run(params, sub, image_fn=robustness.make_image_fn(name, sev), max_images=max_images,
+                              verbose=False)
+            results.setdefault(name, {})[sev] = m
             if jax.process_index() == 0:
-                print(f"== {name} severity {sev}", flush=True)
-            results.setdefault(name, {})[sev] = evaluator.run(
-                params, sub, image_fn=robustness.make_image_fn(name, sev), max_images=max_images
-            )
+                print(f"{name} severity {sev}: AP {m['AP']:.4f} AP50 {m['AP50']:.4f}", flush=True)
     summary = robustness.summarize(clean, results)
     if jax.process_index() == 0:
         print(robustness.format_table(summary), flush=True)

@@ -408,14 +408,16 @@ def summarize(clean: Optional[Mapping[str, float]], results: Mapping[str, Mappin
       metric: the metric aggregated ('AP').
     Returns:
       {'clean': float|None, 'per_corruption': {name: mean over severities}, 'per_severity':
-       {name: {severity: value}}, 'mPC': mean over all (corruption, severity) pairs, 'rPC': mPC / clean}.
+       {name: {severity: value}}, 'mPC': mean over all (corruption, severity) pairs, 'rPC': mPC / clean
+       (None when undefined)}.
     """
     per_sev = {n: {int(s): float(m[metric]) for s, m in sorted(r.items())} for n, r in results.items()}
     per_corr = {n: float(np.mean(list(v.values()))) for n, v in per_sev.items() if v}
     values = [v for d in per_sev.values() for v in d.values()]
-    mpc = float(np.mean(values)) if values else float("nan")
+    mpc = float(np.mean(values)) if values else None
     clean_v = None if clean is None else float(clean[metric])
-    rpc = mpc / clean_v if clean_v not in (None, 0.0) else float("nan")
+    # None where undefined (strict JSON has no NaN).
+    rpc = mpc / clean_v if (mpc is not None and clean_v is not None and clean_v > 0) else None
     return {"metric": metric, "clean": clean_v, "per_corruption": per_corr, "per_severity": per_sev,
             "mPC": mpc, "rPC": rpc}
 
@@ -430,9 +432,7 @@ def format_table(summary: Mapping) -> str:
         cells = "".join(f"{d[s]:8.3f}" if s in d else f"{'':>8}" for s in sevs)
         lines.append(f"{name:<20}{cells}{summary['per_corruption'][name]:8.3f}")
     lines.append("-" * len(head))
-    if summary["clean"] is not None:
-        lines.append(f"{'clean':<20}{summary['clean']:8.3f}")
-    lines.append(f"{'mPC':<20}{summary['mPC']:8.3f}")
-    if summary["clean"] is not None:
-        lines.append(f"{'rPC':<20}{summary['rPC']:8.3f}")
+    for key in ("clean", "mPC", "rPC"):
+        if summary[key] is not None:
+            lines.append(f"{key:<20}{summary[key]:8.3f}")
     return "\n".join(lines)

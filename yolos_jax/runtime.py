@@ -15,7 +15,11 @@ def setup_host(compilation_cache: bool = True) -> None:
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    # orbax and absl log every checkpoint file operation at INFO: keep our own INFO lines only.
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("yolos_jax").setLevel(logging.INFO)
     try:
         import tensorflow as tf
 

@@ -83,6 +83,36 @@ def default_config(variant: str = "s") -> ml_collections.ConfigDict:
     return cfg
 
 
+def prepare_input_config(input_cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """Resolves '{workdir}' in the input paths and generates the synthetic dataset when asked to.
+
+    A config with `input.synthetic` (num_train, num_val, image_size, num_classes, seed) and a
+    `source_dir` that does not exist yet gets the seeded synthetic COCO-format dataset written there —
+    the embedded default that needs no download. Returns a resolved copy; `input_cfg` is not modified.
+    """
+    cfg = ml_collections.ConfigDict(input_cfg.to_dict())
+    for key in ("data_dir", "source_dir"):
+        if isinstance(cfg.get(key), str):
+            cfg[key] = cfg[key].replace("{workdir}", workdir)
+    synth = cfg.get("synthetic")
+    if synth and cfg.source_dir and not os.path.isdir(cfg.source_dir):
+        from yolos_jax.data import synthetic
+
+        if jax.process_index() == 0:
+            log.info("generating the synthetic dataset into %s", cfg.source_dir)
+            try:
+                synthetic.generate(cfg.source_dir, int(synth.num_train), int(synth.num_val), int(synth.seed),
+                                   tuple(synth.image_size), num_classes=int(synth.num_classes),
+                                   max_objects=int(synth.get("max_objects", 6)))
+            except FileExistsError:  # another process finished it meanwhile
+                pass
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("synthetic dataset generated")
+    return cfg
+
+
 def _fail(field: str, message: str) -> None:
     raise ValueError(f"config.{field}: {message}")
 
@@ -308,6 +338,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     validate_config(config)
     os.makedirs(workdir, exist_ok=True)
+    config = ml_collections.ConfigDict(config.to_dict())  # a private, unlocked copy
+    config.input = prepare_input_config(config.input, workdir)
     is_main = jax.process_index() == 0
     mesh = sharding.make_mesh(config.mesh)
     info = data.dataset_info(config.input)
@@ -345,6 +377,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             state["params"] = _init_from_converted(
                 config.init_from, model, config.model, config.seed, image_hw, shardings["params"]
             )
+    batch_sharding = sharding.batch_sharding(mesh)
     step_fn = train_step.make_train_step(
         model, tx, schedule, config.loss, config.matcher, mesh, shardings, config.train.nonfinite_policy
     )
@@ -387,7 +420,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if stop.requested:
                 break
             host_batch = next(train_iter)
-            batch = sharding.to_global_batch(train_step.select_train_batch(host_batch), mesh)
+            batch = data.to_global_batch(train_step.select_train_batch(host_batch), batch_sharding)
             state, metrics = step_fn(state, batch)
             step += 1
             # Check the previous step while this one runs: no stall, and a bad update was never applied.

@@ -563,6 +563,19 @@ def prepare(
         tfds.disable_progress_bar()
     try:
         b.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
+    except Exception as e:  # noqa: BLE001 - tfds wraps errors; surface the two we can explain
+        msg = str(e)
+        if "No examples were yielded" in msg:
+            raise DataError(f"{source_dir or tfds_source}: a split has no usable images ({msg.strip().splitlines()[0]}); "
+                            "the warnings above say why each image was skipped") from None
+        if isinstance(e, DataError) or "DataError" in type(e).__name__:
+            raise
+        cause = e
+        while cause is not None and not isinstance(cause, DataError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
+        raise
     finally:
         if quiet:
             tfds.enable_progress_bar()

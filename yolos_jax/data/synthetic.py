@@ -167,7 +167,7 @@ def generate(
 
     Args:
       out_dir: target folder; must not exist unless `overwrite`.
-      num_train, num_val: images per split.
+      num_train, num_val: images per split (a split with 0 images is not written).
       seed: everything is a function of it (each image has its own stream: SeedSequence(seed, split, i)).
       image_size: (h, w), or a list of (h, w) to draw each image's size from (mixed aspect ratios).
       num_classes: how many of `SHAPES` to use (1..8).
@@ -196,6 +196,8 @@ def generate(
         os.makedirs(os.path.join(tmp, "annotations"))
         ann_id = 1
         for s_idx, (split, count) in enumerate(zip(SPLITS, (num_train, num_val))):
+            if count <= 0:  # no empty splits: a dataset split needs examples
+                continue
             os.makedirs(os.path.join(tmp, split))
             images, anns = [], []
             for i in range(count):

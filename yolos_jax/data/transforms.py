@@ -40,6 +40,9 @@ import numpy as np
 GEOM_FIELDS = ("flip", "h1", "w1", "cy", "cx", "ch", "cw", "h2", "w2")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# (x/255 - mean) / std == x * NORM_SCALE + NORM_SHIFT
+NORM_SCALE = np.asarray([1.0 / (255.0 * s) for s in IMAGENET_STD], np.float32)
+NORM_SHIFT = np.asarray([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], np.float32)
 
 SCALES_TI = tuple(range(256, 609, 16))
 SCALES_S = tuple(range(480, 801, 16))
@@ -238,8 +241,9 @@ def tf_apply_geometry(image_bytes: Any, geom: Any, image_format: str = "float32"
     """Decodes and resamples one image following GEOM. TF graph function.
 
     image_bytes: scalar tf.string (JPEG, PNG, GIF, BMP, WebP; any channel layout -> RGB).
-    geom: [9] int tensor. Returns [h2, w2, 3]: float32 ImageNet-normalised ((x/255 - mean) / std) when
-    image_format == 'float32', or uint8 (rounded 0..255) when 'uint8'.
+    geom: [9] int tensor. Returns [h2, w2, 3] uint8 when image_format == 'uint8': the resampled image
+    rounded to 0..255, as PIL's resize of the original returns; or that, ImageNet-normalised
+    ((x/255 - mean) / std, float32), when 'float32'.
     image_fn: optional Python `fn(uint8 [h, w, 3], image_id) -> uint8 [h, w, 3]` run on the decoded
     original (tf.numpy_function), e.g. an eval-time corruption.
     """
@@ -258,31 +262,32 @@ def tf_apply_geometry(image_bytes: Any, geom: Any, image_format: str = "float32"
         shape = tf.shape(img)
         img = tf.numpy_function(hook, [img, image_id], tf.uint8, stateful=False)
         img = tf.reshape(img, shape)
+    if image_format not in ("uint8", "float32"):
+        raise ValueError(f"input.image_format must be 'float32' or 'uint8', got {image_format!r}")
     img = tf.cond(geom[0] > 0, lambda: tf.reverse(img, axis=[1]), lambda: img)
-    img = tf.cast(img, tf.float32)
-    img = _tf_resize(tf, img, geom[1:3])
+    img = _tf_resize(tf, img, geom[1:3])  # uint8 in, float32 out (the resize reads uint8 directly)
     img = img[geom[3]:geom[3] + geom[5], geom[4]:geom[4] + geom[6], :]
     img = _tf_resize(tf, img, geom[7:9])
+    # Bilinear and antialiased (triangle) weights are convex: values stay in [0, 255], so +0.5 and a
+    # truncating cast round without clipping.
+    img = tf.cast(img + 0.5, tf.uint8)
     if image_format == "uint8":
-        return tf.cast(tf.clip_by_value(tf.round(img), 0.0, 255.0), tf.uint8)
-    if image_format != "float32":
-        raise ValueError(f"input.image_format must be 'float32' or 'uint8', got {image_format!r}")
+        return img
     # Per-channel affine as a [.., 3] x [3, 3] matmul: TF's broadcast of a length-3 axis is ~5x slower.
-    scale = tf.constant([1.0 / (255.0 * s) for s in IMAGENET_STD], tf.float32)
-    shift = tf.constant([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], tf.float32)
     shape = tf.shape(img)
-    flat = tf.matmul(tf.reshape(img, [-1, 3]), tf.linalg.diag(scale))
-    return tf.reshape(tf.nn.bias_add(flat, shift), shape)
+    flat = tf.matmul(tf.reshape(tf.cast(img, tf.float32), [-1, 3]), tf.linalg.diag(tf.constant(NORM_SCALE)))
+    return tf.reshape(tf.nn.bias_add(flat, tf.constant(NORM_SHIFT)), shape)
 
 
 def _tf_resize(tf: Any, img: Any, size: Any) -> Any:
-    """Bilinear (half-pixel centres) to `size`; antialiased when shrinking (PIL-like); identity when equal."""
+    """Bilinear (half-pixel centres) to `size`; antialiased when shrinking (PIL-like); identity when
+    equal. Returns float32."""
     hw = tf.shape(img)[:2]
     same = tf.reduce_all(tf.equal(hw, size))
     shrink = tf.reduce_any(size < hw)
     return tf.cond(
         same,
-        lambda: img,
+        lambda: tf.cast(img, tf.float32),
         lambda: tf.cond(
             shrink,
             lambda: tf.image.resize(img, size, method="bilinear", antialias=True),
@@ -295,3 +300,9 @@ def normalize_np(image_uint8: np.ndarray) -> np.ndarray:
     """Host reference of the normalisation: uint8 [..., 3] -> float32 (x/255 - mean) / std."""
     x = np.asarray(image_uint8, np.float32) / np.float32(255.0)
     return (x - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
+
+
+def normalize_into(out: np.ndarray, image_uint8: np.ndarray) -> None:
+    """Writes normalize_np(image_uint8) into the float32 view `out` in two in-place passes (no temporaries)."""
+    np.multiply(image_uint8, NORM_SCALE, out=out)
+    out += NORM_SHIFT

@@ -1,0 +1,312 @@
+"""One YOLOS-Ti train step of yolos_jax against HF transformers + torch AdamW, on CPU, in the same run.
+
+    /work/venv/bin/python benchmarks/bench_train_step.py                  # Ti, batch 2 of 512x688
+    /work/venv/bin/python benchmarks/bench_train_step.py --repeats=15 --attention-impl=einsum
+
+One step = forward, Hungarian matching, set loss, backward, gradient clipping at global norm 0.1, AdamW.
+  ours: `train_step.make_train_step` (one jitted program, float32) on a 1-device mesh; the matching is
+        the host scipy callback of `matcher.py` ('host' implementation, as configured by default).
+  HF:   `YolosForObjectDetection(config)(pixel_values, labels=...)` (its own `HungarianMatcher` and
+        `ImageLoss`), `loss.backward()`, `torch.nn.utils.clip_grad_norm_(..., 0.1)`, `torch.optim.AdamW`
+        (default implementation, the original's decay / no-decay groups), `zero_grad`.
+Both start from the same random weights: HF's model is saved with `save_pretrained` and converted with
+`yolos_jax.convert.convert_state`. Before timing, the first step's loss terms and pre-clipping gradient
+norm of both sides are compared (they must agree: same weights, same matching, same loss).
+
+Both get the same cores (the process is pinned to the first `--threads` cores; torch.set_num_threads and
+XLA's intra-op pool use that many). Steps are interleaved (ours, HF, HF, ours, ...) so that load from other
+processes hits both alike; the report gives medians, the ratio of medians (ours / HF; < 1 = ours faster),
+the spread of per-round ratios, the load average, and the share of our step spent inside the host
+Hungarian callback (`matcher._solve_on_host`, wrapped here with a timer) — and HF's own scipy share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+
+def _threads_from_argv(argv) -> int:
+    for i, a in enumerate(argv):
+        if a.startswith("--threads="):
+            return int(a.split("=", 1)[1])
+        if a == "--threads":
+            return int(argv[i + 1])
+    return len(os.sched_getaffinity(0))
+
+
+# Pin before jax and torch create their thread pools (XLA sizes its pool from the affinity mask).
+THREADS = _threads_from_argv(sys.argv[1:])
+os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:THREADS])
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU benchmark, also on machines with accelerators
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from yolos_jax import xla_flags  # noqa: E402  (imports no jax; flags must precede the jax import)
+
+xla_flags.set_cpu_flags()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers.loss.loss_for_object_detection as hf_loss_lib  # noqa: E402
+from transformers import YolosConfig, YolosForObjectDetection  # noqa: E402
+
+from yolos_jax import convert, losses, matcher, optim, sharding, train_step  # noqa: E402
+from yolos_jax.yolos import YOLOS  # noqa: E402
+
+IMAGE_HW = (512, 688)
+BATCH = 2
+NUM_CLASSES = 91
+
+
+# ------------------------------------------------------------------------------------- host timers
+
+
+class HostTimer:
+    """Accumulates wall time spent inside a wrapped host function (thread-safe enough: one step at a time)."""
+
+    def __init__(self):
+        self.total = 0.0
+        self.calls = 0
+
+    def wrap(self, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.total += time.perf_counter() - t0
+                self.calls += 1
+
+        return timed
+
+    def take(self) -> float:
+        total, self.total = self.total, 0.0
+        return total
+
+
+OUR_MATCH = HostTimer()
+HF_MATCH = HostTimer()
+# `_host_assignment` looks `_solve_on_host` up when the step is traced, so this must precede tracing.
+matcher._solve_on_host = OUR_MATCH.wrap(matcher._solve_on_host)
+# HF's HungarianMatcher calls the name it imported from scipy; time the solve itself.
+hf_loss_lib.linear_sum_assignment = HF_MATCH.wrap(hf_loss_lib.linear_sum_assignment)
+
+
+# ------------------------------------------------------------------------------------- models
+
+
+def hf_ti_model(seed: int) -> YolosForObjectDetection:
+    """HF YOLOS-Ti (hidden 192, 12 layers, 3 heads, 100 [DET], 91 classes, PE grid 800x1333, no mid PE),
+    re-drawn as a training start would be: trunc-normal(0.02) weights, tokens and position embeddings,
+    zero biases, unit LayerNorm scales (HF's own init leaves tokens/PEs near constant, which would make
+    every [DET] token predict the same box and the matching degenerate)."""
+    cfg = YolosConfig(
+        hidden_size=192,
+        num_hidden_layers=12,
+        num_attention_heads=3,
+        intermediate_size=768,
+        image_size=[800, 1333],
+        patch_size=16,
+        num_detection_tokens=100,
+        use_mid_position_embeddings=False,
+        num_labels=NUM_CLASSES,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(seed)
+    model = YolosForObjectDetection(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                torch.nn.init.trunc_normal_(p, std=0.02, a=-0.04, b=0.04)
+    return model.train()
+
+
+def hf_adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """torch AdamW with the original's groups: no decay on 1-D params, position embeddings, [CLS], [DET]."""
+    no_decay_names = ("position_embeddings", "cls_token", "detection_tokens")
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        backbone = name.startswith("vit.")
+        if backbone and (p.ndim <= 1 or any(n in name for n in no_decay_names)):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.999), eps=1e-8,
+    )
+
+
+def converted_params(hf: YolosForObjectDetection, attention_impl):
+    """Our (params, YOLOS) from HF's weights through the project's converter."""
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        out = convert.convert_state(tmp)
+    cfg = dict(out.model_cfg)
+    cfg["attention_impl"] = attention_impl
+    cfg["dtype"] = "float32"
+    return out.params, YOLOS(**cfg), cfg
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+def random_batch(seed: int, max_boxes: int) -> dict:
+    """A train batch in the input schema: normalised-looking images, 5..20 random boxes per image."""
+    rng = np.random.default_rng(seed)
+    h, w = IMAGE_HW
+    image = rng.standard_normal((BATCH, h, w, 3)).astype(np.float32)
+    counts = rng.integers(5, 21, size=BATCH)
+    if counts.max() > max_boxes:
+        raise ValueError(f"--max-boxes={max_boxes} is below the {counts.max()} boxes of an image")
+    box_mask = np.arange(max_boxes)[None] < counts[:, None]
+    wh = rng.uniform(0.05, 0.5, size=(BATCH, max_boxes, 2))
+    cxcy = wh / 2 + rng.uniform(0, 1, size=(BATCH, max_boxes, 2)) * (1 - wh)  # boxes inside the image
+    boxes = (np.concatenate([cxcy, wh], -1) * box_mask[..., None]).astype(np.float32)
+    labels = (rng.integers(0, NUM_CLASSES, size=(BATCH, max_boxes)) * box_mask).astype(np.int32)
+    return dict(image=image, pixel_mask=np.ones((BATCH, h, w), bool), boxes=boxes, labels=labels,
+                box_mask=box_mask)
+
+
+def hf_inputs(batch: dict):
+    pixel_values = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
+    labels = [
+        {"class_labels": torch.from_numpy(batch["labels"][i][m].astype(np.int64)),
+         "boxes": torch.from_numpy(batch["boxes"][i][m])}
+        for i, m in enumerate(batch["box_mask"])
+    ]
+    return pixel_values, labels
+
+
+# ------------------------------------------------------------------------------------- benchmark
+
+
+def build(args):
+    hf = hf_ti_model(args.seed)
+    params, model, model_cfg = converted_params(hf, args.attention_impl)
+    batch = random_batch(args.seed, args.max_boxes)
+
+    # Ours: the Ti recipe's optimiser (lr 5e-5 at batch 16, linearly scaled) on a 1-device mesh.
+    mesh_cfg = sharding.default_mesh_config()
+    mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:1])
+    optim_cfg = optim.default_optim_config()
+    optim_cfg.base_lr, optim_cfg.base_batch_size = 5e-5, 16
+    tx, schedule = optim.make_optimizer(optim_cfg, params, BATCH, total_steps=10_000)
+    _, shardings = train_step.abstract_state_and_shardings(model, tx, 0, IMAGE_HW, mesh, mesh_cfg)
+    state = jax.device_put(
+        {"step": np.int32(0), "params": params, "opt_state": jax.jit(tx.init)(params),
+         "rng": np.asarray(jax.random.PRNGKey(0))},
+        shardings,
+    )
+    step = train_step.make_train_step(
+        model, tx, schedule, losses.default_loss_config(), matcher.default_matcher_config(), mesh, shardings
+    )
+    device_batch = sharding.to_global_batch(train_step.select_train_batch(batch), mesh)
+
+    # HF: its own loss (HungarianMatcher + ImageLoss), clip 0.1, AdamW with the same lr and decay.
+    lr = optim.peak_learning_rate(optim_cfg, BATCH)
+    opt = hf_adamw(hf, lr, optim_cfg.weight_decay)
+    pixel_values, labels = hf_inputs(batch)
+    return dict(hf=hf, opt=opt, pixel_values=pixel_values, labels=labels, step=step, state=state,
+                batch=device_batch, model_cfg=model_cfg)
+
+
+def first_step_check(b) -> tuple[dict, dict, float]:
+    """Runs one step of each from the identical start; returns (ours, HF, compile seconds)."""
+    t0 = time.perf_counter()
+    b["state"], metrics = b["step"](b["state"], b["batch"])
+    ours = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    compile_s = time.perf_counter() - t0
+    hf, opt = b["hf"], b["opt"]
+    opt.zero_grad(set_to_none=True)
+    out = hf(pixel_values=b["pixel_values"], labels=b["labels"])
+    out.loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(hf.parameters(), 0.1)
+    opt.step()
+    theirs = {"loss": float(out.loss), "grad_norm": float(norm),
+              **{k: float(out.loss_dict[k]) for k in ("loss_ce", "loss_bbox", "loss_giou")}}
+    OUR_MATCH.take(), HF_MATCH.take()
+    return ours, theirs, compile_s
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=9, help="timed rounds (each: one step of each)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds after the checked first step")
+    parser.add_argument("--threads", type=int, default=THREADS,
+                        help="cores for both libraries (the process is pinned to the first N; default all)")
+    parser.add_argument("--max-boxes", type=int, default=100,
+                        help="box slots per image in our padded batch (the input pipeline's default)")
+    parser.add_argument("--attention-impl", default=None,
+                        help="config.model.attention_impl for ours (default: the model's CPU default)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, "
+          f"torch threads {torch.get_num_threads()}, pinned to cores {sorted(os.sched_getaffinity(0))}")
+    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}  load average at start {os.getloadavg()}")
+
+    b = build(args)
+    ours, theirs, compile_s = first_step_check(b)
+    print(f"attention_impl={b['model_cfg']['attention_impl']!r}  batch {BATCH}x{IMAGE_HW[0]}x{IMAGE_HW[1]}, "
+          f"boxes per image {b['batch']['box_mask'].sum(1).tolist()}, max_boxes {args.max_boxes}; "
+          f"first step (compile included) {compile_s:.1f} s")
+    check = {k: abs(ours[k] - theirs[k]) / max(abs(theirs[k]), 1e-12)
+             for k in ("loss", "loss_ce", "loss_bbox", "loss_giou", "grad_norm")}
+    print("first step ours vs HF: " + ", ".join(
+        f"{k} {ours[k]:.6g}/{theirs[k]:.6g} (rel {check[k]:.1e})" for k in check))
+    if max(check.values()) > 1e-3:
+        raise SystemExit("ours and HF disagree on the first step: the comparison would not be like for like")
+
+    def ours_fn():
+        b["state"], metrics = b["step"](b["state"], b["batch"])
+        jax.block_until_ready((b["state"], metrics))
+
+    def hf_fn():
+        b["opt"].zero_grad(set_to_none=True)
+        out = b["hf"](pixel_values=b["pixel_values"], labels=b["labels"])
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(b["hf"].parameters(), 0.1)
+        b["opt"].step()
+
+    fns = {"ours": ours_fn, "hf": hf_fn}
+    for _ in range(args.warmup):
+        ours_fn(), hf_fn()
+    OUR_MATCH.take(), HF_MATCH.take()
+    times = {k: [] for k in fns}
+    match = {"ours": [], "hf": []}
+    loads = [os.getloadavg()[0]]
+    for r in range(args.repeats):
+        for name in ("ours", "hf") if r % 2 == 0 else ("hf", "ours"):
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+            match[name].append((OUR_MATCH if name == "ours" else HF_MATCH).take())
+        loads.append(os.getloadavg()[0])
+
+    t_ours, t_hf = np.array(times["ours"]), np.array(times["hf"])
+    m_ours, m_hf = np.array(match["ours"]), np.array(match["hf"])
+    pair = t_ours / t_hf
+    print(f"rounds {args.repeats} (after {args.warmup} warm-up), 1-min load average during timing "
+          f"min {min(loads):.2f} median {np.median(loads):.2f} max {max(loads):.2f}")
+    print(f"ours  step median {1e3 * np.median(t_ours):8.1f} ms (min {1e3 * t_ours.min():.1f}); host matching "
+          f"median {1e3 * np.median(m_ours):.2f} ms = {100 * np.median(m_ours / t_ours):.2f}% of the step")
+    print(f"HF    step median {1e3 * np.median(t_hf):8.1f} ms (min {1e3 * t_hf.min():.1f}); scipy matching "
+          f"median {1e3 * np.median(m_hf):.2f} ms = {100 * np.median(m_hf / t_hf):.2f}% of the step")
+    print(f"ratio ours/HF (medians) {np.median(t_ours) / np.median(t_hf):.3f}; per-round ratios median "
+          f"{np.median(pair):.3f}, IQR {np.percentile(pair, 25):.3f}-{np.percentile(pair, 75):.3f}; "
+          f"ratio of minima {t_ours.min() / t_hf.min():.3f}")
+    return dict(ours=t_ours, hf=t_hf, match_ours=m_ours, match_hf=m_hf, loads=loads)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+r"""The embedded default: train, evaluate and look at a small YOLOS on a generated dataset, on a CPU.
+
+  python train.py --config=configs/demo.py --workdir=workdir/demo
+
+Generates a seeded synthetic COCO-format dataset (coloured shapes on textured backgrounds) into
+WORKDIR/data on first use — no download — trains, evaluates with pycocotools on its val split and writes
+annotated val images to WORKDIR/eval/.../images. Interrupt it (Ctrl-C) and run the same command again: it
+continues from its last checkpoint. `--config=configs/demo.py:smoke` is the few-step version the tests run.
+"""
+
+import ml_collections
+
+from yolos_jax.data import default_input_config
+from yolos_jax.trainer import default_config
+
+
+def get_config(arg=None):
+    smoke = arg == "smoke"
+    config = default_config("ti")
+    # A small ViT: the synthetic shapes need far less capacity than COCO.
+    config.model.update(
+        hidden_size=96 if not smoke else 32,
+        depth=6 if not smoke else 2,
+        num_heads=3 if not smoke else 2,
+        num_det_tokens=20 if not smoke else 8,
+        num_classes=4,
+        init_pe_size=(128, 160) if not smoke else (64, 96),
+        mid_pe_size=None,
+    )
+    num_train, num_val, image_size = (2048, 128, (128, 160)) if not smoke else (16, 8, (64, 96))
+    config.input = default_input_config("s")
+    config.input.train_split, config.input.val_split = "train", "val"
+    config.input.label_mode = "contiguous"
+    config.input.auto_prepare = True
+    config.input.num_canvases = 4
+    config.input.eval_num_canvases = 3
+    # Multi-scale training scaled down to the small synthetic images (the recipe's shape, smaller sides).
+    config.input.scales = (96, 112, 128, 144, 160)
+    config.input.max_size = 224
+    config.input.crop_resize_sizes = (112, 128, 144)
+    config.input.crop_min_size = 96
+    config.input.crop_max_size = 144
+    config.input.eval_size = 128
+    config.input.eval_max_size = 224
+    config.input.data_dir = "{workdir}/data/tfds"
+    config.input.source_dir = "{workdir}/data/synthetic"
+    config.input.dataset_name = "synthetic_demo" if not smoke else "synthetic_smoke"
+    config.input.synthetic = ml_collections.ConfigDict(
+        dict(num_train=num_train, num_val=num_val, image_size=image_size, num_classes=4, seed=0, max_objects=6)
+    )
+    config.input.batch_size = 8 if not smoke else 4
+    config.input.eval_batch_size = 8 if not smoke else 4
+    config.input.max_boxes = 8
+    if smoke:
+        config.input.scales = (48, 64)
+        config.input.max_size = 96
+        config.input.crop_resize_sizes = (48, 64)
+        config.input.crop_min_size = 32
+        config.input.crop_max_size = 64
+        config.input.eval_size = 64
+        config.input.eval_max_size = 96
+    config.optim.base_lr = 5e-4
+    config.optim.base_batch_size = config.input.batch_size
+    config.optim.warmup_steps = 100 if not smoke else 1
+    config.optim.clip_grad_norm = 1.0
+    config.train.num_steps = 3000 if not smoke else 6
+    config.train.log_every = 50 if not smoke else 2
+    config.checkpoint.every_steps = 250 if not smoke else 3
+    config.eval.eval_size = config.input.eval_size
+    return config
