@@ -51,6 +51,7 @@ xla_flags.set_cpu_flags()
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import transformers  # noqa: E402
 import transformers.loss.loss_for_object_detection as hf_loss_lib  # noqa: E402
 from transformers import YolosConfig, YolosForObjectDetection  # noqa: E402
 
@@ -148,6 +149,7 @@ def hf_adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.op
 def converted_params(hf: YolosForObjectDetection, attention_impl):
     """Our (params, YOLOS) from HF's weights through the project's converter."""
     with tempfile.TemporaryDirectory() as tmp:
+        transformers.utils.logging.disable_progress_bar()
         hf.save_pretrained(tmp)
         out = convert.convert_state(tmp)
     cfg = dict(out.model_cfg)
@@ -231,8 +233,8 @@ def first_step_check(b) -> tuple[dict, dict, float]:
     out.loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(hf.parameters(), 0.1)
     opt.step()
-    theirs = {"loss": float(out.loss), "grad_norm": float(norm),
-              **{k: float(out.loss_dict[k]) for k in ("loss_ce", "loss_bbox", "loss_giou")}}
+    theirs = {"loss": out.loss.item(), "grad_norm": norm.item(),
+              **{k: out.loss_dict[k].item() for k in ("loss_ce", "loss_bbox", "loss_giou")}}
     OUR_MATCH.take(), HF_MATCH.take()
     return ours, theirs, compile_s
 
@@ -283,17 +285,20 @@ def main(argv=None):
         ours_fn(), hf_fn()
     OUR_MATCH.take(), HF_MATCH.take()
     times = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}
     match = {"ours": [], "hf": []}
     loads = [os.getloadavg()[0]]
     for r in range(args.repeats):
         for name in ("ours", "hf") if r % 2 == 0 else ("hf", "ours"):
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
             match[name].append((OUR_MATCH if name == "ours" else HF_MATCH).take())
         loads.append(os.getloadavg()[0])
 
     t_ours, t_hf = np.array(times["ours"]), np.array(times["hf"])
+    c_ours, c_hf = np.array(cpu["ours"]), np.array(cpu["hf"])
     m_ours, m_hf = np.array(match["ours"]), np.array(match["hf"])
     pair = t_ours / t_hf
     print(f"rounds {args.repeats} (after {args.warmup} warm-up), 1-min load average during timing "
@@ -305,7 +310,13 @@ def main(argv=None):
     print(f"ratio ours/HF (medians) {np.median(t_ours) / np.median(t_hf):.3f}; per-round ratios median "
           f"{np.median(pair):.3f}, IQR {np.percentile(pair, 25):.3f}-{np.percentile(pair, 75):.3f}; "
           f"ratio of minima {t_ours.min() / t_hf.min():.3f}")
-    return dict(ours=t_ours, hf=t_hf, match_ours=m_ours, match_hf=m_hf, loads=loads)
+    # CPU seconds of the whole process per step (all threads): the work done, which other processes'
+    # load inflates far less than wall time (it still pays for cache and memory-bandwidth contention).
+    print(f"CPU time per step (process, all threads): ours median {np.median(c_ours):.2f} s, HF "
+          f"{np.median(c_hf):.2f} s, ratio {np.median(c_ours) / np.median(c_hf):.3f}; cores kept busy "
+          f"ours {np.median(c_ours / t_ours):.2f}, HF {np.median(c_hf / t_hf):.2f} of {args.threads}")
+    return dict(ours=t_ours, hf=t_hf, cpu_ours=c_ours, cpu_hf=c_hf, match_ours=m_ours, match_hf=m_hf,
+                loads=loads)
 
 
 if __name__ == "__main__":

@@ -51,20 +51,20 @@ def get_config(arg=None):
     config.input.batch_size = 8 if not smoke else 4
     config.input.eval_batch_size = 8 if not smoke else 4
     config.input.max_boxes = 8
-    if smoke:
-        config.input.scales = (48, 64)
+    if smoke:  # one scale, no crop or flip: a few steps must visibly fit the 16 images
+        config.input.scales = (64,)
         config.input.max_size = 96
-        config.input.crop_resize_sizes = (48, 64)
-        config.input.crop_min_size = 32
-        config.input.crop_max_size = 64
+        config.input.crop_prob = 0.0
+        config.input.hflip_prob = 0.0
+        config.input.num_canvases = 2
         config.input.eval_size = 64
         config.input.eval_max_size = 96
-    config.optim.base_lr = 5e-4
+    config.optim.base_lr = 5e-4 if not smoke else 2e-3
     config.optim.base_batch_size = config.input.batch_size
     config.optim.warmup_steps = 100 if not smoke else 1
     config.optim.clip_grad_norm = 1.0
-    config.train.num_steps = 3000 if not smoke else 6
-    config.train.log_every = 50 if not smoke else 2
-    config.checkpoint.every_steps = 250 if not smoke else 3
+    config.train.num_steps = 3000 if not smoke else 16
+    config.train.log_every = 50 if not smoke else 4
+    config.checkpoint.every_steps = 250 if not smoke else 4
     config.eval.eval_size = config.input.eval_size
     return config

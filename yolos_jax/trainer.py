@@ -45,6 +45,7 @@ def default_train_config() -> ml_collections.ConfigDict:
             nonfinite_policy="stop",  # 'stop': raise naming the step and terms; 'skip': drop the update
             eval_every=0,  # steps between evaluations on the val split (0: only at the end if eval_at_end)
             eval_at_end=True,
+            inject_nan_at_step=-1,  # fault injection for tests: poison this step's images with NaN
         )
     )
 
@@ -303,6 +304,36 @@ def _init_from_converted(
 # --------------------------------------------------------------------------------------------------
 
 
+def write_annotated_val_images(params: Any, model_cfg: dict, input_cfg: ml_collections.ConfigDict, out_dir: str,
+                               num_images: int = 8, threshold: float = 0.5) -> list[str]:
+    """Draws the detector's predictions (score > threshold) on the first val images -> PNG paths."""
+    import io
+
+    from PIL import Image
+
+    from yolos_jax import draw
+    from yolos_jax.data import pipeline
+    from yolos_jax.inference import Detector
+
+    dataset = pipeline.open_dataset(input_cfg)
+    label_map = pipeline.dataset_info(input_cfg).label_map
+    source = dataset.source_for(input_cfg.val_split)
+    max_size = int(input_cfg.eval_max_size) if input_cfg.eval_max_size > 0 else None
+    detector = Detector(params, model_cfg, eval_size=int(input_cfg.eval_size), max_size=max_size,
+                        label_names=label_map.names)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for i in range(min(num_images, len(source))):
+        record = source[i]
+        image = np.asarray(Image.open(io.BytesIO(record["image"])).convert("RGB"))
+        (pred,) = detector.predict([image], threshold=threshold)
+        texts = [f"{label_map.names[int(l)]} {float(s):.2f}" for l, s in zip(pred["labels"], pred["scores"])]
+        path = os.path.join(out_dir, f"{int(record['image/id'])}.png")
+        draw.save_png(path, draw.draw_boxes(image, np.asarray(pred["boxes"]), texts))
+        paths.append(path)
+    return paths
+
+
 class _StopRequest:
     """Turns SIGTERM (preemption) and SIGINT (Ctrl-C) into a request to save and exit cleanly."""
 
@@ -329,6 +360,24 @@ class _StopRequest:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        return False
+
+
+class _finish_saves_on_error:
+    """On an exception, let checkpoints already being written finish (they are complete and valid)."""
+
+    def __init__(self, checkpointer: checkpointing.Checkpointer):
+        self.checkpointer = checkpointer
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            try:
+                self.checkpointer.wait()
+            except Exception:  # noqa: BLE001 - never mask the original error
+                log.exception("while finishing checkpoint writes after an error")
         return False
 
 
@@ -415,11 +464,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     last_scalars: dict[str, float] = {}
     eval_metrics: dict[str, Any] = {}
     policy = config.train.nonfinite_policy
-    with _StopRequest() as stop:
+    with _StopRequest() as stop, _finish_saves_on_error(checkpointer):
         while step < total_steps:
             if stop.requested:
                 break
             host_batch = next(train_iter)
+            if step == config.train.inject_nan_at_step:
+                host_batch = dict(host_batch, image=np.full_like(host_batch["image"], np.nan, dtype=np.float32))
             batch = data.to_global_batch(train_step.select_train_batch(host_batch), batch_sharding)
             state, metrics = step_fn(state, batch)
             step += 1
@@ -456,6 +507,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpointer.close()
     if config.train.eval_at_end:
         eval_metrics = evaluate(step)
+        if is_main:
+            images_dir = os.path.join(workdir, "eval", f"step_{step}", "images")
+            paths = write_annotated_val_images(jax.device_get(state["params"]), config.model.to_dict(), config.input,
+                                               images_dir, threshold=config.eval.get("draw_threshold", 0.5))
+            print(f"annotated val images: {images_dir} ({len(paths)} images)", flush=True)
     if writer is not None:
         writer.close()
     result = {"step": step, **last_scalars, **{f"eval_{k}": v for k, v in (eval_metrics or {}).items()

@@ -346,7 +346,7 @@ def assemble(elements: Sequence[Mapping[str, np.ndarray]], image_format: str) ->
         if dtype == np.uint8:
             image[j, : im.shape[0], : im.shape[1]] = im
         else:
-            T.normalize_into(image[j, : im.shape[0], : im.shape[1]], im)
+            T.normalize_into(image[j], im)
     size = np.stack([e["size"] for e in elements]).astype(np.int32)
     rows = np.arange(H)[None, :, None] < size[:, 0, None, None]
     cols = np.arange(W)[None, None, :] < size[:, 1, None, None]

@@ -1,0 +1,162 @@
+"""End to end through `train.py` on the generated dataset (configs/demo.py:smoke), as a user runs it.
+
+* train -> checkpoint -> restore -> eval -> annotated image, and the loss goes down;
+* SIGKILL midway, SIGTERM (preemption) on the resumed run, resume again: parameters bit-identical to an
+  uninterrupted run of the same length;
+* an injected NaN stops the run naming the step, and the last checkpoint stays loadable.
+All runs share one persistent compilation cache so that only the first one pays for XLA compilation.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 900
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("xla_cache")
+    e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    e.update(YOLOS_JAX_COMPILATION_CACHE=str(cache), JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    return e
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """One generated + prepared dataset shared by every run (each workdir links to it)."""
+    return tmp_path_factory.mktemp("shared_data")
+
+
+def _cmd(workdir, data_root, *overrides):
+    return [
+        sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs/demo.py:smoke"),
+        "--workdir", str(workdir),
+        f"--config.input.source_dir={data_root}/synthetic", f"--config.input.data_dir={data_root}/tfds",
+        *overrides,
+    ]
+
+
+def _train(workdir, data_root, env, *overrides, check=True):
+    proc = subprocess.run(_cmd(workdir, data_root, *overrides), env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def _final_params(workdir):
+    from yolos_jax import checkpointing
+
+    params, _ = checkpointing.load_params(str(workdir))
+    import jax
+
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def _losses(stdout):
+    return [float(x) for x in re.findall(r"\] loss=([0-9.]+)", stdout)]
+
+
+def test_train_checkpoint_restore_eval_image(tmp_path, env, data_root):
+    workdir = tmp_path / "run"
+    proc = _train(workdir, data_root, env)
+    losses = _losses(proc.stdout)
+    assert len(losses) == 4, proc.stdout
+    assert losses[-1] < losses[0], f"loss did not go down: {losses}"
+    steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+    assert steps[-1] == 16 and len(steps) <= 3  # keep-last-k
+    metrics_files = [os.path.join(r, f) for r, _, fs in os.walk(workdir / "eval") for f in fs if f == "metrics.json"]
+    assert metrics_files
+    metrics = json.load(open(metrics_files[-1]))
+    assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"} <= set(metrics)
+    pngs = [os.path.join(r, f) for r, _, fs in os.walk(workdir / "eval") for f in fs if f.endswith(".png")]
+    assert pngs, "no annotated val image written"
+    assert (workdir / "tensorboard").is_dir()
+
+    # Restore: the checkpoint loads as a Detector and eval.py re-evaluates it.
+    from yolos_jax import Detector
+
+    detector = Detector.from_checkpoint(str(workdir))
+    image = np.zeros((64, 96, 3), np.uint8)
+    (result,) = detector.predict([image], threshold=0.0, top_k=5)
+    assert result["boxes"].shape == (5, 4)
+    out = tmp_path / "eval_again"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "eval.py"), "--config", os.path.join(ROOT, "configs/demo.py:smoke"),
+         "--workdir", str(workdir), "--out", str(out),
+         f"--config.input.source_dir={data_root}/synthetic", f"--config.input.data_dir={data_root}/tfds"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    again = json.load(open(out / "metrics.json"))
+    assert again["AP"] == pytest.approx(metrics["AP"], abs=1e-9)
+
+
+def _wait_for(predicate, proc, what, timeout=TIMEOUT):
+    start = time.time()
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended before {what}: {proc.stdout.read()[-3000:] if proc.stdout else ''}")
+        if time.time() - start > timeout:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_sigkill_and_sigterm_resume_bit_identical(tmp_path, env, data_root):
+    overrides = ("--config.train.eval_at_end=False", "--config.checkpoint.every_steps=4")
+    reference = tmp_path / "uninterrupted"
+    _train(reference, data_root, env, *overrides)
+
+    workdir = tmp_path / "interrupted"
+    # 1) SIGKILL as soon as the step-4 checkpoint is finalised (orbax renames it into place when complete).
+    proc = subprocess.Popen(_cmd(workdir, data_root, *overrides), env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(lambda: (workdir / "checkpoints" / "4").is_dir(), proc, "checkpoint 4")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # 2) Resume; SIGTERM (preemption) once it has logged a step past the checkpoint: it must save and exit 0.
+    proc = subprocess.Popen(_cmd(workdir, data_root, *overrides), env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if re.search(r"\[\s*(8|12)/16", line):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.communicate(timeout=TIMEOUT)[0]
+    output = "".join(lines) + rest
+    assert proc.returncode == 0, output[-4000:]
+    assert "SIGTERM: saved a checkpoint at step" in output, output[-4000:]
+    # 3) Resume to the end.
+    _train(workdir, data_root, env, *overrides)
+
+    ours, ref = _final_params(workdir), _final_params(reference)
+    assert ours.keys() == ref.keys()
+    for k in ref:
+        np.testing.assert_array_equal(ours[k], ref[k], err_msg=k)
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, env, data_root):
+    workdir = tmp_path / "nan"
+    proc = _train(workdir, data_root, env, "--config.train.inject_nan_at_step=5", "--config.train.eval_at_end=False",
+                  check=False)
+    assert proc.returncode != 0
+    assert "non-finite loss or gradient at step 6" in proc.stderr + proc.stdout
+    params = _final_params(workdir)  # the step-4 checkpoint loads and is finite
+    assert all(np.isfinite(v).all() for v in params.values())
+    steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+    assert steps == [4]
+
+    skipped = _train(tmp_path / "skip", data_root, env, "--config.train.inject_nan_at_step=5",
+                     "--config.train.nonfinite_policy=skip", "--config.train.eval_at_end=False")
+    assert "skipping update" in skipped.stderr + skipped.stdout
+    assert all(np.isfinite(v).all() for v in _final_params(tmp_path / "skip").values())
