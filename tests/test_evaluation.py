@@ -363,7 +363,7 @@ def test_evaluator_on_an_8_device_mesh_equals_one_device(synth):
     mesh = sharding.make_mesh(sharding.default_mesh_config())
     assert mesh.devices.size == 8
     ev8 = evaluation.Evaluator(evaluation.default_eval_config(), cfg8, model, mesh=mesh)
-    eight = _by_image(ev8.predict(evaluation._place_params(params, mesh)))
+    eight = _by_image(ev8.predict(evaluation.place_params(params, mesh)))
     np.testing.assert_array_equal(eight["image_id"], one["image_id"])
     np.testing.assert_array_equal(eight["labels"], one["labels"])
     np.testing.assert_allclose(eight["scores"], one["scores"], rtol=1e-5, atol=1e-6)
@@ -371,7 +371,7 @@ def test_evaluator_on_an_8_device_mesh_equals_one_device(synth):
     # An eval batch smaller than the mesh (4 images on 8 devices) is padded with fillers: same result.
     cfg8.eval_batch_size = 4
     four = _by_image(evaluation.Evaluator(evaluation.default_eval_config(), cfg8, model, mesh=mesh).predict(
-        evaluation._place_params(params, mesh)))
+        evaluation.place_params(params, mesh)))
     np.testing.assert_array_equal(four["image_id"], one["image_id"])
     np.testing.assert_allclose(four["scores"], one["scores"], rtol=1e-5, atol=1e-6)
 
@@ -426,7 +426,7 @@ params, model, _ = evaluation.load_model(ckpt)
 mesh = sharding.make_mesh(sharding.default_mesh_config())
 ev = evaluation.Evaluator(evaluation.default_eval_config(), cfg, model, mesh=mesh)
 assert len(ev.batches()) == 2  # 10 images in global batches of 8; each process reads 4 of every 8
-metrics = ev.run(evaluation._place_params(params, mesh), out, verbose=False)
+metrics = ev.run(evaluation.place_params(params, mesh), out, verbose=False)
 print("METRICS " + json.dumps(metrics), flush=True)
 jax.distributed.shutdown()
 """

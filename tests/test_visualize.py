@@ -2,7 +2,6 @@
 boxes sit on the objects, and the commands on a tiny model."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp

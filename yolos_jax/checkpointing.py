@@ -128,12 +128,17 @@ def load_params(path: str) -> tuple[Any, dict]:
 
     Only the parameters are read (not the optimiser state); arrays come back on the default device.
     """
+    params, model_cfg, _ = load_params_and_meta(path)
+    return params, model_cfg
+
+
+def load_params_and_meta(path: str) -> tuple[Any, dict, dict]:
+    """(params, model_config, meta) where meta has 'kind', 'eval_size', 'max_size', 'label_names', 'step'."""
     directory, step = find_checkpoint(path)
     if step is None:
         from yolos_jax import convert  # converted weights: format owned by the converter
 
-        params, model_cfg, _ = convert.load_params_dir(directory)
-        return params, model_cfg
+        return convert.load_params_dir(directory)
     manager = ocp.CheckpointManager(directory, item_names=("params", "train", "data", "config"))
     restored = manager.restore(
         step, args=ocp.args.Composite(params=ocp.args.StandardRestore(), config=ocp.args.JsonRestore())
@@ -143,7 +148,20 @@ def load_params(path: str) -> tuple[Any, dict]:
     config = restored["config"]
     if "model" not in config:
         raise ValueError(f"checkpoint {directory}/{step} holds no model config (config/model missing)")
-    return params, dict(config["model"])
+    model_cfg = dict(config["model"])
+    for key in ("init_pe_size", "mid_pe_size"):  # JSON turned tuples into lists
+        if isinstance(model_cfg.get(key), list):
+            model_cfg[key] = tuple(model_cfg[key])
+    input_cfg = config.get("input", {})
+    eval_max = input_cfg.get("eval_max_size", -1)
+    meta = {
+        "kind": "detector",
+        "step": step,
+        "eval_size": input_cfg.get("eval_size"),
+        "max_size": eval_max if eval_max and eval_max > 0 else None,
+        "label_names": config.get("label_names"),
+    }
+    return params, model_cfg, meta
 
 
 def restore_data_state(path: str) -> dict:

@@ -488,18 +488,19 @@ class Evaluator:
         return _broadcast_metrics(metrics)
 
 
-def _broadcast_metrics(metrics: dict) -> dict:
-    """Process 0's metrics on every process (identity with one process)."""
+def _broadcast_metrics(metrics: dict, max_bytes: int = 1 << 16) -> dict:
+    """Process 0's metrics dict on every process, exactly (as JSON bytes; identity with one process)."""
     if jax.process_count() == 1:
         return metrics
     from jax.experimental import multihost_utils
 
-    keys = list(METRIC_NAMES) + ["num_images", "num_detections"]
-    vec = np.asarray([float(metrics.get(k, 0.0)) for k in keys], np.float32)
-    vec = np.asarray(multihost_utils.broadcast_one_to_all(vec))
-    out = {k: float(v) for k, v in zip(keys, vec)}
-    out["num_images"], out["num_detections"] = int(out["num_images"]), int(out["num_detections"])
-    return out
+    blob = json.dumps(metrics).encode() if jax.process_index() == 0 else b""
+    if len(blob) >= max_bytes:
+        raise ValueError(f"metrics JSON of {len(blob)} bytes is too large to broadcast (max {max_bytes})")
+    buf = np.zeros((max_bytes,), np.uint8)
+    buf[: len(blob)] = np.frombuffer(blob, np.uint8)
+    buf = np.asarray(multihost_utils.broadcast_one_to_all(buf), np.uint8)
+    return json.loads(buf.tobytes().rstrip(b"\0").decode())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -743,8 +744,9 @@ def check_label_map(label_map: Any, num_classes: int) -> None:
         )
 
 
-def _place_params(params: Any, mesh: Any) -> Any:
-    """Host params -> device: replicated over the mesh (every process supplies its pieces), or one device."""
+def place_params(params: Any, mesh: Any) -> Any:
+    """Host params -> device: replicated over `mesh` (every process supplies its pieces), or the default
+    device when mesh is None (the Evaluator's `mesh` attribute says which)."""
     if mesh is None:
         return jax.device_put(params)
     from yolos_jax import sharding
@@ -770,7 +772,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, out_
     params, model, meta = load_model(checkpoint)
     evaluator = Evaluator(config.eval, config.input, model)
     check_label_map(evaluator.label_map, model.num_classes)
-    params = _place_params(params, evaluator.mesh)
+    params = place_params(params, evaluator.mesh)
     is_main = jax.process_index() == 0
     if is_main:
         print(f"evaluating {checkpoint} ({count_params(params) / 1e6:.1f}M params) -> {out_dir}", flush=True)

@@ -152,13 +152,16 @@ class Detector:
         label_names: Optional[Sequence[str]] = None,
         **model_overrides: Any,
     ) -> "Detector":
-        """Loads a converted-checkpoint directory of kind 'detector'.
+        """Loads a converted-checkpoint directory of kind 'detector', or a training checkpoint (a workdir,
+        its latest step, or one step directory).
 
         eval_size defaults to the one recorded at conversion (the original's args, HF's preprocessor
         config, or the variant's: 512 for Ti, else 800); label_names to the checkpoint's (HF id2label).
         model_overrides replace `YOLOS` fields that do not change parameters (dtype, attention_impl).
         """
-        params, cfg, meta = convert.load_params_dir(path)
+        from yolos_jax import checkpointing
+
+        params, cfg, meta = checkpointing.load_params_and_meta(path)
         if meta.get("kind") != "detector":
             raise ValueError(
                 f"{path} holds a {meta.get('kind')!r} checkpoint; Detector needs a 'detector' one (converted from "
@@ -169,7 +172,7 @@ class Detector:
             params,
             cfg,
             eval_size=eval_size if eval_size is not None else int(meta.get("eval_size") or 800),
-            max_size=max_size,
+            max_size=max_size if max_size is not None else meta.get("max_size"),
             label_names=label_names if label_names is not None else meta.get("label_names"),
         )
 

@@ -399,6 +399,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"{config.model.num_classes} < {label_map.num_classes} classes in the dataset's label map "
             f"(input.label_mode={config.input.get('label_mode', '?')!r})",
         )
+    config.label_names = list(label_map.names)  # stored with every checkpoint, for inference
     global_batch = int(config.input.batch_size)
     num_train = int(info.num_examples[config.input.train_split])
     steps_per_epoch = max(num_train // global_batch, 1)
@@ -464,6 +465,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     last_scalars: dict[str, float] = {}
     eval_metrics: dict[str, Any] = {}
     policy = config.train.nonfinite_policy
+    last_saved = step
     with _StopRequest() as stop, _finish_saves_on_error(checkpointer):
         while step < total_steps:
             if stop.requested:
@@ -493,12 +495,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if step % config.checkpoint.every_steps == 0 or step == total_steps:
                 _check_finite(metrics, step, policy)
                 checkpointer.save(step, state, train_iter.get_state(), config)
+                last_saved = step
             if config.train.eval_every and step % config.train.eval_every == 0 and step < total_steps:
                 eval_metrics = evaluate(step)
         if stop.requested and step < total_steps:
             if previous is not None:
                 _check_finite(previous[1], previous[0], policy)
-            checkpointer.save(step, state, train_iter.get_state(), config)
+            if last_saved != step:
+                checkpointer.save(step, state, train_iter.get_state(), config)
             checkpointer.close()
             if is_main:
                 print(f"{stop.signal_name}: saved a checkpoint at step {step}; re-run the same command to resume.",

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import glob
-import json
 import os
 from typing import Any, Mapping, Optional, Sequence
 
@@ -396,12 +395,12 @@ def make_figures(config: Any, checkpoint: str, out_dir: str, *, max_images: int 
 
     params, model, _ = evaluation.load_model(checkpoint)
     evaluator = evaluation.Evaluator(config.eval, config.input, model)
-    params = jax.device_put(params)
+    evaluation.check_label_map(evaluator.label_map, model.num_classes)
+    params = evaluation.place_params(params, evaluator.mesh)
     pred = evaluator.predict(params, max_images=max_images)
     written: dict[str, list[str]] = {"centers": [], "categories": [], "attention": []}
     if jax.process_index() != 0:
         return written
-    evaluation.check_label_map(evaluator.label_map, model.num_classes)
     path = os.path.join(out_dir, "det_token_centers.png")
     plot_token_centers(pred["rel_boxes"], pred["orig_size"], path, num_tokens)
     written["centers"].append(path)
