@@ -2,10 +2,14 @@
 
     python benchmarks/bench_input.py [--num_images=256] [--batches=24] [--threads=2] [--workdir=/tmp/yolos_bench_input]
 
-Data: `num_images` synthetic 640x480 JPEGs (quality 90, textured), prepared once under --workdir.
+Data: `num_images` synthetic 640x480 JPEGs (quality 90, textured), prepared once under --workdir, for
+each --texture_noise: 6 (the synthetic default, ~85 KB files) and 24 (~160 KB, the average size of a
+COCO 2017 train JPEG, so that decoding costs about what real photos cost).
 Measured, each twice in alternation (best kept, the machine being shared):
   decode       read the prepared records + tf.io.decode_jpeg, images delivered to numpy, same tf.data
-               parallelism: the floor any pipeline pays
+               parallelism: the reference
+  decode_resize  the same + one TF bilinear resize to the train output sizes (S scales) and rounding to
+               uint8: the floor of any TF pipeline producing those sizes
   train f32    make_train_iterator at S scales (480..800, max 1333, crop branch, flip), host float32
                normalised padded batches (the default schema)
   train uint8  the same with input.image_format='uint8' (normalisation moves to the device)
@@ -25,19 +29,37 @@ import time
 import numpy as np
 
 
-def _decode_only(ds, threads: int, n_images: int):
+def _plan_sizes(cfg, n: int) -> np.ndarray:
+    """Output sizes [n, 2] of the S-scale train transform for 640x480 images (the resize any pipeline
+    must do, whatever else it does)."""
+    from yolos_jax.data import pipeline, transforms as T
+
+    tcfg = pipeline.train_transform_config(cfg)
+    g = T.sample_train_geometry(np.random.default_rng(0), np.full(n, 480), np.full(n, 640), tcfg)
+    return T.output_hw(g)
+
+
+def _decode_only(ds, threads: int, n_images: int, resize_to=None):
+    """Records -> decode_jpeg (-> bilinear resize to `resize_to` sizes) -> numpy uint8."""
     from yolos_jax.data.tf_setup import get_tf
 
     tf = get_tf()
     src = ds.source_for("train")
     n = len(src)
+    sizes = np.zeros((n_images, 2), np.int32) if resize_to is None else np.asarray(resize_to, np.int32)
 
     def gen():
         for k in range(n_images):
-            yield src[k % n]["image"]
+            yield src[k % n]["image"], sizes[k]
 
-    d = tf.data.Dataset.from_generator(gen, output_signature=tf.TensorSpec([], tf.string))
-    d = d.map(lambda b: tf.io.decode_jpeg(b, channels=3), num_parallel_calls=threads, deterministic=True)
+    def fn(b, hw):
+        img = tf.io.decode_jpeg(b, channels=3)
+        if resize_to is None:
+            return img
+        return tf.cast(tf.image.resize(tf.cast(img, tf.float32) + 0.5, hw), tf.uint8)
+
+    d = tf.data.Dataset.from_generator(gen, output_signature=(tf.TensorSpec([], tf.string), tf.TensorSpec([2], tf.int32)))
+    d = d.map(fn, num_parallel_calls=threads, deterministic=True)
     d = d.prefetch(16)
     opts = tf.data.Options()
     opts.threading.private_threadpool_size = threads + 1
@@ -49,7 +71,7 @@ def _decode_only(ds, threads: int, n_images: int):
     w0, c0 = time.perf_counter(), time.process_time()
     count = 0
     for img in it:
-        assert img.shape == (480, 640, 3)
+        assert img.shape[-1] == 3
         count += 1
     return count, time.perf_counter() - w0, time.process_time() - c0
 
@@ -78,17 +100,35 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2, help="tf.data map parallelism (cores to use)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--workdir", default="/tmp/yolos_bench_input")
+    p.add_argument("--texture_noise", default="6,24", help="comma-separated background noise levels")
     p.add_argument("--json_out", default="")
     a = p.parse_args(argv)
+    out = {}
+    for noise in [float(v) for v in a.texture_noise.split(",") if v]:
+        out[f"noise{noise:g}"] = run_one(a, noise)
+    print("\n| JPEGs | pipeline | images/s (wall, best) | CPU ms / image | CPU cost vs decode |")
+    print("|---|---|---|---|---|")
+    for key, summary in out.items():
+        kb = summary["setup"]["jpeg_kb_mean"]
+        for k in ("decode", "decode_resize", "train_f32", "train_uint8"):
+            r = summary[k]
+            print(f"| 640x480, {kb:.0f} KB | {k} | {r['best_wall_images_per_s']:.0f} | {r['cpu_ms_per_image']:.2f} | "
+                  f"{r.get('cpu_cost_vs_decode', 1.0):.2f}x |")
+    if a.json_out:
+        with open(a.json_out, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+def run_one(a, noise: float) -> dict:
 
     from yolos_jax.data import pipeline, synthetic
 
-    src = os.path.join(a.workdir, f"jpeg640x480_{a.num_images}")
+    src = os.path.join(a.workdir, f"jpeg640x480_{a.num_images}_noise{noise:g}")
     if not os.path.isdir(src):
-        synthetic.generate(src, a.num_images, 0, seed=0, image_size=(480, 640), max_objects=8)
+        synthetic.generate(src, a.num_images, 0, seed=0, image_size=(480, 640), max_objects=8, texture_noise=noise)
     cfg = pipeline.default_input_config("s")
     cfg.data_dir = os.path.join(a.workdir, "tfds")
-    cfg.dataset_name = f"bench640x480_{a.num_images}"
+    cfg.dataset_name = f"bench640x480_{a.num_images}_noise{noise:g}"
     cfg.source_dir = src
     cfg.auto_prepare = True
     cfg.train_split, cfg.val_split = "train", "val"
@@ -98,11 +138,13 @@ def main(argv=None):
     sizes = [os.path.getsize(os.path.join(src, "train", f)) for f in os.listdir(os.path.join(src, "train"))]
     n_dec = a.batches * a.batch_size
 
-    results: dict[str, list] = {"decode": [], "train_f32": [], "train_uint8": []}
+    results: dict[str, list] = {"decode": [], "decode_resize": [], "train_f32": [], "train_uint8": []}
     padding = None
     for _ in range(a.repeats):
         n, wall, cpu = _decode_only(ds, a.threads, n_dec + 8)
         results["decode"].append((n, wall, cpu))
+        n, wall, cpu = _decode_only(ds, a.threads, n_dec + 8, resize_to=_plan_sizes(cfg, n_dec + 8))
+        results["decode_resize"].append((n, wall, cpu))
         for name, fmt in (("train_f32", "float32"), ("train_uint8", "uint8")):
             c = cfg.copy_and_resolve_references()
             c.image_format = fmt
@@ -116,7 +158,7 @@ def main(argv=None):
 
     summary = {k: best(v) for k, v in results.items()}
     dec = summary["decode"]["cpu_ms_per_image"]
-    for k in ("train_f32", "train_uint8"):
+    for k in ("decode_resize", "train_f32", "train_uint8"):
         summary[k]["cpu_cost_vs_decode"] = summary[k]["cpu_ms_per_image"] / dec
     load = os.getloadavg()
     summary["setup"] = {
@@ -125,15 +167,7 @@ def main(argv=None):
         "epoch_padding": padding,
     }
     print(json.dumps(summary, indent=1))
-    print("\n| pipeline | images/s (wall, best) | CPU ms / image | CPU cost vs decode |")
-    print("|---|---|---|---|")
-    for k in ("decode", "train_f32", "train_uint8"):
-        s = summary[k]
-        print(f"| {k} | {s['best_wall_images_per_s']:.0f} | {s['cpu_ms_per_image']:.2f} | "
-              f"{s.get('cpu_cost_vs_decode', 1.0):.2f}x |")
-    if a.json_out:
-        with open(a.json_out, "w") as f:
-            json.dump(summary, f, indent=1)
+    return summary
 
 
 if __name__ == "__main__":

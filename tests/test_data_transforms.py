@@ -48,10 +48,11 @@ def _coco_like_sizes(n, rng):
     return np.where(land, short, 640), np.where(land, 640, short)
 
 
-def test_train_geometry_invariants_at_s_scales():
+@pytest.mark.parametrize("crop_in_original", [True, False])
+def test_train_geometry_invariants_at_s_scales(crop_in_original):
     rng = np.random.default_rng(1)
     h, w = _coco_like_sizes(4000, rng)
-    cfg = T.TrainTransformConfig(scales=T.SCALES_S, max_size=1333)
+    cfg = T.TrainTransformConfig(scales=T.SCALES_S, max_size=1333, crop_in_original=crop_in_original)
     g = T.sample_train_geometry(np.random.default_rng(2), h, w, cfg)
     flip, h1, w1, cy, cx, ch, cw, h2, w2 = g.T
     crop = (h1 != h) | (w1 != w) | (ch != h1) | (cw != w1)
@@ -64,13 +65,19 @@ def test_train_geometry_invariants_at_s_scales():
     for oh, ow in cand.values():
         ok |= (h2 == oh // 16 * 16) & (w2 == ow // 16 * 16)
     assert ok[nc].all()
-    # Crop branch: resize to 400/500/600, a crop of 384..min(side, 600) inside it, then a scale.
+    # Crop branch: resize to 400/500/600, a crop of 384..min(side, 600) inside it, then a scale. With
+    # crop_in_original the window is cut from the original instead (sizes scaled back, +-1 px rounding).
     inter_ok = np.zeros(len(h), bool)
     for s1 in (400, 500, 600):
         a, b = T.detr_resize_hw(h, w, s1, None)
-        inter_ok |= (h1 == a) & (w1 == b)
+        if crop_in_original:
+            ry, rx = a / h, b / w
+            inter_ok |= ((h1 == h) & (w1 == w) & (ch * ry >= 384 - 1.5) & (ch * ry <= np.minimum(a, 600) + 1.5)
+                         & (cw * rx >= 384 - 1.5) & (cw * rx <= np.minimum(b, 600) + 1.5))
+        else:
+            inter_ok |= ((h1 == a) & (w1 == b) & (cw >= 384) & (cw <= np.minimum(b, 600)) & (ch >= 384)
+                         & (ch <= np.minimum(a, 600)))
     assert inter_ok[crop].all()
-    assert ((cw >= 384) & (cw <= np.minimum(w1, 600)) & (ch >= 384) & (ch <= np.minimum(h1, 600)))[crop].all()
     assert ((cx >= 0) & (cx + cw <= w1) & (cy >= 0) & (cy + ch <= h1)).all()
     ok = np.zeros(len(h), bool)
     for s in T.SCALES_S:
@@ -154,15 +161,15 @@ def test_pad_targets_truncates_and_masks():
 COLOURS = [(230, 30, 30), (30, 200, 40), (40, 60, 230), (240, 220, 20), (200, 40, 220), (20, 210, 220)]
 
 
-def _test_image():
-    """A 120x160 gray image with 6 solid rectangles of known colour (lossless PNG), boxes xyxy pixels."""
+def _test_image(fmt="PNG"):
+    """A 120x160 gray image with 6 solid rectangles of known colour (PNG or JPEG), boxes xyxy pixels."""
     img = np.full((120, 160, 3), 128, np.uint8)
     boxes = np.asarray([[5, 5, 45, 35], [60, 10, 150, 40], [10, 50, 40, 110], [50, 55, 100, 115],
                         [110, 50, 155, 80], [115, 88, 158, 117]], np.float32)
     for (x0, y0, x1, y1), c in zip(boxes.astype(int), COLOURS):
         img[y0:y1, x0:x1] = c
     buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
+    Image.fromarray(img).save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
     return buf.getvalue(), boxes
 
 
@@ -204,8 +211,9 @@ def _geometries():
             yield f"{name} {k}", g
 
 
-def test_image_and_boxes_stay_together():
-    data, boxes = _test_image()
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])  # JPEG crops decode only the window
+def test_image_and_boxes_stay_together(fmt):
+    data, boxes = _test_image(fmt)
     labels = np.arange(len(boxes))
     checked = {}
     for name, g in _geometries():
@@ -216,6 +224,19 @@ def test_image_and_boxes_stay_together():
     assert checked["flip"] == checked["upscale"] == 6 and checked["crop"] >= 2
     assert sum(v for k, v in checked.items() if k.startswith("large-scale")) >= 6
     assert sum(v for k, v in checked.items() if k.startswith("random")) >= 12
+
+
+def test_jpeg_window_decode_equals_decode_then_crop():
+    from yolos_jax.data.tf_setup import get_tf
+
+    tf = get_tf()
+    data, _ = _test_image("JPEG")
+    full = tf.io.decode_jpeg(data, channels=3).numpy()
+    for flip in (0, 1):
+        g = np.asarray([flip, 120, 160, 17, 33, 70, 90, 70, 90])  # crop of the original, no resize
+        got = T.tf_apply_geometry(data, g, "uint8").numpy()
+        ref = (full[:, ::-1] if flip else full)[17:87, 33:123]
+        assert np.abs(got.astype(int) - ref).max() <= 2  # libjpeg's cropped decode: same pixels up to rounding
 
 
 def test_float_output_is_normalised_uint8():

@@ -36,8 +36,9 @@ SHAPES = ("circle", "square", "triangle", "ellipse", "rectangle", "diamond", "cr
 SPLITS = ("train", "val")
 
 
-def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """[h, w, 3] uint8 texture: low-frequency colour noise, a stripe/check pattern, pixel noise."""
+def _background(rng: np.random.Generator, h: int, w: int, noise: float = 6.0) -> np.ndarray:
+    """[h, w, 3] uint8 texture: low-frequency colour noise, a stripe/check pattern, pixel noise (std
+    `noise` grey levels; more noise = larger, slower-to-decode JPEGs)."""
     gh, gw = max(2, h // 24), max(2, w // 24)
     coarse = rng.uniform(40, 200, size=(gh, gw, 3)).astype(np.float32)
     base = np.asarray(Image.fromarray(coarse.astype(np.uint8)).resize((w, h), Image.BILINEAR), np.float32)
@@ -49,7 +50,7 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     else:  # checks
         pattern = np.sign(np.sin(xx * 2 * np.pi / period)) * np.sign(np.sin(yy * 2 * np.pi / period))
     tint = rng.uniform(-1, 1, size=3).astype(np.float32)
-    img = base * 0.8 + 25.0 * pattern[..., None] * tint + rng.normal(0, 6, size=(h, w, 3))
+    img = base * 0.8 + 25.0 * pattern[..., None] * tint + rng.normal(0, noise, size=(h, w, 3))
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -91,6 +92,7 @@ def render_image(
     max_objects: int,
     min_size_frac: float = 0.08,
     max_size_frac: float = 0.6,
+    texture_noise: float = 6.0,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """One image and its objects.
 
@@ -98,7 +100,7 @@ def render_image(
     [0, num_classes), 'bbox': [x, y, w, h] pixels (tight around the full mask), 'area': mask pixels,
     'polygon': flat [x0, y0, x1, y1, ...], 'color': (r, g, b)}].
     """
-    img = Image.fromarray(_background(rng, height, width))
+    img = Image.fromarray(_background(rng, height, width, texture_noise))
     draw = ImageDraw.Draw(img)
     objects: list[dict[str, Any]] = []
     n = int(rng.integers(1, max_objects + 1))
@@ -161,6 +163,7 @@ def generate(
     category_ids: Optional[Sequence[int]] = None,
     crowd_fraction: float = 0.0,
     jpeg_quality: int = 90,
+    texture_noise: float = 6.0,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Writes the dataset (layout in the module docstring) atomically and returns a summary dict.
@@ -175,6 +178,7 @@ def generate(
       category_ids: the COCO category id of each class (default 1..num_classes); may have gaps.
       crowd_fraction: probability that an object is annotated iscrowd=1.
       jpeg_quality: PIL JPEG quality.
+      texture_noise: std of the background's pixel noise (grey levels); sets JPEG size and decode cost.
     Returns:
       {'out_dir', 'splits': {split: {'images', 'annotations', 'ann_file', 'image_dir'}}, 'categories'}.
     """
@@ -203,7 +207,7 @@ def generate(
             for i in range(count):
                 rng = np.random.default_rng(np.random.SeedSequence([seed, s_idx, i]))
                 h, w = sizes[int(rng.integers(len(sizes)))]
-                img, objs = render_image(rng, h, w, num_classes, max_objects)
+                img, objs = render_image(rng, h, w, num_classes, max_objects, texture_noise=texture_noise)
                 image_id = (s_idx + 1) * 1_000_000 + i + 1  # ids unique across splits
                 fname = f"{image_id:012d}.jpg"
                 buf = io.BytesIO()

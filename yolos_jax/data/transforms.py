@@ -267,18 +267,6 @@ def tf_apply_geometry(image_bytes: Any, geom: Any, image_format: str = "float32"
     import tensorflow as tf  # configured by tf_setup.get_tf() before any pipeline is built
 
     geom = tf.cast(geom, tf.int32)
-    img = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-    img = tf.ensure_shape(img, [None, None, 3])
-    if image_fn is not None:
-        def hook(im, iid):
-            out = np.asarray(image_fn(im, int(iid)))
-            if out.shape != im.shape or out.dtype != np.uint8:
-                raise ValueError(f"image_fn must return uint8 {im.shape}, got {out.dtype} {out.shape}")
-            return out
-
-        shape = tf.shape(img)
-        img = tf.numpy_function(hook, [img, image_id], tf.uint8, stateful=False)
-        img = tf.reshape(img, shape)
     if image_format not in ("uint8", "float32"):
         raise ValueError(f"input.image_format must be 'float32' or 'uint8', got {image_format!r}")
     flip = geom[0] > 0
