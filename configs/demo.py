@@ -32,39 +32,56 @@ def get_config(arg=None):
     config.input.train_split, config.input.val_split = "train", "val"
     config.input.label_mode = "contiguous"
     config.input.auto_prepare = True
-    config.input.num_canvases = 4
-    config.input.eval_num_canvases = 3
-    # Multi-scale training scaled down to the small synthetic images (the recipe's shape, smaller sides).
-    config.input.scales = (96, 112, 128, 144, 160)
-    config.input.max_size = 224
-    config.input.crop_resize_sizes = (112, 128, 144)
-    config.input.crop_min_size = 96
-    config.input.crop_max_size = 144
-    config.input.eval_size = 128
-    config.input.eval_max_size = 224
     config.input.data_dir = "{workdir}/data/tfds"
     config.input.source_dir = "{workdir}/data/synthetic"
     config.input.dataset_name = "synthetic_demo" if not smoke else "synthetic_smoke"
     config.input.synthetic = ml_collections.ConfigDict(
         dict(num_train=num_train, num_val=num_val, image_size=image_size, num_classes=4, seed=0, max_objects=6)
     )
-    config.input.batch_size = 8 if not smoke else 4
-    config.input.eval_batch_size = 8 if not smoke else 4
     config.input.max_boxes = 8
     if smoke:  # one scale, no crop or flip: a few steps must visibly fit the 16 images
+        config.input.num_canvases = 2
+        config.input.eval_num_canvases = 3
         config.input.scales = (64,)
         config.input.max_size = 96
+        config.input.crop_resize_sizes = (112, 128, 144)
+        config.input.crop_min_size = 96
+        config.input.crop_max_size = 144
         config.input.crop_prob = 0.0
         config.input.hflip_prob = 0.0
-        config.input.num_canvases = 2
         config.input.eval_size = 64
         config.input.eval_max_size = 96
-    config.optim.base_lr = 5e-4 if not smoke else 2e-3
+        config.input.batch_size = 4
+        config.input.eval_batch_size = 4
+        config.optim.base_lr = 2e-3
+        config.optim.base_batch_size = config.input.batch_size
+        config.optim.warmup_steps = 1
+        config.optim.clip_grad_norm = 1.0
+        config.train.num_steps = 16
+        config.train.log_every = 4
+        config.checkpoint.every_steps = 4
+        config.eval.eval_size = config.input.eval_size
+        return config
+    # One scale (the images' own size) and flips only: every batch has the same shape, so XLA compiles
+    # one train program, and the host does no resampling.
+    config.input.scales = (128,)
+    config.input.max_size = 160
+    config.input.crop_prob = 0.0
+    config.input.hflip_prob = 0.5
+    config.input.num_canvases = 2
+    config.input.eval_num_canvases = 2
+    config.input.eval_size = 128
+    config.input.eval_max_size = 160
+    config.input.image_format = "uint8"
+    config.input.batch_size = 8
+    config.input.eval_batch_size = 16
+    config.optim.base_lr = 1e-3
     config.optim.base_batch_size = config.input.batch_size
-    config.optim.warmup_steps = 100 if not smoke else 1
+    config.optim.warmup_steps = 100
     config.optim.clip_grad_norm = 1.0
-    config.train.num_steps = 3000 if not smoke else 16
-    config.train.log_every = 50 if not smoke else 4
-    config.checkpoint.every_steps = 250 if not smoke else 4
+    config.train.num_steps = 3000
+    config.train.log_every = 50
+    config.train.eval_every = 500
+    config.checkpoint.every_steps = 250
     config.eval.eval_size = config.input.eval_size
     return config

@@ -226,3 +226,27 @@ def test_show_batch_writes_one_png_per_example(cfg, tmp_path):
     assert len(paths) == 4 and sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in paths)
     img = np.asarray(Image.open(paths[0]))
     assert img.shape == b["image"].shape[1:] and img.dtype == np.uint8
+
+
+def test_undecodable_image_at_read_time_names_the_image(tmp_path):
+    """With verify_images=False a truncated JPEG passes preparation (header only); reading it then
+    raises a DataError naming the image, not a bare error from inside tf.data."""
+    import io as _io
+
+    root = tmp_path / "src"
+    os.makedirs(root / "train")
+    os.makedirs(root / "annotations")
+    buf = _io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 120, 3)).astype(np.uint8)).save(buf, format="JPEG")
+    (root / "train" / "ok.jpg").write_bytes(buf.getvalue())
+    (root / "train" / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])  # header intact
+    doc = {"images": [{"id": 1, "file_name": "ok.jpg"}, {"id": 2, "file_name": "cut.jpg"}], "annotations": [],
+           "categories": [{"id": 1, "name": "a"}]}
+    (root / "annotations" / "instances_train.json").write_text(json.dumps(doc))
+    c = pipeline.synthetic_input_config(str(tmp_path / "unused"), num_train=1, num_val=1)
+    c.source_dir, c.dataset_name, c.data_dir = str(root), "unverified", str(tmp_path / "tfds")
+    c.train_split = c.val_split = "train"
+    c.verify_images = False
+    c.eval_batch_size = 1
+    with pytest.raises(coco_builder.DataError, match="decoding image id 2 failed"):
+        list(data.make_eval_iterator(c, process_index=0, process_count=1))

@@ -120,6 +120,9 @@ def save_png(path: str | os.PathLike, image_uint8: np.ndarray) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             Image.fromarray(img.squeeze(-1) if img.ndim == 3 and img.shape[-1] == 1 else img).save(f, format="PNG")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the PNG the usual file mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -162,7 +162,7 @@ class PatchEmbed(nn.Module):
 # transpose the [B, H, T, S] weights before the second matmul (about 3x slower at T = 1477).
 # Processing the queries in chunks keeps the [B, H, chunk, S] logits cache-sized; 128 was the best of
 # 64..1024 for YOLOS-Ti (T = 1477) and -S (T = 3401).
-CPU_QUERY_CHUNK = 256
+CPU_QUERY_CHUNK = 128
 
 ATTENTION_IMPLS = (None, "xla", "cudnn", "einsum", "chunked")
 

@@ -544,7 +544,10 @@ def prepare(
 ) -> "PreparedDataset":
     """One-time: turns `source_dir` (COCO-format folder) or `tfds_source` (e.g. 'coco/2017') into the
     prepared dataset DATA_DIR/coco_folder/NAME/1.0.0. A no-op if it is already there (and came from the
-    same source). Returns `load(data_dir, name)`."""
+    same source). tfds writes into a temporary folder and renames it at the end, so a crash leaves
+    nothing half-prepared. splits: which splits (default: every instances_<split>.json; tfds: train
+    and validation). verify_images: fully decode each image (else header only). quiet: no progress
+    bars. Returns `load(data_dir, name)`."""
     if (source_dir is None) == (tfds_source is None):
         raise ValueError("prepare: give exactly one of source_dir (a COCO-format folder) or tfds_source (e.g. 'coco/2017')")
     if source_dir is not None:
