@@ -118,7 +118,8 @@ def find_checkpoint(path: str) -> tuple[str, Optional[int]]:
             if steps:
                 return directory, max(steps)
     raise FileNotFoundError(
-        f"no checkpoint found at {path}: expected a converted-weights directory (with {CONVERTED_MARKER}), "
+        f"no checkpoint found at {path}: expected a converted-weights directory (with {CONVERTED_MARKER}; "
+        "create one with convert_torch_weights.py --source=... --output=DIR), "
         f"a training workdir (with {CHECKPOINT_SUBDIR}/<step>/), or a checkpoint step directory"
     )
 

@@ -156,12 +156,14 @@ class PatchEmbed(nn.Module):
         )(images)
 
 
-# Attention on CPU: measured on XLA:CPU (jax 0.10, benchmarks/RESULTS_forward.md), a head-major layout
-# [B, H, T, Dh] lets XLA put the whole logits -> softmax -> weights @ v chain into one fused (YNNPACK)
-# kernel, while the token-major layout of `jax.nn.dot_product_attention` ([B, T, H, Dh]) makes XLA
-# transpose the [B, H, T, S] weights before the second matmul (about 3x slower at T = 1477).
-# Processing the queries in chunks keeps the [B, H, chunk, S] logits cache-sized; 128 was the best of
-# 64..1024 for YOLOS-Ti (T = 1477) and -S (T = 3401).
+# Attention on CPU (measured on XLA:CPU, jax 0.10; benchmarks/RESULTS_forward.md): in the head-major
+# layout [B, H, T, Dh] both attention matmuls are plain batched matmuls that XLA hands to YNNPACK, while
+# the token-major layout of `jax.nn.dot_product_attention` ([B, T, H, Dh]) makes XLA transpose the
+# [B, H, T, S] weights before the second matmul (3-4x slower at T = 1477). Computing one head and one
+# block of queries at a time keeps the [chunk, S] logits in cache (YOLOS-S, T = 3401: 1.7 MB rather
+# than 10 MB for all heads at once): attention at S ran 1.3-1.9x faster than with all heads per block.
+# Blocks of 64..512 were within noise of each other for whole S forwards; 128 was among the best in
+# isolated attention timings at both Ti and S sizes.
 CPU_QUERY_CHUNK = 128
 
 ATTENTION_IMPLS = (None, "xla", "cudnn", "einsum", "chunked")
@@ -219,7 +221,7 @@ def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: Optio
     """q: [..., t, Dh]; k, v: [..., S, Dh]; key_mask: [B, S] bool or None (leading axes [B, H] or [B, 1]).
 
     Returns [..., t, Dh]. The softmax is normalised after the second matmul ((e @ v) / sum(e), as flash
-    attention does): t * Dh divisions instead of t * S, and XLA:CPU keeps the chain in one fused kernel.
+    attention does): t * Dh divisions instead of t * S (measured a few % faster on CPU).
     """
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("...td,...sd->...ts", q * jnp.asarray(scale, q.dtype), k)
@@ -237,9 +239,8 @@ def attention_heads_major(
     """Softmax attention in head-major layout, optionally one (head, block of `chunk` queries) at a time.
 
     q, k, v: [B, H, T, Dh]; key_mask: [B, T] bool or None. Returns [B, H, T, Dh]. Query rows are
-    independent, so chunking changes no result. A step's [B, chunk, T] logits then stay in cache (for
-    YOLOS-S, T = 3401: 1.7 MB instead of 10 MB for all 6 heads), which is what made this the fastest
-    form on CPU; consecutive steps reuse the same head's k and v.
+    independent, so chunking changes no result; it bounds a step's logits to [B, chunk, T] (see the
+    note above `CPU_QUERY_CHUNK`).
     """
     batch, heads, tokens, head_dim = q.shape
     if chunk is None or tokens <= chunk:
@@ -264,7 +265,11 @@ def attention_heads_major(
 def dot_product_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, key_mask: Optional[jax.Array], impl: Optional[str]
 ) -> jax.Array:
-    """Softmax attention. q, k, v: [B, T, H, Dh]; key_mask: [B, S] bool or None. Returns [B, T, H, Dh]."""
+    """Softmax attention. q, k, v: [B, T, H, Dh]; key_mask: [B, S] bool or None. Returns [B, T, H, Dh].
+
+    impl: 'einsum' | 'chunked' (our head-major forms), else passed to `jax.nn.dot_product_attention`
+    (None there means jax's own choice; `SelfAttention` maps None to 'chunked' on CPU before this).
+    """
     if impl in ("einsum", "chunked"):
         chunk = CPU_QUERY_CHUNK if impl == "chunked" else None
         out = attention_heads_major(*(jnp.swapaxes(a, 1, 2) for a in (q, k, v)), key_mask, chunk)

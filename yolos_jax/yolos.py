@@ -88,7 +88,9 @@ class YOLOS(nn.Module):
       layer_norm_eps: 1e-6 as timm/DeiT; HF-converted configs carry 1e-12.
       dtype: compute dtype ('float32' or 'bfloat16'); parameters stay float32.
       remat: rematerialise each block in the backward pass (saves activation memory).
-      attention_impl: passed to `jax.nn.dot_product_attention` (None, 'xla', 'cudnn'), or 'einsum'.
+      attention_impl: None (on CPU: 'chunked'; elsewhere `jax.nn.dot_product_attention`'s choice, i.e.
+        cuDNN flash attention where available), 'xla' | 'cudnn' (passed to it), 'einsum' (explicit
+        head-major matmuls) or 'chunked' (the same per head and block of queries; fastest on CPU).
       aux_layers: also predict from the [DET] tokens of this many blocks before the last.
     """
 
