@@ -71,6 +71,8 @@ def default_config(variant: str = "s") -> ml_collections.ConfigDict:
     cfg.init_from = ""  # converted checkpoint directory (convert_torch_weights.py --output)
     cfg.model = config_lib.model_config(variant)
     cfg.input = data.default_input_config(scales="ti" if variant == "ti" else "s")
+    # uint8 host batches, normalised on device: ~1.4x faster host pipeline and 4x fewer bytes to move.
+    cfg.input.image_format = "uint8"
     cfg.matcher = matcher.default_matcher_config()
     cfg.loss = losses.default_loss_config()
     cfg.optim = optim.default_optim_config()
