@@ -14,7 +14,7 @@ downsampling, which is a different function.
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -292,8 +292,24 @@ class Mlp(nn.Module):
         return nn.Dense(width, dtype=self.dtype, kernel_init=trunc_normal_02, name="fc2")(x)
 
 
+def drop_path(module: nn.Module, y: jax.Array, rate: float) -> jax.Array:
+    """Stochastic depth (timm's `DropPath`) on a residual branch y [B, ...]: each example's branch is
+    zeroed with probability `rate` (rng stream 'drop_path'), survivors are scaled by 1 / (1 - rate).
+    rate 0 returns y itself (the model's inference path: callers pass 0 when not training)."""
+    if rate <= 0.0:
+        return y
+    keep = jax.random.bernoulli(module.make_rng("drop_path"), 1.0 - rate, (y.shape[0],) + (1,) * (y.ndim - 1))
+    return jnp.where(keep, y / jnp.asarray(1.0 - rate, y.dtype), jnp.zeros((), y.dtype))
+
+
 class EncoderBlock(nn.Module):
-    """Pre-LN Transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+    """Pre-LN Transformer block: x + Attn(LN(x)), then x + MLP(LN(x)).
+
+    drop_path_rate: stochastic depth on both residual branches (see `drop_path`); 0 = off.
+    attention: builds the attention layer as `attention(num_heads, qkv_bias, dtype, attention_impl,
+      name='attn')`; None = `SelfAttention`. `yolos_jax.windowed.block_attention` gives the windowed /
+      relative-position variants, which keep SelfAttention's parameters.
+    """
 
     num_heads: int
     mlp_dim: int
@@ -301,15 +317,17 @@ class EncoderBlock(nn.Module):
     qkv_bias: bool = True
     dtype: Dtype = jnp.float32
     attention_impl: Optional[str] = None
+    drop_path_rate: float = 0.0
+    attention: Optional[Callable[..., nn.Module]] = None
 
     @nn.compact
     def __call__(self, x: jax.Array, key_mask: Optional[jax.Array] = None) -> jax.Array:
         """x: [B, T, D]; key_mask: [B, T] bool or None. Returns [B, T, D]."""
         y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="norm1")(x)
-        y = SelfAttention(
+        y = (self.attention or SelfAttention)(
             self.num_heads, self.qkv_bias, self.dtype, self.attention_impl, name="attn"
         )(y, key_mask)
-        x = x + y
+        x = x + drop_path(self, y, self.drop_path_rate)
         y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="norm2")(x)
         y = Mlp(self.mlp_dim, self.dtype, name="mlp")(y)
-        return x + y
+        return x + drop_path(self, y, self.drop_path_rate)

@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from yolos_jax import vit
+from yolos_jax import variants, vit, windowed
 
 Dtype = Any
 
@@ -92,6 +92,13 @@ class YOLOS(nn.Module):
         cuDNN flash attention where available), 'xla' | 'cudnn' (passed to it), 'einsum' (explicit
         head-major matmuls) or 'chunked' (the same per head and block of queries; fastest on CPU).
       aux_layers: also predict from the [DET] tokens of this many blocks before the last.
+      drop_path_rate, token_keep_ratio, patch_embed, adapter, adapter_insert_det_at, detach_det_tokens:
+        the paper variants (stochastic depth, MIMDet partial sequences and ConvStem, FP-DETR task adapter,
+        fixed [DET] tokens), documented in `yolos_jax/variants.py`; the defaults give the plain YOLOS.
+        In training (`train=True`) they draw from the rng streams 'drop_path' and 'tokens'.
+      window_size, global_blocks, rel_pos: ViTDet windowed attention over r x r patch windows (0 = global
+        everywhere) in every block but `global_blocks` (None: every depth/4-th, (2, 5, 8, 11) at depth 12),
+        and the decomposed relative position bias (zero-initialised); see `yolos_jax/windowed.py`.
     """
 
     hidden_size: int = 384
@@ -109,6 +116,15 @@ class YOLOS(nn.Module):
     remat: bool = False
     attention_impl: Optional[str] = None
     aux_layers: int = 0
+    drop_path_rate: float = 0.0
+    token_keep_ratio: float = 1.0
+    patch_embed: str = "linear"
+    adapter: bool = False
+    adapter_insert_det_at: int = 0
+    detach_det_tokens: bool = False
+    window_size: int = 0
+    global_blocks: Optional[Sequence[int]] = None
+    rel_pos: bool = False
 
     def _grid(self, size_hw: Sequence[int]) -> tuple[int, int]:
         return int(size_hw[0]) // self.patch_size, int(size_hw[1]) // self.patch_size
@@ -121,18 +137,23 @@ class YOLOS(nn.Module):
 
         Returns the output dict described in the module docstring.
         """
-        del train  # No stochastic layers in the base model.
+        variants.validate_options(self)
         dtype = _as_dtype(self.dtype)
         width = self.hidden_size
         batch = images.shape[0]
         q = self.num_det_tokens
 
-        patches = vit.PatchEmbed(width, self.patch_size, dtype, name="patch_embed")(images.astype(dtype))
+        if self.patch_embed == "conv_stem":  # MIMDet Sec. 2.2
+            patches = variants.ConvStem(width, self.patch_size, dtype, name="conv_stem")(images.astype(dtype))
+        else:
+            patches = vit.PatchEmbed(width, self.patch_size, dtype, name="patch_embed")(images.astype(dtype))
         grid_hw = patches.shape[1:3]
         patches = patches.reshape(batch, grid_hw[0] * grid_hw[1], width)
 
         cls_token = self.param("cls_token", vit.trunc_normal_02, (1, 1, width))
         det_tokens = self.param("det_tokens", vit.trunc_normal_02, (1, q, width))
+        if self.detach_det_tokens:  # YOLOS Table 7: [DET] tokens fixed at their random initialisation
+            det_tokens = jax.lax.stop_gradient(det_tokens)
         pe_grid = self._grid(self.init_pe_size)
         pos_cls = self.param("pos_embed_cls", vit.trunc_normal_02, (1, 1, width))
         pos_patches = self.param("pos_embed_patches", vit.trunc_normal_02, (1, *pe_grid, width))
@@ -170,7 +191,7 @@ class YOLOS(nn.Module):
                     mid_det,
                 ],
                 axis=1,
-            ).astype(dtype)  # [depth - 1, T, D]
+            ).astype(dtype)[:, None]  # [depth - 1, 1, T, D]; partial sequences make the 1 a batch axis
 
         key_mask = None
         if pixel_mask is not None:
@@ -178,10 +199,22 @@ class YOLOS(nn.Module):
             ones = jnp.ones((batch, 1), bool)
             key_mask = jnp.concatenate([ones, patch_mask, jnp.ones((batch, q), bool)], axis=1)
 
+        if train and self.token_keep_ratio < 1.0:  # MIMDet Sec. 2.1: a random partial sequence
+            x, key_mask, mid_pos = variants.keep_random_patches(
+                self, x, key_mask, mid_pos, grid_hw[0] * grid_hw[1], q, self.token_keep_ratio
+            )
+        det_hook = variants.DetTokenHook.maybe_create(self, q, dtype)  # task adapter / late [DET] tokens
+        if det_hook is not None:
+            x, key_mask = det_hook.split(x, key_mask)
+        drop_path = variants.drop_path_rates(self.drop_path_rate if train else 0.0, self.depth)
+
         block_cls = nn.remat(vit.EncoderBlock) if self.remat else vit.EncoderBlock
+        attention = windowed.encoder_attention(self, grid_hw, partial_sequence=train and self.token_keep_ratio < 1.0)
         mlp_dim = self.mlp_dim or 4 * width
         intermediates = []
         for i in range(self.depth):
+            if det_hook is not None:
+                x, key_mask = det_hook.before_block(i, x, key_mask)
             x = block_cls(
                 num_heads=self.num_heads,
                 mlp_dim=mlp_dim,
@@ -189,12 +222,14 @@ class YOLOS(nn.Module):
                 qkv_bias=self.qkv_bias,
                 dtype=dtype,
                 attention_impl=self.attention_impl,
+                drop_path_rate=drop_path[i],
+                attention=attention[i],
                 name=f"block_{i}",
             )(x, key_mask)
             if i >= self.depth - 1 - self.aux_layers and i < self.depth - 1:
                 intermediates.append(x[:, -q:])
             if mid_pos is not None and i < self.depth - 1:
-                x = x + mid_pos[i][None]
+                x = x + mid_pos[i][:, : x.shape[1]]  # [DET] tokens sit last: absent before insertion
 
         encoder_norm = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=dtype, name="encoder_norm")
         class_head = MLPHead(width, self.num_classes + 1, 3, dtype, name="class_head")

@@ -1,0 +1,25 @@
+r"""YOLOS-B with ViTDet windowed attention: 14 x 14 patch windows, global attention in blocks 2, 5, 8, 11.
+
+  python train.py --config=configs/yolos_b_windowed.py --workdir=/tmp/yolos_b_win \
+      --config.init_from=/path/to/converted/deit_base_distilled_384 --config.input.data_dir=/path/to/tfds
+  python train.py --config=configs/yolos_b_windowed.py:window=7,rel_pos ...  # r = 7, relative position bias
+
+The recipe of configs/yolos_b.py (150 epochs, total batch 8 at lr 2.5e-5, multi-scale 480-800, eval at
+800) with config.model.window_size / global_blocks / rel_pos set; see yolos_jax/windowed.py for the
+attention pattern ([CLS] and [DET] tokens stay global). For the ViTDet training recipe (1024 x 1024
+large-scale jitter, relative position bias, drop path) use configs/vitdet_b.py.
+benchmarks/bench_windowed.py measures this model's train step against the global one.
+"""
+
+from yolos_jax import windowed
+from yolos_jax.trainer import default_config
+
+
+def get_config(arg=None):
+    config = default_config("b")
+    config.input.batch_size = 8
+    config.train.num_epochs = 150
+    config.eval.eval_size = 800
+    config.input.eval_size = 800
+    windowed.apply_window_options(config.model, arg, "configs/yolos_b_windowed.py")
+    return config

@@ -1,0 +1,42 @@
+r"""YOLOS-S with FP-DETR's task adapter (fp_detr_paper.md Sec. 3.3) and auxiliary losses.
+
+  python train.py --config=configs/yolos_s_fpdetr.py --workdir=/tmp/yolos_s_fpdetr \
+      --config.init_from=/path/to/converted/deit_small --config.input.data_dir=/path/to/tfds
+  python train.py --config=configs/yolos_s_fpdetr.py:insert=6,aux=5 ...   # [DET] tokens join at block 6
+
+One self-attention layer over the [DET] tokens, shared by all blocks and applied before each of them, with
+learnable query position embeddings (the "visual prompts") on its queries and keys; `insert=k` lets the
+[DET] tokens join the sequence only before block k (the first k blocks see [CLS] + patches, as in
+pre-training); `aux=n` adds the set loss on the [DET] outputs of the n blocks before the last
+(`config.model.aux_layers` with `config.loss.aux_loss`). The adapter is new, randomly initialised; the
+rest is the YOLOS-S recipe of configs/yolos_s.py.
+"""
+
+from yolos_jax import variants
+from yolos_jax.trainer import default_config
+
+
+def _parse(arg):
+    opts = dict(insert=0, aux=3)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in opts or not value.lstrip("-").isdigit():
+            raise ValueError(f"configs/yolos_s_fpdetr.py: bad argument {item!r}; use e.g. 'insert=6,aux=5'")
+        opts[key] = int(value)
+    return opts
+
+
+def get_config(arg=None):
+    opts = _parse(arg)
+    config = default_config("s")
+    config.model.update(variants.OPTION_DEFAULTS)  # every variant field present, so overrides type-check
+    config.model.adapter = True
+    config.model.adapter_insert_det_at = opts["insert"]
+    config.model.aux_layers = opts["aux"]
+    config.loss.aux_loss = opts["aux"] > 0
+    variants.validate_options(config.model)
+    config.input.batch_size = 8
+    config.train.num_epochs = 150
+    config.eval.eval_size = 800
+    config.input.eval_size = config.eval.eval_size
+    return config

@@ -1,0 +1,25 @@
+r"""YOLOS-Ti with ViTDet windowed attention: 14 x 14 patch windows, global attention in blocks 2, 5, 8, 11.
+
+  python train.py --config=configs/yolos_ti_windowed.py --workdir=/tmp/yolos_ti_win \
+      --config.init_from=/path/to/converted/deit_tiny --config.input.data_dir=/path/to/tfds
+  python train.py --config=configs/yolos_ti_windowed.py:window=7,rel_pos ...  # r = 7, relative position bias
+  python train.py --config=configs/yolos_ti_windowed.py:global=5.11 ...        # only blocks 5 and 11 global
+
+The recipe of configs/yolos_ti.py (300 epochs, total batch 16 at lr 5e-5, multi-scale 256-608, eval at
+512) with config.model.window_size / global_blocks / rel_pos set; see yolos_jax/windowed.py for the
+attention pattern ([CLS] and [DET] tokens stay global). The parameter tree equals the global model's
+(plus the zero-initialised relative position tables with rel_pos), so DeiT and YOLOS checkpoints load.
+"""
+
+from yolos_jax import windowed
+from yolos_jax.trainer import default_config
+
+
+def get_config(arg=None):
+    config = default_config("ti")
+    config.input.batch_size = 16
+    config.train.num_epochs = 300
+    config.eval.eval_size = 512
+    config.input.eval_size = 512
+    windowed.apply_window_options(config.model, arg, "configs/yolos_ti_windowed.py")
+    return config

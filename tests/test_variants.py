@@ -1,0 +1,587 @@
+"""The paper variants of YOLOS (yolos_jax/variants.py): drop path, partial sequences, ConvStem, the FP-DETR
+task adapter with late [DET] insertion, detached [DET] tokens.
+
+References: a float64 numpy YOLOS forward written here from the papers' descriptions (token subsets with
+their position embeddings, the adapter, late insertion, per-example branch scaling), PyTorch for MIMDet's
+ConvStem (Architecture 1) and timm's drop-path schedule (torch.linspace), the paper's 4.1M ConvStem size.
+"""
+
+import functools
+import math
+import os
+import runpy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.special
+import torch
+import torch.nn.functional as F
+
+import train_fixtures as tf_
+from yolos_jax import losses, matcher, optim, sharding, train_step, trainer, variants, vit
+from yolos_jax.yolos import YOLOS
+
+HERE = os.path.dirname(__file__)
+HW = (64, 96)  # the stored PE grid (4 x 6 patches): no resizing, so PE gradients map 1:1 to patches
+GRID = (4, 6)
+N = GRID[0] * GRID[1]
+Q = 4
+BASE = dict(hidden_size=32, depth=3, num_heads=2, num_det_tokens=Q, num_classes=5, init_pe_size=HW,
+            mid_pe_size=HW)
+TOL = 2e-5
+
+
+def model(**kw) -> YOLOS:
+    return YOLOS(**{**BASE, **kw})
+
+
+def randomize(params, seed):
+    """O(1) parameters (the 0.02 init would let mistakes hide under tiny activations)."""
+    rng = np.random.default_rng(seed)
+
+    def one(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        r = rng.standard_normal(leaf.shape)
+        if name == "scale":
+            v = 1.0 + 0.2 * r
+        elif name == "bias":
+            v = 0.2 * r
+        elif name == "kernel":
+            v = r / math.sqrt(int(np.prod(leaf.shape[:-1])))
+        else:  # tokens, position embeddings, prompts
+            v = 0.5 * r
+        return np.asarray(v, np.float32)
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def init_params(m: YOLOS, seed=0):
+    return randomize(jax.device_get(m.init(jax.random.PRNGKey(0), jnp.zeros((1, *HW, 3))))["params"], seed)
+
+
+@functools.lru_cache(maxsize=None)
+def forward(m: YOLOS, train: bool):
+    """Jitted (params, images, pixel_mask, key) -> (outputs, intermediates) for model m."""
+
+    def f(params, images, pixel_mask, key):
+        rngs = {"dropout": key, "drop_path": key, "tokens": key}
+        out, state = m.apply({"params": params}, images, pixel_mask, train=train, rngs=rngs,
+                             mutable=["intermediates"])
+        return out, state.get("intermediates", {})
+
+    return jax.jit(f)
+
+
+@functools.lru_cache(maxsize=None)
+def grad_fn(m: YOLOS, train: bool):
+    """Jitted gradient of a loss that reads every output, w.r.t. the params."""
+
+    def loss(params, images, pixel_mask, key):
+        rngs = {"dropout": key, "drop_path": key, "tokens": key}
+        out = m.apply({"params": params}, images, pixel_mask, train=train, rngs=rngs)
+        total = jnp.sum(jnp.sin(out["logits"])) + jnp.sum(out["boxes"] ** 2)
+        for aux in out.get("aux_outputs", []):
+            total += jnp.sum(jnp.cos(aux["logits"]))
+        return total
+
+    return jax.jit(jax.grad(loss))
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((2, *HW, 3)).astype(np.float32)
+    mask = np.ones((2, *HW), bool)
+    mask[1, 40:, :] = False  # image 1: 40 x 64 real pixels -> 3 x 4 = 12 valid patches of 24
+    mask[1, :, 64:] = False
+    images[~mask] = 0.0
+    return images, mask
+
+
+@pytest.fixture(scope="module")
+def base_params():
+    return init_params(model(), seed=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# The float64 numpy reference
+# --------------------------------------------------------------------------------------------------
+
+
+def _np(tree):
+    return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
+
+
+def np_ln(x, p, eps=1e-6):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def np_dense(x, p):
+    return x @ p["kernel"] + p["bias"]
+
+
+def np_attention(q, k, v, heads, key_mask=None):
+    b, t, d = q.shape
+    split = lambda a: a.reshape(b, a.shape[1], heads, d // heads).transpose(0, 2, 1, 3)  # noqa: E731
+    logits = np.einsum("bhtd,bhsd->bhts", split(q), split(k)) / math.sqrt(d // heads)
+    if key_mask is not None:
+        logits = np.where(key_mask[:, None, None, :], logits, -np.inf)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    return np.einsum("bhts,bhsd->bhtd", w, split(v)).transpose(0, 2, 1, 3).reshape(b, t, d)
+
+
+def np_block(x, p, heads, key_mask, scale=(1.0, 1.0)):
+    d = x.shape[-1]
+    qkv = np_dense(np_ln(x, p["norm1"]), p["attn"]["qkv"])
+    o = np_attention(qkv[..., :d], qkv[..., d : 2 * d], qkv[..., 2 * d :], heads, key_mask)
+    x = x + scale[0] * np_dense(o, p["attn"]["proj"])
+    y = np_dense(np_ln(x, p["norm2"]), p["mlp"]["fc1"])
+    y = 0.5 * y * (1.0 + scipy.special.erf(y / math.sqrt(2.0)))
+    return x + scale[1] * np_dense(y, p["mlp"]["fc2"])
+
+
+def np_adapter(det, p, heads):
+    """FP-DETR task adaptor, pre-LN residual: q = k = LN(z) + prompts, v = LN(z)."""
+    d = det.shape[-1]
+    y = np_ln(det, p["norm"])
+    qk = np_dense(y + p["query_pos"], p["qk"])
+    o = np_attention(qk[..., :d], qk[..., d:], np_dense(y, p["v"]), heads)
+    return det + np_dense(o, p["proj"])
+
+
+def np_yolos(params, images, pixel_mask=None, *, keep=None, insert_at=0, adapter=False, scales=None,
+             aux_layers=0, heads=2, patch=16):
+    """YOLOS in float64 from our parameter tree. keep: int [B, K] kept patch indices (partial sequence);
+    insert_at: block where the [DET] tokens join; scales[i] = (attn, mlp) residual multipliers (drop path)."""
+    p = _np(params)
+    b, h, w, _ = images.shape
+    gh, gw = h // patch, w // patch
+    d = p["cls_token"].shape[-1]
+    pe = p["patch_embed"]["proj"]
+    tok = images.astype(np.float64).reshape(b, gh, patch, gw, patch, 3).transpose(0, 1, 3, 2, 4, 5)
+    tok = tok.reshape(b, gh * gw, -1) @ pe["kernel"].reshape(-1, d) + pe["bias"]
+    q = p["det_tokens"].shape[1]
+    x = np.concatenate([np.broadcast_to(p["cls_token"], (b, 1, d)), tok, np.broadcast_to(p["det_tokens"], (b, q, d))], 1)
+    x = x + np.concatenate([p["pos_embed_cls"], p["pos_embed_patches"].reshape(1, -1, d), p["pos_embed_det"]], 1)
+    depth = sum(k.startswith("block_") for k in p)
+    mid = np.concatenate([p["mid_pos_embed_cls"], p["mid_pos_embed_patches"].reshape(depth - 1, -1, d),
+                          p["mid_pos_embed_det"]], 1)[:, None]  # [L, 1, T, D]
+    keys = np.ones((b, x.shape[1]), bool)
+    if pixel_mask is not None:
+        keys[:, 1 : 1 + gh * gw] = pixel_mask.reshape(b, gh, patch, gw, patch).any((2, 4)).reshape(b, -1)
+    if keep is not None:
+        n = gh * gw
+        idx = np.concatenate([np.zeros((b, 1), int), keep + 1, np.broadcast_to(1 + n + np.arange(q), (b, q))], 1)
+        x = np.take_along_axis(x, idx[..., None], 1)
+        keys = np.take_along_axis(keys, idx, 1)
+        mid = np.stack([mid[:, 0, idx[i]] for i in range(b)], 1)  # [L, B, T', D]
+    held = None
+    if insert_at:
+        x, held, keys = x[:, :-q], x[:, -q:], keys[:, :-q]
+    aux = []
+    for i in range(depth):
+        if insert_at and i == insert_at:
+            x = np.concatenate([x, held], 1)
+            keys = np.concatenate([keys, np.ones((b, q), bool)], 1)
+        if adapter and i >= insert_at:
+            x = np.concatenate([x[:, :-q], np_adapter(x[:, -q:], p["adapter"], heads)], 1)
+        x = np_block(x, p[f"block_{i}"], heads, keys, (1.0, 1.0) if scales is None else scales[i])
+        if depth - 1 - aux_layers <= i < depth - 1:
+            aux.append(x[:, -q:])
+        if i < depth - 1:
+            x = x + mid[i][:, : x.shape[1]]
+
+    def predict(det):
+        det = np_ln(det, p["encoder_norm"])
+        out = {}
+        for head, key in (("class_head", "logits"), ("box_head", "boxes")):
+            v = det
+            for j in range(3):
+                v = np_dense(v, p[head][f"layers_{j}"])
+                v = np.maximum(v, 0) if j < 2 else v
+            out[key] = v
+        out["boxes"] = scipy.special.expit(out["boxes"])
+        return out
+
+    out = predict(x[:, -q:])
+    if aux_layers:
+        out["aux_outputs"] = [predict(a) for a in aux]
+    return out
+
+
+def max_abs(a, b):
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def assert_outputs_close(got, want, tol=TOL):
+    for k in ("logits", "boxes"):
+        assert max_abs(got[k], want[k]) < tol, (k, max_abs(got[k], want[k]))
+    assert len(got.get("aux_outputs", [])) == len(want.get("aux_outputs", []))
+    for g, w in zip(got.get("aux_outputs", []), want.get("aux_outputs", [])):
+        assert_outputs_close(g, w, tol)
+
+
+def assert_identical(a, b):
+    fa, fb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(fa) == len(fb)
+    for x, y in zip(fa, fb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+KEY = jax.random.PRNGKey(7)
+
+
+# --------------------------------------------------------------------------------------------------
+# Defaults and inactive options
+# --------------------------------------------------------------------------------------------------
+
+
+def test_default_matches_numpy_and_inactive_options_change_nothing(data, base_params):
+    images, mask = data
+    default, _ = forward(model(), False)(base_params, images, mask, KEY)
+    assert_outputs_close(default, np_yolos(base_params, images, mask))
+    # Train-only options at inference, and detach (forward-neutral): bit-identical to the plain model.
+    inactive = model(drop_path_rate=0.3, token_keep_ratio=0.5, detach_det_tokens=True)
+    out, inter = forward(inactive, False)(base_params, images, mask, KEY)
+    assert_identical(out, default)
+    assert not inter  # no token sampling at inference
+    # train=True with every option at its default: still the plain model, bit for bit.
+    out, _ = forward(model(), True)(base_params, images, mask, KEY)
+    assert_identical(out, default)
+
+
+def test_default_param_tree_has_no_variant_parameters(base_params):
+    assert sorted(base_params) == sorted(
+        ["patch_embed", "cls_token", "det_tokens", "pos_embed_cls", "pos_embed_patches", "pos_embed_det",
+         "mid_pos_embed_cls", "mid_pos_embed_patches", "mid_pos_embed_det", "block_0", "block_1", "block_2",
+         "encoder_norm", "class_head", "box_head"])
+    full = jax.eval_shape(lambda: model(drop_path_rate=0.1, token_keep_ratio=0.5, detach_det_tokens=True).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, *HW, 3))))["params"]
+    assert jax.tree.structure(full) == jax.tree.structure(base_params)
+
+
+def test_validation_names_the_field():
+    x = jnp.zeros((1, *HW, 3))
+    for kw, field in [
+        (dict(token_keep_ratio=0.2), "config.model.token_keep_ratio"),
+        (dict(token_keep_ratio=1.5), "config.model.token_keep_ratio"),
+        (dict(drop_path_rate=1.0), "config.model.drop_path_rate"),
+        (dict(patch_embed="conv"), "config.model.patch_embed"),
+        (dict(patch_embed="conv_stem", patch_size=12), "config.model.patch_size"),
+        (dict(adapter_insert_det_at=3), "config.model.adapter_insert_det_at"),
+        (dict(adapter_insert_det_at=2, aux_layers=1), "config.model.aux_layers"),
+        (dict(adapter="yes"), "config.model.adapter"),
+    ]:
+        with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+            jax.eval_shape(lambda: model(**kw).init(jax.random.PRNGKey(0), x))
+        with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+            variants.validate_options({**BASE, **kw})
+    # Training without the rng stream: the error says which stream and which field.
+    m = model(token_keep_ratio=0.5)
+    with pytest.raises(ValueError, match=r"token_keep_ratio.*'tokens'"):
+        jax.eval_shape(lambda: m.apply(m.init(jax.random.PRNGKey(0), x), x, train=True))
+
+
+# --------------------------------------------------------------------------------------------------
+# Drop path
+# --------------------------------------------------------------------------------------------------
+
+
+def test_drop_path_rates_match_timm():
+    for rate, depth in ((0.1, 12), (0.3, 3), (0.2, 1), (0.0, 5)):
+        want = torch.linspace(0, rate, depth, dtype=torch.float64).tolist()
+        np.testing.assert_allclose(variants.drop_path_rates(rate, depth), want, rtol=0, atol=1e-15)
+
+
+class _DropPath(vit.nn.Module):
+    rate: float
+
+    def __call__(self, y):
+        return vit.drop_path(self, y, self.rate)
+
+
+def test_drop_path_per_example_and_rescaled():
+    rate, b = 0.3, 4000
+    y = jnp.ones((b, 3, 2))
+    out = np.asarray(_DropPath(rate).apply({}, y, rngs={"drop_path": jax.random.PRNGKey(0)}))
+    per_example = out.reshape(b, -1)
+    assert np.all(per_example == per_example[:, :1])  # one decision per example
+    kept = per_example[:, 0] != 0
+    np.testing.assert_allclose(per_example[kept], 1.0 / (1.0 - rate), rtol=1e-6)
+    sigma = math.sqrt(rate * (1 - rate) / b)
+    assert abs((~kept).mean() - rate) < 4 * sigma
+    assert _DropPath(0.0).apply({}, y) is y  # rate 0: the branch itself, no rng needed
+
+
+def test_drop_path_in_the_model_matches_numpy(data, base_params):
+    """depth 3 at rate 0.6: blocks 1 and 2 drop their branches (rates 0.3, 0.6). Every example's output
+    equals the numpy forward with some choice of branch multipliers in {0, 1 / (1 - rate)}."""
+    images, mask = data
+    reps = 6
+    imgs, masks = np.repeat(images[:1], reps, 0), np.repeat(mask[:1], reps, 0)
+    m = model(drop_path_rate=0.6)
+    out, _ = forward(m, True)(base_params, imgs, masks, KEY)
+    rates = variants.drop_path_rates(0.6, 3)
+    choices = [(a, c) for a in (0, 1) for c in (0, 1)]
+    matched = []
+    refs = {}
+    for i in range(reps):
+        found = None
+        for c1 in choices:
+            for c2 in choices:
+                key = (c1, c2)
+                if key not in refs:
+                    s = [(1.0, 1.0)] + [tuple(k / (1 - r) for k in c) for c, r in zip(key, rates[1:])]
+                    refs[key] = np_yolos(base_params, imgs[:1], masks[:1], scales=s)
+                if max_abs(out["logits"][i], refs[key]["logits"][0]) < TOL and \
+                        max_abs(out["boxes"][i], refs[key]["boxes"][0]) < TOL:
+                    found = key
+        assert found is not None, f"example {i} matches no drop pattern"
+        matched.append(found)
+    assert len(set(matched)) > 1  # the examples of one batch draw their own patterns
+    g = grad_fn(m, True)(base_params, imgs, masks, KEY)
+    assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(g))
+
+
+# --------------------------------------------------------------------------------------------------
+# Partial sequences
+# --------------------------------------------------------------------------------------------------
+
+
+def test_num_kept_patches():
+    assert variants.num_kept_patches(24, 0.5) == 12
+    assert variants.num_kept_patches(10, 0.3) == 3  # 0.3 * 10 = 3.0000000000000004 in floats
+    assert variants.num_kept_patches(3800, 0.5) == 1900
+    assert variants.num_kept_patches(7, 0.25) == 2
+    assert variants.num_kept_patches(7, 1.0) == 7
+
+
+def test_sampling_prefers_valid_patches_uniformly():
+    n, k, draws = 24, 12, 3000
+    valid = np.zeros((2, n), bool)
+    valid[0, :9] = True  # fewer valid patches than kept: all of them, padding fills the rest
+    valid[1, 2:22] = True  # 20 valid: a uniform 12-subset of them
+    sample = jax.jit(jax.vmap(lambda key: variants.sample_patch_index(key, jnp.asarray(valid), 2, n, k)))
+    idx = np.asarray(sample(jax.random.split(jax.random.PRNGKey(3), draws)))  # [draws, 2, k]
+    assert idx.shape == (draws, 2, k) and idx.dtype == np.int32
+    assert np.all(np.diff(idx, axis=-1) > 0)  # distinct and in raster order
+    assert all(set(range(9)) <= set(row) for row in idx[:, 0])
+    assert np.all(valid[1][idx[:, 1]])
+    counts = np.bincount(idx[:, 1].ravel(), minlength=n)[2:22]
+    expected = draws * k / 20
+    # Each valid patch is kept with probability 12/20; 5 sigma of the binomial count.
+    assert np.all(np.abs(counts - expected) < 5 * math.sqrt(draws * 0.6 * 0.4)), counts
+    pad = np.bincount(idx[:, 0].ravel(), minlength=n)[9:]  # the 3 filler slots spread over padding
+    assert pad.sum() == draws * 3 and pad.min() > 0
+
+
+class _Gather(vit.nn.Module):
+    def __call__(self, x, key_mask, mid_pos):
+        return variants.keep_random_patches(self, x, key_mask, mid_pos, N, Q, 0.5)
+
+
+def test_token_gather_matches_numpy():
+    rng = np.random.default_rng(4)
+    b, d, depth_1 = 3, 5, 2
+    x = rng.standard_normal((b, 1 + N + Q, d)).astype(np.float32)
+    key_mask = rng.random((b, 1 + N + Q)) < 0.8
+    key_mask[:, 0] = key_mask[:, -Q:] = True
+    mid = rng.standard_normal((depth_1, 1, 1 + N + Q, d)).astype(np.float32)
+    (gx, gmask, gmid), state = _Gather().apply({}, x, key_mask, mid, rngs={"tokens": jax.random.PRNGKey(5)},
+                                                mutable=["intermediates"])
+    keep = np.asarray(state["intermediates"]["kept_patch_index"][0])
+    assert keep.shape == (b, 12)
+    for i in range(b):
+        rows = [0] + [1 + j for j in keep[i]] + list(range(1 + N, 1 + N + Q))
+        np.testing.assert_array_equal(np.asarray(gx[i]), x[i, rows])
+        np.testing.assert_array_equal(np.asarray(gmask[i]), key_mask[i, rows])
+        np.testing.assert_array_equal(np.asarray(gmid[:, i]), mid[:, 0, rows])
+        assert key_mask[i, 1 + keep[i]].all() or key_mask[i, 1 : 1 + N].sum() < 12
+
+
+def test_partial_sequence_forward_and_gradients(data, base_params):
+    images, mask = data
+    m = model(token_keep_ratio=0.5, aux_layers=1)
+    out, inter = forward(m, True)(base_params, images, mask, KEY)
+    keep = np.asarray(inter["kept_patch_index"][0])
+    assert keep.shape == (2, 12)
+    valid1 = mask[1].reshape(4, 16, 6, 16).any((1, 3)).reshape(-1)
+    assert valid1.sum() == 12 and set(keep[1]) == set(np.flatnonzero(valid1))  # exactly the valid ones
+    assert_outputs_close(out, np_yolos(base_params, images, mask, keep=keep, aux_layers=1))
+    full, _ = forward(m, False)(base_params, images, mask, KEY)  # inference: every token
+    assert_outputs_close(full, np_yolos(base_params, images, mask, aux_layers=1))
+    # Only the kept patches' position embeddings (and mid PEs) get gradients.
+    g = grad_fn(m, True)(base_params, images, mask, KEY)
+    kept = np.zeros(N, bool)
+    kept[np.union1d(keep[0], keep[1])] = True
+    for name in ("pos_embed_patches", "mid_pos_embed_patches"):
+        per_patch = np.abs(np.asarray(g[name])).reshape(-1, N, BASE["hidden_size"]).sum((0, 2))
+        assert np.all(per_patch[~kept] == 0) and np.all(per_patch[kept] > 0), name
+
+
+def test_partial_sequence_train_step():
+    """The real train step (host matching, set loss with aux terms, AdamW) with every variant on."""
+    m = tf_.tiny_model().clone(token_keep_ratio=0.5, drop_path_rate=0.1, patch_embed="conv_stem", adapter=True,
+                               adapter_insert_det_at=1, detach_det_tokens=True)
+    mesh_cfg = sharding.default_mesh_config()
+    mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:1])
+    abstract = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), jnp.zeros((1, *tf_.IMAGE_HW, 3))))["params"]
+    optim_cfg = optim.default_optim_config()
+    optim_cfg.base_lr = 1e-3
+    tx, schedule = optim.make_optimizer(optim_cfg, abstract, 4, 10)
+    _, shardings = train_step.abstract_state_and_shardings(m, tx, 0, tf_.IMAGE_HW, mesh, mesh_cfg)
+    state = jax.jit(lambda: train_step.init_state(m, tx, 0, tf_.IMAGE_HW), out_shardings=shardings)()
+    before = jax.device_get(state["params"])
+    step = train_step.make_train_step(m, tx, schedule, losses.default_loss_config(),
+                                      matcher.default_matcher_config(), mesh, shardings)
+    batch = sharding.to_global_batch(train_step.select_train_batch(tf_.fake_batch(4, seed=0)), mesh)
+    state, metrics = step(state, batch)
+    after = jax.device_get(state["params"])
+    assert float(metrics["finite"]) == 1.0 and np.isfinite(float(metrics["loss"]))
+    # Detached [DET] tokens: zero gradient and no decay, so AdamW leaves them exactly as initialised ...
+    np.testing.assert_array_equal(after["det_tokens"], before["det_tokens"])
+    # ... while the ConvStem, the adapter and the blocks train.
+    for name in ("conv_stem", "adapter", "block_0", "pos_embed_det"):
+        moved = [np.any(a != b) for a, b in zip(jax.tree.leaves(after[name]), jax.tree.leaves(before[name]))]
+        assert all(moved), name
+
+
+# --------------------------------------------------------------------------------------------------
+# ConvStem
+# --------------------------------------------------------------------------------------------------
+
+
+def torch_conv_stem(params, channels, eps=1e-6):
+    """MIMDet Architecture 1 in PyTorch (Conv2d 3x3/2 pad 1 no bias, LayerNorm2d, GELU; 1x1 Conv2d)."""
+
+    def run(x):  # x: NCHW float64
+        for i, _ in enumerate(channels):
+            k = torch.from_numpy(np.asarray(params[f"conv_{i}"]["kernel"], np.float64)).permute(3, 2, 0, 1)
+            x = F.conv2d(x, k, stride=2, padding=1)
+            n = params[f"norm_{i}"]
+            x = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],),
+                             torch.from_numpy(np.asarray(n["scale"], np.float64)),
+                             torch.from_numpy(np.asarray(n["bias"], np.float64)), eps).permute(0, 3, 1, 2)
+            x = F.gelu(x)
+        w = torch.from_numpy(np.asarray(params["proj"]["kernel"], np.float64)).T[:, :, None, None]
+        return F.conv2d(x, w, torch.from_numpy(np.asarray(params["proj"]["bias"], np.float64)))
+
+    return run
+
+
+def test_conv_stem_matches_torch():
+    stem = variants.ConvStem(32, 16)
+    assert variants.conv_stem_channels(32, 16) == [4, 8, 16, 32]
+    x = np.random.default_rng(5).standard_normal((2, 72, 100, 3)).astype(np.float32)  # not whole patches
+    params = randomize(stem.init(jax.random.PRNGKey(0), x)["params"], 6)
+    got = np.asarray(jax.jit(stem.apply)({"params": params}, x))
+    assert got.shape == (2, 72 // 16, 100 // 16, 32)  # the patchify stem's grid
+    crop = torch.from_numpy(x[:, :64, :96].astype(np.float64)).permute(0, 3, 1, 2)
+    want = torch_conv_stem(params, [4, 8, 16, 32])(crop).permute(0, 2, 3, 1).numpy()
+    assert max_abs(got, want) < 1e-4 and np.std(want) > 0.3
+
+
+def test_conv_stem_size_as_mimdet():
+    """Architecture 1 for ViT-Base: 96-192-384-768 channels, 4.1M parameters."""
+    assert variants.conv_stem_channels(768, 16) == [96, 192, 384, 768]
+    assert variants.conv_stem_channels(384, 8) == [96, 192, 384]
+    shapes = jax.eval_shape(lambda: variants.ConvStem(768, 16).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
+    count = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes))
+    assert count == 4_079_712 and f"{count / 1e6:.1f}M" == "4.1M"
+
+
+def test_conv_stem_model_gradients(data):
+    images, mask = data
+    m = model(patch_embed="conv_stem")
+    params = init_params(m, seed=2)
+    assert "conv_stem" in params and "patch_embed" not in params
+    out, _ = forward(m, False)(params, images, mask, KEY)
+    assert out["logits"].shape == (2, Q, 6) and out["boxes"].shape == (2, Q, 4)
+    g = grad_fn(m, False)(params, images, mask, KEY)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(g["conv_stem"])[0]:
+        assert np.all(np.isfinite(leaf)) and np.any(leaf != 0), jax.tree_util.keystr(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# FP-DETR task adapter, late [DET] insertion
+# --------------------------------------------------------------------------------------------------
+
+
+def test_adapter_is_shared_and_matches_numpy(data, base_params):
+    images, mask = data
+    m = model(adapter=True, adapter_insert_det_at=1, aux_layers=1)
+    params = init_params(m, seed=3)
+    assert sorted(k for k in params if "adapter" in k) == ["adapter"]  # one set for every block
+    assert sorted(params["adapter"]) == ["norm", "proj", "qk", "query_pos", "v"]
+    assert params["adapter"]["query_pos"].shape == (1, Q, BASE["hidden_size"])
+    out, _ = forward(m, False)(params, images, mask, KEY)
+    assert_outputs_close(out, np_yolos(params, images, mask, insert_at=1, adapter=True, aux_layers=1))
+    # The adapter (and the late insertion) change the outputs of the same backbone weights.
+    plain = {k: v for k, v in params.items() if k != "adapter"}
+    ref_plain = np_yolos(plain, images, mask, aux_layers=1)
+    assert max_abs(out["logits"], ref_plain["logits"]) > 0.1
+    g = grad_fn(m, False)(params, images, mask, KEY)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(g["adapter"])[0]:
+        assert np.any(leaf != 0), jax.tree_util.keystr(path)
+
+
+def test_adapter_from_the_start_and_late_insertion_alone(data, base_params):
+    images, mask = data
+    m = model(adapter=True)
+    params = init_params(m, seed=4)
+    out, _ = forward(m, False)(params, images, mask, KEY)
+    assert_outputs_close(out, np_yolos(params, images, mask, adapter=True))
+    late = model(adapter_insert_det_at=2)  # no adapter: same parameters as the plain model
+    out, _ = forward(late, False)(base_params, images, mask, KEY)
+    assert_outputs_close(out, np_yolos(base_params, images, mask, insert_at=2))
+
+
+# --------------------------------------------------------------------------------------------------
+# Detached [DET] tokens
+# --------------------------------------------------------------------------------------------------
+
+
+def test_detached_det_tokens_get_no_gradient_and_no_update(data, base_params):
+    images, mask = data
+    g_plain = grad_fn(model(), False)(base_params, images, mask, KEY)
+    g = grad_fn(model(detach_det_tokens=True), False)(base_params, images, mask, KEY)
+    assert np.any(np.asarray(g_plain["det_tokens"]) != 0)
+    assert np.all(np.asarray(g["det_tokens"]) == 0)
+    assert_identical({k: v for k, v in g.items() if k != "det_tokens"},
+                     {k: v for k, v in g_plain.items() if k != "det_tokens"})
+    # AdamW of the project (clipping, decay groups): a zero-gradient, no-decay leaf never moves.
+    tx, _ = optim.make_optimizer(optim.default_optim_config(), base_params, 8, 100)
+    opt_state = tx.init(base_params)
+    params = base_params
+    for _ in range(2):
+        updates, opt_state = tx.update(g, opt_state, params)
+        params = jax.tree.map(lambda p, u: p + u, params, updates)
+    np.testing.assert_array_equal(np.asarray(params["det_tokens"]), base_params["det_tokens"])
+    assert np.any(np.asarray(params["pos_embed_det"]) != base_params["pos_embed_det"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,expect", [
+    ("yolos_s_mimdet.py", dict(token_keep_ratio=0.5, patch_embed="conv_stem")),
+    ("yolos_s_fpdetr.py", dict(adapter=True)),
+])
+def test_configs(name, expect):
+    module = runpy.run_path(os.path.join(HERE, "..", "configs", name))
+    config = module["get_config"]()
+    for k, v in expect.items():
+        assert config.model[k] == v, k
+    variants.validate_options(config.model)
+    trainer.validate_config(config, num_devices=1)
+    if config.model.aux_layers:
+        assert config.loss.aux_loss
+    shapes = jax.eval_shape(lambda: YOLOS(**config.model).init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
+    assert "params" in shapes

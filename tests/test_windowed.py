@@ -1,0 +1,356 @@
+"""Windowed attention and decomposed relative position bias (yolos_jax/windowed.py) against an independent
+float64 numpy reference (full T x T attention with an explicit "same window" mask), PyTorch's linear
+interpolation, and global attention."""
+
+import importlib.util
+import os
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from yolos_jax import vit, windowed
+from yolos_jax.yolos import YOLOS
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+# --------------------------------------------------------------------------------------------------
+# The numpy reference
+# --------------------------------------------------------------------------------------------------
+
+
+def torch_linear_resize(table: np.ndarray, length: int) -> np.ndarray:
+    """[L, C] -> [length, C] with F.interpolate(mode='linear', align_corners=False), float64."""
+    if table.shape[0] == length:
+        return table.astype(np.float64)
+    t = torch.from_numpy(table.astype(np.float64)).T[None]  # [1, C, L]
+    return F.interpolate(t, size=length, mode="linear", align_corners=False)[0].T.numpy()
+
+
+def reference_attention(x, params, num_heads, grid_hw, window, key_mask=None, num_prefix=1, rel_span=None):
+    """Windowed self-attention, written from the definition (module docstring of windowed.py).
+
+    x: [B, T, D]; params: the attention's Flax params; window: r (0 = global); key_mask: [B, T] bool.
+    rel_span: (sh, sw) nominal extent of the rel-pos offsets when params hold rel_pos_h/w, else None.
+    Token t in [num_prefix, num_prefix + gh * gw) is the patch at (row, col) = divmod(t - num_prefix, gw).
+    """
+    x = np.asarray(x, np.float64)
+    batch, tokens, width = x.shape
+    gh, gw = grid_hw
+    head_dim = width // num_heads
+    qkv = x @ np.asarray(params["qkv"]["kernel"], np.float64) + np.asarray(params["qkv"]["bias"], np.float64)
+    qkv = qkv.reshape(batch, tokens, 3, num_heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, Dh]
+
+    t = np.arange(tokens)
+    is_patch = (t >= num_prefix) & (t < num_prefix + gh * gw)
+    row, col = np.divmod(np.where(is_patch, t - num_prefix, 0), gw)
+    if window:
+        win_r, win_c = row // window, col // window
+    else:
+        win_r = win_c = np.zeros_like(row)
+    same_window = (win_r[:, None] == win_r[None]) & (win_c[:, None] == win_c[None])
+    # Extra tokens attend everywhere; every token attends to extra tokens; patches within a window.
+    allowed = ~is_patch[:, None] | ~is_patch[None, :] | same_window  # [T, T]
+    patch_pair = is_patch[:, None] & is_patch[None, :] & same_window
+
+    if rel_span is not None:
+        sh, sw = rel_span
+        rh = torch_linear_resize(np.asarray(params["rel_pos_h"]), 2 * sh - 1)
+        rw = torch_linear_resize(np.asarray(params["rel_pos_w"]), 2 * sw - 1)
+        local_r, local_c = (row % window, col % window) if window else (row, col)
+        dh = local_r[:, None] - local_r[None, :] + sh - 1  # [T, T] offsets (valid on patch pairs)
+        dw = local_c[:, None] - local_c[None, :] + sw - 1
+        dh, dw = np.where(patch_pair, dh, 0), np.where(patch_pair, dw, 0)
+
+    out = np.zeros((batch, tokens, num_heads, head_dim))
+    for b in range(batch):
+        mask = allowed if key_mask is None else allowed & np.asarray(key_mask[b])[None, :]
+        for h in range(num_heads):
+            for start in range(0, tokens, 1024):  # row blocks keep the 50 x 84 case small
+                rows = slice(start, min(start + 1024, tokens))
+                logits = q[b, rows, h] @ k[b, :, h].T / np.sqrt(head_dim)
+                if rel_span is not None:
+                    bias_h = (q[b, rows, h] @ rh.T)[np.arange(logits.shape[0])[:, None], dh[rows]]
+                    bias_w = (q[b, rows, h] @ rw.T)[np.arange(logits.shape[0])[:, None], dw[rows]]
+                    logits = logits + np.where(patch_pair[rows], bias_h + bias_w, 0.0)
+                logits = np.where(mask[rows], logits, -np.inf)
+                p = np.exp(logits - logits.max(-1, keepdims=True))
+                out[b, rows, h] = (p / p.sum(-1, keepdims=True)) @ v[b, :, h]
+    out = out.reshape(batch, tokens, width)
+    return out @ np.asarray(params["proj"]["kernel"], np.float64) + np.asarray(params["proj"]["bias"], np.float64)
+
+
+def random_attention_case(grid_hw, window, width, heads, num_det, rel_pos, rel_pos_grid=None, batch=2,
+                          padded=None, table_len=None, seed=0):
+    """(module, params, x, key_mask) with random weights and random (non-zero) rel-pos tables."""
+    rng = np.random.RandomState(seed)
+    gh, gw = grid_hw
+    tokens = 1 + gh * gw + num_det
+    x = rng.randn(batch, tokens, width).astype(np.float32)
+    key_mask = None
+    if padded is not None:  # last `padded` = (rows, cols) of the grid are image padding in example 1
+        patch = np.ones((batch, gh, gw), bool)
+        patch[1, gh - padded[0]:, :] = False
+        patch[1, :, gw - padded[1]:] = False
+        key_mask = np.concatenate([np.ones((batch, 1), bool), patch.reshape(batch, -1),
+                                   np.ones((batch, num_det), bool)], axis=1)
+    module = windowed.WindowedSelfAttention(
+        num_heads=heads, grid_hw=grid_hw, window_size=window, rel_pos=rel_pos, rel_pos_grid=rel_pos_grid
+    )
+    params = flax.core.unfreeze(module.init(jax.random.PRNGKey(seed), x, key_mask)["params"])
+    # Larger-than-init weights: attention far from uniform, so a wrong mask or bias shows.
+    params["qkv"]["kernel"] = rng.randn(*params["qkv"]["kernel"].shape).astype(np.float32) * 0.5
+    params["qkv"]["bias"] = rng.randn(*params["qkv"]["bias"].shape).astype(np.float32) * 0.1
+    if rel_pos:
+        for name in ("rel_pos_h", "rel_pos_w"):
+            assert not np.any(params[name]), "rel-pos tables must start at zero"
+            length = params[name].shape[0] if table_len is None else table_len
+            params[name] = rng.randn(length, width // heads).astype(np.float32) * 0.3
+    return module, params, x, key_mask
+
+
+# --------------------------------------------------------------------------------------------------
+# Partition
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grid_hw,r", [((5, 9), 4), ((50, 84), 14), ((56, 83), 14), ((3, 7), 8), ((4, 4), 2)])
+def test_window_partition_layout_and_roundtrip(grid_hw, r):
+    gh, gw = grid_hw
+    (wh, ww), (nh, nw) = windowed.window_layout(grid_hw, r)
+    # Height and width handled separately: 50 x 84 with r = 14 is 4 x 6 windows (56 x 84), not 6 x 4.
+    assert (nh, nw) == (-(-gh // min(r, gh)), -(-gw // min(r, gw)))
+    assert (wh, ww) == (min(r, gh), min(r, gw))
+    x = np.random.RandomState(0).randn(2, gh, gw, 3).astype(np.float32)
+    win = np.asarray(windowed.window_partition(jnp.asarray(x), (wh, ww)))
+    assert win.shape == (2, nh * nw, wh * ww, 3)
+    valid = windowed.window_valid_cells((gh, gw), (wh, ww))
+    for n in range(nh * nw):  # explicit: cell (y, x) of window (a, b) is grid cell (a wh + y, b ww + x)
+        a, b = divmod(n, nw)
+        for c in range(wh * ww):
+            y, xx = divmod(c, ww)
+            i, j = a * wh + y, b * ww + xx
+            inside = i < gh and j < gw
+            assert valid[n, c] == inside
+            np.testing.assert_array_equal(win[:, n, c], x[:, i, j] if inside else 0.0)
+    back = np.asarray(windowed.window_unpartition(jnp.asarray(win), (wh, ww), (gh, gw)))
+    np.testing.assert_array_equal(back, x)
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention against the reference
+# --------------------------------------------------------------------------------------------------
+
+CASES = {
+    # grid, r, width, heads, [DET], rel_pos, rel_pos_grid, padded (rows, cols), table length override
+    "5x9_r4": ((5, 9), 4, 32, 2, 4, False, None, None, None),
+    "5x9_r4_padmask": ((5, 9), 4, 32, 2, 4, False, None, (2, 3), None),
+    "9x5_r4_relpos_padmask": ((9, 5), 4, 32, 2, 4, True, None, (1, 2), None),
+    "5x9_r8_clipped_relpos": ((5, 9), 8, 32, 2, 3, True, None, None, None),
+    "6x7_r3_relpos": ((6, 7), 3, 32, 2, 3, True, None, None, None),
+    "global_relpos_resized": ((4, 6), 0, 32, 2, 3, True, (7, 3), (1, 1), None),  # tables for 7x3, used at 4x6
+    "global_relpos_same_grid": ((4, 6), 0, 32, 2, 3, True, None, None, None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_attention_matches_numpy_reference(case):
+    grid_hw, r, width, heads, num_det, rel_pos, rel_grid, padded, table_len = CASES[case]
+    module, params, x, key_mask = random_attention_case(
+        grid_hw, r, width, heads, num_det, rel_pos, rel_grid, padded=padded, table_len=table_len
+    )
+    got = np.asarray(module.apply({"params": params}, x, key_mask))
+    span = None
+    if rel_pos:
+        span = (r, r) if r else grid_hw
+    want = reference_attention(x, params, heads, grid_hw, r, key_mask, rel_span=span)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+    if padded is not None:  # and the mask matters here: without it the reference differs
+        unmasked = reference_attention(x, params, heads, grid_hw, r, None, rel_span=span)
+        assert np.abs(unmasked - want).max() > 1e-2
+
+
+def test_attention_50x84_grid_matches_numpy_reference():
+    """The full-size non-square case (800 x 1344 pixels at patch 16), hidden 16: 4 x 6 windows of 14."""
+    module, params, x, key_mask = random_attention_case((50, 84), 14, 16, 2, 3, False, batch=1, padded=None)
+    key_mask = np.ones((1, x.shape[1]), bool)
+    key_mask[0, 1:1 + 50 * 84] = ((np.arange(50)[:, None] < 45) & (np.arange(84)[None] < 79)).ravel()  # pad 5, 5
+    got = np.asarray(jax.jit(module.apply)({"params": params}, x, key_mask))
+    want = reference_attention(x, params, 2, (50, 84), 14, key_mask)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+    # A transposed layout (the height/width swap bug) would give another function.
+    swapped = reference_attention(x, params, 2, (84, 50), 14, key_mask)
+    assert np.abs(swapped - want).max() > 1e-2
+
+
+def test_one_window_over_the_grid_equals_global_attention():
+    """r >= both grid sides: the windowed computation equals vit.SelfAttention (float32 rounding only)."""
+    grid_hw, width, heads, num_det = (5, 7), 32, 2, 4
+    module, params, x, key_mask = random_attention_case(grid_hw, 7, width, heads, num_det, False, padded=(1, 2))
+    got = np.asarray(module.apply({"params": params}, x, key_mask))
+    for impl in ("einsum", "chunked"):
+        glob = vit.SelfAttention(heads, attention_impl=impl)
+        want = np.asarray(glob.apply({"params": params}, x, key_mask))
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
+    # r = 0 (one window over the grid) is the same function.
+    module0 = windowed.WindowedSelfAttention(num_heads=heads, grid_hw=grid_hw, window_size=0)
+    np.testing.assert_allclose(np.asarray(module0.apply({"params": params}, x, key_mask)), got, atol=1e-6)
+
+
+def test_rel_pos_resize_matches_torch_linear():
+    table = np.random.RandomState(0).randn(13, 5).astype(np.float32)
+    for length in (27, 13, 7, 3, 1):
+        got = np.asarray(windowed.resize_rel_pos(jnp.asarray(table), length))
+        np.testing.assert_allclose(got, torch_linear_resize(table, length), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(windowed.resize_rel_pos_np(table.astype(np.float64), length),
+                                   torch_linear_resize(table, length), rtol=0, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------
+
+TINY = dict(hidden_size=32, depth=4, num_heads=2, num_det_tokens=4, num_classes=5, init_pe_size=(64, 96),
+            attention_impl="einsum")
+IMAGE_HW = (80, 144)  # a 5 x 9 patch grid
+
+
+def tiny_inputs(seed=0, pad=(16, 32)):
+    rng = np.random.RandomState(seed)
+    images = rng.randn(2, *IMAGE_HW, 3).astype(np.float32)
+    mask = np.ones((2, *IMAGE_HW), bool)
+    mask[1, IMAGE_HW[0] - pad[0]:] = False
+    mask[1, :, IMAGE_HW[1] - pad[1]:] = False
+    images[~mask] = 0.0
+    return images, mask
+
+
+@pytest.fixture(scope="module")
+def global_model():
+    """The global model with qkv kernels scaled up: peaked attention, so that windows visibly matter."""
+    model = YOLOS(**TINY)
+    images, mask = tiny_inputs()
+    params = model.init(jax.random.PRNGKey(0), images)["params"]
+    sharpen = lambda path, a: a * 20.0 if "qkv" in jax.tree_util.keystr(path) else a  # noqa: E731
+    return model, jax.tree_util.tree_map_with_path(sharpen, params)
+
+
+def test_default_global_blocks():
+    assert windowed.default_global_blocks(12) == (2, 5, 8, 11)  # ViTDet-B
+    assert windowed.default_global_blocks(24) == (5, 11, 17, 23)  # ViTDet-L
+    assert windowed.default_global_blocks(14) == (2, 6, 9, 13)
+    assert windowed.default_global_blocks(4) == (0, 1, 2, 3)
+
+
+def test_window_covering_grid_is_global_attention_exactly(global_model):
+    model, params = global_model
+    images, mask = tiny_inputs()
+    want = model.apply({"params": params}, images, mask)
+    big = YOLOS(**TINY, window_size=9, global_blocks=())  # r = 9 >= the 5 x 9 grid: one window
+    assert jax.tree.structure(big.init(jax.random.PRNGKey(0), images)["params"]) == jax.tree.structure(params)
+    got = big.apply({"params": params}, images, mask)
+    for key in ("logits", "boxes"):
+        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
+
+
+def test_windowed_model_shapes_params_and_padding(global_model):
+    model, params = global_model
+    images, mask = tiny_inputs()
+    win = YOLOS(**TINY, window_size=4, global_blocks=(3,))
+    win_params = win.init(jax.random.PRNGKey(0), images)["params"]
+    assert jax.tree.structure(win_params) == jax.tree.structure(params)  # same checkpoints load
+    apply = jax.jit(win.apply)
+    out = apply({"params": params}, images, mask)
+    assert out["logits"].shape == (2, 4, 6) and out["boxes"].shape == (2, 4, 4)
+    glob = model.apply({"params": params}, images, mask)
+    assert np.abs(np.asarray(out["logits"]) - np.asarray(glob["logits"])).max() > 1e-4  # windows changed it
+    # Image padding is never attended to: other values in the padded pixels change nothing.
+    noisy = images.copy()
+    noisy[~mask] = np.random.RandomState(1).randn(int((~mask).sum()), 3)
+    out2 = apply({"params": params}, noisy, mask)
+    for key in ("logits", "boxes"):
+        np.testing.assert_allclose(np.asarray(out2[key]), np.asarray(out[key]), rtol=0, atol=1e-6)
+
+
+def test_rel_pos_zero_init_equals_no_rel_pos():
+    images, mask = tiny_inputs()
+    rel = YOLOS(**TINY, window_size=4, global_blocks=(1, 3), rel_pos=True)
+    params = rel.init(jax.random.PRNGKey(0), images)["params"]
+    head_dim = TINY["hidden_size"] // TINY["num_heads"]
+    for i in range(TINY["depth"]):
+        attn = params[f"block_{i}"]["attn"]
+        # windowed blocks: tables for the 4 x 4 window; global blocks: for the 4 x 6 position-embedding grid
+        want_len = (7, 11) if i in (1, 3) else (7, 7)
+        assert (attn["rel_pos_h"].shape, attn["rel_pos_w"].shape) == ((want_len[0], head_dim), (want_len[1], head_dim))
+        assert not np.any(attn["rel_pos_h"]) and not np.any(attn["rel_pos_w"])
+    plain = flax.core.unfreeze(params)
+    for i in range(TINY["depth"]):
+        del plain[f"block_{i}"]["attn"]["rel_pos_h"], plain[f"block_{i}"]["attn"]["rel_pos_w"]
+    no_rel = YOLOS(**TINY, window_size=4, global_blocks=(1, 3))
+    want = no_rel.apply({"params": plain}, images, mask)
+    got = rel.apply({"params": params}, images, mask)
+    for key in ("logits", "boxes"):
+        np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), rtol=0, atol=1e-5)
+
+
+def test_gradients_reach_every_parameter():
+    images, mask = tiny_inputs()
+    model = YOLOS(**TINY, window_size=4, global_blocks=(2,), rel_pos=True, remat=True)
+    params = model.init(jax.random.PRNGKey(0), images)["params"]
+
+    def loss(p):
+        out = model.apply({"params": p}, images, mask)
+        return jnp.sum(out["logits"] ** 2) + jnp.sum(out["boxes"])
+
+    grads = jax.jit(jax.grad(loss))(params)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        g = np.asarray(g)
+        assert np.all(np.isfinite(g)), path
+        assert np.abs(g).max() > 0, f"no gradient reaches {jax.tree_util.keystr(path)}"
+
+
+def test_bad_options_raise_naming_the_field():
+    images, _ = tiny_inputs()
+    for opts, field in [
+        (dict(window_size=-1), "window_size"),
+        (dict(window_size=4, global_blocks=(7,)), "global_blocks"),
+        (dict(window_size=4, rel_pos="yes"), "rel_pos"),
+    ]:
+        with pytest.raises(ValueError, match=f"config.model.{field}"):
+            YOLOS(**TINY, **opts).init(jax.random.PRNGKey(0), images)
+    with pytest.raises(ValueError, match="config.model.token_keep_ratio"):
+        windowed.encoder_attention(YOLOS(**TINY, rel_pos=True), (5, 9), partial_sequence=True)
+
+
+def _load_config(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config
+
+
+@pytest.mark.parametrize("name,depth_blocks", [("yolos_ti_windowed", (2, 5, 8, 11)), ("yolos_s_windowed", (2, 5, 8, 11)),
+                                               ("yolos_b_windowed", (2, 5, 8, 11)), ("vitdet_b", (2, 5, 8, 11))])
+def test_configs(name, depth_blocks):
+    get_config = _load_config(name)
+    cfg = get_config()
+    assert cfg.model.window_size == 14 and tuple(cfg.model.global_blocks) == depth_blocks
+    assert cfg.model.rel_pos == (name == "vitdet_b")
+    cfg7 = get_config("window=7,rel_pos=False,global=5.11")
+    assert (cfg7.model.window_size, tuple(cfg7.model.global_blocks), cfg7.model.rel_pos) == (7, (5, 11), False)
+    with pytest.raises(ValueError, match=f"configs/{name}.py"):
+        get_config("windows=7")
+    if name == "vitdet_b":
+        assert cfg.input.large_scale_jitter and cfg.input.lsj_size == 1024
+        assert cfg.model.drop_path_rate == 0.1 and tuple(cfg.model.init_pe_size) == (1024, 1024)
+        assert cfg.optim.weight_decay == 0.1 and cfg.optim.warmup_steps == 462 and cfg.optim.min_lr == 0.0
+        # The whole model traces at 1024 x 1024 (shapes only).
+        shapes = jax.eval_shape(lambda: YOLOS(**cfg.model).init(jax.random.PRNGKey(0), jnp.zeros((1, 1024, 1024, 3))))
+        attn = shapes["params"]["block_0"]["attn"]
+        assert attn["rel_pos_h"].shape == (27, 64) and shapes["params"]["block_2"]["attn"]["rel_pos_h"].shape == (127, 64)

@@ -1,0 +1,469 @@
+"""Windowed self-attention (ViTDet) and decomposed relative position bias (MViTv2 / ViTDet) for YOLOS.
+
+ViTDet (vitdet_benchmarking_paper.md §2.1) partitions the h x w patch grid into non-overlapping r x r
+windows and attends within each window, in every block except a few global ones spaced at depth/4
+(the "hybrid"). Attention then costs O(r^2 h w) instead of O(h^2 w^2) in those blocks.
+
+Token layout read here (the encoder's sequence, yolos.py):
+  x = [prefix tokens (num_prefix_tokens: the [CLS]) | patches, gh * gw in row-major order | suffix tokens
+       (the [DET] tokens: all the rest)]              [B, T, D], T = num_prefix + gh * gw + num_suffix
+The suffix length is read from T, so blocks that see more or fewer [DET] tokens work unchanged.
+
+The [CLS] and [DET] tokens ("extra" tokens, E = prefix + suffix) keep global attention; this is our
+choice, since ViTDet has no such tokens:
+  * an extra-token query attends to every token (all patches of every window and all extra tokens);
+  * a patch query attends to the patches of its own window and to every extra token;
+  * so patch -> patch attention is restricted to the window, and [DET] tokens, the only outputs YOLOS
+    predicts from, still see the whole image in every block. The extra tokens also carry information
+    between windows, which windowed-only ViTDet gets from convolutions outside the backbone.
+It is computed without a T x T mask: windowed patch queries [B, nW, H, r*r] meet the keys [their window's
+r*r patches | the E extra tokens], and the E extra queries meet all T keys. At 1024 x 1024 (64 x 64
+patches, r = 14, E = 101) a windowed block's logits are 25 x 196 x 297 per head instead of 4197^2: 12x fewer.
+
+Padding: the grid is padded at the bottom/right to whole windows (separately per axis: 50 x 84 patches
+with r = 14 pad to 56 x 84, 4 x 6 windows). Padded cells are never attended to and their query outputs
+are dropped. The window size is clipped per axis to the grid (`window_layout`): a 5 x 9 grid with r = 8
+gives 5 x 8 windows, which groups the real cells exactly as 8 x 8 windows would, with less padding.
+The padding key mask (patches of image padding, False in `key_mask`) is honoured by every query.
+
+Relative position bias (decomposed; MViTv2, and ViTDet's `add_decomposed_rel_pos`): for a patch query
+at (i, j) with (unscaled) query vector q and a patch key at (i', j') in the same window,
+  logit += q . Rh[i - i' + sh - 1] + q . Rw[j - j' + sw - 1],
+with tables rel_pos_h [2 sh - 1, Dh], rel_pos_w [2 sw - 1, Dh] shared by the heads, zero-initialised (as
+ViTDet does for every initialisation without pre-trained biases, so a model starts as without them), one
+pair per block (as detectron2's ViTDet). Coordinates (i, j) are within the window; (sh, sw) is the
+nominal window: (r, r) in windowed blocks (clipped windows use the central part of the same tables), the
+grid (gh, gw) in global blocks. Global blocks store their tables for `rel_pos_grid` (YOLOS: the
+init_pe_size grid); at another input grid they are resized in the forward pass to 2 s - 1 by linear
+interpolation as PyTorch's `F.interpolate(mode='linear', align_corners=False)`, as ViTDet's `get_rel_pos`
+does. Tables of a checkpoint trained with another r or grid are resized once on the host
+(`resize_rel_pos_np`, the same function), since Flax parameters keep their shapes. Pairs involving an
+extra token get no bias (they have no grid position).
+
+The attention layer keeps `vit.SelfAttention`'s parameters (attn/qkv, attn/proj), so a windowed model has
+the same parameter tree as the global one (plus attn/rel_pos_h, attn/rel_pos_w when rel_pos is on) and
+loads the same checkpoints.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from yolos_jax import vit
+
+Dtype = Any
+
+
+# --------------------------------------------------------------------------------------------------
+# Which blocks are windowed
+# --------------------------------------------------------------------------------------------------
+
+
+def default_global_blocks(depth: int) -> tuple[int, ...]:
+    """ViTDet's global blocks at every depth/4: indices k * depth // 4 - 1 for k = 1..4.
+
+    depth 12 -> (2, 5, 8, 11) as ViTDet-B; depth 14 -> (2, 6, 9, 13). The last block is always global.
+    """
+    return tuple(sorted({k * depth // 4 - 1 for k in range(1, 5)} - {-1}))
+
+
+def resolve_global_blocks(depth: int, global_blocks: Optional[Sequence[int]]) -> tuple[int, ...]:
+    """`global_blocks` checked against `depth` (None -> `default_global_blocks`)."""
+    if global_blocks is None:
+        return default_global_blocks(depth)
+    blocks = tuple(int(b) for b in global_blocks)
+    bad = [b for b in blocks if not 0 <= b < depth]
+    if bad:
+        raise ValueError(
+            f"config.model.global_blocks: block indices {bad} are outside [0, depth={depth}); "
+            f"use indices of blocks, e.g. {default_global_blocks(depth)}"
+        )
+    return blocks
+
+
+def validate_window_options(window_size: Any, global_blocks: Any, rel_pos: Any, depth: int) -> None:
+    """Raises ValueError naming the config.model field that is wrong."""
+    if isinstance(window_size, bool) or not isinstance(window_size, (int, np.integer)) or window_size < 0:
+        raise ValueError(
+            f"config.model.window_size must be an integer >= 0 (0 = global attention everywhere, ViTDet: 14), "
+            f"got {window_size!r}"
+        )
+    if global_blocks is not None and not isinstance(global_blocks, (tuple, list)):
+        raise ValueError(
+            f"config.model.global_blocks must be None or a tuple of block indices, got {global_blocks!r}"
+        )
+    resolve_global_blocks(depth, global_blocks)
+    if not isinstance(rel_pos, (bool, np.bool_)):
+        raise ValueError(f"config.model.rel_pos must be True or False, got {rel_pos!r}")
+
+
+def block_attention(
+    index: int,
+    depth: int,
+    grid_hw: Sequence[int],
+    window_size: int,
+    global_blocks: Optional[Sequence[int]],
+    rel_pos: bool,
+    rel_pos_grid: Optional[Sequence[int]] = None,
+) -> Optional[Callable[..., nn.Module]]:
+    """The attention layer factory for encoder block `index` (for `vit.EncoderBlock.attention`).
+
+    Returns None where the block's attention is plain global attention (`vit.SelfAttention`): window_size
+    0 without rel_pos, a global block without rel_pos, or a window that covers the whole grid without
+    rel_pos (one window is global attention, so the fast global path gives the same output bit for bit).
+    Otherwise a `WindowedSelfAttention` partial taking SelfAttention's (num_heads, qkv_bias, dtype,
+    attention_impl) arguments. rel_pos_grid: (h, w) in patches the global blocks' tables are stored for.
+    """
+    validate_window_options(window_size, global_blocks, rel_pos, depth)
+    is_global = window_size == 0 or index in resolve_global_blocks(depth, global_blocks)
+    gh, gw = int(grid_hw[0]), int(grid_hw[1])
+    if not rel_pos and (is_global or (window_size >= gh and window_size >= gw)):
+        return None
+    return functools.partial(
+        WindowedSelfAttention,
+        grid_hw=(gh, gw),
+        window_size=0 if is_global else int(window_size),
+        rel_pos=bool(rel_pos),
+        rel_pos_grid=None if rel_pos_grid is None else tuple(int(s) for s in rel_pos_grid),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Window partition
+# --------------------------------------------------------------------------------------------------
+
+
+def window_layout(grid_hw: Sequence[int], window_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((wh, ww) window in patches, (nh, nw) windows per axis) for a grid; window_size 0 = one window.
+
+    The window is clipped per axis to the grid: on an axis shorter than r there is one window either way,
+    and clipping only drops padding. Height and width are handled separately (non-square grids).
+    """
+    gh, gw = int(grid_hw[0]), int(grid_hw[1])
+    if gh <= 0 or gw <= 0:
+        raise ValueError(f"windowed attention needs a non-empty patch grid, got {gh} x {gw}")
+    if window_size <= 0:
+        return (gh, gw), (1, 1)
+    wh, ww = min(window_size, gh), min(window_size, gw)
+    return (wh, ww), (-(-gh // wh), -(-gw // ww))
+
+
+def window_partition(x: jax.Array, window_hw: Sequence[int]) -> jax.Array:
+    """[B, gh, gw, ...] -> [B, nh * nw, wh * ww, ...]: zero-padded at the bottom/right to whole windows.
+
+    Windows are numbered row-major over (nh, nw), cells row-major within a window.
+    """
+    batch, gh, gw = x.shape[:3]
+    rest = x.shape[3:]
+    wh, ww = window_hw
+    nh, nw = -(-gh // wh), -(-gw // ww)
+    pad = [(0, 0), (0, nh * wh - gh), (0, nw * ww - gw)] + [(0, 0)] * len(rest)
+    x = jnp.pad(x, pad)
+    x = x.reshape(batch, nh, wh, nw, ww, *rest)
+    x = jnp.swapaxes(x, 2, 3)  # [B, nh, nw, wh, ww, ...]
+    return x.reshape(batch, nh * nw, wh * ww, *rest)
+
+
+def window_unpartition(windows: jax.Array, window_hw: Sequence[int], grid_hw: Sequence[int]) -> jax.Array:
+    """Inverse of `window_partition`: [B, nh * nw, wh * ww, ...] -> [B, gh, gw, ...] (padding cropped)."""
+    batch = windows.shape[0]
+    rest = windows.shape[3:]
+    wh, ww = window_hw
+    gh, gw = grid_hw
+    nh, nw = -(-gh // wh), -(-gw // ww)
+    x = windows.reshape(batch, nh, nw, wh, ww, *rest)
+    x = jnp.swapaxes(x, 2, 3).reshape(batch, nh * wh, nw * ww, *rest)
+    return x[:, :gh, :gw]
+
+
+@functools.lru_cache(maxsize=64)
+def window_valid_cells(grid_hw: tuple[int, int], window_hw: tuple[int, int]) -> np.ndarray:
+    """[nh * nw, wh * ww] bool: True at cells of the real grid, False at the padding."""
+    gh, gw = grid_hw
+    wh, ww = window_hw
+    nh, nw = -(-gh // wh), -(-gw // ww)
+    rows = np.arange(nh * wh).reshape(nh, 1, wh, 1) < gh  # numpy: this runs inside traces
+    cols = np.arange(nw * ww).reshape(1, nw, 1, ww) < gw
+    return (rows & cols).reshape(nh * nw, wh * ww)
+
+
+# --------------------------------------------------------------------------------------------------
+# Decomposed relative position bias
+# --------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PyTorch's 1-D linear resize (align_corners=False) as (i0 [out], i1 [out], w1 [out] float32).
+
+    out[i] = (1 - w1) * x[i0] + w1 * x[i1] with source coordinate (i + 0.5) * in / out - 0.5 clamped at 0
+    (PyTorch clamps negative coordinates of linear modes) and i1 = min(i0 + 1, in - 1).
+    """
+    if in_size <= 0 or out_size <= 0:
+        raise ValueError(f"relative position tables need positive sizes, got {in_size} -> {out_size}")
+    src = np.maximum((np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5, 0.0)
+    i0 = np.floor(src).astype(np.int32)
+    i1 = np.minimum(i0 + 1, in_size - 1).astype(np.int32)
+    return i0, i1, (src - i0).astype(np.float32)
+
+
+def resize_rel_pos(table: jax.Array, length: int) -> jax.Array:
+    """[L, Dh] -> [length, Dh] by linear interpolation along L (identity when L == length)."""
+    if table.shape[0] == length:
+        return table
+    i0, i1, w1 = linear_taps(int(table.shape[0]), int(length))
+    x = table.astype(jnp.float32)
+    w1 = jnp.asarray(w1)[:, None]
+    return ((1.0 - w1) * jnp.take(x, i0, axis=0) + w1 * jnp.take(x, i1, axis=0)).astype(table.dtype)
+
+
+def resize_rel_pos_np(table: np.ndarray, length: int) -> np.ndarray:
+    """NumPy twin of `resize_rel_pos` (float64 arithmetic), for checkpoint surgery on the host: tables
+    trained with another window size or grid resized to this model's [2 s - 1, Dh] parameter shape."""
+    if table.shape[0] == length:
+        return table
+    i0, i1, _ = linear_taps(int(table.shape[0]), int(length))
+    src = np.maximum((np.arange(length) + 0.5) * (table.shape[0] / length) - 0.5, 0.0)
+    w1 = (src - i0)[:, None]
+    x = table.astype(np.float64)
+    return ((1.0 - w1) * x[i0] + w1 * x[i1]).astype(table.dtype)
+
+
+def rel_pos_matrix(table: jax.Array, span: int, size: int) -> jax.Array:
+    """[size, size, Dh]: entry (a, b) = table'[a - b + span - 1], table' = table resized to 2 span - 1.
+
+    span: the nominal extent (window side or grid side) the table's offsets refer to; size <= span: the
+    actual extent (a clipped window uses the central offsets of the same table).
+    """
+    if size > span:
+        raise ValueError(f"relative positions over {size} cells need a span >= {size}, got {span}")
+    table = resize_rel_pos(table, 2 * span - 1)
+    coords = np.arange(size)
+    return jnp.take(table, coords[:, None] - coords[None, :] + span - 1, axis=0)
+
+
+def decomposed_rel_pos_bias(q: jax.Array, rh: jax.Array, rw: jax.Array, window_hw: Sequence[int]) -> jax.Array:
+    """Bias of patch queries over the patch keys of their window.
+
+    q: [..., wh * ww, Dh] unscaled queries (ViTDet adds the bias with q before the 1/sqrt(Dh) scaling);
+    rh: [wh, wh, Dh], rw: [ww, ww, Dh] from `rel_pos_matrix`. Returns [..., wh * ww, wh * ww].
+    """
+    wh, ww = window_hw
+    lead = q.shape[:-2]
+    q = q.reshape(*lead, wh, ww, q.shape[-1])
+    bias_h = jnp.einsum("...yxc,ykc->...yxk", q, rh.astype(q.dtype))  # [..., wh, ww, wh (key row)]
+    bias_w = jnp.einsum("...yxc,xkc->...yxk", q, rw.astype(q.dtype))  # [..., wh, ww, ww (key column)]
+    bias = bias_h[..., :, None] + bias_w[..., None, :]  # [..., wh, ww, wh, ww]
+    return bias.reshape(*lead, wh * ww, wh * ww)
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------------
+
+
+def _softmax_attend(logits: jax.Array, v: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
+    """logits: [..., t, S]; v: [..., S, Dh]; mask: broadcastable to logits, bool, or None. -> [..., t, Dh].
+
+    float32 softmax, normalised after the second matmul (as vit._softmax_attention).
+    """
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    logits = logits.astype(jnp.float32)
+    e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+    out = jnp.einsum("...ts,...sd->...td", e.astype(v.dtype), v).astype(jnp.float32)
+    return (out / jnp.sum(e, axis=-1, keepdims=True)).astype(v.dtype)
+
+
+class WindowedSelfAttention(nn.Module):
+    """Self-attention over [prefix | patch grid | suffix] tokens with windowed patch attention.
+
+    Same parameters as `vit.SelfAttention` (qkv [D, 3D] in (q|k|v) order, proj), plus rel_pos_h
+    [2 sh - 1, Dh] and rel_pos_w [2 sw - 1, Dh] when rel_pos is on (see the module docstring for the
+    attention pattern and the bias).
+
+    Attributes:
+      num_heads, qkv_bias, dtype: as `vit.SelfAttention`.
+      attention_impl: validated and accepted for the shared signature; windows are small, so the
+        attention is always explicit head-major einsums.
+      grid_hw: (gh, gw) patch grid of the tokens.
+      num_prefix_tokens: tokens before the patches ([CLS]).
+      window_size: r; 0 = one window over the whole grid (a global block, used with rel_pos).
+      rel_pos: add the decomposed relative position bias.
+      rel_pos_grid: (h, w) in patches that a global block's tables are created for (default grid_hw);
+        other grids resize them. Windowed blocks' tables are always created for (r, r).
+    """
+
+    num_heads: int
+    qkv_bias: bool = True
+    dtype: Dtype = jnp.float32
+    attention_impl: Optional[str] = None
+    grid_hw: Sequence[int] = (0, 0)
+    num_prefix_tokens: int = 1
+    window_size: int = 0
+    rel_pos: bool = False
+    rel_pos_grid: Optional[Sequence[int]] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, key_mask: Optional[jax.Array] = None) -> jax.Array:
+        """x: [B, T, D] in the layout of the module docstring; key_mask: [B, T] bool or None -> [B, T, D]."""
+        batch, tokens, width = x.shape
+        heads = self.num_heads
+        if width % heads:
+            raise ValueError(f"hidden_size {width} is not divisible by num_heads {heads}")
+        if self.attention_impl not in vit.ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {vit.ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        gh, gw = int(self.grid_hw[0]), int(self.grid_hw[1])
+        n_pre, n_patch = int(self.num_prefix_tokens), gh * gw
+        if tokens < n_pre + n_patch:
+            raise ValueError(
+                f"windowed attention over a {gh} x {gw} grid after {n_pre} prefix tokens needs >= "
+                f"{n_pre + n_patch} tokens, got {tokens}"
+            )
+        head_dim = width // heads
+        (wh, ww), _ = window_layout((gh, gw), self.window_size)
+        n_cells = wh * ww
+
+        qkv = nn.Dense(3 * width, use_bias=self.qkv_bias, dtype=self.dtype, kernel_init=vit.trunc_normal_02,
+                       name="qkv")(x)
+        qkv = jnp.transpose(qkv.reshape(batch, tokens, 3, heads, head_dim), (2, 0, 1, 3, 4))  # [3, B, T, H, Dh]
+        patch_slice = slice(n_pre, n_pre + n_patch)
+
+        def extras(a):  # [..., T, ...] along axis 1 -> the prefix and suffix tokens, [B, E, ...]
+            return jnp.concatenate([a[:, :n_pre], a[:, n_pre + n_patch:]], axis=1)
+
+        def windows(a):  # [B, P, H, Dh] -> [B, nW, H, S, Dh]
+            a = window_partition(a.reshape(batch, gh, gw, heads, head_dim), (wh, ww))
+            return jnp.transpose(a, (0, 1, 3, 2, 4))
+
+        q_all, k_all, v_all = qkv[0], qkv[1], qkv[2]  # [B, T, H, Dh]
+        qw, kw, vw = (windows(a[:, patch_slice]) for a in (q_all, k_all, v_all))
+        ke, ve = (jnp.transpose(extras(a), (0, 2, 1, 3)) for a in (k_all, v_all))  # [B, H, E, Dh]
+        n_win, n_extra = qw.shape[1], ke.shape[2]
+        scale = jnp.asarray(head_dim**-0.5, qw.dtype)
+
+        # Patch queries: keys = [the window's cells | the extra tokens].
+        keys = jnp.concatenate([kw, jnp.broadcast_to(ke[:, None], (batch, n_win, heads, n_extra, head_dim))], 3)
+        values = jnp.concatenate([vw, jnp.broadcast_to(ve[:, None], (batch, n_win, heads, n_extra, head_dim))], 3)
+        logits = jnp.einsum("bnhqd,bnhkd->bnhqk", qw * scale, keys)  # [B, nW, H, S, S + E]
+        if self.rel_pos:
+            logits = logits + jnp.pad(self._rel_pos_bias(qw, head_dim, (gh, gw), (wh, ww)),
+                                      [(0, 0)] * 4 + [(0, n_extra)])
+        cell_mask = jnp.asarray(window_valid_cells((gh, gw), (wh, ww)))[None]  # [1, nW, S]
+        if key_mask is not None:
+            cell_mask = cell_mask & window_partition(key_mask[:, patch_slice].reshape(batch, gh, gw), (wh, ww))
+            extra_mask = extras(key_mask)
+        else:
+            extra_mask = jnp.ones((batch, n_extra), bool)
+        mask = jnp.concatenate(
+            [jnp.broadcast_to(cell_mask, (batch, n_win, n_cells)),
+             jnp.broadcast_to(extra_mask[:, None], (batch, n_win, n_extra))], axis=-1
+        )
+        patch_out = _softmax_attend(logits, values, mask[:, :, None, None, :])  # [B, nW, H, S, Dh]
+        patch_out = window_unpartition(jnp.transpose(patch_out, (0, 1, 3, 2, 4)), (wh, ww), (gh, gw))
+        patch_out = patch_out.reshape(batch, n_patch, width)
+
+        # Extra queries: global over all T tokens, no bias.
+        qe = jnp.transpose(extras(q_all), (0, 2, 1, 3))  # [B, H, E, Dh]
+        k_t, v_t = (jnp.transpose(a, (0, 2, 1, 3)) for a in (k_all, v_all))  # [B, H, T, Dh]
+        logits_e = jnp.einsum("bhqd,bhkd->bhqk", qe * scale, k_t)
+        extra_out = _softmax_attend(logits_e, v_t, None if key_mask is None else key_mask[:, None, None, :])
+        extra_out = jnp.transpose(extra_out, (0, 2, 1, 3)).reshape(batch, n_extra, width)
+
+        out = jnp.concatenate([extra_out[:, :n_pre], patch_out, extra_out[:, n_pre:]], axis=1)
+        return nn.Dense(width, dtype=self.dtype, kernel_init=vit.trunc_normal_02, name="proj")(out)
+
+    def _rel_pos_bias(self, qw: jax.Array, head_dim: int, grid_hw, window_hw) -> jax.Array:
+        """[B, nW, H, S, S] bias of the patch queries qw [B, nW, H, S, Dh] (unscaled)."""
+        if self.window_size > 0:
+            init_hw = span = (self.window_size, self.window_size)
+        else:
+            span = grid_hw
+            init_hw = tuple(self.rel_pos_grid) if self.rel_pos_grid is not None else grid_hw
+        rel_h = self.param("rel_pos_h", nn.initializers.zeros, (2 * init_hw[0] - 1, head_dim))
+        rel_w = self.param("rel_pos_w", nn.initializers.zeros, (2 * init_hw[1] - 1, head_dim))
+        rh = rel_pos_matrix(rel_h, span[0], window_hw[0])
+        rw = rel_pos_matrix(rel_w, span[1], window_hw[1])
+        return decomposed_rel_pos_bias(qw, rh, rw, window_hw)
+
+
+def encoder_attention(model: Any, grid_hw: Sequence[int], partial_sequence: bool = False) -> list:
+    """Per-block `vit.EncoderBlock.attention` factories for a YOLOS model (None = global SelfAttention).
+
+    model: a `YOLOS` (or its config) with depth, patch_size, init_pe_size, window_size, global_blocks,
+    rel_pos; grid_hw: the input's patch grid; partial_sequence: the encoder sees a random subset of the
+    patches (MIMDet), which leaves no grid to window or to measure relative positions on.
+    """
+    window_size = getattr(model, "window_size", 0)
+    rel_pos = getattr(model, "rel_pos", False)
+    depth = int(model.depth)
+    if partial_sequence and (window_size or rel_pos):
+        raise ValueError(
+            "config.model.token_keep_ratio < 1 drops patch tokens in training, which leaves no patch grid for "
+            "config.model.window_size / config.model.rel_pos: use partial sequences or the windowed / "
+            "relative-position options, not both"
+        )
+    pe_grid = (int(model.init_pe_size[0]) // model.patch_size, int(model.init_pe_size[1]) // model.patch_size)
+    return [
+        block_attention(i, depth, grid_hw, window_size, getattr(model, "global_blocks", None), rel_pos, pe_grid)
+        for i in range(depth)
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Config files
+# --------------------------------------------------------------------------------------------------
+
+VITDET_WINDOW = 14  # ViTDet: r = the pre-training grid (224 / 16)
+
+
+def parse_config_arg(arg: Optional[str], source: str) -> dict[str, Any]:
+    """Options of a windowed config file's argument, e.g. `configs/yolos_s_windowed.py:window=7,rel_pos`.
+
+    Accepts comma-separated `window=R` (int >= 0), `rel_pos` / `rel_pos=True|False`, `global=2.5.8.11`
+    (block indices separated by dots). Returns {'window_size', 'rel_pos', 'global_blocks'} for the keys
+    given. source: the config file, named in errors.
+    """
+    out: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+        key, _, value = item.partition("=")
+        try:
+            if key == "window":
+                out["window_size"] = int(value)
+            elif key == "rel_pos":
+                if value not in ("", "True", "False", "1", "0"):
+                    raise ValueError(value)
+                out["rel_pos"] = value in ("", "True", "1")
+            elif key == "global":
+                out["global_blocks"] = tuple(int(v) for v in value.split(".") if v)
+            else:
+                raise KeyError(key)
+        except (KeyError, ValueError):
+            raise ValueError(
+                f"{source}: cannot read config argument {item!r}; use comma-separated window=R, "
+                f"rel_pos[=True|False], global=I.J.K (e.g. ':window=14,rel_pos')"
+            ) from None
+    return out
+
+
+def apply_window_options(model_cfg: Any, arg: Optional[str], source: str, **defaults: Any) -> None:
+    """Sets window_size / global_blocks / rel_pos on `config.model` (an unlocked ConfigDict) in place.
+
+    defaults: the file's own values (window_size, rel_pos, global_blocks); `arg` overrides them. The
+    global blocks are written out (not None) so that `--config.model.global_blocks=...` type-checks.
+    """
+    options = dict(window_size=VITDET_WINDOW, rel_pos=False, global_blocks=None)
+    options.update(defaults)
+    options.update(parse_config_arg(arg, source))
+    if options["global_blocks"] is None:
+        options["global_blocks"] = default_global_blocks(int(model_cfg.depth))
+    validate_window_options(options["window_size"], options["global_blocks"], options["rel_pos"], int(model_cfg.depth))
+    model_cfg.window_size = int(options["window_size"])
+    model_cfg.global_blocks = tuple(options["global_blocks"])
+    model_cfg.rel_pos = bool(options["rel_pos"])
