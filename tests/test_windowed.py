@@ -2,6 +2,7 @@
 float64 numpy reference (full T x T attention with an explicit "same window" mask), PyTorch's linear
 interpolation, and global attention."""
 
+import functools
 import importlib.util
 import os
 
@@ -103,7 +104,7 @@ def random_attention_case(grid_hw, window, width, heads, num_det, rel_pos, rel_p
     module = windowed.WindowedSelfAttention(
         num_heads=heads, grid_hw=grid_hw, window_size=window, rel_pos=rel_pos, rel_pos_grid=rel_pos_grid
     )
-    params = flax.core.unfreeze(module.init(jax.random.PRNGKey(seed), x, key_mask)["params"])
+    params = flax.core.unfreeze(jax.jit(module.init)(jax.random.PRNGKey(seed), x, key_mask)["params"])
     # Larger-than-init weights: attention far from uniform, so a wrong mask or bias shows.
     params["qkv"]["kernel"] = rng.randn(*params["qkv"]["kernel"].shape).astype(np.float32) * 0.5
     params["qkv"]["bias"] = rng.randn(*params["qkv"]["bias"].shape).astype(np.float32) * 0.1
@@ -165,7 +166,7 @@ def test_attention_matches_numpy_reference(case):
     module, params, x, key_mask = random_attention_case(
         grid_hw, r, width, heads, num_det, rel_pos, rel_grid, padded=padded, table_len=table_len
     )
-    got = np.asarray(module.apply({"params": params}, x, key_mask))
+    got = np.asarray(jax.jit(module.apply)({"params": params}, x, key_mask))
     span = None
     if rel_pos:
         span = (r, r) if r else grid_hw
@@ -193,14 +194,14 @@ def test_one_window_over_the_grid_equals_global_attention():
     """r >= both grid sides: the windowed computation equals vit.SelfAttention (float32 rounding only)."""
     grid_hw, width, heads, num_det = (5, 7), 32, 2, 4
     module, params, x, key_mask = random_attention_case(grid_hw, 7, width, heads, num_det, False, padded=(1, 2))
-    got = np.asarray(module.apply({"params": params}, x, key_mask))
+    got = np.asarray(jax.jit(module.apply)({"params": params}, x, key_mask))
     for impl in ("einsum", "chunked"):
         glob = vit.SelfAttention(heads, attention_impl=impl)
-        want = np.asarray(glob.apply({"params": params}, x, key_mask))
+        want = np.asarray(jax.jit(glob.apply)({"params": params}, x, key_mask))
         np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
     # r = 0 (one window over the grid) is the same function.
     module0 = windowed.WindowedSelfAttention(num_heads=heads, grid_hw=grid_hw, window_size=0)
-    np.testing.assert_allclose(np.asarray(module0.apply({"params": params}, x, key_mask)), got, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(jax.jit(module0.apply)({"params": params}, x, key_mask)), got, atol=1e-6)
 
 
 def test_rel_pos_resize_matches_torch_linear():
@@ -216,7 +217,7 @@ def test_rel_pos_resize_matches_torch_linear():
 # The model
 # --------------------------------------------------------------------------------------------------
 
-TINY = dict(hidden_size=32, depth=4, num_heads=2, num_det_tokens=4, num_classes=5, init_pe_size=(64, 96),
+TINY = dict(hidden_size=32, depth=3, num_heads=2, num_det_tokens=4, num_classes=5, init_pe_size=(64, 96),
             attention_impl="einsum")
 IMAGE_HW = (80, 144)  # a 5 x 9 patch grid
 
@@ -231,14 +232,33 @@ def tiny_inputs(seed=0, pad=(16, 32)):
     return images, mask
 
 
+@functools.lru_cache(maxsize=None)
+def tiny_apply(**options):
+    """A jitted `apply` per set of options: compiled once for the whole file."""
+    return jax.jit(YOLOS(**TINY, **options).apply)
+
+
+def tiny_params(seed=0, **options):
+    """Random parameters in the model's tree (no init to compile): qkv kernels large enough for peaked
+    attention, so that windows visibly matter; relative position tables zero as their initialiser."""
+    shapes = jax.eval_shape(YOLOS(**TINY, **options).init, jax.random.PRNGKey(0), tiny_inputs()[0])["params"]
+    rng = np.random.RandomState(seed)
+
+    def draw(path, s):
+        name = jax.tree_util.keystr(path)
+        if "rel_pos" in name:
+            return np.zeros(s.shape, np.float32)
+        std = 0.4 if "qkv" in name and "kernel" in name else 0.05
+        return (rng.randn(*s.shape) * std + ("scale" in name)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
 @pytest.fixture(scope="module")
-def global_model():
-    """The global model with qkv kernels scaled up: peaked attention, so that windows visibly matter."""
-    model = YOLOS(**TINY)
+def global_run():
     images, mask = tiny_inputs()
-    params = model.init(jax.random.PRNGKey(0), images)["params"]
-    sharpen = lambda path, a: a * 20.0 if "qkv" in jax.tree_util.keystr(path) else a  # noqa: E731
-    return model, jax.tree_util.tree_map_with_path(sharpen, params)
+    params = tiny_params()
+    return params, tiny_apply()({"params": params}, images, mask)
 
 
 def test_default_global_blocks():
@@ -248,71 +268,74 @@ def test_default_global_blocks():
     assert windowed.default_global_blocks(4) == (0, 1, 2, 3)
 
 
-def test_window_covering_grid_is_global_attention_exactly(global_model):
-    model, params = global_model
+def test_window_covering_grid_is_global_attention_exactly(global_run):
+    params, want = global_run
     images, mask = tiny_inputs()
-    want = model.apply({"params": params}, images, mask)
-    big = YOLOS(**TINY, window_size=9, global_blocks=())  # r = 9 >= the 5 x 9 grid: one window
-    assert jax.tree.structure(big.init(jax.random.PRNGKey(0), images)["params"]) == jax.tree.structure(params)
-    got = big.apply({"params": params}, images, mask)
+    big = dict(window_size=9, global_blocks=())  # r = 9 >= the 5 x 9 grid: one window, in every block
+    shapes = jax.eval_shape(YOLOS(**TINY, **big).init, jax.random.PRNGKey(0), images)["params"]
+    assert jax.tree.structure(shapes) == jax.tree.structure(params)
+    got = tiny_apply(**big)({"params": params}, images, mask)
     for key in ("logits", "boxes"):
         np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
 
 
-def test_windowed_model_shapes_params_and_padding(global_model):
-    model, params = global_model
+def test_windowed_model_shapes_params_and_padding(global_run):
+    params, glob = global_run
     images, mask = tiny_inputs()
-    win = YOLOS(**TINY, window_size=4, global_blocks=(3,))
-    win_params = win.init(jax.random.PRNGKey(0), images)["params"]
-    assert jax.tree.structure(win_params) == jax.tree.structure(params)  # same checkpoints load
-    apply = jax.jit(win.apply)
-    out = apply({"params": params}, images, mask)
+    opts = dict(window_size=4, global_blocks=(1,))
+    shapes = jax.eval_shape(YOLOS(**TINY, **opts).init, jax.random.PRNGKey(0), images)["params"]
+    assert jax.tree.structure(shapes) == jax.tree.structure(params)  # the same checkpoints load
+    out = tiny_apply(**opts)({"params": params}, images, mask)
     assert out["logits"].shape == (2, 4, 6) and out["boxes"].shape == (2, 4, 4)
-    glob = model.apply({"params": params}, images, mask)
-    assert np.abs(np.asarray(out["logits"]) - np.asarray(glob["logits"])).max() > 1e-4  # windows changed it
+    assert np.abs(np.asarray(out["logits"]) - np.asarray(glob["logits"])).max() > 1e-3  # windows changed it
     # Image padding is never attended to: other values in the padded pixels change nothing.
     noisy = images.copy()
     noisy[~mask] = np.random.RandomState(1).randn(int((~mask).sum()), 3)
-    out2 = apply({"params": params}, noisy, mask)
+    out2 = tiny_apply(**opts)({"params": params}, noisy, mask)
     for key in ("logits", "boxes"):
         np.testing.assert_allclose(np.asarray(out2[key]), np.asarray(out[key]), rtol=0, atol=1e-6)
 
 
 def test_rel_pos_zero_init_equals_no_rel_pos():
     images, mask = tiny_inputs()
-    rel = YOLOS(**TINY, window_size=4, global_blocks=(1, 3), rel_pos=True)
-    params = rel.init(jax.random.PRNGKey(0), images)["params"]
+    opts = dict(window_size=4, global_blocks=(1,))
+    params = tiny_params(**opts, rel_pos=True)  # tables zero, as their initialiser (checked above)
     head_dim = TINY["hidden_size"] // TINY["num_heads"]
     for i in range(TINY["depth"]):
         attn = params[f"block_{i}"]["attn"]
-        # windowed blocks: tables for the 4 x 4 window; global blocks: for the 4 x 6 position-embedding grid
-        want_len = (7, 11) if i in (1, 3) else (7, 7)
+        # windowed blocks: tables for the 4 x 4 window; the global block: for the 4 x 6 position-embedding grid
+        want_len = (7, 11) if i == 1 else (7, 7)
         assert (attn["rel_pos_h"].shape, attn["rel_pos_w"].shape) == ((want_len[0], head_dim), (want_len[1], head_dim))
-        assert not np.any(attn["rel_pos_h"]) and not np.any(attn["rel_pos_w"])
-    plain = flax.core.unfreeze(params)
+    plain = {k: v for k, v in params.items()}
     for i in range(TINY["depth"]):
-        del plain[f"block_{i}"]["attn"]["rel_pos_h"], plain[f"block_{i}"]["attn"]["rel_pos_w"]
-    no_rel = YOLOS(**TINY, window_size=4, global_blocks=(1, 3))
-    want = no_rel.apply({"params": plain}, images, mask)
-    got = rel.apply({"params": params}, images, mask)
+        plain[f"block_{i}"] = dict(plain[f"block_{i}"])
+        plain[f"block_{i}"]["attn"] = {k: v for k, v in params[f"block_{i}"]["attn"].items() if "rel_pos" not in k}
+    want = tiny_apply(**opts)({"params": plain}, images, mask)
+    got = tiny_apply(**opts, rel_pos=True)({"params": params}, images, mask)
     for key in ("logits", "boxes"):
         np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), rtol=0, atol=1e-5)
 
 
 def test_gradients_reach_every_parameter():
     images, mask = tiny_inputs()
-    model = YOLOS(**TINY, window_size=4, global_blocks=(2,), rel_pos=True, remat=True)
-    params = model.init(jax.random.PRNGKey(0), images)["params"]
+    opts = dict(window_size=4, global_blocks=(1,), rel_pos=True)
+    params = tiny_params(**opts)
+    model = YOLOS(**TINY, **opts, remat=True)
 
     def loss(p):
         out = model.apply({"params": p}, images, mask)
         return jnp.sum(out["logits"] ** 2) + jnp.sum(out["boxes"])
 
     grads = jax.jit(jax.grad(loss))(params)
+    last = f"['block_{TINY['depth'] - 1}']['attn']['rel_pos"
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
-        g = np.asarray(g)
-        assert np.all(np.isfinite(g)), path
-        assert np.abs(g).max() > 0, f"no gradient reaches {jax.tree_util.keystr(path)}"
+        g, name = np.asarray(g), jax.tree_util.keystr(path)
+        assert np.all(np.isfinite(g)), name
+        if name.startswith(last):
+            # Only the [DET] outputs of the last block reach the heads, and they carry no rel-pos bias.
+            assert np.abs(g).max() == 0, name
+        else:
+            assert np.abs(g).max() > 0, f"no gradient reaches {name}"
 
 
 def test_bad_options_raise_naming_the_field():
@@ -323,7 +346,7 @@ def test_bad_options_raise_naming_the_field():
         (dict(window_size=4, rel_pos="yes"), "rel_pos"),
     ]:
         with pytest.raises(ValueError, match=f"config.model.{field}"):
-            YOLOS(**TINY, **opts).init(jax.random.PRNGKey(0), images)
+            jax.eval_shape(YOLOS(**TINY, **opts).init, jax.random.PRNGKey(0), images)
     with pytest.raises(ValueError, match="config.model.token_keep_ratio"):
         windowed.encoder_attention(YOLOS(**TINY, rel_pos=True), (5, 9), partial_sequence=True)
 

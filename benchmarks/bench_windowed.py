@@ -1,0 +1,203 @@
+"""Windowed-hybrid against global attention: YOLOS-B train step at 1024 x 1024, batch 1 (ViTDet Table 3).
+
+    /work/venv/bin/python benchmarks/bench_windowed.py                       # global vs hybrid, 2 timed rounds
+    /work/venv/bin/python benchmarks/bench_windowed.py --models=global,hybrid,hybrid_relpos --repeats=1
+    /work/venv/bin/python benchmarks/bench_windowed.py --results=benchmarks/RESULTS_windowed.md
+
+Models (YOLOS-B: hidden 768, depth 12, 12 heads, 100 [DET] tokens, 91 classes; position embeddings and
+mid position embeddings stored for the 1024 x 1024 grid (64 x 64 patches) so that no resize runs; float32;
+the attention implementation is the model's default for the backend):
+  global         every block global (the plain YOLOS-B);
+  hybrid         14 x 14 windows (64 x 64 patches pad to 70 x 70: 25 windows), global blocks 2, 5, 8, 11;
+  hybrid_relpos  the same with the decomposed relative position bias in every block (the ViTDet backbone).
+One step = forward, Hungarian matching (the host scipy callback), the YOLOS set loss, backward to the
+gradients of every parameter: `jax.jit(jax.value_and_grad(loss))`. The optimiser update (identical for all
+models, elementwise over the parameters) is left out.
+
+Peak memory is XLA's own account of the compiled step (`.lower().compile().memory_analysis()`):
+temp (activations and scratch) + arguments (parameters, batch) + outputs (gradients, loss) - aliased bytes.
+Step time: the compiled step run `--repeats` times after `--warmup` untimed runs, models interleaved round
+by round (load from other processes hits all alike); the median is reported. Also the step's FLOPs from
+XLA's cost analysis, which bound what a compute-bound backend (a loaded CPU) can gain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from yolos_jax import xla_flags  # noqa: E402  (imports no jax; flags must precede the jax import)
+
+xla_flags.set_cpu_flags()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from yolos_jax import config as config_lib  # noqa: E402
+from yolos_jax import losses, matcher  # noqa: E402
+from yolos_jax.yolos import YOLOS  # noqa: E402
+
+MODELS = {
+    "global": dict(window_size=0),
+    "hybrid": dict(window_size=14, global_blocks=(2, 5, 8, 11)),
+    "hybrid_relpos": dict(window_size=14, global_blocks=(2, 5, 8, 11), rel_pos=True),
+}
+
+
+def model_for(name: str, image: int, variant: str) -> YOLOS:
+    cfg = config_lib.model_config(variant).to_dict()
+    cfg.update(init_pe_size=(image, image), mid_pe_size=(image, image), **MODELS[name])
+    return YOLOS(**cfg)
+
+
+def random_params(model: YOLOS, image_shape) -> dict:
+    """Random float32 parameters in the model's tree (drawn on the host: no init program to compile)."""
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros(image_shape, jnp.float32))["params"]
+    rng = np.random.default_rng(0)
+
+    def draw(path, s):
+        name = jax.tree_util.keystr(path)
+        if "rel_pos" in name:
+            return np.zeros(s.shape, np.float32)
+        return (rng.standard_normal(s.shape, np.float32) * 0.02 + ("scale" in name)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def random_batch(batch: int, image: int, num_classes: int, max_boxes: int = 100, seed: int = 0) -> dict:
+    """A train batch in the input schema: one full 1024^2 LSJ canvas per image, 5..20 boxes each."""
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(5, 21, size=batch)
+    box_mask = np.arange(max_boxes)[None] < counts[:, None]
+    wh = rng.uniform(0.05, 0.5, size=(batch, max_boxes, 2))
+    cxcy = wh / 2 + rng.uniform(0, 1, size=(batch, max_boxes, 2)) * (1 - wh)
+    return dict(
+        image=rng.standard_normal((batch, image, image, 3)).astype(np.float32),
+        pixel_mask=np.ones((batch, image, image), bool),
+        boxes=(np.concatenate([cxcy, wh], -1) * box_mask[..., None]).astype(np.float32),
+        labels=(rng.integers(0, num_classes, size=(batch, max_boxes)) * box_mask).astype(np.int32),
+        box_mask=box_mask,
+    )
+
+
+def make_step(model: YOLOS):
+    loss_cfg, matcher_cfg = losses.default_loss_config(), matcher.default_matcher_config()
+
+    def step(params, batch):
+        def loss_fn(p):
+            outputs = model.apply({"params": p}, batch["image"], batch["pixel_mask"], train=True)
+            return losses.set_loss(outputs, batch, loss_cfg, matcher_cfg)[0]
+
+        return jax.value_and_grad(loss_fn)(params)
+
+    return jax.jit(step)
+
+
+def compile_step(name: str, args) -> dict:
+    model = model_for(name, args.image, args.variant)
+    batch = random_batch(args.batch, args.image, model.num_classes)
+    params = random_params(model, batch["image"].shape)
+    t0 = time.perf_counter()
+    compiled = make_step(model).lower(params, batch).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    peak = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    return dict(name=name, compiled=compiled, params=params, batch=batch, compile_s=compile_s,
+                temp=mem.temp_size_in_bytes, argument=mem.argument_size_in_bytes,
+                output=mem.output_size_in_bytes, alias=mem.alias_size_in_bytes, peak=peak,
+                flops=float(cost.get("flops", float("nan"))) if cost else float("nan"), times=[])
+
+
+def run_once(r: dict) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(r["compiled"](r["params"], r["batch"]))
+    return time.perf_counter() - t0
+
+
+def report(results: list[dict], args, header: str) -> str:
+    base = results[0]
+    gib = 2.0**30
+    lines = [header, "",
+             f"| model | step s (median of {args.repeats}) | time / {base['name']} | peak GiB (temp + args + out) "
+             f"| peak / {base['name']} | temp GiB | temp / {base['name']} | step TFLOP | FLOP / {base['name']} |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        t = statistics.median(r["times"]) if r["times"] else float("nan")
+        tb = statistics.median(base["times"]) if base["times"] else float("nan")
+        lines.append(
+            f"| {r['name']} | {t:.2f} | {t / tb:.3f} | {r['peak'] / gib:.2f} | {r['peak'] / base['peak']:.3f} "
+            f"| {r['temp'] / gib:.2f} | {r['temp'] / base['temp']:.3f} | {r['flops'] / 1e12:.2f} "
+            f"| {r['flops'] / base['flops']:.3f} |"
+        )
+    lines.append("")
+    for r in results:
+        lines.append(f"- {r['name']}: times {[round(t, 2) for t in r['times']]} s, compile {r['compile_s']:.0f} s, "
+                     f"arguments {r['argument'] / gib:.2f} GiB, outputs {r['output'] / gib:.2f} GiB, "
+                     f"aliased {r['alias'] / gib:.2f} GiB")
+    return "\n".join(lines)
+
+
+def write_atomic(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".md")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="global,hybrid", help=f"comma-separated, first = baseline; of {list(MODELS)}")
+    parser.add_argument("--variant", default="b", help="config.MODEL_VARIANTS key (default b)")
+    parser.add_argument("--image", type=int, default=1024, help="square canvas side in pixels")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2, help="timed rounds (each: one step of each model)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
+    parser.add_argument("--memory-only", action="store_true", help="compile and report memory / FLOPs only")
+    parser.add_argument("--results", default="", help="also write the report (markdown) to this file, atomically")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown or not names:
+        parser.error(f"--models: unknown {unknown}; choose from {list(MODELS)}")
+
+    dev = jax.devices()[0]
+    header = (f"YOLOS-{args.variant.upper()} train step (forward + host matching + set loss + backward), batch "
+              f"{args.batch} x {args.image} x {args.image}, float32; jax {jax.__version__} on {dev.platform} "
+              f"({dev.device_kind}), {len(os.sched_getaffinity(0))} cores visible, load average at start "
+              f"{tuple(round(x, 1) for x in os.getloadavg())}")
+    print(header, flush=True)
+    results = []
+    for name in names:
+        r = compile_step(name, args)
+        print(f"{name}: compiled in {r['compile_s']:.0f} s, peak {r['peak'] / 2**30:.2f} GiB "
+              f"(temp {r['temp'] / 2**30:.2f}), {r['flops'] / 1e12:.2f} TFLOP", flush=True)
+        results.append(r)
+    if not args.memory_only:
+        for round_ in range(args.warmup + args.repeats):
+            for r in results:
+                t = run_once(r)
+                if round_ >= args.warmup:
+                    r["times"].append(t)
+                print(f"round {round_} {'(warm-up) ' if round_ < args.warmup else ''}{r['name']}: {t:.2f} s",
+                      flush=True)
+    text = report(results, args, header)
+    print(text)
+    if args.results:
+        write_atomic(args.results, text + "\n")
+
+
+if __name__ == "__main__":
+    main()
