@@ -14,10 +14,15 @@ Both start from the same random weights: HF's model is saved with `save_pretrain
 norm of both sides are compared (they must agree: same weights, same matching, same loss).
 
 Both get the same cores (the process is pinned to the first `--threads` cores; torch.set_num_threads and
-XLA's intra-op pool use that many). Steps are interleaved (ours, HF, HF, ours, ...) so that load from other
-processes hits both alike; the report gives medians, the ratio of medians (ours / HF; < 1 = ours faster),
-the spread of per-round ratios, the load average, and the share of our step spent inside the host
-Hungarian callback (`matcher._solve_on_host`, wrapped here with a timer) — and HF's own scipy share.
+XLA's intra-op pool use that many). Steps are interleaved (ours, HF, HF, ours, ...) so that load from
+other processes hits both alike; the report gives medians, the ratio of medians (ours / HF; < 1 = ours
+faster), the spread of per-round ratios, CPU seconds per step, the load average, and the share of our
+step spent inside the host Hungarian callback (`matcher._solve_on_host`, wrapped here with a timer) —
+plus the jitted matching call on its own, and HF's own scipy share.
+
+On a machine shared with other processes, torch's OpenMP workers spin-wait for descheduled peers, which
+inflates HF's multi-threaded times far more than XLA's: also run with `--threads=1`, or with
+`OMP_WAIT_POLICY=PASSIVE` in the environment, for the like-for-like ratio (see RESULTS_train_step.md).
 """
 
 from __future__ import annotations
@@ -266,7 +271,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, "
           f"torch threads {torch.get_num_threads()}, pinned to cores {sorted(os.sched_getaffinity(0))}")
-    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}  load average at start {os.getloadavg()}")
+    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}  OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY', '(unset: torch threads spin-wait)')}  "
+          f"load average at start {os.getloadavg()}")
 
     b = build(args)
     ours, theirs, compile_s = first_step_check(b)
@@ -329,11 +336,15 @@ def main(argv=None):
     print(f"ratio ours/HF (medians) {np.median(t_ours) / np.median(t_hf):.3f}; per-round ratios median "
           f"{np.median(pair):.3f}, IQR {np.percentile(pair, 25):.3f}-{np.percentile(pair, 75):.3f}; "
           f"ratio of minima {t_ours.min() / t_hf.min():.3f}")
-    # CPU seconds of the whole process per step (all threads): the work done, which other processes'
-    # load inflates far less than wall time (it still pays for cache and memory-bandwidth contention).
+    # CPU seconds of the whole process per step (all threads): closer to the work done than wall time on a
+    # busy machine, but cache contention still inflates it, and so does torch's OpenMP spin-waiting.
     print(f"CPU time per step (process, all threads): ours median {np.median(c_ours):.2f} s, HF "
           f"{np.median(c_hf):.2f} s, ratio {np.median(c_ours) / np.median(c_hf):.3f}; cores kept busy "
           f"ours {np.median(c_ours / t_ours):.2f}, HF {np.median(c_hf / t_hf):.2f} of {args.threads}")
+    if np.median(loads) > os.cpu_count():
+        print(f"NOTE: the machine is oversubscribed (load {np.median(loads):.1f} > {os.cpu_count()} CPUs). With "
+              "several threads, torch's OpenMP workers spin-wait for descheduled peers and HF's wall and CPU "
+              "times inflate far more than XLA's; compare with --threads=1 or OMP_WAIT_POLICY=PASSIVE.")
     return dict(ours=t_ours, hf=t_hf, cpu_ours=c_ours, cpu_hf=c_hf, match_ours=m_ours, match_hf=m_hf,
                 match_call=np.array(match_call), loads=loads)
 

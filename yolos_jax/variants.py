@@ -114,10 +114,11 @@ def validate_options(cfg: Any) -> None:
             f"[DET] tokens join at block config.model.adapter_insert_det_at={insert}: use aux_layers <= "
             f"{depth - 1 - insert}"
         )
-    if ratio < 1.0 and _get(cfg, "window_size", None):
+    if ratio < 1.0 and (_get(cfg, "window_size", 0) or _get(cfg, "rel_pos", False)):
+        # Checked here too (windowed.py refuses it when tracing in training) so a config fails at once.
         raise ValueError(
-            "config.model.token_keep_ratio < 1 drops patch tokens, which leaves no grid for windowed "
-            "attention (config.model.window_size): use one of the two"
+            "config.model.token_keep_ratio < 1 drops patch tokens in training, which leaves no patch grid "
+            "for config.model.window_size / config.model.rel_pos: use one or the other"
         )
 
 

@@ -281,6 +281,32 @@ def _softmax_attend(logits: jax.Array, v: jax.Array, mask: Optional[jax.Array]) 
     return (out / jnp.sum(e, axis=-1, keepdims=True)).astype(v.dtype)
 
 
+RECOMPUTE = True
+
+
+def window_attention(qw, kw, vw, ke, ve, cell_mask, extra_mask, rel, window_hw):
+    """Attention of the patch queries of each window over [the window's cells | the extra tokens].
+
+    qw, kw, vw: [B, nW, H, S, Dh] (S = wh * ww cells, queries unscaled); ke, ve: [B, H, E, Dh];
+    cell_mask: [B or 1, nW, S] bool (real, un-padded cells); extra_mask: [B, E] bool; rel: None or
+    (rh, rw) from `rel_pos_matrix`. Returns [B, nW, H, S, Dh].
+    """
+    batch, n_win, heads, n_cells, head_dim = qw.shape
+    n_extra = ke.shape[2]
+    scale = jnp.asarray(head_dim**-0.5, qw.dtype)
+    keys = jnp.concatenate([kw, jnp.broadcast_to(ke[:, None], (batch, n_win, heads, n_extra, head_dim))], 3)
+    values = jnp.concatenate([vw, jnp.broadcast_to(ve[:, None], (batch, n_win, heads, n_extra, head_dim))], 3)
+    logits = jnp.einsum("bnhqd,bnhkd->bnhqk", qw * scale, keys)  # [B, nW, H, S, S + E]
+    if rel is not None:
+        bias = decomposed_rel_pos_bias(qw, rel[0], rel[1], window_hw)
+        logits = logits + jnp.pad(bias, [(0, 0)] * 4 + [(0, n_extra)])
+    mask = jnp.concatenate(
+        [jnp.broadcast_to(cell_mask, (batch, n_win, n_cells)),
+         jnp.broadcast_to(extra_mask[:, None], (batch, n_win, n_extra))], axis=-1
+    )
+    return _softmax_attend(logits, values, mask[:, :, None, None, :])
+
+
 class WindowedSelfAttention(nn.Module):
     """Self-attention over [prefix | patch grid | suffix] tokens with windowed patch attention.
 
@@ -348,24 +374,17 @@ class WindowedSelfAttention(nn.Module):
         n_win, n_extra = qw.shape[1], ke.shape[2]
         scale = jnp.asarray(head_dim**-0.5, qw.dtype)
 
-        # Patch queries: keys = [the window's cells | the extra tokens].
-        keys = jnp.concatenate([kw, jnp.broadcast_to(ke[:, None], (batch, n_win, heads, n_extra, head_dim))], 3)
-        values = jnp.concatenate([vw, jnp.broadcast_to(ve[:, None], (batch, n_win, heads, n_extra, head_dim))], 3)
-        logits = jnp.einsum("bnhqd,bnhkd->bnhqk", qw * scale, keys)  # [B, nW, H, S, S + E]
-        if self.rel_pos:
-            logits = logits + jnp.pad(self._rel_pos_bias(qw, head_dim, (gh, gw), (wh, ww)),
-                                      [(0, 0)] * 4 + [(0, n_extra)])
         cell_mask = jnp.asarray(window_valid_cells((gh, gw), (wh, ww)))[None]  # [1, nW, S]
         if key_mask is not None:
             cell_mask = cell_mask & window_partition(key_mask[:, patch_slice].reshape(batch, gh, gw), (wh, ww))
             extra_mask = extras(key_mask)
         else:
             extra_mask = jnp.ones((batch, n_extra), bool)
-        mask = jnp.concatenate(
-            [jnp.broadcast_to(cell_mask, (batch, n_win, n_cells)),
-             jnp.broadcast_to(extra_mask[:, None], (batch, n_win, n_extra))], axis=-1
-        )
-        patch_out = _softmax_attend(logits, values, mask[:, :, None, None, :])  # [B, nW, H, S, Dh]
+        rel = self._rel_pos_tables(head_dim, (gh, gw), (wh, ww)) if self.rel_pos else None
+        core = functools.partial(window_attention, window_hw=(wh, ww))
+        if RECOMPUTE:
+            core = jax.checkpoint(core)
+        patch_out = core(qw, kw, vw, ke, ve, cell_mask, extra_mask, rel)  # [B, nW, H, S, Dh]
         patch_out = window_unpartition(jnp.transpose(patch_out, (0, 1, 3, 2, 4)), (wh, ww), (gh, gw))
         patch_out = patch_out.reshape(batch, n_patch, width)
 
@@ -379,8 +398,8 @@ class WindowedSelfAttention(nn.Module):
         out = jnp.concatenate([extra_out[:, :n_pre], patch_out, extra_out[:, n_pre:]], axis=1)
         return nn.Dense(width, dtype=self.dtype, kernel_init=vit.trunc_normal_02, name="proj")(out)
 
-    def _rel_pos_bias(self, qw: jax.Array, head_dim: int, grid_hw, window_hw) -> jax.Array:
-        """[B, nW, H, S, S] bias of the patch queries qw [B, nW, H, S, Dh] (unscaled)."""
+    def _rel_pos_tables(self, head_dim: int, grid_hw, window_hw) -> tuple[jax.Array, jax.Array]:
+        """(rh [wh, wh, Dh], rw [ww, ww, Dh]): the tables' entries for every (query, key) row / column pair."""
         if self.window_size > 0:
             init_hw = span = (self.window_size, self.window_size)
         else:
@@ -390,7 +409,7 @@ class WindowedSelfAttention(nn.Module):
         rel_w = self.param("rel_pos_w", nn.initializers.zeros, (2 * init_hw[1] - 1, head_dim))
         rh = rel_pos_matrix(rel_h, span[0], window_hw[0])
         rw = rel_pos_matrix(rel_w, span[1], window_hw[1])
-        return decomposed_rel_pos_bias(qw, rh, rw, window_hw)
+        return rh, rw
 
 
 def encoder_attention(model: Any, grid_hw: Sequence[int], partial_sequence: bool = False) -> list:
