@@ -277,6 +277,7 @@ def test_validation_names_the_field():
         (dict(adapter_insert_det_at=3), "config.model.adapter_insert_det_at"),
         (dict(adapter_insert_det_at=2, aux_layers=1), "config.model.aux_layers"),
         (dict(adapter="yes"), "config.model.adapter"),
+        (dict(token_keep_ratio=0.5, window_size=2), "config.model.token_keep_ratio"),
     ]:
         with pytest.raises(ValueError, match=field.replace(".", r"\.")):
             jax.eval_shape(lambda: model(**kw).init(jax.random.PRNGKey(0), x))

@@ -281,7 +281,7 @@ def _softmax_attend(logits: jax.Array, v: jax.Array, mask: Optional[jax.Array]) 
     return (out / jnp.sum(e, axis=-1, keepdims=True)).astype(v.dtype)
 
 
-RECOMPUTE = True
+RECOMPUTE = False
 
 
 def window_attention(qw, kw, vw, ke, ve, cell_mask, extra_mask, rel, window_hw):
