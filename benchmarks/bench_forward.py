@@ -255,9 +255,13 @@ def bench_case(variant: str, dtype: str, attention_impl, repeats: int) -> dict:
 
 
 def main(argv=None) -> list:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--variants", default="ti,s", help="comma-separated subset of: ti, s")
-    parser.add_argument("--dtype", default="float32", help="comma-separated compute dtypes of ours (HF: float32)")
+    parser.add_argument(
+        "--dtype", default="float32", help="comma-separated compute dtypes of ours (HF: float32)"
+    )
     parser.add_argument("--attention-impl", default=None, help="YOLOS.attention_impl of ours (default: None)")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds, each one call of each model")
     parser.add_argument("--threads", type=int, default=THREADS,

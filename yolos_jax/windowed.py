@@ -281,30 +281,42 @@ def _softmax_attend(logits: jax.Array, v: jax.Array, mask: Optional[jax.Array]) 
     return (out / jnp.sum(e, axis=-1, keepdims=True)).astype(v.dtype)
 
 
-RECOMPUTE = False
+def window_attention(
+    qw: jax.Array,
+    kw: jax.Array,
+    vw: jax.Array,
+    ke: jax.Array,
+    ve: jax.Array,
+    cell_mask: jax.Array,
+    extra_mask: jax.Array,
+    rel: Optional[tuple[jax.Array, jax.Array]],
+    window_hw: Sequence[int],
+) -> jax.Array:
+    """Attention of each window's patch queries over [the window's cells | the extra tokens].
 
+    qw, kw, vw: [B, nW, H, S, Dh] (S = wh * ww cells; queries unscaled); ke, ve: [B, H, E, Dh];
+    cell_mask: [B or 1, nW, S] bool (real, un-padded, un-masked cells); extra_mask: [B, E] bool;
+    rel: None or (rh, rw) from `rel_pos_matrix`. Returns [B, nW, H, S, Dh].
 
-def window_attention(qw, kw, vw, ke, ve, cell_mask, extra_mask, rel, window_hw):
-    """Attention of the patch queries of each window over [the window's cells | the extra tokens].
-
-    qw, kw, vw: [B, nW, H, S, Dh] (S = wh * ww cells, queries unscaled); ke, ve: [B, H, E, Dh];
-    cell_mask: [B or 1, nW, S] bool (real, un-padded cells); extra_mask: [B, E] bool; rel: None or
-    (rh, rw) from `rel_pos_matrix`. Returns [B, nW, H, S, Dh].
+    One softmax over both key sets, without concatenating them: the extra tokens' keys are shared by
+    all windows, so their logits are one [B, H, nW * S, E] matmul and no per-window copies of ke / ve
+    are made (the backward pass keeps only the two exp blocks).
     """
-    batch, n_win, heads, n_cells, head_dim = qw.shape
-    n_extra = ke.shape[2]
-    scale = jnp.asarray(head_dim**-0.5, qw.dtype)
-    keys = jnp.concatenate([kw, jnp.broadcast_to(ke[:, None], (batch, n_win, heads, n_extra, head_dim))], 3)
-    values = jnp.concatenate([vw, jnp.broadcast_to(ve[:, None], (batch, n_win, heads, n_extra, head_dim))], 3)
-    logits = jnp.einsum("bnhqd,bnhkd->bnhqk", qw * scale, keys)  # [B, nW, H, S, S + E]
+    qs = qw * jnp.asarray(qw.shape[-1] ** -0.5, qw.dtype)
+    logits_w = jnp.einsum("bnhqd,bnhkd->bnhqk", qs, kw)  # [B, nW, H, S, S]
     if rel is not None:
-        bias = decomposed_rel_pos_bias(qw, rel[0], rel[1], window_hw)
-        logits = logits + jnp.pad(bias, [(0, 0)] * 4 + [(0, n_extra)])
-    mask = jnp.concatenate(
-        [jnp.broadcast_to(cell_mask, (batch, n_win, n_cells)),
-         jnp.broadcast_to(extra_mask[:, None], (batch, n_win, n_extra))], axis=-1
-    )
-    return _softmax_attend(logits, values, mask[:, :, None, None, :])
+        logits_w = logits_w + decomposed_rel_pos_bias(qw, rel[0], rel[1], window_hw)
+    logits_e = jnp.einsum("bnhqd,bhkd->bnhqk", qs, ke)  # [B, nW, H, S, E]
+    low = jnp.finfo(logits_w.dtype).min
+    logits_w = jnp.where(cell_mask[:, :, None, None, :], logits_w, low).astype(jnp.float32)
+    logits_e = jnp.where(extra_mask[:, None, None, None, :], logits_e, low).astype(jnp.float32)
+    top = jnp.maximum(jnp.max(logits_w, axis=-1, keepdims=True), jnp.max(logits_e, axis=-1, keepdims=True))
+    top = jax.lax.stop_gradient(top)
+    e_w, e_e = jnp.exp(logits_w - top), jnp.exp(logits_e - top)
+    out = (jnp.einsum("bnhqk,bnhkd->bnhqd", e_w.astype(vw.dtype), vw).astype(jnp.float32)
+           + jnp.einsum("bnhqk,bhkd->bnhqd", e_e.astype(ve.dtype), ve).astype(jnp.float32))
+    total = jnp.sum(e_w, axis=-1, keepdims=True) + jnp.sum(e_e, axis=-1, keepdims=True)
+    return (out / total).astype(vw.dtype)
 
 
 class WindowedSelfAttention(nn.Module):
@@ -354,7 +366,6 @@ class WindowedSelfAttention(nn.Module):
             )
         head_dim = width // heads
         (wh, ww), _ = window_layout((gh, gw), self.window_size)
-        n_cells = wh * ww
 
         qkv = nn.Dense(3 * width, use_bias=self.qkv_bias, dtype=self.dtype, kernel_init=vit.trunc_normal_02,
                        name="qkv")(x)
@@ -371,8 +382,7 @@ class WindowedSelfAttention(nn.Module):
         q_all, k_all, v_all = qkv[0], qkv[1], qkv[2]  # [B, T, H, Dh]
         qw, kw, vw = (windows(a[:, patch_slice]) for a in (q_all, k_all, v_all))
         ke, ve = (jnp.transpose(extras(a), (0, 2, 1, 3)) for a in (k_all, v_all))  # [B, H, E, Dh]
-        n_win, n_extra = qw.shape[1], ke.shape[2]
-        scale = jnp.asarray(head_dim**-0.5, qw.dtype)
+        n_extra = ke.shape[2]
 
         cell_mask = jnp.asarray(window_valid_cells((gh, gw), (wh, ww)))[None]  # [1, nW, S]
         if key_mask is not None:
@@ -381,17 +391,14 @@ class WindowedSelfAttention(nn.Module):
         else:
             extra_mask = jnp.ones((batch, n_extra), bool)
         rel = self._rel_pos_tables(head_dim, (gh, gw), (wh, ww)) if self.rel_pos else None
-        core = functools.partial(window_attention, window_hw=(wh, ww))
-        if RECOMPUTE:
-            core = jax.checkpoint(core)
-        patch_out = core(qw, kw, vw, ke, ve, cell_mask, extra_mask, rel)  # [B, nW, H, S, Dh]
+        patch_out = window_attention(qw, kw, vw, ke, ve, cell_mask, extra_mask, rel, (wh, ww))  # [B, nW, H, S, Dh]
         patch_out = window_unpartition(jnp.transpose(patch_out, (0, 1, 3, 2, 4)), (wh, ww), (gh, gw))
         patch_out = patch_out.reshape(batch, n_patch, width)
 
         # Extra queries: global over all T tokens, no bias.
         qe = jnp.transpose(extras(q_all), (0, 2, 1, 3))  # [B, H, E, Dh]
         k_t, v_t = (jnp.transpose(a, (0, 2, 1, 3)) for a in (k_all, v_all))  # [B, H, T, Dh]
-        logits_e = jnp.einsum("bhqd,bhkd->bhqk", qe * scale, k_t)
+        logits_e = jnp.einsum("bhqd,bhkd->bhqk", qe * jnp.asarray(head_dim**-0.5, qe.dtype), k_t)
         extra_out = _softmax_attend(logits_e, v_t, None if key_mask is None else key_mask[:, None, None, :])
         extra_out = jnp.transpose(extra_out, (0, 2, 1, 3)).reshape(batch, n_extra, width)
 
