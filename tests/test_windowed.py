@@ -347,8 +347,9 @@ def test_bad_options_raise_naming_the_field():
     ]:
         with pytest.raises(ValueError, match=f"config.model.{field}"):
             jax.eval_shape(YOLOS(**TINY, **opts).init, jax.random.PRNGKey(0), images)
-    with pytest.raises(ValueError, match="config.model.token_keep_ratio"):
-        windowed.encoder_attention(YOLOS(**TINY, rel_pos=True), (5, 9), partial_sequence=True)
+    for opts in (dict(rel_pos=True), dict(window_size=4)):  # partial sequences leave no grid
+        with pytest.raises(ValueError, match="config.model.token_keep_ratio"):
+            jax.eval_shape(YOLOS(**TINY, **opts, token_keep_ratio=0.5).init, jax.random.PRNGKey(0), images)
 
 
 def _load_config(name):

@@ -31,7 +31,8 @@ at (i, j) with (unscaled) query vector q and a patch key at (i', j') in the same
   logit += q . Rh[i - i' + sh - 1] + q . Rw[j - j' + sw - 1],
 with tables rel_pos_h [2 sh - 1, Dh], rel_pos_w [2 sw - 1, Dh] shared by the heads, zero-initialised (as
 ViTDet does for every initialisation without pre-trained biases, so a model starts as without them), one
-pair per block (as detectron2's ViTDet). Coordinates (i, j) are within the window; (sh, sw) is the
+pair per block (as detectron2's ViTDet and MViTv2; the benchmarking paper shares one pair among the
+windowed blocks and one among the global blocks). Coordinates (i, j) are within the window; (sh, sw) is the
 nominal window: (r, r) in windowed blocks (clipped windows use the central part of the same tables), the
 grid (gh, gw) in global blocks. Global blocks store their tables for `rel_pos_grid` (YOLOS: the
 init_pe_size grid); at another input grid they are resized in the forward pass to 2 s - 1 by linear
@@ -298,25 +299,25 @@ def window_attention(
     cell_mask: [B or 1, nW, S] bool (real, un-padded, un-masked cells); extra_mask: [B, E] bool;
     rel: None or (rh, rw) from `rel_pos_matrix`. Returns [B, nW, H, S, Dh].
 
-    One softmax over both key sets, without concatenating them: the extra tokens' keys are shared by
-    all windows, so their logits are one [B, H, nW * S, E] matmul and no per-window copies of ke / ve
-    are made (the backward pass keeps only the two exp blocks).
+    The extra tokens' keys and values are copied next to each window's (E of S + E columns): one
+    batched matmul per side, and the logits and softmax weights of both key sets in one block. (Two
+    separate blocks with the shared extra keys unbroadcast measured ~2% more peak memory for the
+    YOLOS-B train step on XLA:CPU, and +8% with rel_pos: benchmarks/RESULTS_windowed.md.)
     """
-    qs = qw * jnp.asarray(qw.shape[-1] ** -0.5, qw.dtype)
-    logits_w = jnp.einsum("bnhqd,bnhkd->bnhqk", qs, kw)  # [B, nW, H, S, S]
-    if rel is not None:
-        logits_w = logits_w + decomposed_rel_pos_bias(qw, rel[0], rel[1], window_hw)
-    logits_e = jnp.einsum("bnhqd,bhkd->bnhqk", qs, ke)  # [B, nW, H, S, E]
-    low = jnp.finfo(logits_w.dtype).min
-    logits_w = jnp.where(cell_mask[:, :, None, None, :], logits_w, low).astype(jnp.float32)
-    logits_e = jnp.where(extra_mask[:, None, None, None, :], logits_e, low).astype(jnp.float32)
-    top = jnp.maximum(jnp.max(logits_w, axis=-1, keepdims=True), jnp.max(logits_e, axis=-1, keepdims=True))
-    top = jax.lax.stop_gradient(top)
-    e_w, e_e = jnp.exp(logits_w - top), jnp.exp(logits_e - top)
-    out = (jnp.einsum("bnhqk,bnhkd->bnhqd", e_w.astype(vw.dtype), vw).astype(jnp.float32)
-           + jnp.einsum("bnhqk,bhkd->bnhqd", e_e.astype(ve.dtype), ve).astype(jnp.float32))
-    total = jnp.sum(e_w, axis=-1, keepdims=True) + jnp.sum(e_e, axis=-1, keepdims=True)
-    return (out / total).astype(vw.dtype)
+    batch, n_win, heads, n_cells, head_dim = qw.shape
+    n_extra = ke.shape[2]
+    shared = (batch, n_win, heads, n_extra, head_dim)
+    keys = jnp.concatenate([kw, jnp.broadcast_to(ke[:, None], shared)], axis=3)  # [B, nW, H, S + E, Dh]
+    values = jnp.concatenate([vw, jnp.broadcast_to(ve[:, None], shared)], axis=3)
+    logits = jnp.einsum("bnhqd,bnhkd->bnhqk", qw * jnp.asarray(head_dim**-0.5, qw.dtype), keys)
+    if rel is not None:  # the bias covers the S window columns; the E extra columns get none
+        bias = decomposed_rel_pos_bias(qw, rel[0], rel[1], window_hw)
+        logits = logits + jnp.pad(bias, [(0, 0)] * 4 + [(0, n_extra)])
+    mask = jnp.concatenate(
+        [jnp.broadcast_to(cell_mask, (batch, n_win, n_cells)),
+         jnp.broadcast_to(extra_mask[:, None], (batch, n_win, n_extra))], axis=-1
+    )  # [B, nW, S + E]
+    return _softmax_attend(logits, values, mask[:, :, None, None, :])
 
 
 class WindowedSelfAttention(nn.Module):
@@ -423,8 +424,9 @@ def encoder_attention(model: Any, grid_hw: Sequence[int], partial_sequence: bool
     """Per-block `vit.EncoderBlock.attention` factories for a YOLOS model (None = global SelfAttention).
 
     model: a `YOLOS` (or its config) with depth, patch_size, init_pe_size, window_size, global_blocks,
-    rel_pos; grid_hw: the input's patch grid; partial_sequence: the encoder sees a random subset of the
-    patches (MIMDet), which leaves no grid to window or to measure relative positions on.
+    rel_pos; grid_hw: the input's patch grid; partial_sequence: the model is configured to train on a
+    random subset of the patches (MIMDet), which leaves no grid to window or to measure relative
+    positions on (refused at init too, not only in the training step).
     """
     window_size = getattr(model, "window_size", 0)
     rel_pos = getattr(model, "rel_pos", False)

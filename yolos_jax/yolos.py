@@ -209,7 +209,7 @@ class YOLOS(nn.Module):
         drop_path = variants.drop_path_rates(self.drop_path_rate if train else 0.0, self.depth)
 
         block_cls = nn.remat(vit.EncoderBlock) if self.remat else vit.EncoderBlock
-        attention = windowed.encoder_attention(self, grid_hw, partial_sequence=train and self.token_keep_ratio < 1.0)
+        attention = windowed.encoder_attention(self, grid_hw, partial_sequence=self.token_keep_ratio < 1.0)
         mlp_dim = self.mlp_dim or 4 * width
         intermediates = []
         for i in range(self.depth):
