@@ -167,7 +167,8 @@ def np_yolos(params, images, pixel_mask=None, *, keep=None, insert_at=0, adapter
     tok = images.astype(np.float64).reshape(b, gh, patch, gw, patch, 3).transpose(0, 1, 3, 2, 4, 5)
     tok = tok.reshape(b, gh * gw, -1) @ pe["kernel"].reshape(-1, d) + pe["bias"]
     q = p["det_tokens"].shape[1]
-    x = np.concatenate([np.broadcast_to(p["cls_token"], (b, 1, d)), tok, np.broadcast_to(p["det_tokens"], (b, q, d))], 1)
+    x = np.concatenate(
+        [np.broadcast_to(p["cls_token"], (b, 1, d)), tok, np.broadcast_to(p["det_tokens"], (b, q, d))], 1)
     x = x + np.concatenate([p["pos_embed_cls"], p["pos_embed_patches"].reshape(1, -1, d), p["pos_embed_det"]], 1)
     depth = sum(k.startswith("block_") for k in p)
     mid = np.concatenate([p["mid_pos_embed_cls"], p["mid_pos_embed_patches"].reshape(depth - 1, -1, d),

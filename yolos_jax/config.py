@@ -46,6 +46,16 @@ def model_config(variant: str, **overrides: Any) -> ml_collections.ConfigDict:
         remat=False,
         attention_impl=None,
         aux_layers=0,
+        # ViT-detection options (issue 7); these defaults are the plain YOLOS model.
+        drop_path_rate=0.0,  # stochastic depth, rising linearly over blocks (train only)
+        token_keep_ratio=1.0,  # MIMDet partial-sequence fine-tuning: fraction of patch tokens seen in training
+        patch_embed="linear",  # 'linear' (16x16 patchify) | 'conv_stem' (MIMDet ConvStem)
+        adapter=False,  # FP-DETR task adapter over the [DET] tokens
+        adapter_insert_det_at=0,  # block where [DET] tokens join (0: from the start)
+        detach_det_tokens=False,  # [DET] token embeddings fixed at their random init (YOLOS Table 7)
+        window_size=0,  # ViTDet windowed attention r (0: global attention in every block)
+        global_blocks=None,  # blocks kept global with window_size > 0 (None: every depth/4-th)
+        rel_pos=False,  # decomposed relative position bias (zero-initialised)
     )
     fields.update(MODEL_VARIANTS[variant])
     fields.update(overrides)

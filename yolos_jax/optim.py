@@ -26,7 +26,8 @@ import optax
 from flax import traverse_util
 
 HEAD_MODULES = ("class_head", "box_head")
-NO_DECAY_NAMES = ("pos_embed_cls", "pos_embed_patches", "pos_embed_det", "cls_token", "det_tokens")
+NO_DECAY_NAMES = ("pos_embed_cls", "pos_embed_patches", "pos_embed_det", "cls_token", "det_tokens",
+                  "query_pos")  # query_pos: the task adapter's prompts, position embeddings too
 MID_POS_EMBED_NAMES = ("mid_pos_embed_cls", "mid_pos_embed_patches", "mid_pos_embed_det")
 
 

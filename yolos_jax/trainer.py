@@ -126,6 +126,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
     for name in ("hidden_size", "depth", "num_heads", "patch_size", "num_det_tokens", "num_classes"):
         if not isinstance(m[name], int) or m[name] <= 0:
             _fail(f"model.{name}", f"must be a positive integer, got {m[name]!r}")
+    from yolos_jax import variants
+
+    variants.validate_options(m)
     if m.hidden_size % m.num_heads:
         _fail("model.num_heads", f"{m.num_heads} does not divide model.hidden_size={m.hidden_size}")
     for name in ("init_pe_size", "mid_pe_size"):

@@ -40,7 +40,7 @@ of patch_embed), adapter/{query_pos [1, Q, D], norm, qk [D, 2D], v [D, D], proj}
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -347,7 +347,10 @@ class DetTokenHook:
         self.held = x[:, -q:]
         return x[:, :-q], None if key_mask is None else key_mask[:, :-q]
 
-    def before_block(self, i: int, x: jax.Array, key_mask: Optional[jax.Array]) -> tuple[jax.Array, Optional[jax.Array]]:
+    def before_block(
+        self, i: int, x: jax.Array, key_mask: Optional[jax.Array]
+    ) -> tuple[jax.Array, Optional[jax.Array]]:
+        """Inserts the held [DET] tokens before block `insert_at`; applies the adapter from then on."""
         if self.insert_at and i == self.insert_at:
             x = jnp.concatenate([x, self.held.astype(x.dtype)], axis=1)
             if key_mask is not None:
