@@ -17,7 +17,8 @@ models, elementwise over the parameters) is left out.
 Peak memory is XLA's own account of the compiled step (`.lower().compile().memory_analysis()`):
 temp (activations and scratch) + arguments (parameters, batch) + outputs (gradients, loss) - aliased bytes.
 Step time: the compiled step run `--repeats` times after `--warmup` untimed runs, models interleaved round
-by round (load from other processes hits all alike); the median is reported. Also the step's FLOPs from
+by round (load from other processes hits all alike); medians of the wall time and of the process's CPU
+time (user + system over XLA's threads; on a shared, loaded machine the steadier measure of work). Also the step's FLOPs from
 XLA's cost analysis (of the same step with loop-free 'einsum' attention, since the analysis counts a loop
 body once), which bound what a compute-bound backend (a CPU) can gain.
 """
@@ -120,30 +121,36 @@ def compile_step(name: str, args) -> dict:
                 flops=float(cost.get("flops", float("nan"))) if cost else float("nan"), times=[])
 
 
-def run_once(r: dict) -> float:
-    t0 = time.perf_counter()
+def run_once(r: dict) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process: all of XLA's threads) of one step."""
+    c0, t0 = time.process_time(), time.perf_counter()
     jax.block_until_ready(r["compiled"](r["params"], r["batch"]))
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def report(results: list[dict], args, header: str) -> str:
     base = results[0]
     gib = 2.0**30
+
+    def median(r, i):
+        return statistics.median(t[i] for t in r["times"]) if r["times"] else float("nan")
+
+    b = base["name"]
     lines = [header, "",
-             f"| model | step s (median of {args.repeats}) | time / {base['name']} | peak GiB (temp + args + out) "
-             f"| peak / {base['name']} | temp GiB | temp / {base['name']} | step TFLOP | FLOP / {base['name']} |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"| model | step CPU s | CPU / {b} | step wall s | wall / {b} | peak GiB (temp + args + out) "
+             f"| peak / {b} | temp GiB | temp / {b} | step TFLOP | FLOP / {b} |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        t = statistics.median(r["times"]) if r["times"] else float("nan")
-        tb = statistics.median(base["times"]) if base["times"] else float("nan")
+        cpu, wall = median(r, 1), median(r, 0)
         lines.append(
-            f"| {r['name']} | {t:.2f} | {t / tb:.3f} | {r['peak'] / gib:.2f} | {r['peak'] / base['peak']:.3f} "
-            f"| {r['temp'] / gib:.2f} | {r['temp'] / base['temp']:.3f} | {r['flops'] / 1e12:.2f} "
-            f"| {r['flops'] / base['flops']:.3f} |"
+            f"| {r['name']} | {cpu:.1f} | {cpu / median(base, 1):.3f} | {wall:.1f} | {wall / median(base, 0):.3f} "
+            f"| {r['peak'] / gib:.2f} | {r['peak'] / base['peak']:.3f} | {r['temp'] / gib:.2f} "
+            f"| {r['temp'] / base['temp']:.3f} | {r['flops'] / 1e12:.2f} | {r['flops'] / base['flops']:.3f} |"
         )
-    lines.append("")
+    lines += ["", f"Times are medians of {args.repeats} timed rounds after {args.warmup} warm-up round(s)."]
     for r in results:
-        lines.append(f"- {r['name']}: times {[round(t, 2) for t in r['times']]} s, compile {r['compile_s']:.0f} s, "
+        lines.append(f"- {r['name']}: (wall, CPU) s per round {[(round(w, 1), round(c, 1)) for w, c in r['times']]}, "
+                     f"compile {r['compile_s']:.0f} s, "
                      f"arguments {r['argument'] / gib:.2f} GiB, outputs {r['output'] / gib:.2f} GiB, "
                      f"aliased {r['alias'] / gib:.2f} GiB")
     return "\n".join(lines)
@@ -192,11 +199,11 @@ def main(argv=None):
     if not args.memory_only:
         for round_ in range(args.warmup + args.repeats):
             for r in results:
-                t = run_once(r)
+                wall, cpu = run_once(r)
                 if round_ >= args.warmup:
-                    r["times"].append(t)
-                print(f"round {round_} {'(warm-up) ' if round_ < args.warmup else ''}{r['name']}: {t:.2f} s",
-                      flush=True)
+                    r["times"].append((wall, cpu))
+                print(f"round {round_} {'(warm-up) ' if round_ < args.warmup else ''}{r['name']}: wall {wall:.1f} s, "
+                      f"CPU {cpu:.1f} s, load average {os.getloadavg()[0]:.1f}", flush=True)
     text = report(results, args, header)
     print(text)
     if args.results:
