@@ -18,9 +18,9 @@ Peak memory is XLA's own account of the compiled step (`.lower().compile().memor
 temp (activations and scratch) + arguments (parameters, batch) + outputs (gradients, loss) - aliased bytes.
 Step time: the compiled step run `--repeats` times after `--warmup` untimed runs, models interleaved round
 by round (load from other processes hits all alike); medians of the wall time and of the process's CPU
-time (user + system over XLA's threads; on a shared, loaded machine the steadier measure of work). Also the step's FLOPs from
-XLA's cost analysis (of the same step with loop-free 'einsum' attention, since the analysis counts a loop
-body once), which bound what a compute-bound backend (a CPU) can gain.
+time (user + system over XLA's threads; on a shared, loaded machine the steadier measure of work).
+Also the step's FLOPs from XLA's cost analysis (of the same step with loop-free 'einsum' attention, since
+the analysis counts a loop body once), which bound what a compute-bound backend (a CPU) can gain.
 """
 
 from __future__ import annotations
@@ -170,7 +170,8 @@ def write_atomic(path: str, text: str) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="global,hybrid", help=f"comma-separated, first = baseline; of {list(MODELS)}")
+    parser.add_argument("--models", default="global,hybrid",
+                        help=f"comma-separated, first = baseline; of {list(MODELS)}")
     parser.add_argument("--variant", default="b", help="config.MODEL_VARIANTS key (default b)")
     parser.add_argument("--image", type=int, default=1024, help="square canvas side in pixels")
     parser.add_argument("--batch", type=int, default=1)
