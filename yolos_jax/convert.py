@@ -100,6 +100,16 @@ def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
     return tree
 
 
+def _is_rel_pos_leaf(path: str) -> bool:
+    return path.rsplit("/", 1)[-1] in ("rel_pos_h", "rel_pos_w")
+
+
+def _is_option_leaf(path: str) -> bool:
+    """Parameters that only the ViT-detection options add (issue 7): absent from a plain ViT checkpoint,
+    so they start fresh (rel-pos tables are zero-initialised; ConvStem and adapter are random)."""
+    return _is_rel_pos_leaf(path) or path.startswith(("conv_stem/", "adapter/"))
+
+
 def is_backbone_leaf(path: str) -> bool:
     """True for parameters of the ViT backbone (see `_BACKBONE_RE`)."""
     return bool(_BACKBONE_RE.match(path))
@@ -1106,7 +1116,7 @@ def init_params_from(
         backbone = is_backbone_leaf(path)
         value = conv.get(path)
         if value is None:
-            if backbone:
+            if backbone and not _is_option_leaf(path):
                 errors.append(f"{path}: missing from the checkpoint")
             else:
                 report.fresh.append(f"{path} (not in checkpoint)")
@@ -1122,6 +1132,10 @@ def init_params_from(
             report.taken.append(path)
             continue
         resized = _resize_like(value, init.shape) if "pos_embed_patches" in path else None
+        if _is_rel_pos_leaf(path) and value.ndim == 2 and value.shape[1] == init.shape[1]:
+            from yolos_jax import windowed  # tables trained with another window/grid: resize along length
+
+            resized = windowed.resize_rel_pos_np(value, int(init.shape[0]))
         if resized is not None:
             out[path] = resized.astype(init.dtype)
             report.resized.append(f"{path} {list(value.shape[-3:-1])} -> {list(init.shape[-3:-1])}")
@@ -1131,9 +1145,12 @@ def init_params_from(
         else:
             report.fresh.append(f"{path} (checkpoint {list(value.shape)} vs model {list(init.shape)})")
             out[path] = init
+    uses_conv_stem = any(p.startswith("conv_stem/") for p in fresh)
     for path in conv:
         if path not in fresh:
-            if is_backbone_leaf(path):
+            if uses_conv_stem and path.startswith("patch_embed/"):
+                report.dropped.append(f"{path} (the model uses a ConvStem; MIMDet discards the patchify stem)")
+            elif is_backbone_leaf(path):
                 errors.append(f"{path}: in the checkpoint but not in the model")
             else:
                 report.dropped.append(path)
