@@ -22,14 +22,14 @@ def main():
     import numpy as np
     import train_fixtures as tf_
 
-    from yolos_jax import sharding, train_step
+    from yolos_jax import data, sharding, train_step
 
     state, step, mesh = tf_.build_step(jax.devices())
     per_process = 8 // nproc
     for i in range(3):
         full = tf_.fake_batch(8, seed=i)
         local = {k: v[pid * per_process:(pid + 1) * per_process] for k, v in full.items()}
-        batch = sharding.to_global_batch(train_step.select_train_batch(local), mesh)
+        batch = data.to_global_batch(train_step.select_train_batch(local), sharding.batch_sharding(mesh))
         state, metrics = step(state, batch)
     params = jax.device_get(state["params"])
     flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import train_fixtures as tf_
-from yolos_jax import sharding, train_step
+from yolos_jax import data, sharding, train_step
 
 HERE = os.path.dirname(__file__)
 
@@ -23,7 +23,7 @@ def _run(devices, fsdp=1, steps=3, nan_at=None, policy="stop"):
         host = tf_.fake_batch(8, seed=i)
         if nan_at == i:
             host["image"][0, 0, 0, 0] = np.nan
-        batch = sharding.to_global_batch(train_step.select_train_batch(host), mesh)
+        batch = data.to_global_batch(train_step.select_train_batch(host), sharding.batch_sharding(mesh))
         state, metrics = step(state, batch)
         history.append(jax.device_get(metrics))
     return jax.device_get(state), history

@@ -70,12 +70,3 @@ def state_shardings(abstract_state: Any, mesh: Mesh, mesh_cfg: ml_collections.Co
 
     return jax.tree.map(one, abstract_state)
 
-
-def to_global_batch(host_batch: dict, mesh: Mesh) -> dict:
-    """Each process's local batch rows -> global jax.Arrays split over every device of the mesh.
-
-    The global batch is the concatenation of the processes' local batches in process order
-    (`jax.make_array_from_process_local_data`); no process ever holds another's rows.
-    """
-    target = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(target, np.asarray(v)) for k, v in host_batch.items()}

@@ -246,13 +246,6 @@ class _Progress:
         return text, images_per_s
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 def _mean_metrics(history: list[dict]) -> dict[str, float]:
     host = jax.device_get(history)
     keys = host[0].keys()
@@ -388,7 +381,7 @@ class _finish_saves_on_error:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (resuming from `workdir` if it holds checkpoints), evaluates, returns the final metrics."""
-    from yolos_jax import data
+    from yolos_jax import data, evaluation
 
     validate_config(config)
     os.makedirs(workdir, exist_ok=True)
@@ -442,7 +435,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         from flax.metrics import tensorboard
 
         writer = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
-        _write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+        evaluation.write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()), indent=2)
         log.info("training %d steps (%d per epoch) at global batch %d on %d devices", total_steps,
                  steps_per_epoch, global_batch, jax.device_count())
 
@@ -526,5 +519,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     result = {"step": step, **last_scalars, **{f"eval_{k}": v for k, v in (eval_metrics or {}).items()
                                                if isinstance(v, (int, float))}}
     if is_main:
-        _write_json_atomic(os.path.join(workdir, "final_metrics.json"), result)
+        evaluation.write_json_atomic(os.path.join(workdir, "final_metrics.json"), result, indent=2)
     return result
