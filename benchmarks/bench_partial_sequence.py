@@ -31,7 +31,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from yolos_jax import config as config_lib  # noqa: E402
-from yolos_jax import losses, matcher, optim, sharding, train_step, variants  # noqa: E402
+from yolos_jax import data, losses, matcher, optim, sharding, train_step, variants  # noqa: E402
 from yolos_jax.yolos import YOLOS  # noqa: E402
 
 
@@ -74,7 +74,7 @@ def build(variant: str, ratios, hw, batch: int, seed: int):
                                           matcher.default_matcher_config(), mesh, shardings)
         out[r] = [step, state]
     host = random_batch(seed, batch, hw, base_cfg["num_classes"])
-    return out, sharding.to_global_batch(train_step.select_train_batch(host), mesh), base_cfg
+    return out, data.to_global_batch(train_step.select_train_batch(host), sharding.batch_sharding(mesh)), base_cfg
 
 
 def main(argv=None):

@@ -60,7 +60,7 @@ import transformers  # noqa: E402
 import transformers.loss.loss_for_object_detection as hf_loss_lib  # noqa: E402
 from transformers import YolosConfig, YolosForObjectDetection  # noqa: E402
 
-from yolos_jax import convert, losses, matcher, optim, sharding, train_step  # noqa: E402
+from yolos_jax import convert, data, losses, matcher, optim, sharding, train_step  # noqa: E402
 from yolos_jax.yolos import YOLOS  # noqa: E402
 
 IMAGE_HW = (512, 688)
@@ -216,7 +216,7 @@ def build(args):
     step = train_step.make_train_step(
         model, tx, schedule, losses.default_loss_config(), matcher.default_matcher_config(), mesh, shardings
     )
-    device_batch = sharding.to_global_batch(train_step.select_train_batch(batch), mesh)
+    device_batch = data.to_global_batch(train_step.select_train_batch(batch), sharding.batch_sharding(mesh))
 
     # The whole matching call on its own (cost matrix on device + host callback + transfers), at the
     # step's shapes and on the same mesh: an upper bound of what matching adds to a step.
@@ -224,7 +224,7 @@ def build(args):
     q, c1 = model_cfg["num_det_tokens"], model_cfg["num_classes"] + 1
     logits = rng.standard_normal((BATCH, q, c1)).astype(np.float32)
     pred = np.concatenate([rng.uniform(0.2, 0.8, (BATCH, q, 2)), rng.uniform(0.05, 0.5, (BATCH, q, 2))], -1)
-    match_args = sharding.to_global_batch({"logits": logits, "boxes": pred.astype(np.float32)}, mesh)
+    match_args = data.to_global_batch({"logits": logits, "boxes": pred.astype(np.float32)}, sharding.batch_sharding(mesh))
     targets = {k: device_batch[k] for k in ("labels", "boxes", "box_mask")}
     match_fn = jax.jit(lambda a, t: matcher.match(a["logits"], a["boxes"], t, matcher.default_matcher_config(),
                                                   mesh=mesh, batch_axes=sharding.BATCH_AXES))

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import train_fixtures as tf_
+from yolos_jax import data as data_lib
 from yolos_jax import losses, matcher, optim, sharding, train_step, trainer, variants, vit
 from yolos_jax.yolos import YOLOS
 
@@ -452,7 +453,8 @@ def test_all_variants_train_step():
     lr = optim.peak_learning_rate(optim_cfg, 4)
     step = train_step.make_train_step(m, tx, schedule, losses.default_loss_config(),
                                       matcher.default_matcher_config(), mesh, shardings)
-    batch = sharding.to_global_batch(train_step.select_train_batch(tf_.fake_batch(4, seed=0)), mesh)
+    batch = data_lib.to_global_batch(train_step.select_train_batch(tf_.fake_batch(4, seed=0)),
+                                     sharding.batch_sharding(mesh))
     state, metrics = step(state, batch)
     after = jax.device_get(state["params"])
     assert float(metrics["finite"]) == 1.0 and np.isfinite(float(metrics["loss"]))

@@ -712,7 +712,7 @@ def to_global_batch(host_batch: Mapping[str, np.ndarray], sharding: Any) -> dict
                 raise ValueError(f"batch['{k}'] has values beyond int32; enable jax_enable_x64 to keep them")
             v = v.astype(np.int32)
         out[k] = jax.make_array_from_process_local_data(shard(k), v)
-    if out["image"].dtype == np.uint8:
+    if "image" in out and out["image"].dtype == np.uint8:
         out["image"] = _device_normalizer(shard("image"))(out["image"], out["pixel_mask"])
     return out
 
