@@ -39,12 +39,11 @@ import json
 import math
 import os
 import re
-import shutil
-import uuid
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from yolos_jax import atomic
 from yolos_jax import config as config_lib
 from yolos_jax import vit
 
@@ -153,29 +152,6 @@ def _json_model_cfg(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
 
-def _atomic_dir(output: str, overwrite: bool, build: Callable[[str], None]) -> None:
-    """Runs `build(tmp_dir)` on a fresh directory beside `output`, then renames it to `output`."""
-    output = os.path.abspath(output)
-    parent, name = os.path.split(output)
-    if os.path.exists(output) and not overwrite:
-        raise FileExistsError(f"{output} already exists; pass overwrite=True (--overwrite) to replace it")
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
-    try:
-        build(tmp)
-        if os.path.exists(output):
-            old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(output, old)
-            os.rename(tmp, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_params_dir(
     path: str,
     params: Mapping[str, Any],
@@ -204,7 +180,7 @@ def save_params_dir(
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump(info, f, indent=2, sort_keys=True)
 
-    _atomic_dir(path, overwrite, build)
+    atomic.atomic_directory(path, build, overwrite=overwrite)
 
 
 def load_params_dir(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import zlib
 from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from yolos_jax import atomic
 
 # 20 well-separated RGB colours (the "tab20" order, darkest first), so neighbouring classes differ.
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -113,18 +114,5 @@ def save_png(path: str | os.PathLike, image_uint8: np.ndarray) -> None:
     img = np.asarray(image_uint8)
     if img.dtype != np.uint8 or img.ndim not in (2, 3):
         raise ValueError(f"save_png({path}): need uint8 [H, W] or [H, W, 3], got {img.dtype} {img.shape}")
-    path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".png", dir=parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(img.squeeze(-1) if img.ndim == 3 and img.shape[-1] == 1 else img).save(f, format="PNG")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the PNG the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic.atomic_file(path, suffix=".png") as tmp:
+        Image.fromarray(img.squeeze(-1) if img.ndim == 3 and img.shape[-1] == 1 else img).save(tmp, format="PNG")

@@ -29,7 +29,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import time
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
@@ -38,7 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from yolos_jax import box_ops
+from yolos_jax import atomic, box_ops
 
 log = logging.getLogger("yolos_jax")
 
@@ -106,28 +105,9 @@ def postprocess(logits: jax.Array, boxes: jax.Array, orig_size: jax.Array) -> tu
 # --------------------------------------------------------------------------------------------------
 
 
-def default_file_mode() -> int:
-    """0o666 minus the umask: what `open()` would give (mkstemp's temp files are 0o600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def write_json_atomic(path: str, obj: Any, *, indent: Optional[int] = None) -> None:
-    """json.dump into a temp file next to `path`, then rename: readers never see a partial file."""
-    path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=indent)
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+# (kept importable from here: eval.py, trainer and visualize use these names)
+default_file_mode = atomic.default_file_mode
+write_json_atomic = atomic.write_json_atomic
 
 
 # --------------------------------------------------------------------------------------------------

@@ -51,22 +51,11 @@ def _plt():
 
 def _save_fig(fig, path: str) -> None:
     """Saves a matplotlib figure atomically (temp file next to `path`, then rename)."""
-    import tempfile
+    from yolos_jax import atomic
 
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".png", dir=parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=100, facecolor="white")
-        from yolos_jax.evaluation import default_file_mode
-
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        with atomic.atomic_file(path, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png", dpi=100, facecolor="white")
     finally:
         _plt().close(fig)
 

@@ -53,11 +53,11 @@ import json
 import logging
 import math
 import os
-import tempfile
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
+from yolos_jax import atomic
 from yolos_jax.data.labels import LabelMap
 from yolos_jax.data.tf_setup import get_tf, get_tfds
 
@@ -376,19 +376,6 @@ def _example(data: bytes, image_id: int, file_name: str, h: int, w: int, anns: l
 # The tfds builder.
 
 
-def _atomic_write_json(path: str, obj: Any) -> None:
-    d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _make_builder_classes():
     tfds = get_tfds()
     tf = get_tf()
@@ -482,8 +469,8 @@ def _make_builder_classes():
                     next_id += 1
                 seen.add(a["id"])
             out = str(self.data_path)
-            _atomic_write_json(os.path.join(out, INDEX_FILE.format(split=split)), index)
-            _atomic_write_json(os.path.join(out, GT_FILE.format(split=split)),
+            atomic.write_json_atomic(os.path.join(out, INDEX_FILE.format(split=split)), index)
+            atomic.write_json_atomic(os.path.join(out, GT_FILE.format(split=split)),
                                {"images": gt_images, "annotations": gt_anns, "categories": cats})
             self._yolos_reports[split] = report.to_dict()
             self._yolos_categories[split] = cats
@@ -495,7 +482,7 @@ def _make_builder_classes():
                     if merged.setdefault(c["id"], c["name"]) != c["name"]:
                         raise DataError(f"category id {c['id']} is named {merged[c['id']]!r} in one split and "
                                         f"{c['name']!r} in split '{s_name}'; the splits must share categories")
-            _atomic_write_json(os.path.join(out, SOURCE_FILE), {
+            atomic.write_json_atomic(os.path.join(out, SOURCE_FILE), {
                 "format": "yolos_jax.coco_folder", "version": VERSION,
                 "source_dir": cfg.source_dir, "tfds_source": cfg.tfds_source,
                 "categories": [{"id": i, "name": n} for i, n in sorted(merged.items())],

@@ -25,12 +25,12 @@ import io
 import json
 import math
 import os
-import shutil
-import tempfile
 from typing import Any, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from yolos_jax import atomic
 
 SHAPES = ("circle", "square", "triangle", "ellipse", "rectangle", "diamond", "cross", "hexagon")
 SPLITS = ("train", "val")
@@ -192,11 +192,9 @@ def generate(
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
     categories = [{"id": c, "name": SHAPES[k], "supercategory": "shape"} for k, c in enumerate(cat_ids)]
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp_synth_", dir=parent)
     summary: dict[str, Any] = {"out_dir": out_dir, "splits": {}, "categories": categories}
-    try:
+
+    def build(tmp: str) -> None:
         os.makedirs(os.path.join(tmp, "annotations"))
         ann_id = 1
         for s_idx, (split, count) in enumerate(zip(SPLITS, (num_train, num_val))):
@@ -231,16 +229,8 @@ def generate(
                 "image_dir": os.path.join(out_dir, split),
                 "ann_file": os.path.join(out_dir, "annotations", f"instances_{split}.json"),
             }
-        if os.path.exists(out_dir):  # overwrite: swap in the new tree, then delete the old one
-            old = tempfile.mkdtemp(prefix=".old_synth_", dir=parent)
-            os.replace(out_dir, os.path.join(old, "d"))
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic.atomic_directory(out_dir, build, overwrite=overwrite)  # the old tree goes only once the new one is whole
     return summary
 
 

@@ -1,0 +1,75 @@
+"""Atomic outputs: a crash never leaves a partial file or directory where a reader looks.
+
+Every writer in the package (metrics and detections JSON, PNGs, figures, converted checkpoints, the
+synthetic dataset, tfds metadata) goes through one of these: write beside the target on the same
+filesystem, then `os.replace` / `os.rename` it into place; on any exception the temporary is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from typing import Any, Callable, Iterator, Optional
+
+
+def default_file_mode() -> int:
+    """0o666 minus the umask: what `open()` would give (mkstemp's temp files are 0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
+    """Yields a temporary file path beside `path` (parent directories created). When the block ends
+    normally the file gets the usual mode and replaces `path`; when it raises, the file is removed."""
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: Optional[int] = None) -> None:
+    """json.dump into a temp file beside `path`, then rename: readers never see a partial file."""
+    with atomic_file(path, suffix=".json") as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent)
+
+
+def atomic_directory(output: str, build: Callable[[str], Any], *, overwrite: bool = False) -> Any:
+    """Runs `build(tmp_dir)` on a fresh directory beside `output`, then renames it to `output` and
+    returns build's result. An existing `output` is replaced only with overwrite=True, and only after
+    the new tree is complete (old tree renamed aside, new one renamed in, old one deleted)."""
+    output = os.path.abspath(os.fspath(output))
+    parent, name = os.path.split(output)
+    if os.path.exists(output) and not overwrite:
+        raise FileExistsError(f"{output} already exists; pass overwrite=True (--overwrite) to replace it")
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    try:
+        result = build(tmp)
+        if os.path.exists(output):
+            old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(output, old)
+            os.rename(tmp, output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
