@@ -1,4 +1,4 @@
-"""Process set-up shared by the entry scripts: logging, TensorFlow kept off accelerators, caches."""
+"""Process set-up shared by the entry scripts: logging, TensorFlow kept off accelerators, caches, malloc."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ def setup_host(compilation_cache: bool = True) -> None:
     * TensorFlow (the input pipeline) must not grab GPU/TPU memory or all CPU cores: it sees no
       accelerators and few threads, so it does not fight XLA.
     * jax's persistent compilation cache makes re-runs (resume, eval) skip recompilation.
+    * glibc keeps freed memory mapped (`keep_freed_memory`), so XLA:CPU steps stop page-faulting.
     """
+    keep_freed_memory()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # orbax and absl log every checkpoint file operation at INFO: keep our own INFO lines only.
@@ -33,3 +35,31 @@ def setup_host(compilation_cache: bool = True) -> None:
         cache = os.environ.get("YOLOS_JAX_COMPILATION_CACHE", os.path.expanduser("~/.cache/yolos_jax/xla"))
         jax.config.update("jax_compilation_cache_dir", cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+
+
+def keep_freed_memory() -> bool:
+    """Tells glibc's malloc to keep freed memory in the process rather than hand it back to the kernel.
+
+    Why: XLA:CPU allocates a step's temporaries afresh on every step (YOLOS-Ti at the train benchmark's
+    shape: ~800 MB). With glibc's defaults, blocks that large come from mmap and go back to the kernel
+    on free, so every step page-faults its whole temp buffer in again: ~0.2M minor faults and 0.35-1.4 s
+    of system time on a 2.5 s step. Raising the mmap and trim thresholds (mallopt M_MMAP_THRESHOLD,
+    M_TRIM_THRESHOLD) serves them from the heap and keeps the pages: the process's resident memory
+    stays at its peak instead of dropping between steps. Equivalent to starting the process with
+    MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set. GPU and TPU memory are not affected.
+
+    Applies only with glibc (Linux); a no-op elsewhere or with YOLOS_JAX_KEEP_FREED_MEMORY=0.
+    Returns whether both settings were applied. Call before the first large allocation.
+    """
+    if os.environ.get("YOLOS_JAX_KEEP_FREED_MEMORY", "1") == "0":
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    limit = ctypes.c_int(2**31 - 1)  # mallopt takes an int
+    return bool(mallopt(m_mmap_threshold, limit)) and bool(mallopt(m_trim_threshold, limit))

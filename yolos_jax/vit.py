@@ -259,7 +259,9 @@ def attention_heads_major(
     return jnp.swapaxes(_from_blocks(out, tokens), 1, 2)
 
 
-def chunked_self_attention(qkv: jax.Array, key_mask: Optional[jax.Array], chunk: Optional[int] = None) -> jax.Array:
+def chunked_self_attention(
+    qkv: jax.Array, key_mask: Optional[jax.Array], chunk: Optional[int] = None
+) -> jax.Array:
     """Self-attention straight from the fused projection, one (head, block of `chunk` queries) at a time.
 
     qkv: [B, T, 3, H, Dh] (q | k | v); key_mask: [B, T] bool or None; chunk: None = `CPU_QUERY_CHUNK`
@@ -452,11 +454,12 @@ def dot_product_attention(
 def gelu(x: jax.Array) -> jax.Array:
     """Exact GELU x * Phi(x), Phi(x) = (1 + erf(x / sqrt(2))) / 2 (the normal CDF), elementwise.
 
-    Computed in at least float32 and returned in x's dtype. The same function as `jax.nn.gelu(approximate=False)`
-    (which uses erfc) and PyTorch's `F.gelu` (erf, as here) to float32 rounding, but cheaper on CPU: XLA
-    expands erfc into both of its branches plus an exp, and autodiff of it evaluated erfc twice more, the
-    GELU then cost ~8% of a Ti block's forward + backward. The derivative Phi(x) + x phi(x) is
-    computed with the value, so the backward is one multiply.
+    Computed in at least float32 and returned in x's dtype. The same function as
+    `jax.nn.gelu(approximate=False)` (which uses erfc) and PyTorch's `F.gelu` (erf, as here) to float32
+    rounding, but cheaper on CPU: XLA expands erfc into both of its branches plus an exp, and autodiff of
+    it evaluated erfc twice more (the GELU then cost ~8% of a Ti block's forward + backward). The
+    derivative Phi(x) + x phi(x) is computed with the value (phi: the normal density), so the backward
+    is one multiply.
     """
     return _gelu_and_slope(x)[0]
 
