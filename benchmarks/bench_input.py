@@ -13,6 +13,9 @@ Measured, each twice in alternation (best kept, the machine being shared):
   train f32    make_train_iterator at S scales (480..800, max 1333, crop branch, flip), host float32
                normalised padded batches (the default schema)
   train uint8  the same with input.image_format='uint8' (normalisation moves to the device)
+  train device_resize  the same with input.resize_on_device=True: the host decodes, crops, flips and
+               pads; the final resize (and the normalisation) run on the accelerator in
+               `data.to_global_batch`, not measured here (on a CPU-only machine the same cores pay it)
 Reported: images/s (wall) and CPU-ms per image (process CPU time, all threads): the ratio of CPU
 times is the "cost relative to decoding alone" and is robust to other load on the machine.
 """
@@ -85,7 +88,7 @@ def _train(cfg, batches: int):
     w0, c0 = time.perf_counter(), time.process_time()
     count = 0
     for _ in range(batches):
-        count += next(it)["image"].shape[0]
+        count += next(it)["valid"].shape[0]
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     stats = it.epoch_stats(0)
     it.close()
@@ -110,7 +113,7 @@ def main(argv=None):
     print("|---|---|---|---|---|")
     for key, summary in out.items():
         kb = summary["setup"]["jpeg_kb_mean"]
-        for k in ("decode", "decode_resize", "train_f32", "train_uint8"):
+        for k in ("decode", "decode_resize", "train_f32", "train_uint8", "train_device_resize"):
             r = summary[k]
             print(f"| 640x480, {kb:.0f} KB | {k} | {r['best_wall_images_per_s']:.0f} | {r['cpu_ms_per_image']:.2f} | "
                   f"{r.get('cpu_cost_vs_decode', 1.0):.2f}x |")
@@ -138,16 +141,18 @@ def run_one(a, noise: float) -> dict:
     sizes = [os.path.getsize(os.path.join(src, "train", f)) for f in os.listdir(os.path.join(src, "train"))]
     n_dec = a.batches * a.batch_size
 
-    results: dict[str, list] = {"decode": [], "decode_resize": [], "train_f32": [], "train_uint8": []}
+    results: dict[str, list] = {"decode": [], "decode_resize": [], "train_f32": [], "train_uint8": [],
+                                "train_device_resize": []}
     padding = None
     for _ in range(a.repeats):
         n, wall, cpu = _decode_only(ds, a.threads, n_dec + 8)
         results["decode"].append((n, wall, cpu))
         n, wall, cpu = _decode_only(ds, a.threads, n_dec + 8, resize_to=_plan_sizes(cfg, n_dec + 8))
         results["decode_resize"].append((n, wall, cpu))
-        for name, fmt in (("train_f32", "float32"), ("train_uint8", "uint8")):
+        for name, fmt in (("train_f32", "float32"), ("train_uint8", "uint8"), ("train_device_resize", "uint8")):
             c = cfg.copy_and_resolve_references()
             c.image_format = fmt
+            c.resize_on_device = name == "train_device_resize"
             n, wall, cpu, padding = _train(c, a.batches)
             results[name].append((n, wall, cpu))
 
@@ -158,7 +163,7 @@ def run_one(a, noise: float) -> dict:
 
     summary = {k: best(v) for k, v in results.items()}
     dec = summary["decode"]["cpu_ms_per_image"]
-    for k in ("decode_resize", "train_f32", "train_uint8"):
+    for k in ("decode_resize", "train_f32", "train_uint8", "train_device_resize"):
         summary[k]["cpu_cost_vs_decode"] = summary[k]["cpu_ms_per_image"] / dec
     load = os.getloadavg()
     summary["setup"] = {

@@ -381,13 +381,16 @@ class Evaluator:
         valid = np.asarray(host["valid"], bool)
         hi, lo = _split_id(np.where(valid, host["image_id"], 0))  # fillers carry id -1
         batch = {
-            "image": np.asarray(host["image"]),  # float32 or uint8 (input.image_format): normalised on device
             "pixel_mask": np.asarray(host["pixel_mask"]),
             "orig_size": np.asarray(host["orig_size"]),
             "id_hi": hi,
             "id_lo": lo,
             "valid": valid,
         }
+        if "source_image" in host:  # input.resize_on_device: resized on device by to_global_batch
+            batch.update(source_image=host["source_image"], source_size=host["source_size"])
+        else:  # float32 or uint8 (input.image_format): normalised on device
+            batch["image"] = np.asarray(host["image"])
         pad = -len(valid) % self._local_multiple
         if pad:
             batch = {k: np.concatenate([v, np.repeat(v[:1], pad, axis=0)]) for k, v in batch.items()}
@@ -583,6 +586,9 @@ def unpadded_images(batches: Iterable[Mapping[str, np.ndarray]], num_images: int
     found: dict[int, np.ndarray] = {}
     order: list[int] = []
     for batch in batches:
+        from yolos_jax import data
+
+        batch = data.with_host_image(batch)
         for i in range(len(batch["valid"])):
             iid = int(batch["image_id"][i])
             if not batch["valid"][i] or (wanted is not None and (iid not in wanted or iid in found)):

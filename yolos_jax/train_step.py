@@ -129,7 +129,10 @@ def make_train_step(
 
 def select_train_batch(batch: dict) -> dict:
     """The subset of a host batch the train step consumes (the rest stays on the host)."""
-    missing = [k for k in TRAIN_BATCH_KEYS if k not in batch]
+    keys = TRAIN_BATCH_KEYS
+    if "source_image" in batch:  # input.resize_on_device: `data.to_global_batch` makes the image
+        keys = ("source_image", "source_size") + keys[1:]
+    missing = [k for k in keys if k not in batch]
     if missing:
         raise KeyError(f"train batch lacks {missing}; see the batch schema in yolos_jax/data")
-    return {k: np.asarray(batch[k]) for k in TRAIN_BATCH_KEYS}
+    return {k: np.asarray(batch[k]) for k in keys}

@@ -470,6 +470,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 break
             host_batch = next(train_iter)
             if step == config.train.inject_nan_at_step:
+                host_batch = data.with_host_image(host_batch)  # (a test hook: a NaN image)
                 host_batch = dict(host_batch, image=np.full_like(host_batch["image"], np.nan, dtype=np.float32))
             batch = data.to_global_batch(train_step.select_train_batch(host_batch), batch_sharding)
             state, metrics = step_fn(state, batch)

@@ -409,6 +409,9 @@ def make_figures(config: Any, checkpoint: str, out_dir: str, *, max_images: int 
             break
         if not batch["valid"][0]:
             continue
+        from yolos_jax import data
+
+        batch = data.with_host_image(batch)
         h, w = (int(v) for v in batch["size"][0])
         image = evaluation.normalized(batch["image"][:1, :h, :w])  # un-padded: the grid is the image's
         res = attention_weights(model, params, image)

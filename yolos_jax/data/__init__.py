@@ -7,6 +7,7 @@ Modules (imports point one way: labels, transforms, batching <- coco_builder <- 
   transforms.py    YOLOS/DETR train and eval transforms (numpy geometry + TF image ops); LSJ
   batching.py      canvas sets, epoch plans, padding statistics
   pipeline.py      config, iterators, the BATCH SCHEMA, to_global_batch
+  device_resize.py the final resize on the accelerator (input.resize_on_device)
   prepare.py       CLI: one-time preparation
   show_batch.py    CLI / function: a batch's images with boxes as PNGs
 
@@ -28,6 +29,7 @@ _EXPORTS = {
     "dataset_info": "yolos_jax.data.pipeline",
     "DatasetInfo": "yolos_jax.data.pipeline",
     "to_global_batch": "yolos_jax.data.pipeline",
+    "with_host_image": "yolos_jax.data.pipeline",
     "coco_ground_truth": "yolos_jax.data.pipeline",
     "BATCH_KEYS": "yolos_jax.data.pipeline",
     "save_batch_pngs": "yolos_jax.data.show_batch",

@@ -16,6 +16,12 @@ for this process's share of the global batch (B = input.batch_size // process_co
     valid:      [B] bool              False for filler examples that pad the final eval batches
 (H, W) is the batch's canvas, one of a small fixed set (`batching`); M = input.max_boxes.
 
+With input.resize_on_device=True the host batch carries, instead of `image`, the images before the
+transforms' final resize (`data.device_resize`), and `to_global_batch` resamples them on device into the
+float32 `image` above:
+    source_image: [B, Hs, Ws, 3] uint8  zeros in the padding; (Hs, Ws) fixed per split (its largest image)
+    source_size:  [B, 2] int32          (h, w) of each image in source_image
+
 Data flow: `coco_builder` (prepared ArrayRecord dataset + index) -> `batching` plans each epoch (which
 examples form which batch, each example's random transform, the canvas) from the seed alone -> a
 Python generator reads this process's examples of each planned batch and transforms their boxes
@@ -92,6 +98,7 @@ def default_input_config(scales: str = "s") -> ml_collections.ConfigDict:
     c.crop_resize_sizes = (400, 500, 600)
     c.crop_min_size = 384
     c.crop_max_size = 600
+    c.resize_on_device = False  # final resize on the accelerator (data.device_resize): the host only decodes
     c.crop_in_original = True  # cut the crop window from the original (one resampling, window-only JPEG
     #                            decode); False: the original's resize -> crop -> resize, two resamplings
     c.large_scale_jitter = False  # ViTDet LSJ instead of the above: fixed lsj_size^2 canvas
@@ -149,6 +156,19 @@ def _check_config(cfg, process_count: int) -> None:
         raise ValueError(f"input.label_mode must be 'identity' or 'contiguous', got {cfg.label_mode!r}")
     if cfg.canvas_multiple < 1:
         raise ValueError(f"input.canvas_multiple must be >= 1, got {cfg.canvas_multiple}")
+    if cfg.get("resize_on_device", False) and (cfg.large_scale_jitter or not cfg.crop_in_original):
+        # There the resample that matters is not the last one (LSJ resizes, then crops; the original's
+        # crop branch resizes, crops, resizes): the host would still resample.
+        raise ValueError("input.resize_on_device needs input.large_scale_jitter=False and input.crop_in_original=True")
+
+
+def source_canvas(cfg, index: coco_builder.SplitIndex) -> Optional[tuple[int, int]]:
+    """The fixed (Hs, Ws) of `source_image` with input.resize_on_device (None without): the split's
+    largest original height and width, rounded up to multiples of 32. Every pre-resize image fits: it
+    is the original or a window of it (crop_in_original)."""
+    if not cfg.get("resize_on_device", False) or len(index) == 0:
+        return None
+    return (int(batching.ceil_to(int(np.max(index.height)), 32)), int(batching.ceil_to(int(np.max(index.width)), 32)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,6 +315,7 @@ def _element_stream(plan_for_epoch, first: tuple[int, int], epochs: Optional[int
                     "image_id": np.int64(index.image_id[i] if valid else -1),
                     "orig_size": np.asarray(hw, np.int32),
                     "size": geom[7:9].astype(np.int32),
+                    "source_size": geom[5:7].astype(np.int32),  # before the final resize
                     "valid": valid,
                     "canvas": plan.canvas[k].astype(np.int32),
                     "position": np.asarray([epoch, k], np.int64),
@@ -302,7 +323,7 @@ def _element_stream(plan_for_epoch, first: tuple[int, int], epochs: Optional[int
         epoch, start = epoch + 1, 0
 
 
-def _tf_dataset(gen_fn, num_parallel_calls: int, prefetch: int, image_fn=None):
+def _tf_dataset(gen_fn, num_parallel_calls: int, prefetch: int, image_fn=None, final_resize: bool = True):
     """tf.data over `gen_fn()` -> (encoded image, meta int64 [11] = GEOM, image_id, seq): decodes and
     resamples in parallel, in order, and yields (image uint8 [h, w, 3], seq). Only what the image ops
     need goes through TF (each extra field costs ~0.1 ms per element); the rest waits in Python."""
@@ -311,7 +332,7 @@ def _tf_dataset(gen_fn, num_parallel_calls: int, prefetch: int, image_fn=None):
 
     def decode(encoded, meta):
         # Always uint8 out of TF (4x less to move); `assemble` normalises float32 batches into the canvas.
-        return T.tf_apply_geometry(encoded, meta[:9], "uint8", image_fn, meta[9]), meta[10]
+        return T.tf_apply_geometry(encoded, meta[:9], "uint8", image_fn, meta[9], final_resize), meta[10]
 
     ds = tf.data.Dataset.from_generator(gen_fn, output_signature=sig)
     npc = tf.data.AUTOTUNE if num_parallel_calls < 0 else max(1, int(num_parallel_calls))
@@ -326,10 +347,14 @@ def _tf_dataset(gen_fn, num_parallel_calls: int, prefetch: int, image_fn=None):
     return ds.with_options(opts)
 
 
-def assemble(elements: Sequence[Mapping[str, np.ndarray]], image_format: str) -> dict[str, np.ndarray]:
-    """Pads a batch's transformed examples into one canvas: the batch schema (module docstring)."""
+def assemble(elements: Sequence[Mapping[str, np.ndarray]], image_format: str,
+             source_hw: Optional[tuple[int, int]] = None) -> dict[str, np.ndarray]:
+    """Pads a batch's transformed examples into one canvas: the batch schema (module docstring).
+    source_hw: with input.resize_on_device, the source canvas; the images are then pre-resize."""
     H, W = (int(v) for v in elements[0]["canvas"])
     n = len(elements)
+    if source_hw is not None:
+        return _assemble_sources(elements, (H, W), source_hw)
     dtype = np.uint8 if image_format == "uint8" else np.float32
     # np.empty + explicit zeroing of the padding: np.zeros' lazily zeroed pages cost ~5x the copy.
     image = np.empty((n, H, W, 3), dtype)
@@ -363,13 +388,48 @@ def assemble(elements: Sequence[Mapping[str, np.ndarray]], image_format: str) ->
     }
 
 
+def _assemble_sources(elements, canvas: tuple[int, int], source_hw: tuple[int, int]) -> dict[str, np.ndarray]:
+    """`assemble` for input.resize_on_device: pre-resize images into the fixed source canvas, the
+    pixel mask of the (post-resize) batch canvas, the rest as `assemble`."""
+    (H, W), (Hs, Ws), n = canvas, source_hw, len(elements)
+    source = np.empty((n, Hs, Ws, 3), np.uint8)
+    mask = np.zeros((n, H, W), bool)
+    for j, e in enumerate(elements):
+        im = e["image"]
+        h, w = im.shape[:2]
+        if tuple(int(v) for v in e["source_size"]) != (h, w) or h > Hs or w > Ws:
+            raise AssertionError(f"example {j}: pre-resize image {(h, w)} vs planned {tuple(e['source_size'])}, "
+                                 f"source canvas {(Hs, Ws)}")
+        sh, sw = (int(v) for v in e["size"])
+        if tuple(int(v) for v in e["canvas"]) != (H, W) or sh > H or sw > W:
+            raise AssertionError(f"example {j} of size {(sh, sw)} does not fit the batch canvas {(H, W)}")
+        source[j, :h, :w] = im
+        source[j, h:] = 0
+        source[j, :h, w:] = 0
+        mask[j, :sh, :sw] = True
+    return {
+        "source_image": source,
+        "source_size": np.stack([e["source_size"] for e in elements]).astype(np.int32),
+        "pixel_mask": mask,
+        "boxes": np.stack([e["boxes"] for e in elements]).astype(np.float32),
+        "labels": np.stack([e["labels"] for e in elements]).astype(np.int32),
+        "box_mask": np.stack([e["box_mask"] for e in elements]).astype(bool),
+        "image_id": np.asarray([e["image_id"] for e in elements], np.int64),
+        "orig_size": np.stack([e["orig_size"] for e in elements]).astype(np.int32),
+        "size": np.stack([e["size"] for e in elements]).astype(np.int32),
+        "valid": np.asarray([e["valid"] for e in elements], bool),
+    }
+
+
 _DONE = object()
 
 
 class _BatchIterator:
     """Runs element stream -> tf.data -> batch assembly in a background thread from a start position."""
 
-    def __init__(self, make_stream, local_batch: int, cfg, start: tuple[int, int], image_fn=None):
+    def __init__(self, make_stream, local_batch: int, cfg, start: tuple[int, int], image_fn=None,
+                 source_hw: Optional[tuple[int, int]] = None):
+        self._source_hw = source_hw
         self._make_stream = make_stream
         self._image_fn = image_fn
         self._b = local_batch
@@ -398,8 +458,9 @@ class _BatchIterator:
             except Exception as e:  # noqa: BLE001 - re-raised as itself by `run`, not wrapped by tf.data
                 stream_error.append(e)
 
+        source_hw = self._source_hw
         ds = _tf_dataset(gen, int(self._cfg.num_parallel_calls), b * max(1, int(self._cfg.prefetch_batches)),
-                         self._image_fn)
+                         self._image_fn, final_resize=source_hw is None)
         fmt = self._cfg.image_format
 
         def put(item) -> bool:
@@ -435,7 +496,7 @@ class _BatchIterator:
                         pos = tuple(int(v) for v in buf[0]["position"])
                         if any(tuple(int(v) for v in e["position"]) != pos for e in buf):
                             raise AssertionError("examples of different batches were mixed; this is a bug")
-                        if not put((pos, assemble(buf, fmt))):
+                        if not put((pos, assemble(buf, fmt, source_hw))):
                             return
                         buf = []
                 if stream_error:
@@ -520,7 +581,7 @@ class TrainIterator:
         def make_stream(start):
             return _element_stream(plans, start, None, sl, source, index, label_map, max_boxes, stats)
 
-        self._it = _BatchIterator(make_stream, self.local_batch, cfg, (0, 0))
+        self._it = _BatchIterator(make_stream, self.local_batch, cfg, (0, 0), source_hw=source_canvas(cfg, self.index))
 
     def plan(self, epoch: int) -> batching.Plan:
         """The global plan of train epoch `epoch` (identical on every process)."""
@@ -603,7 +664,8 @@ class EvalIterator:
         def make_stream(start):
             return _element_stream(lambda e: plan, start, 1, sl, source, index, label_map, max_boxes, stats)
 
-        self._it = _BatchIterator(make_stream, self.local_batch, cfg, (0, 0), image_fn)
+        self._it = _BatchIterator(make_stream, self.local_batch, cfg, (0, 0), image_fn,
+                                  source_hw=source_canvas(cfg, self.index))
 
     @property
     def plan(self) -> batching.Plan:
@@ -702,7 +764,9 @@ def to_global_batch(host_batch: Mapping[str, np.ndarray], sharding: Any) -> dict
     import jax
 
     def shard(k):
-        return sharding[k] if isinstance(sharding, Mapping) else sharding
+        if not isinstance(sharding, Mapping):
+            return sharding
+        return sharding[k] if k in sharding else sharding["image"]  # source_* / size: laid out as the image
 
     out = {}
     for k, v in host_batch.items():
@@ -714,6 +778,29 @@ def to_global_batch(host_batch: Mapping[str, np.ndarray], sharding: Any) -> dict
         out[k] = jax.make_array_from_process_local_data(shard(k), v)
     if "image" in out and out["image"].dtype == np.uint8:
         out["image"] = _device_normalizer(shard("image"))(out["image"], out["pixel_mask"])
+    if "source_image" in out:  # input.resize_on_device: the transforms' final resize happens here
+        from yolos_jax.data import device_resize
+
+        resize = device_resize.device_resize_normalize(shard("image"))
+        out["image"] = resize(out.pop("source_image"), out.pop("source_size"), out["pixel_mask"])
+    return out
+
+
+def with_host_image(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A host batch with an `image` entry (uint8 when it is resized here), for host-side consumers
+    (figures, show_batch): input.resize_on_device batches are resampled on the default device (the
+    same function `to_global_batch` runs) and lose their `source_*` entries; other batches pass as they are."""
+    if "source_image" not in batch:
+        return dict(batch)
+    import jax.numpy as jnp
+
+    from yolos_jax.data import device_resize
+
+    out = {k: v for k, v in batch.items() if k not in ("source_image", "source_size")}
+    mask = np.asarray(batch["pixel_mask"])
+    img = device_resize.resize_batch(jnp.asarray(batch["source_image"]), jnp.asarray(batch["source_size"]),
+                                     jnp.asarray(batch["size"]), mask.shape[1:3])
+    out["image"] = np.asarray(img).astype(np.uint8)
     return out
 
 

@@ -21,7 +21,9 @@ from yolos_jax.data.labels import LabelMap
 
 def batch_images_uint8(batch: Mapping[str, np.ndarray]) -> np.ndarray:
     """[B, H, W, 3] uint8 of a host batch (undoing the normalisation of float32 images)."""
-    img = np.asarray(batch["image"])
+    from yolos_jax.data.pipeline import with_host_image
+
+    img = np.asarray(with_host_image(batch)["image"])
     if img.dtype == np.uint8:
         return img
     out = draw.to_uint8(img, T.IMAGENET_MEAN, T.IMAGENET_STD)

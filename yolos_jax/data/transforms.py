@@ -254,7 +254,7 @@ def pad_targets(boxes: np.ndarray, labels: np.ndarray, max_boxes: int) -> tuple[
 
 
 def tf_apply_geometry(image_bytes: Any, geom: Any, image_format: str = "float32", image_fn: Any = None,
-                      image_id: Any = None) -> Any:
+                      image_id: Any = None, final_resize: bool = True) -> Any:
     """Decodes and resamples one image following GEOM. TF graph function.
 
     image_bytes: scalar tf.string (JPEG, PNG, GIF, BMP, WebP; any channel layout -> RGB).
@@ -263,6 +263,8 @@ def tf_apply_geometry(image_bytes: Any, geom: Any, image_format: str = "float32"
     ((x/255 - mean) / std, float32), when 'float32'.
     image_fn: optional Python `fn(uint8 [h, w, 3], image_id) -> uint8 [h, w, 3]` run on the decoded
     original (tf.numpy_function), e.g. an eval-time corruption.
+    final_resize=False stops before the resize to (h2, w2) (input.resize_on_device: `data.device_resize`
+    does it on the accelerator) and returns the uint8 image of size geom[5:7].
     """
     import tensorflow as tf  # configured by tf_setup.get_tf() before any pipeline is built
 
@@ -309,9 +311,10 @@ def tf_apply_geometry(image_bytes: Any, geom: Any, image_format: str = "float32"
     else:  # the hook sees the whole original
         img = full_decode()
     img = tf.ensure_shape(img, [None, None, 3])
-    img = _tf_resize(tf, img, geom[7:9])
-    img = tf.cast(img, tf.uint8)
-    if image_format == "uint8":
+    if final_resize:
+        img = _tf_resize(tf, img, geom[7:9])
+    img = tf.cast(img, tf.uint8)  # (without the resize: integer + 0.5 truncates back to the integer)
+    if image_format == "uint8" or not final_resize:
         return img
     # Per-channel affine as a [.., 3] x [3, 3] matmul: TF's broadcast of a length-3 axis is ~5x slower.
     shape = tf.shape(img)
