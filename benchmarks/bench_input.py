@@ -13,7 +13,7 @@ Measured, each twice in alternation (best kept, the machine being shared):
   train f32    make_train_iterator at S scales (480..800, max 1333, crop branch, flip), host float32
                normalised padded batches (the default schema)
   train uint8  the same with input.image_format='uint8' (normalisation moves to the device)
-  train device_resize  the same with input.resize_on_device=True: the host decodes, crops, flips and
+  train device_resize  the same with input.resize_on_device='on': the host decodes, crops, flips and
                pads; the final resize (and the normalisation) run on the accelerator in
                `data.to_global_batch`, not measured here (on a CPU-only machine the same cores pay it)
 Reported: images/s (wall) and CPU-ms per image (process CPU time, all threads): the ratio of CPU
@@ -152,7 +152,7 @@ def run_one(a, noise: float) -> dict:
         for name, fmt in (("train_f32", "float32"), ("train_uint8", "uint8"), ("train_device_resize", "uint8")):
             c = cfg.copy_and_resolve_references()
             c.image_format = fmt
-            c.resize_on_device = name == "train_device_resize"
+            c.resize_on_device = "on" if name == "train_device_resize" else "off"
             n, wall, cpu, padding = _train(c, a.batches)
             results[name].append((n, wall, cpu))
 

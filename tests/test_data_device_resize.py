@@ -47,7 +47,7 @@ def cfgs(tmp_path_factory):
                                            image_format="uint8")
     pipeline.dataset_info(host)
     dev = host.copy_and_resolve_references()
-    dev.resize_on_device = True
+    dev.resize_on_device = "on"
     return host, dev
 
 
@@ -95,3 +95,12 @@ def test_resize_on_device_config_errors(cfgs):
         bad[field] = value
         with pytest.raises(ValueError, match="resize_on_device"):
             data.make_train_iterator(bad, seed=0, process_index=0, process_count=1)
+    bad = dev_cfg.copy_and_resolve_references()
+    bad.resize_on_device = "yes"
+    with pytest.raises(ValueError, match="'on', 'off' or 'auto'"):
+        data.make_train_iterator(bad, seed=0, process_index=0, process_count=1)
+    auto = dev_cfg.copy_and_resolve_references()
+    auto.resize_on_device = "auto"  # CPU backend here: the host resizes
+    assert pipeline.resize_on_device(auto) is (jax.default_backend() != "cpu")
+    auto.large_scale_jitter = True  # 'auto' steps aside where the transform needs the host resize
+    assert pipeline.resize_on_device(auto) is False

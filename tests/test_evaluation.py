@@ -382,7 +382,7 @@ def test_evaluator_with_resize_on_device_matches_host_resize(synth):
     cfg, model, params = synth
     host = _by_image(evaluation.Evaluator(evaluation.default_eval_config(), cfg, model).predict(params))
     dev_cfg = ml_collections.ConfigDict(cfg.to_dict())
-    dev_cfg.resize_on_device = True
+    dev_cfg.resize_on_device = "on"
     from yolos_jax import data
 
     first = next(iter(data.make_eval_iterator(dev_cfg)))

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from yolos_jax import losses, optim, sharding
+from yolos_jax import losses, sharding
 
 # Batch keys the train step reads (schema in yolos_jax/data).
 TRAIN_BATCH_KEYS = ("image", "pixel_mask", "boxes", "labels", "box_mask")

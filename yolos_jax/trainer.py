@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import signal
-import sys
 import time
 from typing import Any, Optional
 
@@ -73,6 +72,7 @@ def default_config(variant: str = "s") -> ml_collections.ConfigDict:
     cfg.input = data.default_input_config(scales="ti" if variant == "ti" else "s")
     # uint8 host batches, normalised on device: ~1.4x faster host pipeline and 4x fewer bytes to move.
     cfg.input.image_format = "uint8"
+    cfg.input.resize_on_device = "auto"  # on GPU/TPU the host only decodes (data.device_resize)
     cfg.matcher = matcher.default_matcher_config()
     cfg.loss = losses.default_loss_config()
     cfg.optim = optim.default_optim_config()

@@ -1,8 +1,8 @@
-"""The train/eval transforms' final bilinear resample, on the accelerator (input.resize_on_device).
+"""The train/eval transforms' final bilinear resample, on the accelerator (input.resize_on_device='on').
 
 The host pipeline's most expensive op after JPEG decoding is the final resize (at YOLOS-S scales the
 output has ~1.8x the input's pixels and TF's resize costs about as much as the decode). With
-`input.resize_on_device=True` the host stops before it: it ships each image at its pre-resize size in a
+`input.resize_on_device='on'` the host stops before it: it ships each image at its pre-resize size in a
 fixed "source canvas" (uint8, zero padded) with `source_size` and the planned `size`, and
 `to_global_batch` resamples here, inside one jitted function, as separable matrix products:
 
