@@ -774,7 +774,9 @@ def to_global_batch(host_batch: Mapping[str, np.ndarray], sharding: Any) -> dict
 
     sharding: one jax.sharding.Sharding for every entry (e.g. NamedSharding(mesh, P('data')): batch
     axis split over the data axis) or a {key: Sharding} mapping. A uint8 image (input.image_format=
-    'uint8') is normalised on device into the schema's float32 (zeros in the padding). int64 entries
+    'uint8') is normalised on device into the schema's float32 (zeros in the padding); an
+    input.resize_on_device batch (`source_image`, `source_size`) is resized and normalised on device into
+    that same `image` (`data.device_resize`; the source entries are consumed). int64 entries
     become int32 unless jax_enable_x64 (image ids must then fit in int32).
     """
     import jax
