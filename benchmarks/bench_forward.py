@@ -29,30 +29,9 @@ import os
 import sys
 import time
 
+import cpu_setup  # noqa: E402  (benchmarks/; pins cores, XLA flags, allocator: before jax and torch)
 
-def _threads_from_argv(argv) -> int:
-    for i, a in enumerate(argv):
-        if a.startswith("--threads="):
-            return int(a.split("=", 1)[1])
-        if a == "--threads":
-            return int(argv[i + 1])
-    return len(os.sched_getaffinity(0))
-
-
-# Both libraries must see the same cores: pin the process before jax and torch create their thread pools.
-THREADS = _threads_from_argv(sys.argv[1:])
-os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:THREADS])
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU benchmark, also on machines with accelerators
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from yolos_jax import xla_flags  # noqa: E402  (imports no jax; flags must precede the jax import)
-
-xla_flags.set_cpu_flags()
-# glibc keeps freed memory (as train.py does via runtime.setup_host): XLA:CPU steps stop page-faulting
-# their temporaries in again. One process, so the PyTorch reference runs under the same allocator.
-from yolos_jax import runtime  # noqa: E402
-
-runtime.keep_freed_memory()
+THREADS = cpu_setup.prepare(sys.argv[1:], pin=True)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -18,19 +18,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU benchmark, also on machines with accelerators
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from yolos_jax import xla_flags  # noqa: E402  (imports no jax; flags must precede the jax import)
+import cpu_setup  # noqa: E402  (benchmarks/; pins cores, XLA flags, allocator: before jax and torch)
 
-xla_flags.set_cpu_flags()
-# glibc keeps freed memory (as train.py does via runtime.setup_host): XLA:CPU steps stop page-faulting
-# their temporaries in again. One process, so the PyTorch reference runs under the same allocator.
-from yolos_jax import runtime  # noqa: E402
-
-runtime.keep_freed_memory()
+cpu_setup.prepare()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

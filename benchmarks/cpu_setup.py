@@ -1,0 +1,46 @@
+"""Process set-up shared by the CPU benchmarks; import it before jax, torch or TensorFlow.
+
+    import cpu_setup  # (the benchmarks' folder is the script's, so it is on sys.path)
+    THREADS = cpu_setup.prepare(sys.argv[1:], pin=True)
+
+* pin=True: the process is pinned to the first `--threads` cores (default: all it may use) before jax
+  and torch create their thread pools (XLA sizes its pool from the affinity mask), so both libraries
+  see the same cores;
+* JAX_PLATFORMS=cpu unless set: a CPU benchmark, also on machines with accelerators;
+* the repository root goes on sys.path (benchmarks run from a checkout), XLA's CPU flags are set
+  (`yolos_jax.xla_flags`), and glibc keeps freed memory (`runtime.keep_freed_memory`, as train.py does),
+  so XLA:CPU steps do not page-fault their temporaries back in. One process per benchmark, so a PyTorch
+  reference measured in the same run gets the same allocator.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional, Sequence
+
+
+def threads_from_argv(argv: Sequence[str]) -> int:
+    """--threads=N / --threads N from argv (before argparse runs), default: every core allowed."""
+    for i, a in enumerate(argv):
+        if a.startswith("--threads="):
+            return int(a.split("=", 1)[1])
+        if a == "--threads":
+            return int(argv[i + 1])
+    return len(os.sched_getaffinity(0))
+
+
+def prepare(argv: Optional[Sequence[str]] = None, pin: bool = False) -> int:
+    """Does the above; returns the thread count (cores pinned to when pin=True)."""
+    threads = threads_from_argv(sys.argv[1:] if argv is None else argv)
+    if pin:
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from yolos_jax import runtime, xla_flags  # neither imports jax
+
+    xla_flags.set_cpu_flags()
+    runtime.keep_freed_memory()
+    return threads
