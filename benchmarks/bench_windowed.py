@@ -9,7 +9,10 @@ mid position embeddings stored for the 1024 x 1024 grid (64 x 64 patches) so tha
 the attention implementation is the model's default for the backend):
   global         every block global (the plain YOLOS-B);
   hybrid         14 x 14 windows (64 x 64 patches pad to 70 x 70: 25 windows), global blocks 2, 5, 8, 11;
-  hybrid_relpos  the same with the decomposed relative position bias in every block (the ViTDet backbone).
+  hybrid_relpos  the same with the decomposed relative position bias in every block (the ViTDet backbone);
+  global_naive   every block global through plain einsum attention, which stores each block's [H, T, T]
+                 probabilities for the backward (the kind of baseline ViTDet's Table 3 compares against;
+                 the default CPU attention recomputes them).
 One step = forward, Hungarian matching (the host scipy callback), the YOLOS set loss, backward to the
 gradients of every parameter: `jax.jit(jax.value_and_grad(loss))`. The optimiser update (identical for all
 models, elementwise over the parameters) is left out.
@@ -47,12 +50,16 @@ MODELS = {
     "global": dict(window_size=0),
     "hybrid": dict(window_size=14, global_blocks=(2, 5, 8, 11)),
     "hybrid_relpos": dict(window_size=14, global_blocks=(2, 5, 8, 11), rel_pos=True),
+    # Every block global through plain einsum attention, which stores each block's [H, T, T]
+    # probabilities for the backward: the kind of baseline ViTDet's Table 3 compares against.
+    "global_naive": dict(window_size=0, attention_impl="einsum"),
 }
 
 
 def model_for(name: str, image: int, variant: str, **overrides) -> YOLOS:
     cfg = config_lib.model_config(variant).to_dict()
-    cfg.update(init_pe_size=(image, image), mid_pe_size=(image, image), **MODELS[name], **overrides)
+    cfg.update(init_pe_size=(image, image), mid_pe_size=(image, image))
+    cfg.update({**MODELS[name], **overrides})
     return YOLOS(**cfg)
 
 
