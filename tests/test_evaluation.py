@@ -12,7 +12,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from yolos_jax import evaluation
+from yolos_jax import atomic, evaluation
 from yolos_jax.config import model_config
 from yolos_jax.data.labels import LabelMap
 from yolos_jax.yolos import YOLOS
@@ -183,7 +183,7 @@ def test_perturbed_detections_give_exactly_pycocotools_ap(tmp_path):
     # pycocotools directly, on files, the standard way.
     gt_path, det_path = tmp_path / "gt.json", tmp_path / "dets.json"
     gt_path.write_text(json.dumps(gt))
-    evaluation.write_json_atomic(str(det_path), dets)
+    atomic.write_json_atomic(str(det_path), dets)
     coco = COCO(str(gt_path))
     ev = COCOeval(coco, coco.loadRes(str(det_path)), "bbox")
     ev.evaluate()
@@ -220,9 +220,9 @@ def test_bad_ground_truth_files_give_clear_errors(tmp_path):
 
 def test_write_json_atomic_leaves_no_partial_file(tmp_path):
     path = tmp_path / "out" / "m.json"
-    evaluation.write_json_atomic(str(path), {"a": 1})
+    atomic.write_json_atomic(str(path), {"a": 1})
     with pytest.raises(TypeError):
-        evaluation.write_json_atomic(str(path), {"a": object()})  # not serialisable: fails mid-write
+        atomic.write_json_atomic(str(path), {"a": object()})  # not serialisable: fails mid-write
     assert json.loads(path.read_text()) == {"a": 1}  # the previous file is intact
     assert os.listdir(path.parent) == ["m.json"]  # and no temp file is left behind
 

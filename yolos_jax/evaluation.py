@@ -101,16 +101,6 @@ def postprocess(logits: jax.Array, boxes: jax.Array, orig_size: jax.Array) -> tu
 
 
 # --------------------------------------------------------------------------------------------------
-# Files
-# --------------------------------------------------------------------------------------------------
-
-
-# (kept importable from here: eval.py, trainer and visualize use these names)
-default_file_mode = atomic.default_file_mode
-write_json_atomic = atomic.write_json_atomic
-
-
-# --------------------------------------------------------------------------------------------------
 # COCO
 # --------------------------------------------------------------------------------------------------
 
@@ -451,13 +441,13 @@ class Evaluator:
         """
         dets = detections_to_coco(pred["image_id"], pred["scores"], pred["labels"], pred["boxes"], self.label_map)
         if out_dir and bool(self.eval_cfg.write_detections):
-            write_json_atomic(os.path.join(out_dir, DETECTIONS_FILE), dets)
+            atomic.write_json_atomic(os.path.join(out_dir, DETECTIONS_FILE), dets)
         metrics, table = coco_evaluate(self.coco_gt, dets, image_ids=pred["image_id"])
         metrics.update(num_images=int(pred.num_images), num_detections=len(dets))
         if verbose:
             print(table, end="", flush=True)
         if out_dir:
-            write_json_atomic(os.path.join(out_dir, METRICS_FILE), metrics, indent=2)
+            atomic.write_json_atomic(os.path.join(out_dir, METRICS_FILE), metrics, indent=2)
         return metrics
 
     def run(self, params: Any, out_dir: Optional[str] = None, *, image_fn: Optional[Callable] = None,
@@ -667,7 +657,7 @@ def run_robustness(evaluator: Evaluator, params: Any, out_dir: str, *, clean: Op
     summary = robustness.summarize(clean, results)
     if jax.process_index() == 0:
         print(robustness.format_table(summary), flush=True)
-        write_json_atomic(os.path.join(out_dir, "robustness.json"), summary, indent=2)
+        atomic.write_json_atomic(os.path.join(out_dir, "robustness.json"), summary, indent=2)
     return summary
 
 
@@ -770,7 +760,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, out_
         ap = result["metrics"]["AP"] if result["metrics"] else None
         row = run_speed(evaluator, params, model_name=str(name), ap=ap)
         if is_main:
-            write_json_atomic(os.path.join(out_dir, "speed.json"), row, indent=2)
+            atomic.write_json_atomic(os.path.join(out_dir, "speed.json"), row, indent=2)
         result["speed"] = row
     if robustness:
         result["robustness"] = run_robustness(evaluator, params, os.path.join(out_dir, "robustness"),

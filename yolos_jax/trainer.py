@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from yolos_jax import checkpointing, optim, sharding, train_step
+from yolos_jax import atomic, checkpointing, optim, sharding, train_step
 from yolos_jax.yolos import YOLOS
 
 log = logging.getLogger("yolos_jax")
@@ -381,7 +381,7 @@ class _finish_saves_on_error:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (resuming from `workdir` if it holds checkpoints), evaluates, returns the final metrics."""
-    from yolos_jax import data, evaluation
+    from yolos_jax import data
 
     validate_config(config)
     os.makedirs(workdir, exist_ok=True)
@@ -435,7 +435,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         from flax.metrics import tensorboard
 
         writer = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
-        evaluation.write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()), indent=2)
+        atomic.write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()), indent=2)
         log.info("training %d steps (%d per epoch) at global batch %d on %d devices", total_steps,
                  steps_per_epoch, global_batch, jax.device_count())
 
@@ -520,5 +520,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     result = {"step": step, **last_scalars, **{f"eval_{k}": v for k, v in (eval_metrics or {}).items()
                                                if isinstance(v, (int, float))}}
     if is_main:
-        evaluation.write_json_atomic(os.path.join(workdir, "final_metrics.json"), result, indent=2)
+        atomic.write_json_atomic(os.path.join(workdir, "final_metrics.json"), result, indent=2)
     return result

@@ -33,6 +33,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from yolos_jax import atomic
+
 # COCO's object size ranges (pixels^2), as the original visualisation script.
 SMALL_AREA = 32 * 32
 LARGE_AREA = 96 * 96
@@ -51,8 +53,6 @@ def _plt():
 
 def _save_fig(fig, path: str) -> None:
     """Saves a matplotlib figure atomically (temp file next to `path`, then rename)."""
-    from yolos_jax import atomic
-
     try:
         with atomic.atomic_file(path, suffix=".png") as tmp:
             fig.savefig(tmp, format="png", dpi=100, facecolor="white")
@@ -304,7 +304,6 @@ def infer_images(detector: Any, paths: Sequence[str], out_dir: str, *, threshold
     names: class names indexed by label (overrides the detector's).
     """
     from yolos_jax import draw
-    from yolos_jax.evaluation import write_json_atomic
 
     records = []
     stems: dict[str, int] = {}
@@ -337,7 +336,7 @@ def infer_images(detector: Any, paths: Sequence[str], out_dir: str, *, threshold
                 for b, s, k, n in zip(boxes, scores, labels, label_names)
             ],
         })
-    write_json_atomic(os.path.join(out_dir, "detections.json"), records, indent=1)
+    atomic.write_json_atomic(os.path.join(out_dir, "detections.json"), records, indent=1)
     return records
 
 
@@ -400,7 +399,7 @@ def make_figures(config: Any, checkpoint: str, out_dir: str, *, max_images: int 
     dist = category_distribution(pred["labels"], gt_cats, evaluator.label_map)
     path = os.path.join(out_dir, "det_token_categories.png")
     plot_category_distribution(dist, path)
-    evaluation.write_json_atomic(os.path.join(out_dir, "det_token_categories.json"), dist, indent=1)
+    atomic.write_json_atomic(os.path.join(out_dir, "det_token_categories.json"), dist, indent=1)
     written["categories"] += [path, os.path.join(out_dir, "det_token_categories.json")]
 
     done = 0

@@ -22,7 +22,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from yolos_jax.data import transforms as T
 
@@ -80,12 +79,3 @@ def device_resize_normalize(sharding) -> "jax.stages.Wrapped":
         return jnp.where(pixel_mask[..., None], x * scale + shift, 0.0)
 
     return jax.jit(fn, out_shardings=sharding)
-
-
-def host_reference(image_uint8: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """The host path's resize of one image (TF, as `transforms.tf_apply_geometry`): uint8 [h2, w2, 3]."""
-    from yolos_jax.data.tf_setup import get_tf
-
-    tf = get_tf()
-    img = tf.cast(tf.constant(image_uint8), tf.float32) + 0.5
-    return tf.cast(T._tf_resize(tf, img, tf.constant(size, tf.int32)), tf.uint8).numpy()

@@ -390,16 +390,18 @@ def assemble(elements: Sequence[Mapping[str, np.ndarray]], image_format: str,
         image[j, :h, w:] = 0
         mask[j] = False
         mask[j, :h, :w] = True
-    size = np.stack([e["size"] for e in elements]).astype(np.int32)
+    return {"image": image, "pixel_mask": mask, **_stack_targets(elements)}
+
+
+def _stack_targets(elements: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The schema's per-example entries other than the image and its mask, stacked over the batch."""
     return {
-        "image": image,
-        "pixel_mask": mask,
         "boxes": np.stack([e["boxes"] for e in elements]).astype(np.float32),
         "labels": np.stack([e["labels"] for e in elements]).astype(np.int32),
         "box_mask": np.stack([e["box_mask"] for e in elements]).astype(bool),
         "image_id": np.asarray([e["image_id"] for e in elements], np.int64),
         "orig_size": np.stack([e["orig_size"] for e in elements]).astype(np.int32),
-        "size": size,
+        "size": np.stack([e["size"] for e in elements]).astype(np.int32),
         "valid": np.asarray([e["valid"] for e in elements], bool),
     }
 
@@ -427,13 +429,7 @@ def _assemble_sources(elements, canvas: tuple[int, int], source_hw: tuple[int, i
         "source_image": source,
         "source_size": np.stack([e["source_size"] for e in elements]).astype(np.int32),
         "pixel_mask": mask,
-        "boxes": np.stack([e["boxes"] for e in elements]).astype(np.float32),
-        "labels": np.stack([e["labels"] for e in elements]).astype(np.int32),
-        "box_mask": np.stack([e["box_mask"] for e in elements]).astype(bool),
-        "image_id": np.asarray([e["image_id"] for e in elements], np.int64),
-        "orig_size": np.stack([e["orig_size"] for e in elements]).astype(np.int32),
-        "size": np.stack([e["size"] for e in elements]).astype(np.int32),
-        "valid": np.asarray([e["valid"] for e in elements], bool),
+        **_stack_targets(elements),
     }
 
 
