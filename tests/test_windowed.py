@@ -88,7 +88,7 @@ def reference_attention(x, params, num_heads, grid_hw, window, key_mask=None, nu
 
 
 def random_attention_case(grid_hw, window, width, heads, num_det, rel_pos, rel_pos_grid=None, batch=2,
-                          padded=None, table_len=None, seed=0):
+                          padded=None, table_len=None, seed=0, attention_impl=None):
     """(module, params, x, key_mask) with random weights and random (non-zero) rel-pos tables."""
     rng = np.random.RandomState(seed)
     gh, gw = grid_hw
@@ -102,7 +102,8 @@ def random_attention_case(grid_hw, window, width, heads, num_det, rel_pos, rel_p
         key_mask = np.concatenate([np.ones((batch, 1), bool), patch.reshape(batch, -1),
                                    np.ones((batch, num_det), bool)], axis=1)
     module = windowed.WindowedSelfAttention(
-        num_heads=heads, grid_hw=grid_hw, window_size=window, rel_pos=rel_pos, rel_pos_grid=rel_pos_grid
+        num_heads=heads, grid_hw=grid_hw, window_size=window, rel_pos=rel_pos, rel_pos_grid=rel_pos_grid,
+        attention_impl=attention_impl,
     )
     params = flax.core.unfreeze(jax.jit(module.init)(jax.random.PRNGKey(seed), x, key_mask)["params"])
     # Larger-than-init weights: attention far from uniform, so a wrong mask or bias shows.
@@ -160,11 +161,15 @@ CASES = {
 }
 
 
+# 'chunked' = the blocked flash-style kernel for the windows (the CPU default; rel-pos blocks fall back to
+# the einsums), 'einsum' = the explicit einsums every backend can run.
+@pytest.mark.parametrize("impl", ["chunked", "einsum"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_attention_matches_numpy_reference(case):
+def test_attention_matches_numpy_reference(case, impl):
     grid_hw, r, width, heads, num_det, rel_pos, rel_grid, padded, table_len = CASES[case]
     module, params, x, key_mask = random_attention_case(
-        grid_hw, r, width, heads, num_det, rel_pos, rel_grid, padded=padded, table_len=table_len
+        grid_hw, r, width, heads, num_det, rel_pos, rel_grid, padded=padded, table_len=table_len,
+        attention_impl=impl,
     )
     got = np.asarray(jax.jit(module.apply)({"params": params}, x, key_mask))
     span = None
@@ -177,9 +182,11 @@ def test_attention_matches_numpy_reference(case):
         assert np.abs(unmasked - want).max() > 1e-2
 
 
-def test_attention_50x84_grid_matches_numpy_reference():
+@pytest.mark.parametrize("impl", ["chunked", "einsum"])
+def test_attention_50x84_grid_matches_numpy_reference(impl):
     """The full-size non-square case (800 x 1344 pixels at patch 16), hidden 16: 4 x 6 windows of 14."""
-    module, params, x, key_mask = random_attention_case((50, 84), 14, 16, 2, 3, False, batch=1, padded=None)
+    module, params, x, key_mask = random_attention_case((50, 84), 14, 16, 2, 3, False, batch=1, padded=None,
+                                                        attention_impl=impl)
     key_mask = np.ones((1, x.shape[1]), bool)
     key_mask[0, 1:1 + 50 * 84] = ((np.arange(50)[:, None] < 45) & (np.arange(84)[None] < 79)).ravel()  # pad 5, 5
     got = np.asarray(jax.jit(module.apply)({"params": params}, x, key_mask))
@@ -202,6 +209,32 @@ def test_one_window_over_the_grid_equals_global_attention():
     # r = 0 (one window over the grid) is the same function.
     module0 = windowed.WindowedSelfAttention(num_heads=heads, grid_hw=grid_hw, window_size=0)
     np.testing.assert_allclose(np.asarray(jax.jit(module0.apply)({"params": params}, x, key_mask)), got, atol=1e-6)
+
+
+def test_blocked_window_gradients_match_einsum_and_float64():
+    """The blocked kernel's hand-written backward: gradients in x and every parameter equal those of the
+    einsum path (autodiff) and of a float64 run of it, with a padding mask and a window holding only
+    padding (its queries then see the extra tokens alone)."""
+    grid_hw, r = (5, 9), 4
+    module_b, params, x, key_mask = random_attention_case(grid_hw, r, 32, 2, 4, False, padded=(2, 5),
+                                                          attention_impl="chunked")
+    module_e = windowed.WindowedSelfAttention(num_heads=2, grid_hw=grid_hw, window_size=r, attention_impl="einsum")
+    cotangent = np.random.RandomState(1).randn(*x.shape)
+
+    def grads(module, dtype):
+        def loss(p, xx):
+            return jnp.vdot(module.apply({"params": p}, xx, key_mask), jnp.asarray(cotangent, dtype))
+        cast = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), t)  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(cast(params), cast(x))
+
+    got, want = grads(module_b, jnp.float32), grads(module_e, jnp.float32)
+    with jax.enable_x64(True):
+        exact = grads(module_e, jnp.float64)
+    for g, w, e in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(exact)):
+        scale = np.abs(np.asarray(e)).max()
+        assert scale > 0
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=0, atol=2e-5 * scale)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=2e-5 * scale)
 
 
 def test_rel_pos_resize_matches_torch_linear():
