@@ -211,14 +211,26 @@ def test_one_window_over_the_grid_equals_global_attention():
     np.testing.assert_allclose(np.asarray(jax.jit(module0.apply)({"params": params}, x, key_mask)), got, atol=1e-6)
 
 
-def test_blocked_window_gradients_match_einsum_and_float64():
-    """The blocked kernel's hand-written backward: gradients in x and every parameter equal those of the
-    einsum path (autodiff) and of a float64 run of it, with a padding mask and a window holding only
-    padding (its queries then see the extra tokens alone)."""
-    grid_hw, r = (5, 9), 4
-    module_b, params, x, key_mask = random_attention_case(grid_hw, r, 32, 2, 4, False, padded=(2, 5),
+GRAD_CASES = {
+    # grid, r, rel_pos, padded (rows, cols), query chunk (small: several query blocks, a padded last one)
+    "5x9_r4_padmask": ((5, 9), 4, False, (2, 5), None),  # window (1, 1) holds only padding
+    "5x9_r4_relpos_padmask": ((5, 9), 4, True, (2, 5), 5),
+    "global_5x9_relpos_padmask": ((5, 9), 0, True, (1, 2), 7),  # 45 queries in 7 blocks of 7
+    "global_4x6_relpos": ((4, 6), 0, True, None, 128),  # one block
+}
+
+
+@pytest.mark.parametrize("case", sorted(GRAD_CASES))
+def test_blocked_window_gradients_match_einsum_and_float64(case, monkeypatch):
+    """The blocked kernels' hand-written backwards: gradients in x and every parameter (the rel-pos
+    tables included) equal those of the einsum path (autodiff) and of a float64 run of it."""
+    grid_hw, r, rel_pos, padded, chunk = GRAD_CASES[case]
+    if chunk is not None:
+        monkeypatch.setattr(vit, "CPU_QUERY_CHUNK", chunk)
+    module_b, params, x, key_mask = random_attention_case(grid_hw, r, 32, 2, 4, rel_pos, padded=padded,
                                                           attention_impl="chunked")
-    module_e = windowed.WindowedSelfAttention(num_heads=2, grid_hw=grid_hw, window_size=r, attention_impl="einsum")
+    module_e = windowed.WindowedSelfAttention(num_heads=2, grid_hw=grid_hw, window_size=r, rel_pos=rel_pos,
+                                              attention_impl="einsum")
     cotangent = np.random.RandomState(1).randn(*x.shape)
 
     def grads(module, dtype):

@@ -298,11 +298,11 @@ def window_attention(
 
     qw, kw, vw: [B, nW, H, S, Dh] (S = wh * ww cells; queries unscaled); ke, ve: [B, H, E, Dh];
     cell_mask: [B or 1, nW, S] bool (real, un-padded, un-masked cells); extra_mask: [B, E] bool;
-    rel: None or (rh, rw) from `rel_pos_matrix`; blocked: run the softmax attention through
-    `vit._blocked_attention` (one window per batch row; its hand-written flash-style backward recomputes
-    the weights instead of storing them: half the attention temporaries and ~10% less CPU time for
-    YOLOS-B's 25 windows of 196 + 101 keys). Without rel-pos only: its key bias cannot depend on the query.
-    Returns [B, nW, H, S, Dh].
+    rel: None or (rh, rw) from `rel_pos_matrix`; blocked: run the softmax attention through the blocked
+    kernels of `_blocked_window_attention` (one window per batch row; hand-written flash-style
+    backwards recompute the weights instead of storing them: half the attention temporaries and ~10%
+    less CPU time for YOLOS-B's 25 windows of 196 + 101 keys; with rel-pos in a global block the
+    [S, S + E] logits and bias are never stored whole). Returns [B, nW, H, S, Dh].
 
     The extra tokens' keys and values are copied next to each window's (E of S + E columns): one
     batched matmul per side, and the logits and softmax weights of both key sets in one block. (Two
@@ -319,9 +319,7 @@ def window_attention(
          jnp.broadcast_to(extra_mask[:, None], (batch, n_win, n_extra))], axis=-1
     )  # [B, nW, S + E]
     if blocked:
-        if rel is not None:
-            raise ValueError("blocked window attention takes no relative position bias")
-        return _blocked_window_attention(qw, keys, values, mask)
+        return _blocked_window_attention(qw, keys, values, mask, rel, window_hw)
     logits = jnp.einsum("bnhqd,bnhkd->bnhqk", qw * jnp.asarray(head_dim**-0.5, qw.dtype), keys)
     if rel is not None:  # the bias covers the S window columns; the E extra columns get none
         bias = decomposed_rel_pos_bias(qw, rel[0], rel[1], window_hw)
@@ -329,20 +327,159 @@ def window_attention(
     return _softmax_attend(logits, values, mask[:, :, None, None, :])
 
 
-def _blocked_window_attention(qw: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array) -> jax.Array:
-    """qw [B, nW, H, S, Dh] (unscaled) over keys, values [B, nW, H, K, Dh] with mask [B, nW, K] ->
-    [B, nW, H, S, Dh], through the custom-VJP blocked attention with each window a batch row and all S
-    queries one block. `vit._key_bias` gives the mask's semantics: a window without any valid key
-    (impossible with valid extra tokens) averages its values uniformly, as `_softmax_attend` does."""
+def _blocked_window_attention(
+    qw: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    mask: jax.Array,
+    rel: Optional[tuple[jax.Array, jax.Array]] = None,
+    window_hw: Optional[Sequence[int]] = None,
+) -> jax.Array:
+    """qw [B, nW, H, S, Dh] (unscaled) over keys, values [B, nW, H, K, Dh] (K = S cells | E extras) with
+    mask [B, nW, K] -> [B, nW, H, S, Dh], through a custom-VJP blocked attention with each window a
+    batch row. `vit._key_bias` gives the mask's semantics: a window without any valid key (impossible
+    with valid extra tokens) averages its values uniformly, as `_softmax_attend` does.
+
+    Without rel all S queries are one block (`vit._blocked_attention`). With rel = (rh [wh, wh, Dh],
+    rw [ww, ww, Dh]) the queries go in balanced blocks of <= `vit.CPU_QUERY_CHUNK` and each block adds
+    its decomposed relative position bias inside `_relpos_blocked_attention`: a global block at
+    1024 x 1024 never holds a [4096, 4197] logit or bias array per head.
+    """
     batch, n_win, heads, n_cells, head_dim = qw.shape
     n_keys = keys.shape[3]
     rows = batch * n_win
     bias, q_scale = vit._key_bias(mask.reshape(rows, n_keys), rows, head_dim, qw.dtype)
     q = qw.reshape(rows, heads, n_cells, head_dim) * q_scale[:, None, None, None]
-    q = jnp.transpose(q, (1, 0, 2, 3))[:, None]  # [H, 1 block, rows, S, Dh]
     k, v = (jnp.transpose(a.reshape(rows, heads, n_keys, head_dim), (1, 0, 2, 3)) for a in (keys, values))
-    out = vit._blocked_attention(q, k, v, bias)[:, 0]  # [H, rows, S, Dh]
-    return jnp.transpose(out, (1, 0, 2, 3)).reshape(batch, n_win, heads, n_cells, head_dim)
+    if rel is None:
+        q = jnp.transpose(q, (1, 0, 2, 3))[:, None]  # [H, 1 block, rows, S, Dh]
+        out = vit._blocked_attention(q, k, v, bias)[:, 0]  # [H, rows, S, Dh]
+        return jnp.transpose(out, (1, 0, 2, 3)).reshape(batch, n_win, heads, n_cells, head_dim)
+    n_blocks = -(-n_cells // vit.CPU_QUERY_CHUNK)
+    chunk = -(-n_cells // n_blocks)
+    q = vit._to_blocks(jnp.transpose(q, (0, 2, 1, 3)), chunk)  # [H, n, rows, c, Dh]
+    # The bias takes the unscaled query (ViTDet): q_scaled . (table / scale) = q . table. Where a row
+    # has no valid key its q_scale is 0, and so is its bias, as the reference's all-equal logits.
+    inv_scale = jnp.asarray(head_dim**0.5, rel[0].dtype)
+    cells = np.arange(n_blocks * chunk).reshape(n_blocks, chunk)
+    cell_rows = np.minimum(cells // window_hw[1], window_hw[0] - 1).astype(np.int32)  # padded rows: any row
+    cell_cols = (cells % window_hw[1]).astype(np.int32)
+    out = _relpos_blocked_attention(q, k, v, bias, rel[0] * inv_scale, rel[1] * inv_scale,
+                                    jnp.asarray(cell_rows), jnp.asarray(cell_cols))
+    out = vit._from_blocks(out, n_cells)  # [rows, S, H, Dh]
+    return jnp.transpose(out, (0, 2, 1, 3)).reshape(batch, n_win, heads, n_cells, head_dim)
+
+
+def _relpos_bias_block(qc: jax.Array, rhq: jax.Array, rwq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The decomposed bias factors of one query block: qc [R, c, Dh] (scaled), rhq [c, wh, Dh] and rwq
+    [c, ww, Dh] (the rows of the scale-divided tables at each query's row / column) -> (bh [R, c, wh],
+    bw [R, c, ww]) float32; the bias of key cell (y, x) is bh[..., y] + bw[..., x]."""
+    bh = jnp.einsum("rcd,cyd->rcy", qc, rhq.astype(qc.dtype), preferred_element_type=jnp.float32)
+    bw = jnp.einsum("rcd,cxd->rcx", qc, rwq.astype(qc.dtype), preferred_element_type=jnp.float32)
+    return bh, bw
+
+
+def _relpos_logits(qc, kh, key_bias, rhq, rwq, n_extra: int, transposed: bool) -> jax.Array:
+    """Float32 logits of one query block with the key bias and the rel-pos bias of the cell keys (the
+    first S = wh * ww keys; the n_extra extra keys get none). [R, c, K], or [R, K, c] if transposed."""
+    bh, bw = _relpos_bias_block(qc, rhq, rwq)
+    rows, c, wh = bh.shape
+    cell_bias = (bh[..., :, None] + bw[..., None, :]).reshape(rows, c, wh * bw.shape[-1])
+    cell_bias = jnp.pad(cell_bias, ((0, 0), (0, 0), (0, n_extra)))
+    if transposed:
+        logits = jnp.einsum("rsd,rcd->rsc", kh, qc).astype(jnp.float32) + jnp.swapaxes(cell_bias, 1, 2)
+        return logits if key_bias is None else logits + key_bias[:, :, None]
+    logits = jnp.einsum("rcd,rsd->rcs", qc, kh).astype(jnp.float32) + cell_bias
+    return logits if key_bias is None else logits + key_bias[:, None, :]
+
+
+def _relpos_forward(q, k, v, key_bias, rh, rw, cell_rows, cell_cols):
+    """Forward of `_relpos_blocked_attention`: (out [H, n, R, c, Dh], log-sum-exp [H, n, R, c])."""
+    n_extra = k.shape[2] - rh.shape[0] * rw.shape[0]
+
+    def one_head(args):
+        qh, kh, vh = args
+
+        def step(xs):
+            qc, rows_c, cols_c = xs
+            logits = _relpos_logits(qc, kh, key_bias, rh[rows_c], rw[cols_c], n_extra, transposed=False)
+            row_max = jnp.max(logits, axis=-1, keepdims=True)
+            e = jnp.exp(logits - row_max)
+            total = jnp.sum(e, axis=-1, keepdims=True)
+            out = jnp.einsum("rcs,rsd->rcd", e.astype(vh.dtype), vh).astype(jnp.float32)
+            return (out / total).astype(vh.dtype), (row_max + jnp.log(total))[..., 0]
+
+        return jax.lax.map(step, (qh, cell_rows, cell_cols))
+
+    return jax.lax.map(one_head, (q, k, v))
+
+
+@jax.custom_vjp
+def _relpos_blocked_attention(q, k, v, key_bias, rh, rw, cell_rows, cell_cols):
+    """Softmax attention of window cells with the decomposed relative position bias, one (head, query
+    block) at a time, with a flash-attention style backward (the weights are recomputed from the saved
+    log-sum-exp, never stored).
+
+    q: [H, n, R, c, Dh] scaled queries of the S = wh * ww cells in blocks (rows past S are zero padding);
+    k, v: [H, R, K, Dh], K = S cell keys then the extra keys; key_bias: [R, K] float32 (0 or the float32
+    minimum) or None; rh [wh, wh, Dh], rw [ww, ww, Dh]: `rel_pos_matrix` tables divided by the query
+    scale; cell_rows, cell_cols: [n, c] int32, each query's row and column in the window. The logit of
+    query i and cell key (y, x) is q_i . k + q_i . rh[row_i, y] + q_i . rw[col_i, x]. Returns
+    [H, n, R, c, Dh]; gradients reach q, k, v, rh and rw.
+    """
+    return _relpos_forward(q, k, v, key_bias, rh, rw, cell_rows, cell_cols)[0]
+
+
+def _relpos_blocked_attention_fwd(q, k, v, key_bias, rh, rw, cell_rows, cell_cols):
+    out, lse = _relpos_forward(q, k, v, key_bias, rh, rw, cell_rows, cell_cols)
+    return out, (q, k, v, key_bias, rh, rw, cell_rows, cell_cols, out, lse)
+
+
+def _relpos_blocked_attention_bwd(residuals, d_out):
+    """As `vit._blocked_backward`, plus the bias: with ds the logit gradient of the cell keys reshaped to
+    [R, wh, ww, c], dbh = sum over ww and dbw = sum over wh; then dq += dbh . rh[row] + dbw . rw[col],
+    and rh[row_i] += dbh_i q_i, rw[col_i] += dbw_i q_i (scatter-adds over the block's queries, as one-hot
+    matmuls), accumulated in float32 over blocks; heads are summed at the end (tables are shared)."""
+    q, k, v, key_bias, rh, rw, cell_rows, cell_cols, out, lse = residuals
+    wh, ww = rh.shape[0], rw.shape[0]
+    n_extra = k.shape[2] - wh * ww
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [H, n, R, c]
+
+    def one_head(args):
+        qh, kh, vh, doh, lseh, deltah = args
+
+        def step(carry, xs):
+            dk, dv, drh, drw = carry
+            qc, doc, lsec, deltac, rows_c, cols_c = xs
+            rhq, rwq = rh[rows_c], rw[cols_c]  # [c, wh, Dh], [c, ww, Dh]
+            logits = _relpos_logits(qc, kh, key_bias, rhq, rwq, n_extra, transposed=True)  # [R, K, c]
+            p = jnp.exp(logits - lsec[:, None, :])
+            dv = dv + jnp.einsum("rsc,rcd->rsd", p.astype(doc.dtype), doc, preferred_element_type=jnp.float32)
+            dp = jnp.einsum("rsd,rcd->rsc", vh, doc, preferred_element_type=jnp.float32)
+            ds32 = p * (dp - deltac[:, None, :])  # [R, K, c] float32
+            ds = ds32.astype(qc.dtype)
+            dk = dk + jnp.einsum("rsc,rcd->rsd", ds, qc, preferred_element_type=jnp.float32)
+            ds_rows = jax.lax.optimization_barrier(jnp.swapaxes(ds, 1, 2))  # [R, c, K]
+            dq = jnp.einsum("rcs,rsd->rcd", ds_rows, kh, preferred_element_type=jnp.float32)
+            cell_ds = ds32[:, :wh * ww].reshape(ds32.shape[0], wh, ww, ds32.shape[-1])  # [R, wh, ww, c]
+            dbh, dbw = jnp.sum(cell_ds, axis=2), jnp.sum(cell_ds, axis=1)  # [R, wh, c], [R, ww, c]
+            dq = dq + jnp.einsum("ryc,cyd->rcd", dbh, rhq.astype(jnp.float32))
+            dq = dq + jnp.einsum("rxc,cxd->rcd", dbw, rwq.astype(jnp.float32))
+            q32 = qc.astype(jnp.float32)
+            drh = drh + jnp.einsum("cY,ryc,rcd->Yyd", jax.nn.one_hot(rows_c, wh, dtype=jnp.float32), dbh, q32)
+            drw = drw + jnp.einsum("cX,rxc,rcd->Xxd", jax.nn.one_hot(cols_c, ww, dtype=jnp.float32), dbw, q32)
+            return (dk, dv, drh, drw), dq.astype(qc.dtype)
+
+        init = (jnp.zeros(kh.shape, jnp.float32), jnp.zeros(vh.shape, jnp.float32),
+                jnp.zeros(rh.shape, jnp.float32), jnp.zeros(rw.shape, jnp.float32))
+        (dk, dv, drh, drw), dq = jax.lax.scan(step, init, (qh, doh, lseh, deltah, cell_rows, cell_cols))
+        return dq, dk.astype(kh.dtype), dv.astype(vh.dtype), drh, drw
+
+    dq, dk, dv, drh, drw = jax.lax.map(one_head, (q, k, v, d_out, lse, delta))
+    return (dq, dk, dv, None, jnp.sum(drh, 0).astype(rh.dtype), jnp.sum(drw, 0).astype(rw.dtype), None, None)
+
+
+_relpos_blocked_attention.defvjp(_relpos_blocked_attention_fwd, _relpos_blocked_attention_bwd)
 
 
 class WindowedSelfAttention(nn.Module):
@@ -354,10 +491,10 @@ class WindowedSelfAttention(nn.Module):
 
     Attributes:
       num_heads, qkv_bias, dtype: as `vit.SelfAttention`.
-      attention_impl: as SelfAttention's: None (on CPU) or 'chunked' run the windows' attention through
-        the blocked flash-style kernel of `vit.chunked_self_attention` (not with rel_pos, whose bias
-        depends on the query); otherwise, and with rel_pos, explicit head-major einsums (the windows
-        are small). The [CLS]/[DET] queries' global attention is always einsums (E x T logits).
+      attention_impl: as SelfAttention's: None (on CPU) or 'chunked' run the patch queries' attention
+        through blocked flash-style kernels (`_blocked_window_attention`, with the relative position
+        bias added per query block); otherwise explicit head-major einsums. The [CLS]/[DET] queries'
+        global attention is always einsums (E x T logits).
       grid_hw: (gh, gw) patch grid of the tokens.
       num_prefix_tokens: tokens before the patches ([CLS]).
       window_size: r; 0 = one window over the whole grid (a global block, used with rel_pos).
@@ -422,7 +559,7 @@ class WindowedSelfAttention(nn.Module):
         impl = self.attention_impl
         if impl is None and jax.default_backend() == "cpu":
             impl = "chunked"
-        blocked = impl == "chunked" and rel is None
+        blocked = impl == "chunked"
         patch_out = window_attention(qw, kw, vw, ke, ve, cell_mask, extra_mask, rel, (wh, ww), blocked)
         # patch_out: [B, nW, H, S, Dh]
         patch_out = window_unpartition(jnp.transpose(patch_out, (0, 1, 3, 2, 4)), (wh, ww), (gh, gw))
