@@ -20,7 +20,7 @@ Measured, each twice in alternation (best kept, the machine being shared):
                normalisation) on the JAX backend, each distinct batch shape compiled first (untimed):
                wall ms per image (= device time on a GPU/TPU; the host is idle meanwhile) and CPU ms
                per image. On a CPU backend the same cores pay it, so the whole pipeline there costs
-               train device_resize + device_resize (printed as `whole, resize on cpu`).
+               train device_resize + device_resize (the `whole_resize_on_cpu` row).
 Reported: images/s (wall) and CPU-ms per image (process CPU time, all threads): the ratio of CPU
 times is the "cost relative to decoding alone" and is robust to other load on the machine.
 """
@@ -115,11 +115,12 @@ def _device_resize(host_batches) -> tuple[int, float, float, int]:
 
     spec = sharding.batch_sharding(sharding.make_mesh(default_config("s").mesh))
     batches = [select_train_batch(b) for b in host_batches]
-    shapes = {}
+    shapes = set()
     for b in batches:  # compile (and run) each shape once, untimed
         key = (b["source_image"].shape, b["pixel_mask"].shape)
         if key not in shapes:
-            shapes[key] = jax.block_until_ready(data.to_global_batch(b, spec)["image"])
+            shapes.add(key)
+            jax.block_until_ready(data.to_global_batch(b, spec)["image"])
     w0, c0 = time.perf_counter(), time.process_time()
     count = 0
     for b in batches:

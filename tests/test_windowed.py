@@ -161,8 +161,8 @@ CASES = {
 }
 
 
-# 'chunked' = the blocked flash-style kernel for the windows (the CPU default; rel-pos blocks fall back to
-# the einsums), 'einsum' = the explicit einsums every backend can run.
+# 'chunked' = the blocked flash-style kernels for the windows' patch queries (the CPU default; with rel-pos
+# the bias is added per query block), 'einsum' = the explicit einsums every backend can run.
 @pytest.mark.parametrize("impl", ["chunked", "einsum"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_attention_matches_numpy_reference(case, impl):
