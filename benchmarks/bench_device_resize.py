@@ -83,6 +83,31 @@ def _host_batches(jpegs: list[bytes], batch: int, count: int, seed: int = 0) -> 
     return batches
 
 
+def time_to_global_batch(host_batches: list[dict]) -> tuple[int, list[float], float, int]:
+    """`data.to_global_batch` of resize_on_device host batches (keys as `train_step.select_train_batch`
+    gives them), each distinct shape compiled (and run) once first, untimed; then each batch timed to
+    block_until_ready. Returns (images, wall s of each batch, CPU s in all, distinct shapes)."""
+    import jax
+
+    from yolos_jax import data, sharding
+    from yolos_jax.trainer import default_config
+
+    spec = sharding.batch_sharding(sharding.make_mesh(default_config("s").mesh))
+    shapes = set()
+    for b in host_batches:
+        key = (b["source_image"].shape, b["pixel_mask"].shape)
+        if key not in shapes:
+            shapes.add(key)
+            jax.block_until_ready(data.to_global_batch(b, spec)["image"])
+    walls, count, c0 = [], 0, time.process_time()
+    for b in host_batches:
+        t = time.perf_counter()
+        jax.block_until_ready(data.to_global_batch(b, spec)["image"])
+        walls.append(time.perf_counter() - t)
+        count += b["pixel_mask"].shape[0]
+    return count, walls, time.process_time() - c0, len(shapes)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=8)
@@ -93,28 +118,15 @@ def main(argv=None) -> None:
 
     import jax
 
-    from yolos_jax import data, sharding
-    from yolos_jax.trainer import default_config
+    from yolos_jax import atomic
 
     jpegs = _jpegs(a.images)
     decode = _decode_ms(jpegs)
-    batches = _host_batches(jpegs, a.batch, a.rounds)
-    spec = sharding.batch_sharding(sharding.make_mesh(default_config("s").mesh))
-    shapes = set()
-    for b in batches:  # compile each canvas once, untimed
-        key = b["pixel_mask"].shape
-        if key not in shapes:
-            shapes.add(key)
-            jax.block_until_ready(data.to_global_batch(b, spec)["image"])
-    times = []
-    for b in batches:
-        t = time.perf_counter()
-        jax.block_until_ready(data.to_global_batch(b, spec)["image"])
-        times.append(time.perf_counter() - t)
+    _, times, _, n_shapes = time_to_global_batch(_host_batches(jpegs, a.batch, a.rounds))
     per_image = 1000 * float(np.median(times)) / a.batch
     out = {
         "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
-        "batch": a.batch, "canvases": sorted(shapes), "decode_ms_per_image": decode,
+        "batch": a.batch, "distinct_shapes": n_shapes, "decode_ms_per_image": decode,
         "to_device_ms_per_image": per_image, "to_device_vs_decode": per_image / decode,
         "host_cpus": os.cpu_count(),
     }
@@ -122,8 +134,7 @@ def main(argv=None) -> None:
     print(f"\n| backend | decode ms / image (PIL, 1 thread) | to_global_batch ms / image | ratio |\n|---|---|---|---|\n"
           f"| {out['backend']} ({out['device']}) | {decode:.2f} | {per_image:.2f} | {per_image / decode:.2f}x |")
     if a.json_out:
-        with open(a.json_out, "w") as f:
-            json.dump(out, f, indent=1)
+        atomic.write_json_atomic(a.json_out, out, indent=1)
 
 
 if __name__ == "__main__":

@@ -105,28 +105,13 @@ def _train(cfg, batches: int, keep: int = 0):
 
 
 def _device_resize(host_batches) -> tuple[int, float, float, int]:
-    """`data.to_global_batch` of input.resize_on_device host batches, timed after compiling each distinct
-    shape once. Returns (images, wall s, CPU s, distinct shapes)."""
-    import jax
+    """(images, wall s, CPU s, distinct shapes) of `data.to_global_batch` on these host batches."""
+    from bench_device_resize import time_to_global_batch  # benchmarks/, beside this script
 
-    from yolos_jax import data, sharding
-    from yolos_jax.trainer import default_config
     from yolos_jax.train_step import select_train_batch
 
-    spec = sharding.batch_sharding(sharding.make_mesh(default_config("s").mesh))
-    batches = [select_train_batch(b) for b in host_batches]
-    shapes = set()
-    for b in batches:  # compile (and run) each shape once, untimed
-        key = (b["source_image"].shape, b["pixel_mask"].shape)
-        if key not in shapes:
-            shapes.add(key)
-            jax.block_until_ready(data.to_global_batch(b, spec)["image"])
-    w0, c0 = time.perf_counter(), time.process_time()
-    count = 0
-    for b in batches:
-        jax.block_until_ready(data.to_global_batch(b, spec)["image"])
-        count += b["pixel_mask"].shape[0]
-    return count, time.perf_counter() - w0, time.process_time() - c0, len(shapes)
+    count, walls, cpu, shapes = time_to_global_batch([select_train_batch(b) for b in host_batches])
+    return count, sum(walls), cpu, shapes
 
 
 def main(argv=None):
@@ -159,8 +144,9 @@ def main(argv=None):
             print(f"| 640x480, {kb:.0f} KB | {label} | {wall_rate:.0f} | {r['cpu_ms_per_image']:.2f} | "
                   f"{r.get('cpu_cost_vs_decode', 1.0):.2f}x |")
     if a.json_out:
-        with open(a.json_out, "w") as f:
-            json.dump(out, f, indent=1)
+        from yolos_jax import atomic
+
+        atomic.write_json_atomic(a.json_out, out, indent=1)
 
 
 def run_one(a, noise: float) -> dict:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 
 import cpu_setup  # noqa: E402  (benchmarks/; pins cores, XLA flags, allocator: before jax and torch)
@@ -43,7 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from yolos_jax import config as config_lib  # noqa: E402
-from yolos_jax import losses, matcher  # noqa: E402
+from yolos_jax import atomic, losses, matcher  # noqa: E402
 from yolos_jax.yolos import YOLOS  # noqa: E402
 
 MODELS = {
@@ -161,18 +160,6 @@ def report(results: list[dict], args, header: str) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".md")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="global,hybrid",
@@ -213,7 +200,9 @@ def main(argv=None):
     text = report(results, args, header)
     print(text)
     if args.results:
-        write_atomic(args.results, text + "\n")
+        with atomic.atomic_file(args.results, suffix=".md") as tmp:
+            with open(tmp, "w") as f:
+                f.write(text + "\n")
 
 
 if __name__ == "__main__":
