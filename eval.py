@@ -4,7 +4,7 @@ r"""Evaluate a YOLOS detector on the val split with pycocotools (COCO box AP), a
   python eval.py --config=configs/yolos_s.py --checkpoint=/ckpt/yolos_s_hf \
       --config.input.label_mode=identity                                     # a converted COCO checkpoint
   python eval.py ... --speed        # + FPS at batch 1 and GFLOPs over the first 100 val images (Tables 4-6)
-  python eval.py ... --robustness   # + COCO-C: every corruption at 5 severities, per corruption and mean
+  python eval.py ... --robustness   # + COCO-C: 15 benchmark corruptions x 5 severities, per corruption, mPC
 
 Writes OUT/metrics.json (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl) and
 OUT/detections.json (COCO results format); OUT defaults to WORKDIR/eval or ./eval_<checkpoint name>.

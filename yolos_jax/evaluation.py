@@ -67,8 +67,10 @@ def default_eval_config() -> ml_collections.ConfigDict:
             speed_warmup=1,
             # Timed passes; FPS is images / seconds over all of them.
             speed_repeats=1,
-            # COCO-C robustness (fp_detr_paper.md Table 4): corruptions ('all', a group 'noise', 'blur',
-            # 'weather', 'digital', or comma-separated names), severities, and an optional image cap.
+            # COCO-C robustness (fp_detr_paper.md Table 4): corruptions ('all' = the 15 benchmark ones,
+            # 'extra' = held-out extras, a group 'noise', 'blur', 'weather', 'digital', or comma-separated
+            # names, e.g. 'all,gaussian_blur'), severities, and an optional image cap. mPC averages only the
+            # benchmark corruptions; robustness.json's `complete` says whether it is the full 15 x 5 mPC.
             corruptions="all",
             severities="1,2,3,4,5",
             robustness_max_images=0,
@@ -637,7 +639,8 @@ def run_robustness(evaluator: Evaluator, params: Any, out_dir: str, *, clean: Op
     """Evaluates on corrupted val images for every (corruption, severity) of `config.eval`.
 
     Writes out_dir/<corruption>/s<severity>/metrics.json (and detections.json) and out_dir/robustness.json
-    with the per-corruption means, mPC and rPC (process 0). Returns the summary dict.
+    with the per-corruption means, mPC and rPC over the benchmark corruptions evaluated (`complete` when all
+    15 x 5 were), and the extras' mean apart (process 0). Returns the summary dict (`robustness.summarize`).
     """
     from yolos_jax import robustness
 
