@@ -4,7 +4,8 @@ r"""Detect objects in image files: annotated PNGs (boxes, class names, scores) a
   python infer.py --checkpoint=/tmp/yolos_s --config=configs/yolos_s.py --images='val/*.jpg' --out=OUT
 
 --checkpoint takes a converted checkpoint (convert_torch_weights.py) or a training workdir/step. Class
-names come from the converted checkpoint, or from the dataset of --config (training checkpoints).
+names: --config's dataset when given, else the checkpoint's (recorded at conversion or by the training run).
+Eval size: --eval_size, else the checkpoint's, else --config's.
 Writes OUT/<image name>.png and OUT/detections.json ([{file, height, width, detections: [{box_xyxy
 (pixels), score, label, name}]}]). The logic is `yolos_jax.visualize.run_inference`.
 """

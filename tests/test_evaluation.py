@@ -450,8 +450,6 @@ jax.distributed.shutdown()
 """
 
 
-@pytest.mark.skipif(not os.environ.get("YOLOS_JAX_MULTIPROCESS_TESTS"),
-                    reason="two extra jax+TF processes (~50 s on the shared 2-core box); set YOLOS_JAX_MULTIPROCESS_TESTS=1")
 def test_two_processes_equal_one(synth, tmp_path):
     import socket
     import subprocess

@@ -1,6 +1,6 @@
 """End to end through `train.py` on the generated dataset (configs/demo.py:smoke), as a user runs it.
 
-* train -> checkpoint -> restore -> eval -> annotated image, and the loss goes down;
+* train (with a periodic eval midway) -> checkpoint -> restore -> eval -> annotated image, and the loss goes down;
 * SIGKILL midway, SIGTERM (preemption) on the resumed run, resume again: parameters bit-identical to an
   uninterrupted run of the same length;
 * an injected NaN stops the run naming the step, and the last checkpoint stays loadable.
@@ -68,15 +68,15 @@ def _losses(stdout):
 
 def test_train_checkpoint_restore_eval_image(tmp_path, env, data_root):
     workdir = tmp_path / "run"
-    proc = _train(workdir, data_root, env)
+    proc = _train(workdir, data_root, env, "--config.train.eval_every=8")  # periodic eval at 8, final at 16
     losses = _losses(proc.stdout)
     assert len(losses) == 4, proc.stdout
     assert losses[-1] < losses[0], f"loss did not go down: {losses}"
     steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
     assert steps[-1] == 16 and len(steps) <= 3  # keep-last-k
-    metrics_files = [os.path.join(r, f) for r, _, fs in os.walk(workdir / "eval") for f in fs if f == "metrics.json"]
-    assert metrics_files
-    metrics = json.load(open(metrics_files[-1]))
+    assert sorted(os.listdir(workdir / "eval")) == ["step_16", "step_8"]  # train.eval_every and eval_at_end
+    assert (workdir / "eval" / "step_8" / "metrics.json").is_file()
+    metrics = json.load(open(workdir / "eval" / "step_16" / "metrics.json"))
     assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"} <= set(metrics)
     pngs = [os.path.join(r, f) for r, _, fs in os.walk(workdir / "eval") for f in fs if f.endswith(".png")]
     assert pngs, "no annotated val image written"
@@ -89,6 +89,16 @@ def test_train_checkpoint_restore_eval_image(tmp_path, env, data_root):
     image = np.zeros((64, 96, 3), np.uint8)
     (result,) = detector.predict([image], threshold=0.0, top_k=5)
     assert result["boxes"].shape == (5, 4)
+    # infer.py's loader on the training workdir: class names recorded by the run (no --config needed).
+    from PIL import Image
+
+    from yolos_jax import visualize
+
+    Image.fromarray(image).save(tmp_path / "blank.png")
+    (record,) = visualize.run_inference(str(workdir), [str(tmp_path / "blank.png")], str(tmp_path / "infer"),
+                                        threshold=0.0, top_k=3)
+    assert len(record["detections"]) == 3
+    assert {d["name"] for d in record["detections"]} <= {"circle", "square", "triangle", "ellipse"}
     out = tmp_path / "eval_again"
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "eval.py"), "--config", os.path.join(ROOT, "configs/demo.py:smoke"),

@@ -229,3 +229,97 @@ def test_parameter_gradients_match_hf(converted, name, impl, tmp_path):
         scale = max(float(np.abs(want[k]).max()), 1e-3)
         err = float(np.abs(np.asarray(got[k]) - np.asarray(want[k])).max())
         assert err <= 2e-4 * scale, (k, err, scale)
+
+
+# --------------------------------------------------------------------------------------------------
+# bf16 compute with fp32 parameters (config.model.dtype='bfloat16'), the whole model
+# --------------------------------------------------------------------------------------------------
+
+
+def test_bfloat16_compute_matches_float32():
+    """A tiny YOLOS (mid PEs, non-square padded input that forces PE resizing) with dtype='bfloat16' against
+    the same parameters in float32: parameters and gradients stay float32, the matmuls run in bf16, and
+    outputs and gradients agree to bf16 precision.
+
+    Tolerances: bf16 keeps 8 significand bits, a relative spacing of 2^-8 (0.4%) per rounded operand. Two
+    blocks and the heads chain ~15 rounded matmuls, layer norms and softmaxes whose errors add up to a
+    few 2^-8; measured here: max |dlogits| ~ 0.5% of max |logits|, max |dboxes| ~ 1.5e-3. We allow 8 * 2^-8
+    (3%) of the fp32 logits' largest magnitude, and 4 * 2^-8 (0.016, 1.6% of the image side) absolute on
+    the boxes (sigmoid outputs in [0, 1]; the sigmoid's slope <= 1/4 only shrinks the box-logit errors).
+    Gradients: the direction must agree (cosine > 0.99 overall and per parameter; measured >= 0.9993)."""
+    import jax
+    import jax.numpy as jnp
+
+    from yolos_jax.yolos import YOLOS
+
+    cfg = config.model_config("s", hidden_size=32, depth=2, num_heads=2, num_det_tokens=5, num_classes=7,
+                              init_pe_size=(64, 96), mid_pe_size=(64, 96)).to_dict()
+    m32, m16 = YOLOS(**cfg), YOLOS(**(cfg | {"dtype": "bfloat16"}))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 80, 112, 3)).astype(np.float32)
+    mask = np.ones(x.shape[:3], bool)
+    mask[1, 48:], mask[1, :, 80:] = False, False  # image 1 is 48x80 on the 80x112 canvas
+    x[~mask] = 0.0
+
+    # Parameters the bf16 model declares: float32 (shapes only, no initialiser runs).
+    shapes16 = jax.eval_shape(lambda: m16.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))["params"]
+    shapes32 = jax.eval_shape(lambda: m32.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))["params"]
+    assert {str(s.dtype) for s in jax.tree.leaves(shapes16)} == {"float32"}
+    assert jax.tree.map(lambda s: s.shape, shapes16) == jax.tree.map(lambda s: s.shape, shapes32)
+
+    # O(1) random parameters (as reference_models.randomize_), so that outputs are not just the biases.
+    def draw(path, s):
+        name, r = jax.tree_util.keystr(path), rng.normal(size=s.shape)
+        if name.endswith("['scale']"):
+            return (1.0 + 0.2 * r).astype(np.float32)
+        if name.endswith("['bias']"):
+            return (0.2 * r).astype(np.float32)
+        if name.endswith("['kernel']"):
+            return (r / np.sqrt(np.prod(s.shape[:-1]))).astype(np.float32)
+        return (0.5 * r).astype(np.float32)  # tokens and position embeddings
+
+    params = jax.tree_util.tree_map_with_path(draw, shapes16)
+    w_logits = rng.normal(size=(2, 5, 8)).astype(np.float32)
+    w_boxes = rng.normal(size=(2, 5, 4)).astype(np.float32)
+
+    def loss_and_grad(model):
+        def loss(p):
+            o = model.apply({"params": p}, jnp.asarray(x), jnp.asarray(mask))
+            return jnp.sum(o["logits"] * w_logits) + jnp.sum(o["boxes"] * w_boxes), o
+
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+    # The bf16 model really computes in bf16 (its jaxpr has bf16 matmuls; the fp32 one has none).
+    jaxpr16 = str(jax.make_jaxpr(lambda p: m16.apply({"params": p}, x, mask))(params))
+    jaxpr32 = str(jax.make_jaxpr(lambda p: m32.apply({"params": p}, x, mask))(params))
+    assert "bf16" in jaxpr16 and "bf16" not in jaxpr32
+
+    (_, o32), g32 = loss_and_grad(m32)(params)
+    (_, o16), g16 = loss_and_grad(m16)(params)
+    for k in ("logits", "boxes"):
+        assert o16[k].dtype == jnp.float32 and o16[k].shape == o32[k].shape, k
+        assert np.isfinite(np.asarray(o16[k])).all(), k
+    eps = 2.0**-8
+    logit_scale = float(np.abs(o32["logits"]).max())
+    assert np.std(np.asarray(o32["logits"])) > 0.3  # O(1) logits: the comparison has something to compare
+    d_logits = ref.max_abs(o16["logits"], o32["logits"])
+    d_boxes = ref.max_abs(o16["boxes"], o32["boxes"])
+    assert d_logits <= 8 * eps * logit_scale, (d_logits, logit_scale)
+    assert d_boxes <= 4 * eps, d_boxes
+    assert d_logits > 1e-4  # and bf16 rounding did happen (an ignored dtype would give exactly 0)
+
+    f32, f16 = convert.flatten_params(g32), convert.flatten_params(g16)
+    assert set(f16) == set(f32)
+    for k in f16:
+        assert f16[k].dtype == jnp.float32, k  # gradients have the parameters' dtype
+        assert np.isfinite(np.asarray(f16[k])).all(), k
+
+    def cosine(a, b):
+        a, b = np.ravel(np.asarray(a, np.float64)), np.ravel(np.asarray(b, np.float64))
+        return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+    flat32 = np.concatenate([np.ravel(f32[k]) for k in sorted(f32)])
+    flat16 = np.concatenate([np.ravel(f16[k]) for k in sorted(f32)])
+    assert cosine(flat16, flat32) > 0.99
+    per_leaf = {k: cosine(f16[k], f32[k]) for k in f32}
+    assert min(per_leaf.values()) > 0.99, min(per_leaf.items(), key=lambda kv: kv[1])

@@ -676,7 +676,8 @@ def load_checkpoint(path: str) -> tuple[Any, dict, dict]:
 
     path: a converted-checkpoint directory (convert_torch_weights.py --output), a training workdir (its
     latest step), its checkpoints/ directory or one checkpoints/<step> directory. `meta` is the converted
-    directory's metadata (eval_size, label_names, ...) or {} for training checkpoints.
+    directory's metadata (eval_size, label_names, ...) or, for training checkpoints, what the run recorded
+    (its input.eval_size / eval_max_size and the dataset's label names; see `checkpointing.load_params_and_meta`).
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint path {path} does not exist")
@@ -691,12 +692,11 @@ def load_checkpoint(path: str) -> tuple[Any, dict, dict]:
             )
     else:
         try:
-            from yolos_jax.checkpointing import load_params
+            from yolos_jax.checkpointing import load_params_and_meta
         except ImportError as e:  # the training stage is not installed/available
-            raise ImportError(f"cannot read training checkpoint {path}: yolos_jax.checkpointing.load_params is "
+            raise ImportError(f"cannot read training checkpoint {path}: yolos_jax.checkpointing is "
                               f"unavailable ({e})") from e
-        params, model_cfg = load_params(path)
-        meta = {}
+        params, model_cfg, meta = load_params_and_meta(path)
     cfg = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
     for k in ("init_pe_size", "mid_pe_size"):  # JSON lists -> tuples (hashable module fields)
         if cfg.get(k) is not None:

@@ -344,9 +344,9 @@ def run_inference(checkpoint: str, inputs: Sequence[str], out_dir: str, *, thres
                   top_k: Optional[int] = None, eval_size: Optional[int] = None, config: Any = None) -> list[dict]:
     """`infer.py`: loads any converted or trained checkpoint into a `Detector` and runs `infer_images`.
 
-    Class names: the dataset's (config.input) when `config` is given, else the converted checkpoint's,
-    else the label numbers. eval_size: the argument, else the checkpoint's, else config.eval.eval_size,
-    else 800.
+    Class names: the dataset's (config.input) when `config` is given, else the checkpoint's (recorded at
+    conversion or by the training run), else the label numbers. eval_size: the argument, else the
+    checkpoint's (with its max size), else config.eval.eval_size, else 800.
     """
     from yolos_jax import evaluation
     from yolos_jax.inference import Detector
@@ -360,8 +360,14 @@ def run_inference(checkpoint: str, inputs: Sequence[str], out_dir: str, *, thres
         label_map = data.dataset_info(config.input).label_map
         evaluation.check_label_map(label_map, model_cfg["num_classes"])
         names = list(label_map.names)
-    size = eval_size or meta.get("eval_size") or (config.eval.eval_size if config is not None else 800)
-    detector = Detector(params, model_cfg, eval_size=int(size))
+    max_size = None
+    if eval_size:
+        size = eval_size
+    elif meta.get("eval_size"):
+        size, max_size = meta["eval_size"], meta.get("max_size")
+    else:
+        size = config.eval.eval_size if config is not None else 800
+    detector = Detector(params, model_cfg, eval_size=int(size), max_size=max_size)
     return infer_images(detector, paths, out_dir, threshold=threshold, top_k=top_k, names=names)
 
 
