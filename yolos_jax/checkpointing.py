@@ -20,6 +20,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from yolos_jax import config as config_lib
+
 CHECKPOINT_SUBDIR = "checkpoints"
 CONVERTED_MARKER = "yolos_jax.json"
 
@@ -149,10 +151,7 @@ def load_params_and_meta(path: str) -> tuple[Any, dict, dict]:
     config = restored["config"]
     if "model" not in config:
         raise ValueError(f"checkpoint {directory}/{step} holds no model config (config/model missing)")
-    model_cfg = dict(config["model"])
-    for key in ("init_pe_size", "mid_pe_size"):  # JSON turned tuples into lists
-        if isinstance(model_cfg.get(key), list):
-            model_cfg[key] = tuple(model_cfg[key])
+    model_cfg = config_lib.sequence_fields_as_tuples(config["model"])  # JSON turned tuples into lists
     input_cfg = config.get("input", {})
     eval_max = input_cfg.get("eval_max_size", -1)
     meta = {

@@ -26,6 +26,21 @@ MODEL_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+# YOLOS fields that are sequences: JSON (checkpoints, converted metadata) and ConfigDicts hand them back as
+# lists, but module fields must be hashable.
+SEQUENCE_FIELDS = ("init_pe_size", "mid_pe_size", "global_blocks", "det_reference_grid", "det_attention_sigma")
+_INT_SEQUENCE_FIELDS = ("init_pe_size", "mid_pe_size", "global_blocks", "det_reference_grid")
+
+
+def sequence_fields_as_tuples(model_cfg: dict) -> dict:
+    """A copy of a model config dict with every list-valued sequence field as a tuple (ints kept int)."""
+    out = dict(model_cfg)
+    for k in SEQUENCE_FIELDS:
+        if out.get(k) is not None:
+            out[k] = tuple(int(v) if k in _INT_SEQUENCE_FIELDS else float(v) for v in out[k])
+    return out
+
+
 def model_config(variant: str, **overrides: Any) -> ml_collections.ConfigDict:
     """The `config.model` sub-config of a variant: exactly the keyword arguments of `YOLOS`."""
     if variant not in MODEL_VARIANTS:
@@ -56,6 +71,10 @@ def model_config(variant: str, **overrides: Any) -> ml_collections.ConfigDict:
         window_size=0,  # ViTDet windowed attention r (0: global attention in every block)
         global_blocks=None,  # blocks kept global with window_size > 0 (None: every depth/4-th)
         rel_pos=False,  # decomposed relative position bias (zero-initialised)
+        # Spatial priors for the [DET] tokens (yolos_jax/det_prior.py); these defaults are plain YOLOS.
+        det_reference_grid=None,  # (rows, cols) reference points, one per [DET] token (rows * cols = Q)
+        det_attention_sigma=(),  # per-head Gaussian prior width around them, in patches (0 = none)
+        det_box_offset=False,  # predict (cx, cy) relative to the reference point
     )
     fields.update(MODEL_VARIANTS[variant])
     fields.update(overrides)

@@ -120,10 +120,7 @@ def _grid(size_hw: Sequence[int], patch: int) -> tuple[int, int]:
 
 def _cfg_dict(model_cfg: Any) -> dict[str, Any]:
     d = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
-    for k in ("init_pe_size", "mid_pe_size"):
-        if d.get(k) is not None:
-            d[k] = tuple(int(v) for v in d[k])
-    return d
+    return config_lib.sequence_fields_as_tuples(d)
 
 
 def expected_param_shapes(model_cfg: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -954,9 +951,7 @@ def convert_state(
     unknown = set(overrides) - set(config_lib.model_config("s").keys())
     if unknown:
         raise ConversionError(f"unknown model config fields {sorted(unknown)}")
-    for k in ("init_pe_size", "mid_pe_size"):
-        if overrides.get(k) is not None:
-            overrides[k] = tuple(int(v) for v in overrides[k])
+    overrides = config_lib.sequence_fields_as_tuples(overrides)
     src = read_checkpoint(source)
     fmt = detect_format(src.state)
     out = _CONVERTERS[fmt](src, variant, overrides, None if source_pe_size is None else tuple(source_pe_size))

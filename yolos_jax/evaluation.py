@@ -38,6 +38,7 @@ import ml_collections
 import numpy as np
 
 from yolos_jax import atomic, box_ops
+from yolos_jax import config as config_lib
 
 log = logging.getLogger("yolos_jax")
 
@@ -698,10 +699,7 @@ def load_checkpoint(path: str) -> tuple[Any, dict, dict]:
                               f"unavailable ({e})") from e
         params, model_cfg, meta = load_params_and_meta(path)
     cfg = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
-    for k in ("init_pe_size", "mid_pe_size"):  # JSON lists -> tuples (hashable module fields)
-        if cfg.get(k) is not None:
-            cfg[k] = tuple(int(v) for v in cfg[k])
-    return params, cfg, dict(meta)
+    return params, config_lib.sequence_fields_as_tuples(cfg), dict(meta)  # lists -> hashable tuples
 
 
 def load_model(path: str, **model_overrides: Any) -> tuple[Any, Any, dict]:

@@ -89,7 +89,8 @@ def default_config(variant: str = "s") -> ml_collections.ConfigDict:
 def prepare_input_config(input_cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
     """Resolves '{workdir}' in the input paths and generates the synthetic dataset when asked to.
 
-    A config with `input.synthetic` (num_train, num_val, image_size, num_classes, seed) and a
+    A config with `input.synthetic` (num_train, num_val, image_size, num_classes, seed; optional
+    max_objects, classes, min_size_frac, max_size_frac, background: see `synthetic.generate`) and a
     `source_dir` that does not exist yet gets the seeded synthetic COCO-format dataset written there —
     the embedded default that needs no download. Returns a resolved copy; `input_cfg` is not modified.
     """
@@ -104,9 +105,11 @@ def prepare_input_config(input_cfg: ml_collections.ConfigDict, workdir: str) -> 
         if jax.process_index() == 0:
             log.info("generating the synthetic dataset into %s", cfg.source_dir)
             try:
+                options = {k: synth[k] for k in ("classes", "min_size_frac", "max_size_frac", "background")
+                           if synth.get(k) is not None}
                 synthetic.generate(cfg.source_dir, int(synth.num_train), int(synth.num_val), int(synth.seed),
                                    tuple(synth.image_size), num_classes=int(synth.num_classes),
-                                   max_objects=int(synth.get("max_objects", 6)))
+                                   max_objects=int(synth.get("max_objects", 6)), **options)
             except FileExistsError:  # another process finished it meanwhile
                 pass
         if jax.process_count() > 1:
@@ -126,9 +129,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
     for name in ("hidden_size", "depth", "num_heads", "patch_size", "num_det_tokens", "num_classes"):
         if not isinstance(m[name], int) or m[name] <= 0:
             _fail(f"model.{name}", f"must be a positive integer, got {m[name]!r}")
-    from yolos_jax import variants
+    from yolos_jax import det_prior, variants
 
     variants.validate_options(m)
+    det_prior.validate_options(m)
     if m.hidden_size % m.num_heads:
         _fail("model.num_heads", f"{m.num_heads} does not divide model.hidden_size={m.hidden_size}")
     for name in ("init_pe_size", "mid_pe_size"):

@@ -523,12 +523,16 @@ class EncoderBlock(nn.Module):
     attention: Optional[Callable[..., nn.Module]] = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, key_mask: Optional[jax.Array] = None) -> jax.Array:
-        """x: [B, T, D]; key_mask: [B, T] bool or None. Returns [B, T, D]."""
+    def __call__(
+        self, x: jax.Array, key_mask: Optional[jax.Array] = None, attn_bias: Optional[jax.Array] = None
+    ) -> jax.Array:
+        """x: [B, T, D]; key_mask: [B, T] bool or None; attn_bias: an extra input of the attention layer
+        (`det_prior.DetPriorAttention`'s [DET]-query bias), None for the others. Returns [B, T, D]."""
         y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="norm1")(x)
-        y = (self.attention or SelfAttention)(
+        attn = (self.attention or SelfAttention)(
             self.num_heads, self.qkv_bias, self.dtype, self.attention_impl, name="attn"
-        )(y, key_mask)
+        )
+        y = attn(y, key_mask) if attn_bias is None else attn(y, key_mask, attn_bias)
         x = x + drop_path(self, y, self.drop_path_rate)
         y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="norm2")(x)
         y = Mlp(self.mlp_dim, self.dtype, name="mlp")(y)

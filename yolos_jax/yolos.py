@@ -24,13 +24,14 @@ Parameter tree (names used by the converter and the optimiser's decay mask):
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from yolos_jax import variants, vit, windowed
+from yolos_jax import det_prior, variants, vit, windowed
 
 Dtype = Any
 
@@ -99,6 +100,9 @@ class YOLOS(nn.Module):
       window_size, global_blocks, rel_pos: ViTDet windowed attention over r x r patch windows (0 = global
         everywhere) in every block but `global_blocks` (None: every depth/4-th, (2, 5, 8, 11) at depth 12),
         and the decomposed relative position bias (zero-initialised); see `yolos_jax/windowed.py`.
+      det_reference_grid, det_attention_sigma, det_box_offset: spatial priors for the [DET] tokens
+        (reference points on a rows x cols grid, per-head Gaussian attention priors around them, boxes
+        predicted relative to them); see `yolos_jax/det_prior.py`. Off by default (plain YOLOS).
     """
 
     hidden_size: int = 384
@@ -125,6 +129,9 @@ class YOLOS(nn.Module):
     window_size: int = 0
     global_blocks: Optional[Sequence[int]] = None
     rel_pos: bool = False
+    det_reference_grid: Optional[Sequence[int]] = None
+    det_attention_sigma: Sequence[float] = ()
+    det_box_offset: bool = False
 
     def _grid(self, size_hw: Sequence[int]) -> tuple[int, int]:
         return int(size_hw[0]) // self.patch_size, int(size_hw[1]) // self.patch_size
@@ -138,6 +145,7 @@ class YOLOS(nn.Module):
         Returns the output dict described in the module docstring.
         """
         variants.validate_options(self)
+        det_prior.validate_options(self)
         dtype = _as_dtype(self.dtype)
         width = self.hidden_size
         batch = images.shape[0]
@@ -210,6 +218,13 @@ class YOLOS(nn.Module):
 
         block_cls = nn.remat(vit.EncoderBlock) if self.remat else vit.EncoderBlock
         attention = windowed.encoder_attention(self, grid_hw, partial_sequence=self.token_keep_ratio < 1.0)
+        det_bias = None  # [B, H, Q, T]: the [DET] queries' attention prior, the same in every block
+        if det_prior.enabled(self):
+            attention = [functools.partial(det_prior.DetPriorAttention, num_det_tokens=q)] * self.depth
+            if any(s > 0 for s in self.det_attention_sigma):
+                valid_hw = det_prior.valid_extent(images.shape[1:3], pixel_mask, batch)
+                det_bias = det_prior.attention_bias(self.det_reference_grid, self.det_attention_sigma,
+                                                    self.num_heads, grid_hw, self.patch_size, valid_hw)
         mlp_dim = self.mlp_dim or 4 * width
         intermediates = []
         for i in range(self.depth):
@@ -225,7 +240,7 @@ class YOLOS(nn.Module):
                 drop_path_rate=drop_path[i],
                 attention=attention[i],
                 name=f"block_{i}",
-            )(x, key_mask)
+            )(x, key_mask, det_bias)
             if i >= self.depth - 1 - self.aux_layers and i < self.depth - 1:
                 intermediates.append(x[:, -q:])
             if mid_pos is not None and i < self.depth - 1:
@@ -234,12 +249,15 @@ class YOLOS(nn.Module):
         encoder_norm = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=dtype, name="encoder_norm")
         class_head = MLPHead(width, self.num_classes + 1, 3, dtype, name="class_head")
         box_head = MLPHead(width, 4, 3, dtype, name="box_head")
+        box_offset = 0.0
+        if det_prior.enabled(self) and self.det_box_offset:
+            box_offset = jnp.asarray(det_prior.box_logit_offset(self.det_reference_grid))  # [Q, 4]
 
         def predict(det: jax.Array) -> dict[str, jax.Array]:
             det = encoder_norm(det)
             return {
                 "logits": class_head(det).astype(jnp.float32),
-                "boxes": jax.nn.sigmoid(box_head(det).astype(jnp.float32)),
+                "boxes": jax.nn.sigmoid(box_head(det).astype(jnp.float32) + box_offset),
             }
 
         outputs = predict(x[:, -q:])

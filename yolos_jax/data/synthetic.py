@@ -9,9 +9,10 @@ Layout written by `generate(out_dir, ...)` (the same layout `coco_builder` reads
     annotations/instances_val.json
 
 Each image holds 1..`max_objects` shapes of the classes in `SHAPES` (circle, square, triangle, ellipse,
-rectangle, diamond, cross, hexagon; the first `num_classes`), of varied size, aspect, colour and rotation
-(triangles and diamonds), overlapping (each shape stays at least half visible), on a textured
-background (smooth colour noise + stripes or checks + pixel noise). Boxes are the exact pixel extent of
+rectangle, diamond, cross, hexagon; the first `num_classes`, or those named by `classes`), of varied size,
+aspect, colour and rotation (triangles and diamonds), overlapping (each shape stays at least half
+visible), on a textured background (smooth colour noise + stripes or checks + pixel noise; or
+`background='plain'`: the colour noise only). Boxes are the exact pixel extent of
 each shape's full mask ([x, y, w, h], COCO convention), `area` is the mask's pixel count, `segmentation`
 a polygon. With `crowd_fraction > 0` some objects are marked `iscrowd=1` (the pipeline drops them for
 training, as DETR does). Everything is a pure function of `seed`: the same call writes the same files.
@@ -36,10 +37,17 @@ SHAPES = ("circle", "square", "triangle", "ellipse", "rectangle", "diamond", "cr
 SPLITS = ("train", "val")
 
 
-def _background(rng: np.random.Generator, h: int, w: int, noise: float = 6.0) -> np.ndarray:
-    """[h, w, 3] uint8 texture: low-frequency colour noise, a stripe/check pattern, pixel noise (std
-    `noise` grey levels; more noise = larger, slower-to-decode JPEGs)."""
+BACKGROUNDS = ("textured", "plain")
+
+
+def _background(rng: np.random.Generator, h: int, w: int, noise: float = 6.0, kind: str = "textured") -> np.ndarray:
+    """[h, w, 3] uint8: low-frequency colour noise, a stripe/check pattern ('textured' only), pixel noise
+    (std `noise` grey levels; more noise = larger, slower-to-decode JPEGs)."""
     gh, gw = max(2, h // 24), max(2, w // 24)
+    if kind == "plain":  # no pattern, a narrower colour range: objects are the only edges
+        coarse = rng.uniform(60, 180, size=(gh, gw, 3)).astype(np.float32)
+        base = np.asarray(Image.fromarray(coarse.astype(np.uint8)).resize((w, h), Image.BILINEAR), np.float32)
+        return np.clip(base * 0.8 + rng.normal(0, noise, size=(h, w, 3)), 0, 255).astype(np.uint8)
     coarse = rng.uniform(40, 200, size=(gh, gw, 3)).astype(np.float32)
     base = np.asarray(Image.fromarray(coarse.astype(np.uint8)).resize((w, h), Image.BILINEAR), np.float32)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -93,14 +101,19 @@ def render_image(
     min_size_frac: float = 0.08,
     max_size_frac: float = 0.6,
     texture_noise: float = 6.0,
+    classes: Optional[Sequence[str]] = None,
+    background: str = "textured",
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """One image and its objects.
 
+    Object sizes are uniform in [min_size_frac, max_size_frac] of the image's short side; class k draws
+    the shape `classes[k]` (default `SHAPES[k]`); background: one of `BACKGROUNDS`.
     Returns (image [H, W, 3] uint8, objects) with objects = [{'shape': int class index in
     [0, num_classes), 'bbox': [x, y, w, h] pixels (tight around the full mask), 'area': mask pixels,
     'polygon': flat [x0, y0, x1, y1, ...], 'color': (r, g, b)}].
     """
-    img = Image.fromarray(_background(rng, height, width, texture_noise))
+    classes = tuple(classes) if classes is not None else SHAPES[:num_classes]
+    img = Image.fromarray(_background(rng, height, width, texture_noise, background))
     draw = ImageDraw.Draw(img)
     objects: list[dict[str, Any]] = []
     n = int(rng.integers(1, max_objects + 1))
@@ -108,7 +121,7 @@ def render_image(
     for _ in range(n):
         for _attempt in range(20):
             k = int(rng.integers(num_classes))
-            kind = SHAPES[k]
+            kind = classes[k]
             size = rng.uniform(min_size_frac, max_size_frac) * short
             aspect = 1.0 if kind in ("circle", "square", "hexagon", "cross") else float(np.exp(rng.uniform(-0.7, 0.7)))
             bw, bh = size * math.sqrt(aspect) / 2, size / math.sqrt(aspect) / 2
@@ -164,6 +177,10 @@ def generate(
     crowd_fraction: float = 0.0,
     jpeg_quality: int = 90,
     texture_noise: float = 6.0,
+    classes: Optional[Sequence[str]] = None,
+    min_size_frac: float = 0.08,
+    max_size_frac: float = 0.6,
+    background: str = "textured",
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Writes the dataset (layout in the module docstring) atomically and returns a summary dict.
@@ -179,11 +196,23 @@ def generate(
       crowd_fraction: probability that an object is annotated iscrowd=1.
       jpeg_quality: PIL JPEG quality.
       texture_noise: std of the background's pixel noise (grey levels); sets JPEG size and decode cost.
+      classes: the shape of each class, names from `SHAPES` (default: the first num_classes); when given,
+        num_classes must equal its length.
+      min_size_frac, max_size_frac: object sizes, as fractions of the image's short side.
+      background: 'textured' (colour noise + stripes or checks) or 'plain' (colour noise only).
     Returns:
       {'out_dir', 'splits': {split: {'images', 'annotations', 'ann_file', 'image_dir'}}, 'categories'}.
     """
     if not 1 <= num_classes <= len(SHAPES):
         raise ValueError(f"num_classes must be in [1, {len(SHAPES)}], got {num_classes}")
+    classes = tuple(classes) if classes is not None else SHAPES[:num_classes]
+    unknown = [c for c in classes if c not in SHAPES]
+    if unknown or len(set(classes)) != len(classes) or len(classes) != num_classes:
+        raise ValueError(f"classes must be {num_classes} distinct names from {SHAPES}, got {classes}")
+    if not 0 < min_size_frac <= max_size_frac <= 1:
+        raise ValueError(f"need 0 < min_size_frac <= max_size_frac <= 1, got {min_size_frac}, {max_size_frac}")
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
     cat_ids = list(range(1, num_classes + 1)) if category_ids is None else [int(c) for c in category_ids]
     if len(cat_ids) != num_classes or len(set(cat_ids)) != num_classes:
         raise ValueError(f"category_ids must be {num_classes} distinct ints, got {category_ids}")
@@ -191,7 +220,7 @@ def generate(
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
-    categories = [{"id": c, "name": SHAPES[k], "supercategory": "shape"} for k, c in enumerate(cat_ids)]
+    categories = [{"id": c, "name": classes[k], "supercategory": "shape"} for k, c in enumerate(cat_ids)]
     summary: dict[str, Any] = {"out_dir": out_dir, "splits": {}, "categories": categories}
 
     def build(tmp: str) -> None:
@@ -205,7 +234,8 @@ def generate(
             for i in range(count):
                 rng = np.random.default_rng(np.random.SeedSequence([seed, s_idx, i]))
                 h, w = sizes[int(rng.integers(len(sizes)))]
-                img, objs = render_image(rng, h, w, num_classes, max_objects, texture_noise=texture_noise)
+                img, objs = render_image(rng, h, w, num_classes, max_objects, min_size_frac, max_size_frac,
+                                         texture_noise, classes, background)
                 image_id = (s_idx + 1) * 1_000_000 + i + 1  # ids unique across splits
                 fname = f"{image_id:012d}.jpg"
                 buf = io.BytesIO()
@@ -249,13 +279,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--num_classes", type=int, default=4)
     p.add_argument("--max_objects", type=int, default=6)
     p.add_argument("--crowd_fraction", type=float, default=0.0)
+    p.add_argument("--classes", default=None, help=f"comma-separated shape names from {SHAPES} (sets num_classes)")
+    p.add_argument("--min_size_frac", type=float, default=0.08, help="smallest object, fraction of the short side")
+    p.add_argument("--max_size_frac", type=float, default=0.6, help="largest object, fraction of the short side")
+    p.add_argument("--background", default="textured", choices=BACKGROUNDS)
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
     size: Any = (a.height, a.width)
     if a.mixed_aspect:
         size = [(a.height, a.width), (a.width, a.height), (a.height, a.height * 3 // 2)]
-    s = generate(a.out, a.num_train, a.num_val, a.seed, size, num_classes=a.num_classes,
-                 max_objects=a.max_objects, crowd_fraction=a.crowd_fraction, overwrite=a.overwrite)
+    classes = a.classes.split(",") if a.classes else None
+    s = generate(a.out, a.num_train, a.num_val, a.seed, size,
+                 num_classes=len(classes) if classes else a.num_classes, max_objects=a.max_objects,
+                 crowd_fraction=a.crowd_fraction, classes=classes, min_size_frac=a.min_size_frac,
+                 max_size_frac=a.max_size_frac, background=a.background, overwrite=a.overwrite)
     print(json.dumps(s, indent=1))
 
 
