@@ -89,16 +89,16 @@ def test_prior_attention_matches_numpy(impl, monkeypatch):
     bias = det_prior.attention_bias((2, 3), (0.7, 0.0, 1.5), heads, (gh, gw), 8,
                                     det_prior.valid_extent((40, 64), jnp.asarray(pixel_mask_for(valid_hw, (40, 64))),
                                                            batch))
-    module = det_prior.DetPriorAttention(heads, attention_impl=impl, num_det_tokens=q)
+    module = vit.SelfAttention(heads, attention_impl=impl)
     params = module.init(jax.random.PRNGKey(1), x, jnp.asarray(key_mask), bias)["params"]
     params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.PRNGKey(2), a.shape), params)  # O(1)
     got = module.apply({"params": params}, x, jnp.asarray(key_mask), bias)
     want = numpy_prior_attention(x, params, heads, q, key_mask, np.asarray(bias, np.float64))
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=2e-5)
-    # Without the bias the module is SelfAttention (same parameters, same numbers).
-    plain = vit.SelfAttention(heads, attention_impl=impl).apply({"params": params}, x, jnp.asarray(key_mask))
+    # A zero bias (the split path) gives the unbiased attention (the fused path).
     unbiased = module.apply({"params": params}, x, jnp.asarray(key_mask))
-    np.testing.assert_allclose(np.asarray(unbiased), np.asarray(plain), rtol=1e-5, atol=1e-6)
+    zero = module.apply({"params": params}, x, jnp.asarray(key_mask), jnp.zeros_like(bias))
+    np.testing.assert_allclose(np.asarray(zero), np.asarray(unbiased), rtol=1e-5, atol=1e-6)
     assert np.abs(np.asarray(unbiased) - np.asarray(got))[:, -q:].max() > 1e-2  # the prior changes [DET] rows
     np.testing.assert_array_equal(np.asarray(unbiased)[:, :-q], np.asarray(got)[:, :-q])  # and only them
 
@@ -116,7 +116,7 @@ def test_prior_attention_gradients_match_einsum_autodiff(monkeypatch):
     key_mask = jnp.asarray(key_mask)
     bias = det_prior.attention_bias((2, 3), (0.7, 0.0, 1.5), heads, (gh, gw), 8,
                                     (jnp.asarray([40.0, 24.0]), jnp.asarray([64.0, 64.0])))
-    module = det_prior.DetPriorAttention(heads, attention_impl="chunked", num_det_tokens=q)
+    module = vit.SelfAttention(heads, attention_impl="chunked")
     params = module.init(jax.random.PRNGKey(1), x, key_mask, bias)["params"]
     cot = jnp.asarray(rng.normal(size=(batch, tokens, width)).astype(np.float32))
 

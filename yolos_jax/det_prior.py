@@ -16,6 +16,8 @@ Gaussian-modulated attention around them (SMCA-DETR). This module adds both to Y
   det_box_offset: the box head predicts (cx, cy) relative to the reference point: logit(reference) is added
       to the (cx, cy) logits before the sigmoid (w, h unchanged).
 
+The bias reaches the attention as `vit.SelfAttention`'s `tail_bias` (the [DET] tokens sit last).
+
 With padding, the reference points and distances are laid over each image's valid patches, consistent
 with boxes being normalised to the un-padded image. The priors compose with every attention_impl and
 with remat; not (yet) with windowed attention, partial sequences or the FP-DETR adapter / late [DET]
@@ -26,12 +28,9 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from yolos_jax import vit
 
 
 def enabled(model: Any) -> bool:
@@ -130,55 +129,3 @@ def box_logit_offset(grid: Sequence[int]) -> np.ndarray:
     out = np.zeros((refs.shape[0], 4), np.float32)
     out[:, :2] = np.log(refs / (1.0 - refs))
     return out
-
-
-def biased_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: Optional[jax.Array],
-                     bias: jax.Array) -> jax.Array:
-    """Softmax attention with an additive logit bias. q: [B, t, H, Dh]; k, v: [B, S, H, Dh];
-    key_mask: [B, S] bool or None; bias: [B, H, t, S] float32. Returns [B, t, H, Dh] in v's dtype."""
-    scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-    logits = jnp.einsum("bthd,bshd->bhts", q * scale, k).astype(jnp.float32) + bias
-    if key_mask is not None:
-        logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhts,bshd->bthd", weights, v)
-
-
-class DetPriorAttention(nn.Module):
-    """`vit.SelfAttention` (same parameters: qkv, proj) whose last `num_det_tokens` queries get an additive
-    bias. The other queries go through `vit.dot_product_attention` with the model's attention_impl; the
-    [DET] rows (few) through `biased_attention`. Query rows are independent, so the split is exact."""
-
-    num_heads: int
-    qkv_bias: bool = True
-    dtype: Any = jnp.float32
-    attention_impl: Optional[str] = None
-    num_det_tokens: int = 0
-
-    @nn.compact
-    def __call__(self, x: jax.Array, key_mask: Optional[jax.Array] = None,
-                 det_bias: Optional[jax.Array] = None) -> jax.Array:
-        """x: [B, T, D]; key_mask: [B, T] bool or None; det_bias: [B, H, Q, T] float32 or None (no bias)."""
-        batch, tokens, width = x.shape
-        if width % self.num_heads:
-            raise ValueError(f"hidden_size {width} is not divisible by num_heads {self.num_heads}")
-        impl = self.attention_impl
-        if impl not in vit.ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl must be one of {vit.ATTENTION_IMPLS}, got {impl!r}")
-        if impl is None and jax.default_backend() == "cpu":
-            impl = "chunked"
-        head_dim = width // self.num_heads
-        qkv = nn.Dense(3 * width, use_bias=self.qkv_bias, dtype=self.dtype, kernel_init=vit.trunc_normal_02,
-                       name="qkv")(x)
-        qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, H, Dh]
-        n_det = self.num_det_tokens if det_bias is not None else 0
-        parts = []
-        if tokens - n_det:
-            parts.append(vit.dot_product_attention(q[:, : tokens - n_det], k, v, key_mask, impl))
-        if n_det:
-            parts.append(biased_attention(q[:, tokens - n_det:], k, v, key_mask, det_bias).astype(parts[0].dtype
-                                                                                              if parts else v.dtype))
-        out = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
-        out = out.reshape(batch, tokens, width)
-        return nn.Dense(width, dtype=self.dtype, kernel_init=vit.trunc_normal_02, name="proj")(out)

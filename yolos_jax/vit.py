@@ -190,8 +190,13 @@ class SelfAttention(nn.Module):
     attention_impl: Optional[str] = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, key_mask: Optional[jax.Array] = None) -> jax.Array:
-        """x: [B, T, D]; key_mask: [B, T] bool or None. Returns [B, T, D]."""
+    def __call__(
+        self, x: jax.Array, key_mask: Optional[jax.Array] = None, tail_bias: Optional[jax.Array] = None
+    ) -> jax.Array:
+        """x: [B, T, D]; key_mask: [B, T] bool or None; tail_bias: None or [B, H, t, T] float32 additive
+        logits for the *last* t queries (the [DET] tokens' spatial prior, `yolos_jax/det_prior.py`). Those
+        t rows then take the explicit einsum softmax and the other rows `attention_impl`; query rows are
+        independent, so the split changes no result. Returns [B, T, D]."""
         batch, tokens, width = x.shape
         if width % self.num_heads:
             raise ValueError(f"hidden_size {width} is not divisible by num_heads {self.num_heads}")
@@ -205,7 +210,15 @@ class SelfAttention(nn.Module):
             3 * width, use_bias=self.qkv_bias, dtype=self.dtype, kernel_init=trunc_normal_02, name="qkv"
         )(x)
         qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
-        if impl == "chunked":
+        if tail_bias is not None:
+            head = tokens - tail_bias.shape[2]
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, H, Dh]
+            q_tail, k_h, v_h = (jnp.swapaxes(a, 1, 2) for a in (q[:, head:], k, v))  # head-major
+            tail_out = _softmax_attention(q_tail, k_h, v_h, key_mask, tail_bias)
+            out = jnp.concatenate(
+                [dot_product_attention(q[:, :head], k, v, key_mask, impl), jnp.swapaxes(tail_out, 1, 2)], axis=1
+            )  # [B, T, H, Dh]
+        elif impl == "chunked":
             out = chunked_self_attention(qkv, key_mask)  # [B, T, H, Dh]
         elif impl == "einsum":
             # One transpose of the (small) [B, T, 3D] projections buys the fused head-major attention.
@@ -218,14 +231,19 @@ class SelfAttention(nn.Module):
         return nn.Dense(width, dtype=self.dtype, kernel_init=trunc_normal_02, name="proj")(out)
 
 
-def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: Optional[jax.Array]) -> jax.Array:
-    """q: [..., t, Dh]; k, v: [..., S, Dh]; key_mask: [B, S] bool or None (leading axes [B, H] or [B, 1]).
+def _softmax_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, key_mask: Optional[jax.Array], bias: Optional[jax.Array] = None
+) -> jax.Array:
+    """q: [..., t, Dh]; k, v: [..., S, Dh]; key_mask: [B, S] bool or None (leading axes [B, H] or [B, 1]);
+    bias: None or additive float32 logits broadcastable to [..., t, S].
 
     Returns [..., t, Dh]. The softmax is normalised after the second matmul ((e @ v) / sum(e), as flash
     attention does): t * Dh divisions instead of t * S (measured a few % faster on CPU).
     """
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("...td,...sd->...ts", q * jnp.asarray(scale, q.dtype), k)
+    if bias is not None:
+        logits = logits.astype(jnp.float32) + bias
     if key_mask is not None:
         logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
     logits = logits.astype(jnp.float32)
@@ -526,8 +544,8 @@ class EncoderBlock(nn.Module):
     def __call__(
         self, x: jax.Array, key_mask: Optional[jax.Array] = None, attn_bias: Optional[jax.Array] = None
     ) -> jax.Array:
-        """x: [B, T, D]; key_mask: [B, T] bool or None; attn_bias: an extra input of the attention layer
-        (`det_prior.DetPriorAttention`'s [DET]-query bias), None for the others. Returns [B, T, D]."""
+        """x: [B, T, D]; key_mask: [B, T] bool or None; attn_bias: `SelfAttention`'s tail_bias (the [DET]
+        queries' spatial prior), passed only when given. Returns [B, T, D]."""
         y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="norm1")(x)
         attn = (self.attention or SelfAttention)(
             self.num_heads, self.qkv_bias, self.dtype, self.attention_impl, name="attn"

@@ -24,7 +24,6 @@ Parameter tree (names used by the converter and the optimiser's decay mask):
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -219,12 +218,10 @@ class YOLOS(nn.Module):
         block_cls = nn.remat(vit.EncoderBlock) if self.remat else vit.EncoderBlock
         attention = windowed.encoder_attention(self, grid_hw, partial_sequence=self.token_keep_ratio < 1.0)
         det_bias = None  # [B, H, Q, T]: the [DET] queries' attention prior, the same in every block
-        if det_prior.enabled(self):
-            attention = [functools.partial(det_prior.DetPriorAttention, num_det_tokens=q)] * self.depth
-            if any(s > 0 for s in self.det_attention_sigma):
-                valid_hw = det_prior.valid_extent(images.shape[1:3], pixel_mask, batch)
-                det_bias = det_prior.attention_bias(self.det_reference_grid, self.det_attention_sigma,
-                                                    self.num_heads, grid_hw, self.patch_size, valid_hw)
+        if det_prior.enabled(self) and any(s > 0 for s in self.det_attention_sigma):
+            valid_hw = det_prior.valid_extent(images.shape[1:3], pixel_mask, batch)
+            det_bias = det_prior.attention_bias(self.det_reference_grid, self.det_attention_sigma,
+                                                self.num_heads, grid_hw, self.patch_size, valid_hw)
         mlp_dim = self.mlp_dim or 4 * width
         intermediates = []
         for i in range(self.depth):
