@@ -1,7 +1,7 @@
 """End to end through `train.py` on the generated dataset (configs/demo.py:smoke), as a user runs it.
 
 * train (with a periodic eval midway) -> checkpoint -> restore -> eval -> annotated image, and the loss goes down;
-* SIGKILL midway, SIGTERM (preemption) on the resumed run, resume again: parameters bit-identical to an
+* SIGKILL midway, SIGTERM (preemption) on the resumed run, Ctrl-C (SIGINT) on the next, resume again: parameters bit-identical to an
   uninterrupted run of the same length;
 * an injected NaN stops the run naming the step, and the last checkpoint stays loadable.
 All runs share one persistent compilation cache so that only the first one pays for XLA compilation.
@@ -121,7 +121,7 @@ def _wait_for(predicate, proc, what, timeout=TIMEOUT):
         time.sleep(0.2)
 
 
-def test_sigkill_and_sigterm_resume_bit_identical(tmp_path, env, data_root):
+def test_sigkill_sigterm_ctrl_c_resume_bit_identical(tmp_path, env, data_root):
     overrides = ("--config.train.eval_at_end=False", "--config.checkpoint.every_steps=4")
     reference = tmp_path / "uninterrupted"
     _train(reference, data_root, env, *overrides)
@@ -134,19 +134,23 @@ def test_sigkill_and_sigterm_resume_bit_identical(tmp_path, env, data_root):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     # 2) Resume; SIGTERM (preemption) once it has logged a step past the checkpoint: it must save and exit 0.
-    proc = subprocess.Popen(_cmd(workdir, data_root, *overrides), env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if re.search(r"\[\s*(8|12)/16", line):
-            proc.send_signal(signal.SIGTERM)
-            break
-    rest = proc.communicate(timeout=TIMEOUT)[0]
-    output = "".join(lines) + rest
-    assert proc.returncode == 0, output[-4000:]
-    assert "SIGTERM: saved a checkpoint at step" in output, output[-4000:]
-    # 3) Resume to the end.
+    # 3) Resume; Ctrl-C (SIGINT, what the README tells demo users to do) the same way.
+    for sig, step_pattern in ((signal.SIGTERM, r"\[\s*8/16"), (signal.SIGINT, r"\[\s*12/16")):
+        proc = subprocess.Popen(_cmd(workdir, data_root, *overrides), env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        lines, sent = [], False
+        for line in proc.stdout:
+            lines.append(line)
+            if re.search(step_pattern, line):
+                proc.send_signal(sig)
+                sent = True
+                break
+        rest = proc.communicate(timeout=TIMEOUT)[0]
+        output = "".join(lines) + rest
+        assert sent, f"never saw {step_pattern!r} to send {sig.name} on:\n" + output[-4000:]
+        assert proc.returncode == 0, output[-4000:]
+        assert f"{sig.name}: saved a checkpoint at step" in output, output[-4000:]
+    # 4) Resume to the end.
     _train(workdir, data_root, env, *overrides)
 
     ours, ref = _final_params(workdir), _final_params(reference)
