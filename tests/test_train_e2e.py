@@ -1,8 +1,8 @@
 """End to end through `train.py` on the generated dataset (configs/demo.py:smoke), as a user runs it.
 
 * train (with a periodic eval midway) -> checkpoint -> restore -> eval -> annotated image, and the loss goes down;
-* SIGKILL midway, SIGTERM (preemption) on the resumed run, Ctrl-C (SIGINT) on the next, resume again: parameters bit-identical to an
-  uninterrupted run of the same length;
+* SIGKILL midway, SIGTERM (preemption) on the resumed run, Ctrl-C (SIGINT) on the next, resume again:
+  parameters bit-identical to an uninterrupted run of the same length;
 * an injected NaN stops the run naming the step, and the last checkpoint stays loadable.
 All runs share one persistent compilation cache so that only the first one pays for XLA compilation.
 """
