@@ -53,6 +53,8 @@ def test_train_py_init_from_converted_backbone(tmp_path, converted_backbone):
     cmd = [
         sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs/demo.py:smoke"),
         "--workdir", str(workdir), f"--config.init_from={conv_dir}",
+        # A DeiT has the patchify stem; the demo's ConvStem would have nothing to take from it.
+        "--config.model.patch_embed=linear",
         f"--config.input.source_dir={tmp_path}/data/synthetic", f"--config.input.data_dir={tmp_path}/data/tfds",
         "--config.train.num_steps=2", "--config.checkpoint.every_steps=1", "--config.train.log_every=1",
         "--config.optim.warmup_steps=1", "--config.train.eval_at_end=False",
