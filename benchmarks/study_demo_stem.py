@@ -33,7 +33,8 @@ import numpy as np  # noqa: E402
 
 
 def load_crops(root: str, split: str, mode: str, limit: int, rng: np.random.Generator):
-    """(crops [N, S, S, 3] float32 normalised, labels [N] int) for the first `limit` objects of a split."""
+    """(crops [N, S, S, 3] float32 ImageNet-normalised, labels [N] int, number of classes) for the first
+    `limit` objects of a split."""
     from PIL import Image
 
     with open(os.path.join(root, "annotations", f"instances_{split}.json")) as f:
@@ -56,7 +57,9 @@ def load_crops(root: str, split: str, mode: str, limit: int, rng: np.random.Gene
             crop = img.crop((left, top, left + 96, top + 96))  # outside the image: black
         crops.append(np.asarray(crop))
         labels.append(cats.index(ann["category_id"]))
-    return (np.asarray(crops, np.float32) / 255.0 - 0.45) / 0.25, np.asarray(labels), len(cats)
+    from yolos_jax.evaluation import normalized  # ImageNet normalisation, as the detector reads images
+
+    return normalized(np.asarray(crops, np.uint8)), np.asarray(labels), len(cats)
 
 
 def run(stem: str, train, val, num_classes: int, steps: int, seed: int) -> list[tuple[int, float, float]]:
