@@ -67,6 +67,22 @@ def test_batches_follow_the_schema_and_declared_shapes(cfg):
     assert st["num_shapes"] <= cfg.num_canvases and st["examples"] + st["dropped"] == 24
 
 
+def test_any_epoch_plan_can_be_asked_for_after_later_epochs(cfg):
+    """The plan cache keeps two epochs; asking for an evicted one rebuilds the same plan (it used to KeyError
+    when the evicted epoch was the oldest)."""
+    it = data.make_train_iterator(cfg, seed=2, process_index=0, process_count=1)
+    first = it.plan(0)
+    stats = it.epoch_stats(0)
+    for epoch in (1, 2, 3):
+        it.plan(epoch)
+    again = it.plan(0)
+    assert again is not first  # really rebuilt, not kept
+    np.testing.assert_array_equal(again.example, first.example)
+    np.testing.assert_array_equal(again.geom, first.geom)
+    assert it.epoch_stats(0) == stats
+    assert not np.array_equal(it.plan(1).example, first.example)  # epochs differ (shuffled)
+
+
 def test_images_and_targets_come_from_the_planned_examples(cfg):
     """The parallel pipeline keeps every image with its own targets: recompute batches from the plan."""
     it = data.make_train_iterator(cfg, seed=5, process_index=0, process_count=1)

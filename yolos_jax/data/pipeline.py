@@ -547,20 +547,25 @@ class _BatchIterator:
 
 
 class _PlanCache:
-    """Epoch plans by epoch number (the last two kept), shared by the iterator and its reader thread."""
+    """Epoch plans by epoch number (the two most recently used kept), shared by the iterator and its reader
+    thread. Any epoch can be asked for at any time: an evicted plan is rebuilt (plans are pure functions of the
+    seed and the epoch)."""
 
-    def __init__(self, make_plan):
+    def __init__(self, make_plan, keep: int = 2):
         self._make = make_plan
-        self._plans: dict[int, batching.Plan] = {}
+        self._keep = int(keep)
+        self._plans: dict[int, batching.Plan] = {}  # in order of last use
         self._lock = threading.Lock()
 
     def __call__(self, epoch: int) -> batching.Plan:
         with self._lock:
-            if epoch not in self._plans:
-                self._plans[epoch] = self._make(epoch=epoch)
-                while len(self._plans) > 2:
-                    self._plans.pop(min(self._plans))
-            return self._plans[epoch]
+            plan = self._plans.pop(epoch, None)
+            if plan is None:
+                plan = self._make(epoch=epoch)
+            self._plans[epoch] = plan  # now the most recently used
+            while len(self._plans) > self._keep:
+                self._plans.pop(next(iter(self._plans)))
+            return plan
 
 
 class TrainIterator:
