@@ -2,11 +2,16 @@ r"""YOLOS-B trained with the ViTDet recipe (vitdet_benchmarking_paper.md §2.1, 
 Tuning"): windowed attention, 1024 x 1024 large-scale jitter, AdamW with warm-up and half-cycle cosine.
 
   python train.py --config=configs/vitdet_b.py --workdir=/tmp/vitdet_b \
-      --config.init_from=/path/to/converted/deit_base_distilled_384 --config.input.data_dir=/path/to/tfds
+      --config.init_from=/path/to/converted/deit_base --config.input.data_dir=/path/to/tfds
   python train.py --config=configs/vitdet_b.py:window=14,rel_pos=False ...  # without relative position bias
 
+The backbone is the paper's (§3: "the DeiT released weights for ViT-B ... pre-trained for 300 epochs"), DeiT-B
+at 224 (deit_base_patch16_224-b5f2ef4d.pth, converted with --variant=b), whose global attention spans 14 x 14
+patches. Starting from YOLOS-B's deit_base_distilled_patch16_384 instead, the paper's rule ("r = the global
+self-attention size used in pre-training") gives r = 24: add `:window=24`.
+
 What the paper's formula sets, and the values here:
-  * backbone: 14 x 14 windowed attention (r = the 224-pixel pre-training grid) in all blocks but the
+  * backbone: 14 x 14 windowed attention (r = DeiT-B's 224 / 16 pre-training grid) in all blocks but the
     global blocks 2, 5, 8, 11 (every depth/4-th); decomposed relative position biases in every block,
     zero-initialised, together with the absolute position embeddings ("we include both ... in all
     detection models"; ViTDet-style, yolos_jax/windowed.py). [CLS]/[DET] tokens attend globally.

@@ -6,7 +6,9 @@ r"""YOLOS-B with ViTDet windowed attention: 14 x 14 patch windows, global attent
 
 The recipe of configs/yolos_b.py (150 epochs, total batch 8 at lr 2.5e-5, multi-scale 480-800, eval at
 800) with config.model.window_size / global_blocks / rel_pos set; see yolos_jax/windowed.py for the
-attention pattern ([CLS] and [DET] tokens stay global). For the ViTDet training recipe (1024 x 1024
+attention pattern ([CLS] and [DET] tokens stay global). r = 14 is ViTDet's window for ViT-B (its DeiT-B was
+pre-trained at 224, a 14 x 14 grid); the paper's rule applied to YOLOS-B's 384-pixel checkpoint would give r = 24
+(`:window=24`), which pads an 800 x 1333 input's 50 x 83 grid to 72 x 96. For the ViTDet training recipe (1024 x 1024
 large-scale jitter, relative position bias, drop path) use configs/vitdet_b.py.
 benchmarks/bench_windowed.py measures this model's train step against the global one.
 """

@@ -2,7 +2,13 @@ r"""YOLOS-S with FP-DETR's task adapter (fp_detr_paper.md Sec. 3.3) and auxiliar
 
   python train.py --config=configs/yolos_s_fpdetr.py --workdir=/tmp/yolos_s_fpdetr \
       --config.init_from=/path/to/converted/deit_small --config.input.data_dir=/path/to/tfds
-  python train.py --config=configs/yolos_s_fpdetr.py:insert=6,aux=5 ...   # [DET] tokens join at block 6
+  python train.py --config=configs/yolos_s_fpdetr.py:insert=0,aux=3 ...   # [DET] tokens in every block
+
+The defaults are FP-DETR's (fp_detr_paper.md §4.1): the queries are "concatenated with the image tokens at an
+intermediate (the 7th) encoder layer" (insert=6: blocks 0-5 see [CLS] + patches only, as in pre-training) and
+deep supervision is applied "on the last six encoder layers" (aux=5, plus the final one). Unlike FP-DETR the
+[CLS] token is kept from block 0 (DeiT's pre-training sequence), and the rest is the YOLOS-S recipe (100
+[DET] tokens, global attention), not FP-DETR's deformable-attention detector.
 
 One self-attention layer over the [DET] tokens, shared by all blocks and applied before each of them, with
 learnable query position embeddings (the "visual prompts") on its queries and keys; `insert=k` lets the
@@ -17,7 +23,7 @@ from yolos_jax.trainer import default_config
 
 
 def _parse(arg):
-    opts = dict(insert=0, aux=3)
+    opts = dict(insert=6, aux=5)
     for item in filter(None, (arg or "").split(",")):
         key, _, value = item.partition("=")
         if key not in opts or not value.lstrip("-").isdigit():

@@ -5,6 +5,11 @@ r"""YOLOS-Ti: DeiT-Ti backbone, 300 epochs on COCO, multi-scale 256-608 (origina
 
 Total batch 16 at lr 5e-5 (2 images x 8 GPUs in the original); other batch sizes scale the lr linearly
 (config.optim.lr_scaling). Evaluated at shortest side 512.
+
+Train scales: shortest side 256-608 in steps of 16 with the longest side at most 608 * 1333 // 800 = 1013,
+the rule of the original code (datasets/coco.py) that the released Ti weights were trained with. The paper's
+text (yolos_paper.md §3.1) says "the longest at most 864 for tiny models": add --config.input.max_size=864
+for that reading.
 """
 
 from yolos_jax.trainer import default_config

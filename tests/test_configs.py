@@ -19,11 +19,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every config file with the `:arg` variants its docstring or the README documents (None: no argument).
 DOCUMENTED = {
     "demo.py": [None, "smoke"],
-    "vitdet_b.py": [None, "window=14,rel_pos=False"],
+    "vitdet_b.py": [None, "window=14,rel_pos=False", "window=24"],
     "yolos_b.py": [None],
-    "yolos_b_windowed.py": [None, "window=7,rel_pos", "window=14,rel_pos,global=2.5.8.11"],
+    "yolos_b_windowed.py": [None, "window=7,rel_pos", "window=14,rel_pos,global=2.5.8.11", "window=24"],
     "yolos_s.py": [None, "dWr", "dwr"],
-    "yolos_s_fpdetr.py": [None, "insert=6,aux=5"],
+    "yolos_s_fpdetr.py": [None, "insert=6,aux=5", "insert=0,aux=3"],
     "yolos_s_mimdet.py": [None, "0.25"],
     "yolos_s_windowed.py": [None, "window=7,rel_pos", "window=14,rel_pos,global=2.5.8.11"],
     "yolos_ti.py": [None],

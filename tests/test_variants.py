@@ -576,7 +576,7 @@ def test_detached_det_tokens_get_no_gradient(data, base_params):
 
 @pytest.mark.parametrize("name,expect", [
     ("yolos_s_mimdet.py", dict(token_keep_ratio=0.5, patch_embed="conv_stem")),
-    ("yolos_s_fpdetr.py", dict(adapter=True)),
+    ("yolos_s_fpdetr.py", dict(adapter=True, adapter_insert_det_at=6, aux_layers=5)),  # FP-DETR §4.1
 ])
 def test_configs(name, expect):
     module = runpy.run_path(os.path.join(HERE, "..", "configs", name))
