@@ -77,13 +77,39 @@ def test_epoch_plan_meets_padding_goals_on_coco_like_sizes(scales, leftover):
     plan = B.train_epoch_plan(7, 0, h, w, tcfg, canv, 64, leftover)
     st = plan.stats()
     assert st["token_waste"] <= 0.20 and st["num_shapes"] <= 12, st
-    # Each example at most once; every batch's images fit its canvas, which is a declared one.
+    # 'merge': every example once, plus at most one partial batch's completion per orientation;
+    # 'drop': each example at most once. Every batch's images fit its canvas, which is a declared one.
     ex = plan.example.reshape(-1)
-    assert len(np.unique(ex)) == len(ex) and st["examples"] + st["dropped"] == len(h)
-    assert st["dropped"] <= (2 * 63 if leftover == "merge" else 12 * 63)
+    if leftover == "merge":
+        assert set(ex.tolist()) == set(range(len(h))) and st["dropped"] == 0
+        assert 0 <= st["repeated"] <= 2 * 63 and st["examples"] == len(h) + st["repeated"]
+        assert len(ex) - len(np.unique(ex)) == st["repeated"]
+    else:
+        assert len(np.unique(ex)) == len(ex) and st["examples"] + st["dropped"] == len(h)
+        assert st["dropped"] <= 12 * 63 and st["repeated"] == 0
     hw = T.output_hw(plan.geom)
     assert (hw <= plan.canvas[:, None, :]).all()
     assert {tuple(c) for c in plan.canvas} <= set(canv)
+
+
+@pytest.mark.parametrize("n_land, n_port", [(5, 3), (4, 1), (9, 7), (0, 3)])
+def test_merge_trains_every_example_every_epoch_also_a_small_orientation(n_land, n_port):
+    """A small dataset whose portrait images are fewer than a batch: they used to be dropped in every epoch
+    (leftovers were packed per orientation and a partial batch dropped); now each epoch has every example."""
+    h = np.asarray([480] * n_land + [640] * n_port)
+    w = np.asarray([640] * n_land + [480] * n_port)
+    tcfg = T.TrainTransformConfig(scales=T.SCALES_S, max_size=1333)  # flips and the crop branch included
+    canv = B.design_canvases(B.simulate_train_sizes(h, w, tcfg), B.catch_all_canvases(800, 1333, 16), 6, 16)
+    for epoch in range(6):
+        plan = B.train_epoch_plan(0, epoch, h, w, tcfg, canv, 4)
+        ex = plan.example.reshape(-1)
+        assert set(ex.tolist()) == set(range(n_land + n_port)), epoch
+        st = plan.stats()
+        assert st["dropped"] == 0 and st["examples"] == len(ex) == n_land + n_port + st["repeated"]
+        assert (T.output_hw(plan.geom) <= plan.canvas[:, None, :]).all()
+        assert {tuple(c) for c in plan.canvas} <= set(canv)
+        again = B.train_epoch_plan(0, epoch, h, w, tcfg, canv, 4)
+        np.testing.assert_array_equal(again.example, plan.example)  # repeats are seeded too
 
 
 def test_epoch_plans_are_seeded():

@@ -106,3 +106,25 @@ def test_save_png_round_trip_is_atomic(tmp_path):
     with pytest.raises(ValueError):
         draw.save_png(tmp_path / "y.png", img.astype(np.float32))
     assert os.listdir(tmp_path / "sub") == ["x.png"] and not (tmp_path / "y.png").exists()
+
+
+def test_names_for_a_larger_head_and_label_map_compatibility():
+    cats = [{"id": 3, "name": "cat"}, {"id": 17, "name": "dog"}, {"id": 42, "name": "owl"}]
+    contiguous = LabelMap.from_categories(cats, "contiguous")
+    identity = LabelMap.from_categories(cats, "identity")
+    assert contiguous.names_for(3) == ["cat", "dog", "owl"]
+    assert contiguous.names_for(5) == ["cat", "dog", "owl", "N/A", "N/A"]  # a 5-way head on 3 labels
+    assert len(identity.names_for(91)) == 91 and identity.names_for(91)[17] == "dog"
+    with pytest.raises(ValueError, match="num_classes=2 cannot hold the 3 labels"):
+        contiguous.names_for(2)
+
+    assert contiguous.incompatibility(contiguous) is None
+    renamed = LabelMap.from_categories([dict(c, name=c["name"].upper()) for c in cats], "contiguous")
+    assert contiguous.incompatibility(renamed) is None  # names may differ, labels may not
+    why = contiguous.incompatibility(identity)
+    assert why.startswith("3 of the dataset's 3 categories") and "category_id 3 is label 0 here" in why
+    assert "was label 3 in training (identity mode" in why
+    # A COCO-style identity model read on a subset of its categories: compatible; the other way round not.
+    subset = LabelMap.from_categories(cats[1:], "identity")
+    assert subset.incompatibility(identity) is None
+    assert "category_id 3 is label 3 here (identity mode) but was no label" in identity.incompatibility(subset)

@@ -144,6 +144,20 @@ def test_label_category_mapping_round_trips_non_contiguous_ids():
     assert [d["category_id"] for d in dets] == [7, 42]
 
 
+def test_check_label_map_refuses_a_checkpoint_whose_labels_mean_other_categories():
+    cats = make_coco_gt()["categories"]  # ids 3, 7, 42
+    contiguous, identity = (LabelMap.from_categories(cats, m) for m in ("contiguous", "identity"))
+    meta = {"label_map": contiguous.to_dict(), "dataset": {"dataset_name": "mine", "data_dir": "/d",
+                                                            "label_mode": "contiguous"}}
+    evaluation.check_label_map(contiguous, 3, meta)
+    evaluation.check_label_map(identity, 91, {})  # converted checkpoints record no label map: not checked
+    with pytest.raises(ValueError, match=r"num_classes=3"):
+        evaluation.check_label_map(identity, 3, meta)
+    with pytest.raises(ValueError, match=r"category_id 3 is label 3 here \(identity mode\) but was label 0") as e:
+        evaluation.check_label_map(identity, 91, meta)
+    assert "dataset 'mine' in /d with input.label_mode='contiguous'" in str(e.value)
+
+
 def _perturbed(gt, rng):
     """Jittered, re-scored, sometimes mislabelled detections plus false positives and misses."""
     dets = []

@@ -138,3 +138,9 @@ def test_detector_errors(setup, tmp_path):
         Detector.from_checkpoint(str(tmp_path / "backbone"))
     with pytest.raises(FileNotFoundError, match="convert_torch_weights"):
         Detector.from_checkpoint(str(tmp_path))
+    n = det.model_cfg["num_classes"]
+    with pytest.raises(ValueError, match=f"label_names has {n + 1} names for {n} classes"):
+        Detector(det.params, det.model_cfg, label_names=["x"] * (n + 1))
+    # Fewer names than logits (a 91-way head fine-tuned on fewer classes, older checkpoints): the rest 'N/A'.
+    few = Detector(det.params, det.model_cfg, label_names=["a", "b"])
+    assert few.label_names == ["a", "b"] + ["N/A"] * (n - 2)

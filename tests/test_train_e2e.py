@@ -67,8 +67,12 @@ def _losses(stdout):
 
 
 def test_train_checkpoint_restore_eval_image(tmp_path, env, data_root):
+    """Also: a head with more logits than the dataset has labels (6 vs the 4 shapes, as a 91-way COCO head on
+    a smaller dataset) trains, draws, restores and infers, and eval refuses a dataset whose labels mean
+    something else."""
     workdir = tmp_path / "run"
-    proc = _train(workdir, data_root, env, "--config.train.eval_every=8")  # periodic eval at 8, final at 16
+    # periodic eval at 8, final at 16
+    proc = _train(workdir, data_root, env, "--config.train.eval_every=8", "--config.model.num_classes=6")
     losses = _losses(proc.stdout)
     assert len(losses) == 4, proc.stdout
     assert losses[-1] < losses[0], f"loss did not go down: {losses}"
@@ -86,6 +90,7 @@ def test_train_checkpoint_restore_eval_image(tmp_path, env, data_root):
     from yolos_jax import Detector
 
     detector = Detector.from_checkpoint(str(workdir))
+    assert detector.label_names == ["circle", "square", "triangle", "ellipse", "N/A", "N/A"]
     image = np.zeros((64, 96, 3), np.uint8)
     (result,) = detector.predict([image], threshold=0.0, top_k=5)
     assert result["boxes"].shape == (5, 4)
@@ -98,16 +103,36 @@ def test_train_checkpoint_restore_eval_image(tmp_path, env, data_root):
     (record,) = visualize.run_inference(str(workdir), [str(tmp_path / "blank.png")], str(tmp_path / "infer"),
                                         threshold=0.0, top_k=3)
     assert len(record["detections"]) == 3
-    assert {d["name"] for d in record["detections"]} <= {"circle", "square", "triangle", "ellipse"}
-    out = tmp_path / "eval_again"
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "eval.py"), "--config", os.path.join(ROOT, "configs/demo.py:smoke"),
-         "--workdir", str(workdir), "--out", str(out),
-         f"--config.input.source_dir={data_root}/synthetic", f"--config.input.data_dir={data_root}/tfds"],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    names = dict(zip(["circle", "square", "triangle", "ellipse", "N/A", "N/A"], [1, 2, 3, 4, None, None]))
+    for d in record["detections"]:  # the dataset's category id, recorded by the run, comes with each label
+        assert d["name"] in names and d["category_id"] == names[d["name"]]
+        assert d["category_id"] == (d["label"] + 1 if d["label"] < 4 else None)
+
+    def evaluate(out, *overrides):
+        return subprocess.run(
+            [sys.executable, os.path.join(ROOT, "eval.py"), "--config", os.path.join(ROOT, "configs/demo.py:smoke"),
+             "--workdir", str(workdir), "--out", str(out), "--config.model.num_classes=6",
+             f"--config.input.source_dir={data_root}/synthetic", f"--config.input.data_dir={data_root}/tfds",
+             *overrides], env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+
+    proc = evaluate(tmp_path / "eval_again")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    again = json.load(open(out / "metrics.json"))
+    again = json.load(open(tmp_path / "eval_again" / "metrics.json"))
     assert again["AP"] == pytest.approx(metrics["AP"], abs=1e-9)
+    # The same images read with other label meanings (category id = label): refused, naming the fix.
+    proc = evaluate(tmp_path / "eval_identity", "--config.input.label_mode=identity")
+    assert proc.returncode != 0 and "cannot be evaluated on this dataset" in proc.stderr, proc.stderr[-3000:]
+    assert "label_mode='contiguous'" in proc.stderr and not (tmp_path / "eval_identity" / "metrics.json").exists()
+
+
+def test_a_wrong_split_name_fails_before_training(tmp_path, env, data_root):
+    workdir = tmp_path / "run"
+    for key in ("train_split", "val_split"):
+        proc = _train(workdir, data_root, env, f"--config.input.{key}=validation", check=False)
+        assert proc.returncode != 0
+        assert f"config.input.{key}: 'validation' is not a split" in proc.stderr, proc.stderr[-3000:]
+        assert "['train', 'val']" in proc.stderr
+        assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
 
 
 def _wait_for(predicate, proc, what, timeout=TIMEOUT):

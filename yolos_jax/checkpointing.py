@@ -136,7 +136,9 @@ def load_params(path: str) -> tuple[Any, dict]:
 
 
 def load_params_and_meta(path: str) -> tuple[Any, dict, dict]:
-    """(params, model_config, meta) where meta has 'kind', 'eval_size', 'max_size', 'label_names', 'step'."""
+    """(params, model_config, meta) where meta has 'kind', 'eval_size', 'max_size', 'label_names', 'step'; for
+    training checkpoints also 'label_map' (a `LabelMap.to_dict()`, None before it was recorded) and 'dataset'
+    (the run's input.dataset_name, data_dir, label_mode, val_split)."""
     directory, step = find_checkpoint(path)
     if step is None:
         from yolos_jax import convert  # converted weights: format owned by the converter
@@ -160,6 +162,8 @@ def load_params_and_meta(path: str) -> tuple[Any, dict, dict]:
         "eval_size": input_cfg.get("eval_size"),
         "max_size": eval_max if eval_max and eval_max > 0 else None,
         "label_names": config.get("label_names"),
+        "label_map": config.get("label_map"),
+        "dataset": {k: input_cfg.get(k) for k in ("dataset_name", "data_dir", "label_mode", "val_split")},
     }
     return params, model_cfg, meta
 

@@ -712,13 +712,26 @@ def load_model(path: str, **model_overrides: Any) -> tuple[Any, Any, dict]:
     return params, YOLOS(**cfg), meta
 
 
-def check_label_map(label_map: Any, num_classes: int) -> None:
-    """The model must have a logit for every label of the dataset."""
+def check_label_map(label_map: Any, num_classes: int, meta: Optional[dict] = None) -> None:
+    """The model must have a logit for every label of the dataset, and, when the checkpoint recorded the label
+    map it was trained with (`meta['label_map']`), read each category as the same label."""
     if label_map.num_classes > int(num_classes):
         raise ValueError(
             f"the dataset's label map has {label_map.num_classes} labels ({label_map.mode} mode) but the model has "
             f"num_classes={num_classes}; for COCO checkpoints with 91 ids use config.input.label_mode='identity'"
         )
+    trained = (meta or {}).get("label_map")
+    if trained:
+        from yolos_jax.data.labels import LabelMap
+
+        why = label_map.incompatibility(LabelMap.from_dict(trained))
+        if why:
+            ds = (meta or {}).get("dataset") or {}
+            raise ValueError(
+                f"this checkpoint cannot be evaluated on this dataset: {why}. The run trained on dataset "
+                f"'{ds.get('dataset_name')}' in {ds.get('data_dir')} with input.label_mode={ds.get('label_mode')!r}: "
+                "give eval the same --config.input.* data overrides as training (dataset_name, data_dir, "
+                "source_dir, label_mode)")
 
 
 def place_params(params: Any, mesh: Any) -> Any:
@@ -748,7 +761,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, out_
     """
     params, model, meta = load_model(checkpoint)
     evaluator = Evaluator(config.eval, config.input, model)
-    check_label_map(evaluator.label_map, model.num_classes)
+    check_label_map(evaluator.label_map, model.num_classes, meta)
+    trained_on = (meta.get("dataset") or {}).get("dataset_name")
+    if trained_on and trained_on != config.input.dataset_name and jax.process_index() == 0:
+        print(f"note: the checkpoint was trained on dataset '{trained_on}', this evaluates "
+              f"'{config.input.dataset_name}' (same categories)", flush=True)
     params = place_params(params, evaluator.mesh)
     is_main = jax.process_index() == 0
     if is_main:

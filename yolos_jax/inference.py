@@ -138,8 +138,10 @@ class Detector:
         self.eval_size = int(eval_size)
         self.max_size = int(max_size) if max_size is not None else self.eval_size * 1333 // 800
         self.label_names = list(label_names) if label_names is not None else None
-        if self.label_names is not None and len(self.label_names) != cfg["num_classes"]:
+        if self.label_names is not None and len(self.label_names) > cfg["num_classes"]:
             raise ValueError(f"label_names has {len(self.label_names)} names for {cfg['num_classes']} classes")
+        if self.label_names is not None:  # logits no category uses (a 91-way head on fewer classes): 'N/A'
+            self.label_names += ["N/A"] * (cfg["num_classes"] - len(self.label_names))
         self._forward = _forward_fn(_cfg_key(cfg))
 
     @classmethod

@@ -321,15 +321,15 @@ def write_annotated_val_images(params: Any, model_cfg: dict, input_cfg: ml_colle
     label_map = pipeline.dataset_info(input_cfg).label_map
     source = dataset.source_for(input_cfg.val_split)
     max_size = int(input_cfg.eval_max_size) if input_cfg.eval_max_size > 0 else None
-    detector = Detector(params, model_cfg, eval_size=int(input_cfg.eval_size), max_size=max_size,
-                        label_names=label_map.names)
+    names = label_map.names_for(int(dict(model_cfg)["num_classes"]))
+    detector = Detector(params, model_cfg, eval_size=int(input_cfg.eval_size), max_size=max_size, label_names=names)
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for i in range(min(num_images, len(source))):
         record = source[i]
         image = np.asarray(Image.open(io.BytesIO(record["image"])).convert("RGB"))
         (pred,) = detector.predict([image], threshold=threshold)
-        texts = [f"{label_map.names[int(l)]} {float(s):.2f}" for l, s in zip(pred["labels"], pred["scores"])]
+        texts = [f"{names[int(l)]} {float(s):.2f}" for l, s in zip(pred["labels"], pred["scores"])]
         path = os.path.join(out_dir, f"{int(record['image/id'])}.png")
         draw.save_png(path, draw.draw_boxes(image, np.asarray(pred["boxes"]), texts))
         paths.append(path)
@@ -394,6 +394,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     is_main = jax.process_index() == 0
     mesh = sharding.make_mesh(config.mesh)
     info = data.dataset_info(config.input)
+    for key in ("train_split", "val_split"):  # before any step: a typo must not cost a training run
+        if config.input[key] not in info.num_examples:
+            _fail(f"input.{key}", f"{config.input[key]!r} is not a split of dataset '{config.input.dataset_name}' in "
+                                  f"{config.input.data_dir}; it has {sorted(info.num_examples)} (the <split> of "
+                                  "each instances_<split>.json)")
     label_map = info.label_map
     if label_map.num_classes > config.model.num_classes:
         _fail(
@@ -401,7 +406,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"{config.model.num_classes} < {label_map.num_classes} classes in the dataset's label map "
             f"(input.label_mode={config.input.get('label_mode', '?')!r})",
         )
-    config.label_names = list(label_map.names)  # stored with every checkpoint, for inference
+    if label_map.num_classes < config.model.num_classes and is_main:
+        log.info("model.num_classes=%d > the dataset's %d labels (input.label_mode=%r): the other %d logits are "
+                 "never targets (expected when fine-tuning a 91-way COCO head; otherwise set model.num_classes=%d)",
+                 config.model.num_classes, label_map.num_classes, config.input.label_mode,
+                 config.model.num_classes - label_map.num_classes, label_map.num_classes)
+    # Stored with every checkpoint: names for inference, the label map for evaluation's compatibility check.
+    config.label_names = label_map.names_for(config.model.num_classes)
+    config.label_map = label_map.to_dict()
     global_batch = int(config.input.batch_size)
     num_train = int(info.num_examples[config.input.train_split])
     steps_per_epoch = max(num_train // global_batch, 1)

@@ -295,13 +295,16 @@ def read_rgb(path: str) -> np.ndarray:
 
 
 def infer_images(detector: Any, paths: Sequence[str], out_dir: str, *, threshold: float = 0.5,
-                 top_k: Optional[int] = None, names: Optional[Sequence[str]] = None) -> list[dict]:
+                 top_k: Optional[int] = None, names: Optional[Sequence[str]] = None,
+                 label_map: Any = None) -> list[dict]:
     """Runs `detector.predict` on image files; writes out_dir/<stem>.png (boxes, class names, scores)
     and out_dir/detections.json. Returns the JSON's list.
 
     detector: anything with `predict(list of uint8 [H, W, 3], threshold, top_k) -> [{'boxes' [N, 4] xyxy
       pixels, 'scores' [N], 'labels' [N], optional 'names'}]` (e.g. `yolos_jax.Detector`).
     names: class names indexed by label (overrides the detector's).
+    label_map: the dataset's `LabelMap`, if known: each detection then also carries its dataset
+      'category_id' (None for a label no category uses).
     """
     from yolos_jax import draw
 
@@ -333,11 +336,18 @@ def infer_images(detector: Any, paths: Sequence[str], out_dir: str, *, threshold
             "width": int(image.shape[1]),
             "detections": [
                 {"box_xyxy": [float(v) for v in b], "score": float(s), "label": k, "name": n}
+                | ({"category_id": _category_of(label_map, k)} if label_map is not None else {})
                 for b, s, k, n in zip(boxes, scores, labels, label_names)
             ],
         })
     atomic.write_json_atomic(os.path.join(out_dir, "detections.json"), records, indent=1)
     return records
+
+
+def _category_of(label_map: Any, label: int) -> Optional[int]:
+    if 0 <= label < label_map.num_classes and label_map.is_used(label):
+        return int(label_map.to_category(label))
+    return None
 
 
 def run_inference(checkpoint: str, inputs: Sequence[str], out_dir: str, *, threshold: float = 0.5,
@@ -353,13 +363,16 @@ def run_inference(checkpoint: str, inputs: Sequence[str], out_dir: str, *, thres
 
     paths = list_images(inputs)
     params, model_cfg, meta = evaluation.load_checkpoint(checkpoint)
+    from yolos_jax.data.labels import LabelMap
+
     names = meta.get("label_names")
+    label_map = LabelMap.from_dict(meta["label_map"]) if meta.get("label_map") else None
     if config is not None:
         from yolos_jax import data
 
         label_map = data.dataset_info(config.input).label_map
-        evaluation.check_label_map(label_map, model_cfg["num_classes"])
-        names = list(label_map.names)
+        evaluation.check_label_map(label_map, model_cfg["num_classes"], meta)
+        names = label_map.names_for(model_cfg["num_classes"])
     max_size = None
     if eval_size:
         size = eval_size
@@ -368,7 +381,7 @@ def run_inference(checkpoint: str, inputs: Sequence[str], out_dir: str, *, thres
     else:
         size = config.eval.eval_size if config is not None else 800
     detector = Detector(params, model_cfg, eval_size=int(size), max_size=max_size)
-    return infer_images(detector, paths, out_dir, threshold=threshold, top_k=top_k, names=names)
+    return infer_images(detector, paths, out_dir, threshold=threshold, top_k=top_k, names=names, label_map=label_map)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -387,9 +400,9 @@ def make_figures(config: Any, checkpoint: str, out_dir: str, *, max_images: int 
     from yolos_jax import draw, evaluation
     from yolos_jax.inference import IMAGENET_MEAN, IMAGENET_STD
 
-    params, model, _ = evaluation.load_model(checkpoint)
+    params, model, meta = evaluation.load_model(checkpoint)
     evaluator = evaluation.Evaluator(config.eval, config.input, model)
-    evaluation.check_label_map(evaluator.label_map, model.num_classes)
+    evaluation.check_label_map(evaluator.label_map, model.num_classes, meta)
     params = evaluation.place_params(params, evaluator.mesh)
     pred = evaluator.predict(params, max_images=max_images)
     written: dict[str, list[str]] = {"centers": [], "categories": [], "attention": []}

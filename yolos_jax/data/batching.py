@@ -12,8 +12,11 @@ and every resumed run derives the same set.
 Epoch plan (`train_epoch_plan`): a seeded permutation of the examples; each example's transform is
 drawn (its output size is then known), it goes to the smallest canvas holding it; walking the
 permutation, a batch is cut whenever a canvas collects `batch_size` examples. Leftovers (fewer than a
-batch per canvas) are, with leftover='merge', packed into batches on a larger canvas that holds them
-(at most one partial batch per catch-all orientation is dropped per epoch), or with 'drop', dropped.
+batch per canvas) are, with leftover='merge', packed into batches on a larger canvas that holds them, per
+orientation (landscape, portrait: a batch mixing both would need a max_long x max_long canvas); the last
+partial batch of each orientation is completed with repeats of other examples of that orientation drawn at
+random (`Plan.repeated`; at most 2 * (batch_size - 1) per epoch), so every example is trained on in every
+epoch, also when an orientation has fewer examples than a batch. With 'drop', leftovers are dropped.
 The batch order is then shuffled. A plan is a pure function of (seed, epoch), so resuming at
 (epoch, batch) needs no replay.
 
@@ -154,6 +157,7 @@ class Plan:
     geom: np.ndarray
     canvas: np.ndarray
     dropped: int = 0
+    repeated: int = 0
 
     def __len__(self) -> int:
         return len(self.example)
@@ -166,6 +170,7 @@ class Plan:
         s["num_shapes"] = int(len(np.unique(self.canvas, axis=0))) if len(self) else 0
         s["batches"] = len(self)
         s["dropped"] = self.dropped
+        s["repeated"] = self.repeated
         s["examples"] = int(v.sum())
         return s
 
@@ -206,9 +211,10 @@ def train_epoch_plan(
             batches.append((np.asarray(lst), int(c)))
             pending[int(c)] = []
     left = [p for c in sorted(pending) for p in pending[c]]
-    dropped = 0
+    dropped = repeated = 0
     if leftover == "merge" and left:
-        batches_m, dropped = _merge_leftovers(np.asarray(left), T.output_hw(geom), canv, batch_size)
+        fill_rng = epoch_rng(seed, epoch, stream=1)  # its own stream: the batch order below stays as it was
+        batches_m, repeated = _merge_leftovers(np.asarray(left), T.output_hw(geom), canv, batch_size, fill_rng)
         batches.extend(batches_m)
     elif leftover == "drop":
         dropped = len(left)
@@ -224,28 +230,41 @@ def train_epoch_plan(
         ex[k] = perm[pos]
         g[k] = geom[pos]
         cv[k] = canv[c]
-    return Plan(ex, np.ones((nb, batch_size), bool), g, cv, dropped)
+    return Plan(ex, np.ones((nb, batch_size), bool), g, cv, dropped, repeated)
 
 
-def _merge_leftovers(pos: np.ndarray, hw_all: np.ndarray, canv: np.ndarray, batch_size: int):
-    """Packs leftover examples into full batches on canvases that hold the whole batch."""
-    hw = hw_all[pos]
-    land = hw[:, 1] >= hw[:, 0]
-    out, dropped = [], 0
-    for sel in (land, ~land):
-        p, h = pos[sel], hw[sel]
+def _merge_leftovers(pos: np.ndarray, hw_all: np.ndarray, canv: np.ndarray, batch_size: int,
+                     rng: np.random.Generator) -> tuple[list[tuple[np.ndarray, int]], int]:
+    """Packs leftover examples (positions `pos`) into full batches on canvases that hold the whole batch, per
+    orientation; completes each orientation's last partial batch with random repeats of examples of that
+    orientation (any position of the epoch) that fit its canvas. Returns (batches, number of repeats).
+
+    Every batch stays within one orientation's catch-all canvas, so a canvas always exists."""
+    landscape_all = hw_all[:, 1] >= hw_all[:, 0]
+    out, repeated = [], 0
+    for landscape in (True, False):
+        sel = landscape_all[pos] == landscape
+        p, h = pos[sel], hw_all[pos[sel]]
+        if not len(p):
+            continue
         order = np.argsort(h[:, 0] * h[:, 1], kind="stable")  # small with small: less waste
         p, h = p[order], h[order]
-        full = len(p) // batch_size * batch_size
-        dropped += len(p) - full
-        for s in range(0, full, batch_size):
-            need = h[s:s + batch_size].max(axis=0)
-            c = int(assign_canvases(need[None], canv)[0])
-            if c < 0:  # mixed sizes beyond one canvas: cannot happen with the catch-alls; drop safely
-                dropped += batch_size
-                continue
-            out.append((p[s:s + batch_size], c))
-    return out, dropped
+        for s in range(0, len(p), batch_size):
+            members = p[s:s + batch_size]
+            c = int(assign_canvases(h[s:s + batch_size].max(axis=0)[None], canv)[0])
+            missing = batch_size - len(members)
+            if missing:
+                fits = (landscape_all == landscape) & (hw_all <= canv[c]).all(axis=1)
+                fits[members] = False
+                others = np.flatnonzero(fits)
+                if len(others) >= missing:
+                    fill = rng.choice(others, missing, replace=False)
+                else:  # the orientation has fewer examples than a batch: repeat what there is
+                    fill = rng.choice(np.concatenate([others, members]), missing, replace=True)
+                members = np.concatenate([members, fill])
+                repeated += missing
+            out.append((members, c))
+    return out, repeated
 
 
 def eval_plan(

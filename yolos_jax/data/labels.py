@@ -144,6 +144,31 @@ class LabelMap:
             raise KeyError(f"labels outside [0, {self.num_classes}): {labels[(labels < 0) | (labels >= self.num_classes)][:5]}")
         return table[labels]
 
+    def names_for(self, num_classes: int) -> list[str]:
+        """`names` for a model with `num_classes` >= self.num_classes logits: the labels no category uses
+        (e.g. a 91-way COCO head fine-tuned on a dataset with fewer categories) are named 'N/A'."""
+        num_classes = int(num_classes)
+        if num_classes < self.num_classes:
+            raise ValueError(f"a model with num_classes={num_classes} cannot hold the {self.num_classes} labels of "
+                             f"this label map ({self.mode} mode)")
+        return list(self.names) + [UNUSED_NAME] * (num_classes - self.num_classes)
+
+    def incompatibility(self, other: "LabelMap") -> str | None:
+        """Why a model trained with label map `other` would misread this dataset's labels, or None.
+
+        Compatible when every category of this map has the same label under both maps (names may differ;
+        `other` may have more categories, e.g. evaluating a COCO model on a subset of COCO's categories)."""
+        wrong = [(c, self.to_label(c), other._id_to_label.get(c)) for c in self.category_ids
+                 if other._id_to_label.get(c) != self.to_label(c)]
+        if not wrong:
+            return None
+        c, here, there = wrong[0]
+        there_text = "no label" if there is None else f"label {there}"
+        return (f"{len(wrong)} of the dataset's {len(self.category_ids)} categories map to other labels than in "
+                f"training: e.g. category_id {c} is label {here} here ({self.mode} mode) but was {there_text} in "
+                f"training ({other.mode} mode, category ids {other.category_ids[:10]}"
+                f"{'...' if len(other.category_ids) > 10 else ''})")
+
     def is_used(self, label: int) -> bool:
         """False for identity-mode labels that no category uses (never a training target)."""
         return self._label_to_id[int(label)] in self._id_to_label
