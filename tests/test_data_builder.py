@@ -57,6 +57,46 @@ def test_builder_round_trips_a_generated_folder(tmp_path):
         cb.prepare(str(tmp_path / "tfds"), "rt", source_dir=str(tmp_path))
 
 
+def test_prepare_notices_a_changed_source_and_force_prepares_again(tmp_path, capsys):
+    """Fixing the source folder and preparing again used to reuse the stale dataset silently."""
+    from yolos_jax.data import prepare as prepare_cli
+
+    src, data = tmp_path / "src", tmp_path / "tfds"
+    synthetic.generate(str(src), 5, 2, seed=1, image_size=[(48, 64)], num_classes=2)
+    args = [f"--data_dir={data}", "--name=fix", f"--coco_dir={src}", "--no_verify"]
+    prepare_cli.main(args)
+    first = cb.load(str(data), "fix")
+    assert first.source_changes() == [] and len(first.index("train")) == 5
+    prepare_cli.main(args)  # unchanged: reused, and said so
+    assert "already prepared from this source, unchanged since; reused" in capsys.readouterr().out
+
+    ann = src / "annotations" / "instances_train.json"
+    doc = json.loads(ann.read_text())
+    doc["images"] = doc["images"][:4]  # the user removes an image from the split
+    doc["annotations"] = [a for a in doc["annotations"] if a["image_id"] in {im["id"] for im in doc["images"]}]
+    ann.write_text(json.dumps(doc))
+    os.utime(ann, ns=(1, 1))  # a different mtime even on coarse-grained file systems
+    (src / "train" / "extra.jpg").write_bytes((src / "train" / doc["images"][0]["file_name"]).read_bytes())
+    changes = cb.load(str(data), "fix").source_changes()
+    assert any("instances_train.json was modified" in c for c in changes)
+    assert any("'train' image folder" in c for c in changes)
+    with pytest.raises(cb.DataError, match="source changed since.*--force"):
+        prepare_cli.main(args)
+    assert cb.prepare(str(data), "fix", source_dir=str(src)).path == first.path  # train/eval: reused (warned)
+
+    # --force with a broken source: fails, and the previous version is back in place.
+    good = ann.read_text()
+    ann.write_text("{ not json")
+    with pytest.raises(cb.DataError):
+        prepare_cli.main(args + ["--force"])
+    assert len(cb.load(str(data), "fix").index("train")) == 5
+    ann.write_text(good)
+    prepare_cli.main(args + ["--force"])
+    again = cb.load(str(data), "fix")
+    assert len(again.index("train")) == 4 and again.source_changes() == []
+    assert not [p for p in os.listdir(data) if p.startswith(".yolos_previous")]
+
+
 def _encode(img, fmt, **kw):
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kw)

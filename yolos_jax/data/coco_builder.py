@@ -372,6 +372,24 @@ def _example(data: bytes, image_id: int, file_name: str, h: int, w: int, anns: l
     }
 
 
+def source_fingerprint(source_dir: str, split: str) -> dict[str, Any]:
+    """What a change to a split's source shows up in, cheaply (no file is read): the instances JSON's size and
+    modification time, and the image folder's modification time (it changes when files are added, removed or
+    renamed there). Editing an image in place is not seen."""
+    ann_file = os.path.join(source_dir, "annotations", f"instances_{split}.json")
+    out: dict[str, Any] = {}
+    try:
+        st = os.stat(ann_file)
+        out["annotations"] = [st.st_size, st.st_mtime_ns]
+    except OSError:
+        out["annotations"] = None
+    try:
+        out["image_dir_mtime_ns"] = os.stat(find_image_dir(source_dir, split)).st_mtime_ns
+    except (OSError, DataError):
+        out["image_dir_mtime_ns"] = None
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # The tfds builder.
 
@@ -433,12 +451,15 @@ def _make_builder_classes():
                 splits = list(cfg.splits or discover_splits(cfg.source_dir))
             self._yolos_reports = {}
             self._yolos_categories = {}
+            self._yolos_fingerprints = {}
             return {s: self._generate_examples(s) for s in splits}
 
         def _generate_examples(self, split):
             cfg = self.builder_config
             report = Report()
             cats: list = []
+            if not cfg.tfds_source:  # taken before reading, so a change during preparation counts as one
+                self._yolos_fingerprints[split] = source_fingerprint(cfg.source_dir, split)
             if cfg.tfds_source:
                 stream = _tfds_examples(cfg.tfds_source, cfg.tfds_data_dir, split, report, cats, cfg.tfds_skip_decoding)
             else:
@@ -487,6 +508,7 @@ def _make_builder_classes():
                 "source_dir": cfg.source_dir, "tfds_source": cfg.tfds_source,
                 "categories": [{"id": i, "name": n} for i, n in sorted(merged.items())],
                 "reports": self._yolos_reports,
+                "source_fingerprints": self._yolos_fingerprints,
             })
 
     return CocoFolderConfig, CocoFolder
@@ -527,6 +549,8 @@ def prepare(
     verify_images: bool = True,
     num_threads: int = 2,
     quiet: bool = False,
+    force: bool = False,
+    reuse_changed: bool = True,
     **builder_kwargs: Any,
 ) -> "PreparedDataset":
     """One-time: turns `source_dir` (COCO-format folder) or `tfds_source` (e.g. 'coco/2017') into the
@@ -534,7 +558,10 @@ def prepare(
     same source). tfds writes into a temporary folder and renames it at the end, so a crash leaves
     nothing half-prepared. splits: which splits (default: every instances_<split>.json; tfds: train
     and validation). verify_images: fully decode each image (else header only). quiet: no progress
-    bars. Returns `load(data_dir, name)`."""
+    bars. force: prepare again even if prepared (the old version is kept until the new one is complete,
+    and put back if preparing fails). reuse_changed: what to do when it is prepared but the source folder
+    changed since (`PreparedDataset.source_changes`): True reuses it with a warning, False raises
+    (the `prepare` command: the user asked for the folder as it is now). Returns `load(data_dir, name)`."""
     if (source_dir is None) == (tfds_source is None):
         raise ValueError("prepare: give exactly one of source_dir (a COCO-format folder) or tfds_source (e.g. 'coco/2017')")
     if source_dir is not None:
@@ -544,10 +571,38 @@ def prepare(
     b = make_builder(data_dir, name, source_dir=source_dir, splits=splits, tfds_source=tfds_source,
                      tfds_data_dir=tfds_data_dir, verify_images=verify_images, num_threads=num_threads,
                      **builder_kwargs)
+    old_copy = None
     if b.data_path.exists():
         ds = load(data_dir, name)
-        ds.check_source(source_dir, tfds_source)
-        return ds
+        if not force:  # --force may also switch the name to another source
+            ds.check_source(source_dir, tfds_source)
+            changes = ds.source_changes()
+            if changes and not reuse_changed:
+                raise DataError(f"{ds.path} is already prepared, but its source changed since: {'; '.join(changes)}. "
+                                "Prepare again with --force (python -m yolos_jax.data.prepare ... --force)")
+            return ds
+        # Out of tfds's folders (it scans the version folders), put back below if the new preparation fails.
+        old_copy = os.path.join(data_dir, f".yolos_previous-{name}-{os.getpid()}")
+        os.rename(str(b.data_path), old_copy)
+        b = make_builder(data_dir, name, source_dir=source_dir, splits=splits, tfds_source=tfds_source,
+                         tfds_data_dir=tfds_data_dir, verify_images=verify_images, num_threads=num_threads,
+                         **builder_kwargs)
+    try:
+        ds = _download_and_prepare(b, data_dir, name, source_dir, tfds_source, quiet)
+    except BaseException:
+        if old_copy is not None and not b.data_path.exists():
+            os.rename(old_copy, str(b.data_path))
+            log.warning("preparing %s again failed; the previous version is back in place", b.data_path)
+        raise
+    if old_copy is not None:
+        import shutil
+
+        shutil.rmtree(old_copy, ignore_errors=True)
+    return ds
+
+
+def _download_and_prepare(b: Any, data_dir: str, name: str, source_dir: Optional[str], tfds_source: Optional[str],
+                          quiet: bool) -> "PreparedDataset":
     tfds = get_tfds()
     if quiet:
         tfds.disable_progress_bar()
@@ -611,6 +666,22 @@ class PreparedDataset:
         if tfds_source is not None and self.source.get("tfds_source") != tfds_source:
             raise DataError(f"{self.path} was prepared from {self.source.get('source_dir') or self.source.get('tfds_source')}, "
                             f"not tfds {tfds_source}: choose another dataset name or delete the prepared folder")
+
+    def source_changes(self) -> list[str]:
+        """What changed in the source folder since it was prepared (see `source_fingerprint`); [] if nothing
+        did, or if nothing was recorded (tfds sources, datasets prepared by older versions)."""
+        recorded = self.source.get("source_fingerprints") or {}
+        src = self.source.get("source_dir")
+        if not src or not recorded:
+            return []
+        changes = []
+        for split, before in sorted(recorded.items()):
+            now = source_fingerprint(src, split)
+            if now["annotations"] != before.get("annotations"):
+                changes.append(f"{src}/annotations/instances_{split}.json was modified")
+            if now["image_dir_mtime_ns"] != before.get("image_dir_mtime_ns"):
+                changes.append(f"files were added, removed or renamed in the '{split}' image folder")
+        return changes
 
     def _check_split(self, split: str) -> None:
         if split not in self.splits:

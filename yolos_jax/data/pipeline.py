@@ -207,6 +207,11 @@ def open_dataset(cfg: ml_collections.ConfigDict, process_count: int = 1) -> coco
             tfds_data_dir=cfg.tfds_data_dir or None, verify_images=cfg.verify_images, num_threads=cfg.prepare_threads)
     if cfg.source_dir or cfg.from_tfds:
         ds.check_source(cfg.source_dir or None, cfg.from_tfds or None)
+    changes = ds.source_changes()
+    if changes:
+        log.warning("using %s as prepared, but its source changed since (%s); to use the source as it is now: "
+                    "python -m yolos_jax.data.prepare --data_dir=%s --name=%s --coco_dir=%s --force",
+                    ds.path, "; ".join(changes), cfg.data_dir, cfg.dataset_name, ds.source.get("source_dir"))
     return ds
 
 
@@ -310,8 +315,9 @@ def _element_stream(plan_for_epoch, first: tuple[int, int], epochs: Optional[int
     while epochs is None or epoch < epochs:
         plan = plan_for_epoch(epoch)
         if len(plan) == 0:
-            raise ValueError(f"epoch {epoch} has no batch: the split has too few examples for input.batch_size "
-                             f"(lower the batch size, or use input.leftover='merge')")
+            raise ValueError(f"epoch {epoch} has no batch: with input.leftover='drop' the split has too few examples "
+                             "of one canvas for input.batch_size (lower the batch size, or use input.leftover='merge', "
+                             "which trains on every example)")
         for k in range(start, len(plan)):
             for j in range(*slot_slice.indices(plan.example.shape[1])):
                 i = int(plan.example[k, j])

@@ -11,6 +11,9 @@
 Then train with input.data_dir=DATA_DIR, input.dataset_name=NAME and the split names (COCO 2017:
 train2017 / val2017; tfds coco/2017: train / validation; synthetic: train / val). The report of skipped
 and clipped items is printed and kept in DATA_DIR/coco_folder/NAME/1.0.0/yolos_source.json.
+
+Preparing an already prepared NAME reuses it; if the source folder changed since (its instances JSON, or
+files added or removed in an image folder), the command stops and says so: add --force to prepare again.
 """
 
 from __future__ import annotations
@@ -33,11 +36,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--splits", default="", help="comma-separated split names (default: all found)")
     p.add_argument("--no_verify", action="store_true", help="read image headers only (faster; corrupt files fail later)")
     p.add_argument("--threads", type=int, default=4, help="images decoded in parallel while verifying")
+    p.add_argument("--force", action="store_true",
+                   help="prepare again even if already prepared (e.g. after fixing the source folder); the previous "
+                        "version stays in place until the new one is complete")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        existing = coco_builder.load(a.data_dir, a.name).path
+    except coco_builder.DataError:
+        existing = None
     ds = coco_builder.prepare(
         a.data_dir, a.name, source_dir=a.coco_dir, tfds_source=a.from_tfds, tfds_data_dir=a.tfds_data_dir,
-        splits=[s for s in a.splits.split(",") if s] or None, verify_images=not a.no_verify, num_threads=a.threads)
+        splits=[s for s in a.splits.split(",") if s] or None, verify_images=not a.no_verify, num_threads=a.threads,
+        force=a.force, reuse_changed=False)
+    if existing and not a.force:
+        print(f"{ds.path} was already prepared from this source, unchanged since; reused as it is "
+              "(--force prepares it again)")
     summary = {"path": ds.path, "categories": len(ds.categories),
                "splits": {s: {"examples": len(ds.index(s)), "report": ds.report(s).get("counts", {})} for s in ds.splits}}
     print(json.dumps(summary, indent=1))
