@@ -281,6 +281,56 @@ def test_overwrite_and_atomic_writes(hf_ti, tmp_path, monkeypatch):
     convert.load_params_dir(str(out))
 
 
+def test_overwrite_never_replaces_the_source_or_an_unrelated_folder(hf_ti, tmp_path):
+    _, folder = hf_ti
+    source_files = sorted(os.listdir(folder))
+    for output in (folder, os.path.join(folder, "converted")):
+        with pytest.raises(convert.ConversionError, match="would replace or sit inside the source"):
+            convert.convert(folder, output, overwrite=True)
+    assert sorted(os.listdir(folder)) == source_files
+    unrelated = tmp_path / "thesis"
+    unrelated.mkdir()
+    (unrelated / "thesis.tex").write_text("years of work")
+    stray_file = tmp_path / "notes.txt"
+    stray_file.write_text("keep me")
+    for output in (unrelated, stray_file):
+        with pytest.raises(FileExistsError, match="not a converted checkpoint"):
+            convert.convert(folder, str(output), overwrite=True)
+    assert (unrelated / "thesis.tex").read_text() == "years of work" and stray_file.read_text() == "keep me"
+
+
+def test_atomic_directory_replacing_a_file_leaves_nothing_behind(tmp_path):
+    from yolos_jax import atomic
+
+    target = tmp_path / "out"
+    target.write_text("old")
+    atomic.atomic_directory(str(target), lambda d: open(os.path.join(d, "x"), "w").close(), overwrite=True)
+    assert target.is_dir() and os.listdir(tmp_path) == ["out"]
+
+
+def test_corrupt_or_truncated_checkpoints_give_a_clear_error(hf_ti, tmp_path):
+    from safetensors.torch import save_file
+
+    model, _ = hf_ti
+    good = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(good))
+    data = good.read_bytes()
+    for name, blob in (("truncated.safetensors", data[: len(data) // 2]), ("garbage.safetensors", b"\x00" * 64)):
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(convert.ConversionError, match=f"{name}: not a readable safetensors file.*corrupt or truncated"):
+            convert.convert_state(str(tmp_path / name))
+    pth = tmp_path / "model.pth"
+    torch.save(model.state_dict(), pth)
+    blob = pth.read_bytes()
+    for name, cut in (("truncated.pth", blob[: len(blob) // 2]), ("empty.pth", b"")):
+        (tmp_path / name).write_bytes(cut)
+        with pytest.raises(convert.ConversionError, match=f"{name}: cannot be read by torch.load .*corrupt, truncated"):
+            convert.convert_state(str(tmp_path / name))
+    assert convert_torch_weights.main([f"--source={tmp_path / 'truncated.safetensors'}",
+                                       f"--output={tmp_path / 'o'}"]) == 1
+    assert not (tmp_path / "o").exists()
+
+
 def test_cli(hf_ti, tmp_path, capsys):
     _, folder = hf_ti
     out = tmp_path / "cli"

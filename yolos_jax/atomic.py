@@ -66,7 +66,10 @@ def atomic_directory(output: str, build: Callable[[str], Any], *, overwrite: boo
             old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:8]}")
             os.rename(output, old)
             os.rename(tmp, output)
-            shutil.rmtree(old, ignore_errors=True)
+            if os.path.isdir(old) and not os.path.islink(old):
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # a file or a link replaced by the directory
+                os.remove(old)
         else:
             os.rename(tmp, output)
     except BaseException:

@@ -249,6 +249,7 @@ def _torch_load(path: str) -> Any:
             "safetensors files convert without it"
         ) from e
     import argparse
+    import pickle
 
     # weights_only=True: no arbitrary code runs while unpickling. hustvl/YOLOS checkpoints also carry
     # their argparse.Namespace of training args, which we allow explicitly.
@@ -256,14 +257,18 @@ def _torch_load(path: str) -> Any:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ConversionError(
-                f"{path}: torch.load(weights_only=True) failed ({e}). Only checkpoints made of tensors, "
-                "plain containers and argparse.Namespace are read."
-            ) from e
+            text = str(e) or type(e).__name__
+            if isinstance(e, pickle.UnpicklingError) and "weights_only" in text.lower():
+                raise ConversionError(
+                    f"{path}: torch.load(weights_only=True) refused an object in it ({text.splitlines()[0]}). "
+                    "Only checkpoints made of tensors, plain containers and argparse.Namespace are read."
+                ) from e
+            raise ConversionError(f"{path}: cannot be read by torch.load ({type(e).__name__}: {text.splitlines()[0]}); "
+                                  "the file is corrupt, truncated or not a PyTorch checkpoint") from e
 
 
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     out = {}
     try:
@@ -271,6 +276,9 @@ def _load_safetensors(path: str) -> dict[str, np.ndarray]:
             for k in f.keys():
                 out[k] = f.get_tensor(k)
         return out
+    except SafetensorError as e:  # a bad header or data that does not cover it
+        raise ConversionError(f"{path}: not a readable safetensors file ({e}); it is corrupt or truncated "
+                              "(download or copy it again)") from e
     except (TypeError, ValueError) as e:  # e.g. bfloat16, which numpy lacks
         try:
             import torch  # noqa: F401
@@ -1000,11 +1008,25 @@ def convert(
     Raises:
       ConversionError listing every unknown, missing and mis-shaped key; nothing is written then.
     """
-    if os.path.exists(output) and not overwrite:
-        raise FileExistsError(f"{output} already exists; pass --overwrite to replace it")
+    _check_output(source, output, overwrite)
     out = convert_state(source, variant=variant, model_overrides=model_overrides, source_pe_size=source_pe_size)
     save_params_dir(output, out.params, out.model_cfg, out.meta, overwrite=overwrite)
     return {**out.meta, "model": _json_model_cfg(out.model_cfg), "format": FORMAT, "version": VERSION}
+
+
+def _check_output(source: str, output: str, overwrite: bool) -> None:
+    """--overwrite replaces only an earlier conversion, never the source or an unrelated file or folder."""
+    src, out = os.path.realpath(source), os.path.realpath(output)
+    if out == src or src.startswith(out + os.sep) or out.startswith(src + os.sep):
+        raise ConversionError(f"--output {output} would replace or sit inside the source {source}; choose another "
+                              "output directory")
+    if not os.path.lexists(output):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{output} already exists; pass --overwrite to replace it")
+    if not os.path.isfile(os.path.join(output, META_FILE)):
+        raise FileExistsError(f"{output} exists and is not a converted checkpoint (no {META_FILE} in it): "
+                              "--overwrite only replaces an earlier conversion; choose another --output")
 
 
 # --------------------------------------------------------------------------------------------------
