@@ -5,7 +5,9 @@ have the paper's parameter counts (YOLOS Table 6)."""
 import glob
 import math
 import os
+import sys
 
+import ml_collections
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -32,12 +34,18 @@ DOCUMENTED = {
 CASES = [(name, arg) for name, args in sorted(DOCUMENTED.items()) for arg in args]
 
 
-def load(name, arg=None):
+def load(name, arg=None, overrides=()):
     """The config as train.py sees it: through `config_flags.DEFINE_config_file` and the command line."""
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv, lock_config=True)
     spec = os.path.join(ROOT, "configs", name) + (f":{arg}" if arg is not None else "")
-    fv(["train.py", f"--config={spec}"])
+    argv = ["train.py", f"--config={spec}", *overrides]
+    fv = flags.FlagValues()
+    saved = sys.argv
+    sys.argv = argv  # config_flags finds the override flags in sys.argv when the flag is defined
+    try:
+        config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv, lock_config=True)
+        fv(argv)
+    finally:
+        sys.argv = saved
     return fv.config
 
 
@@ -69,6 +77,32 @@ def test_config_loads_validates_and_builds(name, arg):
     assert {"class_head/layers_2/kernel", "box_head/layers_2/bias", "det_tokens"} <= set(shapes)
     assert shapes["class_head/layers_2/kernel"][-1] == config.model.num_classes + 1
     assert shapes["det_tokens"] == (1, config.model.num_det_tokens, config.model.hidden_size)
+
+
+def _none_fields(config, prefix=""):
+    for key in config.keys():
+        value = config[key]
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _none_fields(value, f"{prefix}{key}.")
+        elif value is None:
+            yield f"{prefix}{key}"
+
+
+# A value of the right type for every field that may be None (the README documents overriding them).
+NONE_FIELD_OVERRIDES = {"model.attention_impl": "cudnn", "model.det_reference_grid": "(2,4)",
+                        "model.global_blocks": "(5,11)", "model.mid_pe_size": "(512,864)", "model.mlp_dim": "512"}
+
+
+@pytest.mark.parametrize("name,arg", CASES, ids=[f"{n}:{a}" if a else n for n, a in CASES])
+def test_fields_that_are_none_take_command_line_overrides(name, arg):
+    """`--config.model.attention_impl=cudnn` failed with "Type NoneType ... is not supported for overriding"."""
+    config = load(name, arg)
+    nones = sorted(_none_fields(config))
+    assert set(nones) <= set(NONE_FIELD_OVERRIDES), "a new None field: give it a typed placeholder and list it"
+    for path in nones:
+        overridden = load(name, arg, [f"--config.{path}={NONE_FIELD_OVERRIDES[path]}"])
+        value = overridden.model[path.split(".")[1]]
+        assert value is not None and str(value).replace(" ", "") == NONE_FIELD_OVERRIDES[path], (path, value)
 
 
 def test_config_argument_errors():

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
 # Paper Table 1 and the original README (backbone_name, init_pe_size, mid_pe_size).
 MODEL_VARIANTS: dict[str, dict[str, Any]] = {
@@ -78,7 +79,14 @@ def model_config(variant: str, **overrides: Any) -> ml_collections.ConfigDict:
     )
     fields.update(MODEL_VARIANTS[variant])
     fields.update(overrides)
-    # `mlp_dim`, `mid_pe_size` and `attention_impl` may be None; give them placeholders that keep their
-    # types so that `--config.model.x=...` overrides type-check.
-    cfg = ml_collections.ConfigDict(fields)
-    return cfg
+    # A field that is None would take no `--config.model.x=...` override ("Type NoneType ... is not supported
+    # for overriding"): a typed placeholder (still None) accepts one of its type.
+    for name, field_type in NULLABLE_MODEL_FIELDS.items():
+        if fields.get(name) is None:
+            fields[name] = config_dict.placeholder(field_type)
+    return ml_collections.ConfigDict(fields)
+
+
+# The model fields whose default may be None, with the type an override gives them.
+NULLABLE_MODEL_FIELDS = {"mlp_dim": int, "mid_pe_size": tuple, "attention_impl": str, "global_blocks": tuple,
+                         "det_reference_grid": tuple}
