@@ -43,12 +43,13 @@ def main(argv):
     path = FLAGS.workdir or FLAGS.checkpoint
     out = FLAGS.out or (os.path.join(FLAGS.workdir, "eval") if FLAGS.workdir
                         else f"eval_{os.path.basename(os.path.normpath(FLAGS.checkpoint))}")
-    config = FLAGS.config
-    if FLAGS.workdir:  # '{workdir}' in data paths (configs/demo.py) refers to the training workdir
-        import ml_collections
+    import ml_collections
 
-        config = ml_collections.ConfigDict(config.to_dict())
-        config.input = trainer.prepare_input_config(config.input, FLAGS.workdir)
+    config = ml_collections.ConfigDict(FLAGS.config.to_dict())
+    try:  # '{workdir}' in data paths (configs/demo.py) is the training workdir of the checkpoint
+        config.input = trainer.input_config_for_checkpoint(config.input, path, FLAGS.workdir)
+    except (FileNotFoundError, ValueError) as e:
+        raise app.UsageError(str(e)) from None
     evaluation.evaluate_checkpoint(config, path, out, speed=FLAGS.speed, robustness=FLAGS.robustness,
                                    model_name=FLAGS.model_name, skip_clean=FLAGS.skip_clean)
 

@@ -126,6 +126,15 @@ def find_checkpoint(path: str) -> tuple[str, Optional[int]]:
     )
 
 
+def workdir_of(path: str) -> Optional[str]:
+    """The training workdir a checkpoint path (workdir, its checkpoints/, or checkpoints/<step>) belongs to;
+    None for converted checkpoints."""
+    directory, step = find_checkpoint(path)
+    if step is None or os.path.basename(directory) != CHECKPOINT_SUBDIR:
+        return None
+    return os.path.dirname(directory)
+
+
 def load_params(path: str) -> tuple[Any, dict]:
     """Loads (params, model_config dict) from a converted directory or a training checkpoint.
 

@@ -702,6 +702,23 @@ def load_checkpoint(path: str) -> tuple[Any, dict, dict]:
     return params, config_lib.sequence_fields_as_tuples(cfg), dict(meta)  # lists -> hashable tuples
 
 
+# YOLOS fields that change how the model computes, not its parameters: eval takes them from config.model.
+RUNTIME_MODEL_FIELDS = ("dtype", "attention_impl", "remat")
+
+
+def runtime_overrides(model_cfg: Optional[Mapping[str, Any]], checkpoint_cfg: Mapping[str, Any]) -> tuple[dict, list]:
+    """(overrides, ignored): config.model's runtime fields to apply to a checkpoint's model, and the names of
+    the other config.model fields whose values differ from the checkpoint's (the checkpoint's are used)."""
+    if not model_cfg:
+        return {}, []
+    model_cfg = config_lib.sequence_fields_as_tuples(model_cfg.to_dict() if hasattr(model_cfg, "to_dict")
+                                                     else dict(model_cfg))
+    overrides = {k: model_cfg[k] for k in RUNTIME_MODEL_FIELDS if k in model_cfg}
+    ignored = sorted(k for k, v in model_cfg.items()
+                     if k not in RUNTIME_MODEL_FIELDS and k in checkpoint_cfg and checkpoint_cfg[k] != v)
+    return overrides, ignored
+
+
 def load_model(path: str, **model_overrides: Any) -> tuple[Any, Any, dict]:
     """(params, YOLOS module, meta) of a checkpoint (see `load_checkpoint`); `model_overrides` may change
     fields that leave the parameters alone (dtype, attention_impl, remat)."""
@@ -759,7 +776,14 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, out_
     Tables 4-6 row; with `robustness` out_dir/robustness/... (COCO-C). Returns
     {'metrics': ..., 'speed': ... | None, 'robustness': ... | None}.
     """
-    params, model, meta = load_model(checkpoint)
+    params, ckpt_cfg, meta = load_checkpoint(checkpoint)
+    overrides, ignored = runtime_overrides(config.get("model"), ckpt_cfg)
+    from yolos_jax.yolos import YOLOS
+
+    model = YOLOS(**{**ckpt_cfg, **overrides})
+    if ignored and jax.process_index() == 0:
+        print(f"note: the checkpoint defines the model; config.model's {', '.join(ignored)} differ(s) from it and "
+              f"is not used (only {', '.join(RUNTIME_MODEL_FIELDS)} are taken from config.model)", flush=True)
     evaluator = Evaluator(config.eval, config.input, model)
     check_label_map(evaluator.label_map, model.num_classes, meta)
     trained_on = (meta.get("dataset") or {}).get("dataset_name")

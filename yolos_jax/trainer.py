@@ -119,6 +119,26 @@ def prepare_input_config(input_cfg: ml_collections.ConfigDict, workdir: str) -> 
     return cfg
 
 
+def input_config_for_checkpoint(input_cfg: ml_collections.ConfigDict, checkpoint: str,
+                                workdir: Optional[str] = None) -> ml_collections.ConfigDict:
+    """`prepare_input_config` for eval/inference/figures: '{workdir}' in the data paths (configs/demo.py) is
+    `workdir`, else the training workdir that holds `checkpoint` (e.g. WORKDIR/checkpoints/800). Raises,
+    before any data is generated, if `checkpoint` holds no checkpoint or no workdir is known."""
+    from yolos_jax import checkpointing
+
+    found = checkpointing.workdir_of(checkpoint)  # FileNotFoundError naming the path if there is none
+    uses_workdir = any("{workdir}" in str(input_cfg.get(k) or "") for k in ("data_dir", "source_dir"))
+    if not uses_workdir:
+        return input_cfg
+    workdir = workdir or found
+    if workdir is None:
+        raise ValueError(
+            f"config.input.data_dir={input_cfg.data_dir!r} / source_dir={input_cfg.source_dir!r} refer to "
+            f"'{{workdir}}', and {checkpoint} is not inside a training workdir: pass --workdir=<the training "
+            "workdir>, or set --config.input.data_dir and --config.input.source_dir")
+    return prepare_input_config(input_cfg, workdir)
+
+
 def _fail(field: str, message: str) -> None:
     raise ValueError(f"config.{field}: {message}")
 

@@ -368,9 +368,9 @@ def run_inference(checkpoint: str, inputs: Sequence[str], out_dir: str, *, thres
     names = meta.get("label_names")
     label_map = LabelMap.from_dict(meta["label_map"]) if meta.get("label_map") else None
     if config is not None:
-        from yolos_jax import data
+        from yolos_jax import data, trainer
 
-        label_map = data.dataset_info(config.input).label_map
+        label_map = data.dataset_info(trainer.input_config_for_checkpoint(config.input, checkpoint)).label_map
         evaluation.check_label_map(label_map, model_cfg["num_classes"], meta)
         names = label_map.names_for(model_cfg["num_classes"])
     max_size = None
@@ -400,8 +400,11 @@ def make_figures(config: Any, checkpoint: str, out_dir: str, *, max_images: int 
     from yolos_jax import draw, evaluation
     from yolos_jax.inference import IMAGENET_MEAN, IMAGENET_STD
 
+    from yolos_jax import trainer
+
+    input_cfg = trainer.input_config_for_checkpoint(config.input, checkpoint)
     params, model, meta = evaluation.load_model(checkpoint)
-    evaluator = evaluation.Evaluator(config.eval, config.input, model)
+    evaluator = evaluation.Evaluator(config.eval, input_cfg, model)
     evaluation.check_label_map(evaluator.label_map, model.num_classes, meta)
     params = evaluation.place_params(params, evaluator.mesh)
     pred = evaluator.predict(params, max_images=max_images)
