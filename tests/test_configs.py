@@ -121,6 +121,12 @@ def test_validation_rejects_a_bad_override():
     config.model.num_heads = 5  # does not divide 192
     with pytest.raises(ValueError, match="model.num_heads"):
         trainer.validate_config(config, num_devices=1)
+    for field, value, match in (("eval_size", 0, "config.input.eval_size"), ("scales", (0, 480), "config.input.scales")):
+        config = load("yolos_ti.py")
+        config.unlock()
+        config.input[field] = value  # failed only at the end-of-training eval
+        with pytest.raises(ValueError, match=match):
+            trainer.validate_config(config, num_devices=1)
 
 
 # --------------------------------------------------------------------------------------------------

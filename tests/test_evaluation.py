@@ -552,3 +552,22 @@ def test_eval_takes_runtime_fields_from_config_model_and_names_the_ignored_ones(
     assert overrides == {"dtype": "bfloat16", "attention_impl": "xla", "remat": False}
     assert ignored == ["hidden_size"]  # sequence fields compare as tuples (JSON lists do not count as changes)
     assert evaluation.runtime_overrides(None, ckpt) == ({}, [])
+
+
+def test_resuming_a_workdir_with_another_model_is_refused_naming_the_fields(tmp_path):
+    from yolos_jax import checkpointing, trainer
+
+    cfg = model_config("s", hidden_size=16, depth=1, num_heads=2, num_det_tokens=3, num_classes=4,
+                       init_pe_size=(32, 48), mid_pe_size=(32, 48))
+    params = jax.tree.map(np.asarray, random_params(YOLOS(**cfg.to_dict()), (32, 48)))
+    ckpt_cfg = checkpointing.default_checkpoint_config()
+    ckpt_cfg.async_save = False
+    ck = checkpointing.Checkpointer(str(tmp_path / "work"), ckpt_cfg)
+    ck.save(3, {"params": params, "step": np.int32(3), "opt_state": {}, "rng": np.zeros(2, np.uint32)},
+            {"epoch": 0, "batch": 3}, ml_collections.ConfigDict({"model": cfg.to_dict()}))
+    ck.close()
+    same_shapes = ml_collections.ConfigDict(dict(cfg.to_dict(), dtype="bfloat16", drop_path_rate=0.1))
+    trainer.check_resumable_model(ck.directory, same_shapes)
+    wider = ml_collections.ConfigDict(dict(cfg.to_dict(), hidden_size=32))
+    with pytest.raises(ValueError, match="hidden_size: 16 in the checkpoints, 32 now.*another --workdir"):
+        trainer.check_resumable_model(ck.directory, wider)

@@ -177,6 +177,17 @@ def load_params_and_meta(path: str) -> tuple[Any, dict, dict]:
     return params, model_cfg, meta
 
 
+def restore_config(path: str) -> dict:
+    """The run config (JSON) saved with a training checkpoint: workdir, checkpoints/ or checkpoints/<step>."""
+    directory, step = find_checkpoint(path)
+    if step is None:
+        raise ValueError(f"{path} is a converted checkpoint, not a training one")
+    manager = ocp.CheckpointManager(directory, item_names=("params", "train", "data", "config"))
+    restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    manager.close()
+    return restored["config"]
+
+
 def restore_data_state(path: str) -> dict:
     directory, step = find_checkpoint(path)
     manager = ocp.CheckpointManager(directory, item_names=("params", "train", "data", "config"))

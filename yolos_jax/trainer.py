@@ -139,6 +139,26 @@ def input_config_for_checkpoint(input_cfg: ml_collections.ConfigDict, checkpoint
     return prepare_input_config(input_cfg, workdir)
 
 
+def check_resumable_model(checkpoint_dir: str, model_cfg: ml_collections.ConfigDict) -> None:
+    """Raises, naming the fields, if the workdir's checkpoints hold a model with other parameter shapes than
+    `model_cfg` (orbax would fail deep inside the restore); fields that leave the shapes alone may change."""
+    from yolos_jax import config as config_lib
+    from yolos_jax import convert
+
+    stored = checkpointing.restore_config(checkpoint_dir).get("model")
+    if not stored:
+        return
+    stored = config_lib.sequence_fields_as_tuples(stored)
+    current = config_lib.sequence_fields_as_tuples(model_cfg.to_dict())
+    if convert.expected_param_shapes(stored) == convert.expected_param_shapes(current):
+        return
+    changed = [f"{k}: {stored.get(k)!r} in the checkpoints, {current.get(k)!r} now" for k in sorted(current)
+               if stored.get(k) != current.get(k)]
+    raise ValueError(
+        f"{checkpoint_dir} holds checkpoints of a different model (parameter shapes differ): {'; '.join(changed)}. "
+        "Resume with the run's original config, or start this model in another --workdir")
+
+
 def _fail(field: str, message: str) -> None:
     raise ValueError(f"config.{field}: {message}")
 
@@ -163,6 +183,14 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
             _fail(f"model.{name}", f"must be (height, width) in pixels, each >= patch_size, got {size!r}")
     if str(m.dtype) not in ("float32", "bfloat16", "float16"):
         _fail("model.dtype", f"must be 'float32', 'bfloat16' or 'float16', got {m.dtype!r}")
+    from yolos_jax.data import pipeline
+
+    try:  # the input sub-config's own checks, before any step (an eval size of 0 would fail after training)
+        pipeline._check_config(config.input, 1)
+    except ValueError as e:
+        raise ValueError(f"config.{e}") from None
+    if int(config.eval.eval_size) <= 0:
+        _fail("eval.eval_size", f"must be positive (shortest side of eval images, pixels), got {config.eval.eval_size}")
     batch = config.input.batch_size
     if not isinstance(batch, int) or batch <= 0:
         _fail("input.batch_size", f"must be a positive integer (global batch), got {batch!r}")
@@ -449,6 +477,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_iter = data.make_train_iterator(config.input, seed=config.seed)
     latest = checkpointer.latest_step()
     if latest is not None:
+        check_resumable_model(checkpointer.directory, config.model)
         state, data_state = checkpointer.restore(latest, abstract)
         train_iter.set_state(data_state)
         if is_main:

@@ -153,6 +153,12 @@ def _check_config(cfg, process_count: int) -> None:
             raise ValueError(f"input.{field}={b} must be a positive multiple of the process count {process_count}")
     if cfg.max_boxes <= 0:
         raise ValueError(f"input.max_boxes must be positive, got {cfg.max_boxes}")
+    if int(cfg.eval_size) <= 0:
+        raise ValueError(f"input.eval_size (shortest side of eval images, pixels) must be positive, got {cfg.eval_size}")
+    if not cfg.scales or min(int(s) for s in cfg.scales) <= 0:
+        raise ValueError(f"input.scales (shortest sides of train images, pixels) must be positive, got {cfg.scales}")
+    if cfg.large_scale_jitter and int(cfg.lsj_size) <= 0:
+        raise ValueError(f"input.lsj_size must be positive, got {cfg.lsj_size}")
     if cfg.image_format not in ("float32", "uint8"):
         raise ValueError(f"input.image_format must be 'float32' or 'uint8', got {cfg.image_format!r}")
     if cfg.label_mode not in ("identity", "contiguous"):
