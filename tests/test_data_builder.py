@@ -97,6 +97,24 @@ def test_prepare_notices_a_changed_source_and_force_prepares_again(tmp_path, cap
     assert not [p for p in os.listdir(data) if p.startswith(".yolos_previous")]
 
 
+def test_a_copied_workdir_keeps_its_prepared_dataset(tmp_path):
+    """WORKDIR/data/{synthetic,tfds} copied elsewhere (cp -r: new modification times) is still the same source."""
+    import shutil
+
+    first = tmp_path / "run1"
+    synthetic.generate(str(first / "synthetic"), 4, 2, seed=2, image_size=[(48, 64)], num_classes=2)
+    cb.prepare(str(first / "tfds"), "d", source_dir=str(first / "synthetic"), quiet=True)
+    second = tmp_path / "run2"
+    shutil.copytree(first, second, copy_function=shutil.copy)  # contents only, not times
+    ds = cb.load(str(second / "tfds"), "d")
+    ds.check_source(str(second / "synthetic"), None)  # was: "was prepared from .../run1/synthetic"
+    assert ds.source_changes() == []
+    shutil.rmtree(first)
+    assert ds.source_dir() == str(second / "synthetic") and ds.source_changes() == []
+    with pytest.raises(cb.DataError, match="set --config.input.source_dir=.*choose another input.dataset_name"):
+        ds.check_source(str(tmp_path), None)
+
+
 def _encode(img, fmt, **kw):
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kw)

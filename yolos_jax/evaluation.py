@@ -733,9 +733,11 @@ def check_label_map(label_map: Any, num_classes: int, meta: Optional[dict] = Non
     """The model must have a logit for every label of the dataset, and, when the checkpoint recorded the label
     map it was trained with (`meta['label_map']`), read each category as the same label."""
     if label_map.num_classes > int(num_classes):
+        hint = ("config.input.label_mode='contiguous' numbers the categories 0..K-1" if label_map.mode == "identity"
+                else "this model has fewer logits than the dataset has categories: it was trained on another dataset")
         raise ValueError(
             f"the dataset's label map has {label_map.num_classes} labels ({label_map.mode} mode) but the model has "
-            f"num_classes={num_classes}; for COCO checkpoints with 91 ids use config.input.label_mode='identity'"
+            f"num_classes={num_classes}; {hint}"
         )
     trained = (meta or {}).get("label_map")
     if trained:

@@ -372,21 +372,32 @@ def _example(data: bytes, image_id: int, file_name: str, h: int, w: int, anns: l
     }
 
 
-def source_fingerprint(source_dir: str, split: str) -> dict[str, Any]:
-    """What a change to a split's source shows up in, cheaply (no file is read): the instances JSON's size and
-    modification time, and the image folder's modification time (it changes when files are added, removed or
-    renamed there). Editing an image in place is not seen."""
+def source_fingerprint(source_dir: str, split: str, previous: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """What a change to a split's source shows up in: the instances JSON's size and SHA-1 (hashed only when its
+    size or modification time differ from `previous`, so an unchanged file costs one stat), and the number of
+    files in the image folder (files added or removed). Editing an image in place is not seen; copying the
+    folder elsewhere (new modification times) is not a change."""
     ann_file = os.path.join(source_dir, "annotations", f"instances_{split}.json")
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"size": None, "mtime_ns": None, "sha1": None, "num_files": None}
     try:
         st = os.stat(ann_file)
-        out["annotations"] = [st.st_size, st.st_mtime_ns]
+        out["size"], out["mtime_ns"] = st.st_size, st.st_mtime_ns
+        if previous and [previous.get("size"), previous.get("mtime_ns")] == [out["size"], out["mtime_ns"]]:
+            out["sha1"] = previous.get("sha1")
+        else:
+            import hashlib
+
+            h = hashlib.sha1()
+            with open(ann_file, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    h.update(chunk)
+            out["sha1"] = h.hexdigest()
     except OSError:
-        out["annotations"] = None
+        pass
     try:
-        out["image_dir_mtime_ns"] = os.stat(find_image_dir(source_dir, split)).st_mtime_ns
+        out["num_files"] = len(os.listdir(find_image_dir(source_dir, split)))
     except (OSError, DataError):
-        out["image_dir_mtime_ns"] = None
+        pass
     return out
 
 
@@ -506,6 +517,7 @@ def _make_builder_classes():
             atomic.write_json_atomic(os.path.join(out, SOURCE_FILE), {
                 "format": "yolos_jax.coco_folder", "version": VERSION,
                 "source_dir": cfg.source_dir, "tfds_source": cfg.tfds_source,
+                "source_dir_relative": os.path.relpath(cfg.source_dir, out) if cfg.source_dir else None,
                 "categories": [{"id": i, "name": n} for i, n in sorted(merged.items())],
                 "reports": self._yolos_reports,
                 "source_fingerprints": self._yolos_fingerprints,
@@ -660,9 +672,16 @@ class PreparedDataset:
 
     def check_source(self, source_dir: Optional[str], tfds_source: Optional[str]) -> None:
         """Raises if this dataset was prepared from a different source than the one asked for."""
-        if source_dir is not None and self.source.get("source_dir") not in (None, os.path.abspath(source_dir)):
-            raise DataError(f"{self.path} was prepared from {self.source.get('source_dir')}, not {source_dir}: "
-                            "choose another dataset name (input.dataset_name) or delete the prepared folder")
+        relative = self.source.get("source_dir_relative")
+        same_place = relative is not None and source_dir is not None and (
+            os.path.normpath(os.path.join(self.path, relative)) == os.path.abspath(source_dir))  # moved together
+        if source_dir is not None and self.source.get("source_dir") not in (None, os.path.abspath(source_dir)) \
+                and not same_place:
+            raise DataError(
+                f"{self.path} was prepared from {self.source.get('source_dir')}, not {source_dir} "
+                f"(input.source_dir): to use this prepared dataset set --config.input.source_dir="
+                f"{self.source.get('source_dir')}; to prepare {source_dir} choose another input.dataset_name "
+                "(or prepare again with --force)")
         if tfds_source is not None and self.source.get("tfds_source") != tfds_source:
             raise DataError(f"{self.path} was prepared from {self.source.get('source_dir') or self.source.get('tfds_source')}, "
                             f"not tfds {tfds_source}: choose another dataset name or delete the prepared folder")
@@ -671,17 +690,28 @@ class PreparedDataset:
         """What changed in the source folder since it was prepared (see `source_fingerprint`); [] if nothing
         did, or if nothing was recorded (tfds sources, datasets prepared by older versions)."""
         recorded = self.source.get("source_fingerprints") or {}
-        src = self.source.get("source_dir")
+        src = self.source_dir()
         if not src or not recorded:
             return []
         changes = []
         for split, before in sorted(recorded.items()):
-            now = source_fingerprint(src, split)
-            if now["annotations"] != before.get("annotations"):
+            now = source_fingerprint(src, split, before)
+            if [now["size"], now["sha1"]] != [before.get("size"), before.get("sha1")]:
                 changes.append(f"{src}/annotations/instances_{split}.json was modified")
-            if now["image_dir_mtime_ns"] != before.get("image_dir_mtime_ns"):
-                changes.append(f"files were added, removed or renamed in the '{split}' image folder")
+            if now["num_files"] != before.get("num_files"):
+                changes.append(f"the '{split}' image folder has {now['num_files']} files, {before.get('num_files')} "
+                               "when prepared")
         return changes
+
+    def source_dir(self) -> Optional[str]:
+        """The source folder: where it was when prepared, or, if that is gone and the folder sits at the same place
+        relative to the prepared dataset (a copied workdir: WORKDIR/data/{synthetic,tfds}), there."""
+        recorded, relative = self.source.get("source_dir"), self.source.get("source_dir_relative")
+        if recorded and not os.path.isdir(recorded) and relative:
+            moved = os.path.normpath(os.path.join(self.path, relative))
+            if os.path.isdir(moved):
+                return moved
+        return recorded
 
     def _check_split(self, split: str) -> None:
         if split not in self.splits:

@@ -217,7 +217,7 @@ def open_dataset(cfg: ml_collections.ConfigDict, process_count: int = 1) -> coco
     if changes:
         log.warning("using %s as prepared, but its source changed since (%s); to use the source as it is now: "
                     "python -m yolos_jax.data.prepare --data_dir=%s --name=%s --coco_dir=%s --force",
-                    ds.path, "; ".join(changes), cfg.data_dir, cfg.dataset_name, ds.source.get("source_dir"))
+                    ds.path, "; ".join(changes), cfg.data_dir, cfg.dataset_name, ds.source_dir())
     return ds
 
 
