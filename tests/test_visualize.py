@@ -245,3 +245,27 @@ def test_make_figures_on_a_tiny_model(tmp_path_factory, tmp_path):
             for c in label_map.category_ids]
     assert dist["gt"] == want
     assert np.all(np.sum(dist["per_token"], axis=1) == len(gt["images"]))
+
+
+def test_images_are_read_as_the_training_pipeline_decodes_them(tmp_path):
+    """Inference and the trainer's drawings read files with PIL; training decodes with TF. They must agree:
+    PIL's convert('RGB') clipped 16-bit grey PNGs to white."""
+    import io
+
+    import tensorflow as tf
+
+    from yolos_jax.inference import read_image_rgb
+
+    rng = np.random.default_rng(0)
+    grey16 = rng.integers(0, 65536, (9, 13)).astype(np.uint16)
+    grey16[0, :4] = [0, 129, 255, 65535]  # 129: the high byte (0) and rounding (1) differ here
+    rgba = rng.integers(0, 256, (9, 13, 4)).astype(np.uint8)
+    cases = {"grey16.png": Image.fromarray(grey16), "grey.png": Image.fromarray(grey16.astype(np.uint8)),
+             "rgba.png": Image.fromarray(rgba, "RGBA"), "palette.png": Image.fromarray(rgba[..., :3]).convert("P")}
+    for name, im in cases.items():
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        (tmp_path / name).write_bytes(buf.getvalue())
+        want = tf.io.decode_image(buf.getvalue(), channels=3, expand_animations=False).numpy()
+        np.testing.assert_array_equal(read_image_rgb(buf.getvalue()), want, err_msg=name)
+        np.testing.assert_array_equal(visualize.read_rgb(str(tmp_path / name)), want, err_msg=name)

@@ -258,6 +258,21 @@ class Detector:
         return results
 
 
+def read_image_rgb(source: Union[str, bytes]) -> np.ndarray:
+    """uint8 [H, W, 3] RGB of an image file path or its bytes, as the training pipeline decodes it (TF): grey,
+    palette and alpha images are converted to RGB, and 16-bit images keep their high byte (PIL's own
+    convert('RGB') would clip them to 255)."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:
+        if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16-bit grey (PIL reads 16-bit PNGs as these)
+            grey = (np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
+            return np.repeat(grey[..., None], 3, axis=-1)
+        return np.asarray(im.convert("RGB"), np.uint8).copy()
+
+
 def _as_image_list(images: ImageBatch) -> list[np.ndarray]:
     if isinstance(images, np.ndarray):
         if images.ndim == 3:

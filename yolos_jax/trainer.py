@@ -357,13 +357,9 @@ def _init_from_converted(
 def write_annotated_val_images(params: Any, model_cfg: dict, input_cfg: ml_collections.ConfigDict, out_dir: str,
                                num_images: int = 8, threshold: float = 0.5) -> list[str]:
     """Draws the detector's predictions (score > threshold) on the first val images -> PNG paths."""
-    import io
-
-    from PIL import Image
-
     from yolos_jax import draw
     from yolos_jax.data import pipeline
-    from yolos_jax.inference import Detector
+    from yolos_jax.inference import Detector, read_image_rgb
 
     dataset = pipeline.open_dataset(input_cfg)
     label_map = pipeline.dataset_info(input_cfg).label_map
@@ -375,7 +371,7 @@ def write_annotated_val_images(params: Any, model_cfg: dict, input_cfg: ml_colle
     paths = []
     for i in range(min(num_images, len(source))):
         record = source[i]
-        image = np.asarray(Image.open(io.BytesIO(record["image"])).convert("RGB"))
+        image = read_image_rgb(record["image"])
         (pred,) = detector.predict([image], threshold=threshold)
         texts = [f"{names[int(l)]} {float(s):.2f}" for l, s in zip(pred["labels"], pred["scores"])]
         path = os.path.join(out_dir, f"{int(record['image/id'])}.png")

@@ -285,11 +285,12 @@ def list_images(inputs: Sequence[str]) -> list[str]:
 
 def read_rgb(path: str) -> np.ndarray:
     """uint8 [H, W, 3] RGB of an image file (grayscale, palette, CMYK and alpha are converted)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
+
+    from yolos_jax.inference import read_image_rgb
 
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), np.uint8).copy()
+        return read_image_rgb(path)
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
 
