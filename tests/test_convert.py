@@ -6,6 +6,8 @@ import os
 import shutil
 import sys
 
+import flax.linen as nn
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -380,3 +382,51 @@ def test_init_params_from_detector_and_resizing(hf_s, tmp_path):
     # kind 'backbone' keeps every detector-only leaf fresh even when it fits
     _, report = convert.init_params_from(fresh, conv.params, cfg, kind="backbone")
     assert not any(t.startswith(("det_tokens", "class_head", "mid_")) for t in report.taken)
+
+
+@pytest.mark.parametrize("kind", ["vit", "deit_distilled", "vit_classifier"])
+def test_hf_vit_and_deit_backbones_convert_and_compute_like_hf(kind, tmp_path):
+    """A HF ViT/DeiT save_pretrained folder (the hub's DeiT/DINO/MAE weights) converts as a backbone: our patch
+    embedding, position embeddings and encoder blocks reproduce HF's own forward pass."""
+    from transformers import DeiTConfig, DeiTModel, ViTConfig, ViTForImageClassification, ViTModel
+
+    from yolos_jax import vit
+
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, image_size=64,
+                  patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu")
+    torch.manual_seed(0)
+    if kind == "deit_distilled":
+        model = DeiTModel(DeiTConfig(**common), add_pooling_layer=False)
+    elif kind == "vit_classifier":
+        model = ViTForImageClassification(ViTConfig(**common, num_labels=5))
+    else:
+        model = ViTModel(ViTConfig(**common))
+    with torch.no_grad():  # HF zero-initialises the tokens: make every tensor distinctive
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    model.eval().save_pretrained(tmp_path / "hf")
+    out = convert.convert(str(tmp_path / "hf"), str(tmp_path / "ours"), model_overrides=dict(init_pe_size=(64, 64)))
+    assert out["kind"] == "backbone" and out["source_format"] == "hf_vit"
+    params, cfg, _ = convert.load_params_dir(str(tmp_path / "ours"))
+    assert (cfg["hidden_size"], cfg["depth"], cfg["num_heads"], cfg["mlp_dim"]) == (32, 2, 2, 48)
+
+    image = np.random.default_rng(1).normal(size=(1, 64, 64, 3)).astype(np.float32)
+    base = model.vit if kind == "vit_classifier" else model
+    with torch.no_grad():
+        patches_ref = base.embeddings.patch_embeddings(torch.tensor(image).permute(0, 3, 1, 2)).numpy()
+        pixels = torch.tensor(image).permute(0, 3, 1, 2)
+        tokens = base.embeddings(pixels)  # [1, 1 (+1) + 16, D], position embeddings added
+        want = base(pixels).last_hidden_state.numpy()  # the blocks, then the final LayerNorm
+    patches = vit.PatchEmbed(32, 16).apply({"params": params["patch_embed"]}, jnp.asarray(image))
+    np.testing.assert_allclose(np.asarray(patches).reshape(1, -1, 32), patches_ref, atol=1e-5)
+    pe = base.embeddings.position_embeddings.detach().numpy()
+    np.testing.assert_allclose(params["pos_embed_patches"].reshape(1, -1, 32), pe[:, -16:], atol=1e-6)
+    # as hustvl/YOLOS for distilled DeiT: the [DIST] position embedding becomes the [CLS] one
+    np.testing.assert_allclose(params["pos_embed_cls"], pe[:, 1 if kind == "deit_distilled" else 0][:, None])
+    np.testing.assert_allclose(params["cls_token"], base.embeddings.cls_token.detach().numpy())
+    x = jnp.asarray(tokens.numpy())
+    for i in range(2):
+        block = vit.EncoderBlock(num_heads=2, mlp_dim=48, layer_norm_eps=1e-6)
+        x = block.apply({"params": params[f"block_{i}"]}, x)
+    x = nn.LayerNorm(epsilon=1e-6).apply({"params": params["encoder_norm"]}, x)
+    np.testing.assert_allclose(np.asarray(x), want, atol=1e-4)

@@ -80,14 +80,14 @@ def test_prepare_notices_a_changed_source_and_force_prepares_again(tmp_path, cap
     changes = cb.load(str(data), "fix").source_changes()
     assert any("instances_train.json was modified" in c for c in changes)
     assert any("'train' image folder" in c for c in changes)
-    with pytest.raises(cb.DataError, match="source changed since.*--force"):
+    with pytest.raises(SystemExit, match="error: .*source changed since.*--force"):
         prepare_cli.main(args)
     assert cb.prepare(str(data), "fix", source_dir=str(src)).path == first.path  # train/eval: reused (warned)
 
     # --force with a broken source: fails, and the previous version is back in place.
     good = ann.read_text()
     ann.write_text("{ not json")
-    with pytest.raises(cb.DataError):
+    with pytest.raises(SystemExit, match="error: .*instances_train.json"):
         prepare_cli.main(args + ["--force"])
     assert len(cb.load(str(data), "fix").index("train")) == 5
     ann.write_text(good)

@@ -370,9 +370,12 @@ def detect_format(keys: Iterable[str]) -> str:
         return "yolos_original"
     if any(k.endswith("patch_embed.proj.weight") for k in keys):
         return "timm_vit"
+    if any(re.fullmatch(r"((vit|deit)\.)?embeddings\.patch_embeddings\.projection\.weight", k) for k in keys):
+        return "hf_vit"
     sample = sorted(keys)[:12]
     raise ConversionError(
-        f"unrecognised checkpoint: no HF YOLOS, hustvl/YOLOS or timm ViT parameter names (first keys: {sample})"
+        "unrecognised checkpoint: no HF YOLOS, hustvl/YOLOS, timm ViT (.pth) or HF ViT/DeiT (save_pretrained) "
+        f"parameter names (first keys: {sample})"
     )
 
 
@@ -942,7 +945,79 @@ def _convert_timm(
     return Converted(params, cfg, "backbone", meta)
 
 
-_CONVERTERS = {"hf_yolos": _convert_hf, "yolos_original": _convert_original, "timm_vit": _convert_timm}
+def hf_vit_to_timm_names(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """A HF `ViTModel` / `DeiTModel` state dict (also under `vit.` / `deit.`, as in the image classifiers) with
+    timm's names: separate q, k, v Linears fused into `attn.qkv` ([3D, D], rows q | k | v), the embeddings as
+    `cls_token` / `dist_token` / `pos_embed` / `patch_embed.proj`. Classifier heads and the pooler are left out.
+    Returns (renamed state, keys left out)."""
+    prefix = next((p for p in ("vit.", "deit.", "") if p + "embeddings.patch_embeddings.projection.weight" in state), "")
+    renames = {
+        "embeddings.cls_token": "cls_token", "embeddings.distillation_token": "dist_token",
+        "embeddings.position_embeddings": "pos_embed",
+        "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+        "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+        "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias",
+    }
+    block = {"layernorm_before": "norm1", "layernorm_after": "norm2", "attention.output.dense": "attn.proj",
+             "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2"}
+    out, left_out, qkv = {}, [], {}
+    for key, value in state.items():
+        name = key[len(prefix):] if key.startswith(prefix) else None
+        m = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)", name or "")
+        if name in renames:
+            out[renames[name]] = value
+        elif m and m.group(2) in block:
+            out[f"blocks.{m.group(1)}.{block[m.group(2)]}.{m.group(3)}"] = value
+        elif m and m.group(2).startswith("attention.attention."):
+            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2).rsplit(".", 1)[1]] = value
+        else:
+            left_out.append(key)  # classifier heads, pooler, mask token; unknown names surface below
+            out[key] = value
+    for (i, kind), parts in qkv.items():
+        if set(parts) == {"query", "key", "value"}:
+            out[f"blocks.{i}.attn.qkv.{kind}"] = np.concatenate([parts["query"], parts["key"], parts["value"]], 0)
+        else:  # incomplete: keep the pieces so that the timm reader reports the missing qkv
+            out.update({f"{prefix}encoder.layer.{i}.attention.attention.{n}.{kind}": v for n, v in parts.items()})
+    return out, left_out
+
+
+_HF_VIT_NOT_BACKBONE = re.compile(r"((vit|deit)\.)?(pooler\.|embeddings\.mask_token)|classifier\.|cls_classifier\.|"
+                                  r"distillation_classifier\.")
+
+
+def _convert_hf_vit(
+    src: _Source, variant: Optional[str], overrides: Mapping[str, Any], source_pe_size: Optional[tuple]
+) -> Converted:
+    """A HF ViT/DeiT backbone (save_pretrained folder or its weights file): renamed to timm's names, then
+    converted as a timm ViT (same position-embedding handling, distilled DeiT included)."""
+    renamed, left_out = hf_vit_to_timm_names(src.state)
+    dropped = [k for k in left_out if _HF_VIT_NOT_BACKBONE.match(k)]
+    renamed = {k: v for k, v in renamed.items() if k not in dropped}
+    overrides = dict(overrides)
+    hc = src.hf_config or {}
+    if "num_heads" not in overrides and hc.get("num_attention_heads"):
+        overrides["num_heads"] = int(hc["num_attention_heads"])  # invisible in the weights
+    if "qkv_bias" not in overrides and hc.get("qkv_bias") is False:
+        overrides["qkv_bias"] = False
+    if "layer_norm_eps" not in overrides and hc.get("layer_norm_eps"):
+        overrides["layer_norm_eps"] = float(hc["layer_norm_eps"])
+    if variant is None and hc.get("hidden_size") and hc.get("num_hidden_layers"):
+        try:
+            variant = infer_variant(int(hc["hidden_size"]), int(hc["num_hidden_layers"]))
+        except ConversionError:  # a custom size: config.json says it all
+            overrides.setdefault("hidden_size", int(hc["hidden_size"]))
+            overrides.setdefault("depth", int(hc["num_hidden_layers"]))
+            if hc.get("intermediate_size") and int(hc["intermediate_size"]) != 4 * int(hc["hidden_size"]):
+                overrides.setdefault("mlp_dim", int(hc["intermediate_size"]))
+    out = _convert_timm(dataclasses.replace(src, state=renamed), variant, overrides, source_pe_size)
+    out.meta["source_format"] = "hf_vit"
+    out.meta["notes"] = ["HF ViT/DeiT weights, renamed to timm's (q, k, v fused)"] + (
+        [f"not part of the backbone, not used: {sorted(dropped)[:8]}"] if dropped else []) + out.meta["notes"]
+    return out
+
+
+_CONVERTERS = {"hf_yolos": _convert_hf, "yolos_original": _convert_original, "timm_vit": _convert_timm,
+               "hf_vit": _convert_hf_vit}
 
 
 def convert_state(

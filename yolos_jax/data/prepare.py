@@ -45,10 +45,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         existing = coco_builder.load(a.data_dir, a.name).path
     except coco_builder.DataError:
         existing = None
-    ds = coco_builder.prepare(
-        a.data_dir, a.name, source_dir=a.coco_dir, tfds_source=a.from_tfds, tfds_data_dir=a.tfds_data_dir,
-        splits=[s for s in a.splits.split(",") if s] or None, verify_images=not a.no_verify, num_threads=a.threads,
-        force=a.force, reuse_changed=False)
+    try:
+        ds = coco_builder.prepare(
+            a.data_dir, a.name, source_dir=a.coco_dir, tfds_source=a.from_tfds, tfds_data_dir=a.tfds_data_dir,
+            splits=[s for s in a.splits.split(",") if s] or None, verify_images=not a.no_verify,
+            num_threads=a.threads, force=a.force, reuse_changed=False)
+    except (coco_builder.DataError, ValueError) as e:  # bad data or arguments: the message says what to fix
+        raise SystemExit(f"error: {e}") from None
     if existing and not a.force:
         print(f"{ds.path} was already prepared from this source, unchanged since; reused as it is "
               "(--force prepares it again)")
