@@ -324,10 +324,14 @@ def test_corrupt_or_truncated_checkpoints_give_a_clear_error(hf_ti, tmp_path):
     pth = tmp_path / "model.pth"
     torch.save(model.state_dict(), pth)
     blob = pth.read_bytes()
-    for name, cut in (("truncated.pth", blob[: len(blob) // 2]), ("empty.pth", b"")):
+    for name, cut in (("truncated.pth", blob[: len(blob) // 2]), ("empty.pth", b""), ("page.pth", b"<html>404</html>"),
+                      ("lfs.pth", b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n")):
         (tmp_path / name).write_bytes(cut)
         with pytest.raises(convert.ConversionError, match=f"{name}: cannot be read by torch.load .*corrupt, truncated"):
             convert.convert_state(str(tmp_path / name))
+    torch.save({"model": model.state_dict(), "epoch": np.float64(3.0)}, tmp_path / "numpy_scalar.pth")
+    with pytest.raises(convert.ConversionError, match="refused an object in it .*Unsupported global.*scalar"):
+        convert.convert_state(str(tmp_path / "numpy_scalar.pth"))
     assert convert_torch_weights.main([f"--source={tmp_path / 'truncated.safetensors'}",
                                        f"--output={tmp_path / 'o'}"]) == 1
     assert not (tmp_path / "o").exists()

@@ -112,6 +112,18 @@ def test_merge_trains_every_example_every_epoch_also_a_small_orientation(n_land,
         np.testing.assert_array_equal(again.example, plan.example)  # repeats are seeded too
 
 
+def test_merge_with_explicit_canvases_that_hold_no_mixed_batch():
+    """Explicit input.canvases without catch-alls: a leftover chunk of one orientation may fit no single canvas;
+    it is split by canvas (it used to land on canvas -1, i.e. the last one, too small for some images)."""
+    canv = np.asarray([(608, 1008), (800, 800)])
+    hw = np.asarray([(600, 1000), (800, 800), (600, 1000), (800, 800), (600, 1000)])
+    batches, repeated = B._merge_leftovers(np.arange(5), hw, canv, 4, np.random.default_rng(0))
+    assert sum(len(m) for m, _ in batches) == 5 + repeated and all(len(m) == 4 for m, _ in batches)
+    for members, c in batches:
+        assert c >= 0 and (hw[members] <= canv[c]).all()
+    assert {int(i) for m, _ in batches for i in m} == set(range(5))
+
+
 def test_epoch_plans_are_seeded():
     h, w = _coco_like_sizes(300, seed=2)
     tcfg = T.TrainTransformConfig(scales=T.SCALES_S, max_size=1333)

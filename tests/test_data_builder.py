@@ -84,7 +84,7 @@ def test_prepare_notices_a_changed_source_and_force_prepares_again(tmp_path, cap
         prepare_cli.main(args)
     assert cb.prepare(str(data), "fix", source_dir=str(src)).path == first.path  # train/eval: reused (warned)
 
-    # --force with a broken source: fails, and the previous version is back in place.
+    # --force with a broken source: fails, and the previous version never left its place.
     good = ann.read_text()
     ann.write_text("{ not json")
     with pytest.raises(SystemExit, match="error: .*instances_train.json"):
@@ -94,7 +94,23 @@ def test_prepare_notices_a_changed_source_and_force_prepares_again(tmp_path, cap
     prepare_cli.main(args + ["--force"])
     again = cb.load(str(data), "fix")
     assert len(again.index("train")) == 4 and again.source_changes() == []
-    assert not [p for p in os.listdir(data) if p.startswith(".yolos_previous")]
+    assert again.source_dir() == str(src)  # the relative source path fits the final place, not the scratch one
+    assert json.loads(open(os.path.join(again.path, cb.SOURCE_FILE)).read())["source_dir_relative"] == \
+        os.path.relpath(src, again.path)
+    assert not [p for p in os.listdir(data) if p.startswith(".yolos_")]
+
+    # A --force killed between the two renames of the swap: the next prepare puts the previous version back;
+    # killed while building: its scratch folder is dropped.
+    os.rename(again.path, data / ".yolos_previous-fix-999")
+    (data / ".yolos_rebuild-fix-998").mkdir()
+    assert len(cb.prepare(str(data), "fix", source_dir=str(src)).index("train")) == 4
+    assert not [p for p in os.listdir(data) if p.startswith(".yolos_")]
+
+    # Deleting the source after preparing is not a change.
+    import shutil
+
+    shutil.rmtree(src)
+    assert cb.load(str(data), "fix").source_changes() == []
 
 
 def test_a_copied_workdir_keeps_its_prepared_dataset(tmp_path):

@@ -566,8 +566,11 @@ def test_resuming_a_workdir_with_another_model_is_refused_naming_the_fields(tmp_
     ck.save(3, {"params": params, "step": np.int32(3), "opt_state": {}, "rng": np.zeros(2, np.uint32)},
             {"epoch": 0, "batch": 3}, ml_collections.ConfigDict({"model": cfg.to_dict()}))
     ck.close()
-    same_shapes = ml_collections.ConfigDict(dict(cfg.to_dict(), dtype="bfloat16", drop_path_rate=0.1))
-    trainer.check_resumable_model(ck.directory, same_shapes)
+    runtime_only = ml_collections.ConfigDict(dict(cfg.to_dict(), dtype="bfloat16", remat=True))
+    trainer.check_resumable_model(ck.directory, runtime_only)
     wider = ml_collections.ConfigDict(dict(cfg.to_dict(), hidden_size=32))
-    with pytest.raises(ValueError, match="hidden_size: 16 in the checkpoints, 32 now.*another --workdir"):
+    with pytest.raises(ValueError, match="shapes differ.*hidden_size: 16 in the checkpoints, 32 now.*another --workdir"):
         trainer.check_resumable_model(ck.directory, wider)
+    later_det = ml_collections.ConfigDict(dict(cfg.to_dict(), drop_path_rate=0.1))  # same shapes, other model
+    with pytest.raises(ValueError, match="computed differently.*drop_path_rate: 0.0 in the checkpoints, 0.1 now"):
+        trainer.check_resumable_model(ck.directory, later_det)

@@ -258,13 +258,19 @@ def _torch_load(path: str) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             text = str(e) or type(e).__name__
-            if isinstance(e, pickle.UnpicklingError) and "weights_only" in text.lower():
+            # torch wraps every unpickling failure as "Weights only load failed"; an object it refuses is named
+            # on an "Unsupported global" line, anything else (HTML page, git-lfs pointer, truncation) is corrupt.
+            refused = [line.strip() for line in text.splitlines() if "Unsupported global" in line]
+            if isinstance(e, pickle.UnpicklingError) and refused:
                 raise ConversionError(
-                    f"{path}: torch.load(weights_only=True) refused an object in it ({text.splitlines()[0]}). "
+                    f"{path}: torch.load(weights_only=True) refused an object in it ({refused[0][:300]}). "
                     "Only checkpoints made of tensors, plain containers and argparse.Namespace are read."
                 ) from e
-            raise ConversionError(f"{path}: cannot be read by torch.load ({type(e).__name__}: {text.splitlines()[0]}); "
-                                  "the file is corrupt, truncated or not a PyTorch checkpoint") from e
+            detail = next((line.strip() for line in text.splitlines() if "WeightsUnpickler error" in line
+                           or "Unsupported operand" in line), text.splitlines()[0])
+            raise ConversionError(f"{path}: cannot be read by torch.load ({type(e).__name__}: {detail[:200]}); the "
+                                  "file is corrupt, truncated or not a PyTorch checkpoint (an HTML page or a git-lfs "
+                                  "pointer?)") from e
 
 
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:

@@ -140,23 +140,28 @@ def input_config_for_checkpoint(input_cfg: ml_collections.ConfigDict, checkpoint
 
 
 def check_resumable_model(checkpoint_dir: str, model_cfg: ml_collections.ConfigDict) -> None:
-    """Raises, naming the fields, if the workdir's checkpoints hold a model with other parameter shapes than
-    `model_cfg` (orbax would fail deep inside the restore); fields that leave the shapes alone may change."""
+    """Raises, naming the fields, if the workdir's checkpoints hold another model than `model_cfg`: other
+    parameter shapes (orbax would fail deep inside the restore) or the same shapes computed differently
+    (e.g. FP-DETR's insert block), which would silently switch models mid-run. Only dtype, attention_impl and
+    remat may change on resume."""
     from yolos_jax import config as config_lib
     from yolos_jax import convert
+    from yolos_jax.evaluation import RUNTIME_MODEL_FIELDS
 
     stored = checkpointing.restore_config(checkpoint_dir).get("model")
     if not stored:
         return
     stored = config_lib.sequence_fields_as_tuples(stored)
     current = config_lib.sequence_fields_as_tuples(model_cfg.to_dict())
-    if convert.expected_param_shapes(stored) == convert.expected_param_shapes(current):
+    changed = [f"{k}: {stored[k]!r} in the checkpoints, {current.get(k)!r} now" for k in sorted(stored)
+               if k not in RUNTIME_MODEL_FIELDS and stored[k] != current.get(k)]
+    if not changed:
         return
-    changed = [f"{k}: {stored.get(k)!r} in the checkpoints, {current.get(k)!r} now" for k in sorted(current)
-               if stored.get(k) != current.get(k)]
+    shapes = convert.expected_param_shapes(stored) == convert.expected_param_shapes(current)
     raise ValueError(
-        f"{checkpoint_dir} holds checkpoints of a different model (parameter shapes differ): {'; '.join(changed)}. "
-        "Resume with the run's original config, or start this model in another --workdir")
+        f"{checkpoint_dir} holds checkpoints of a different model "
+        f"({'same parameter shapes, computed differently' if shapes else 'parameter shapes differ'}): "
+        f"{'; '.join(changed)}. Resume with the run's original config, or start this model in another --workdir")
 
 
 def _fail(field: str, message: str) -> None:
@@ -438,7 +443,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     is_main = jax.process_index() == 0
     mesh = sharding.make_mesh(config.mesh)
     info = data.dataset_info(config.input)
-    for key in ("train_split", "val_split"):  # before any step: a typo must not cost a training run
+    evaluates = bool(config.train.eval_every) or bool(config.train.eval_at_end)
+    for key in ("train_split", "val_split") if evaluates else ("train_split",):  # a typo must not cost a run
         if config.input[key] not in info.num_examples:
             _fail(f"input.{key}", f"{config.input[key]!r} is not a split of dataset '{config.input.dataset_name}' in "
                                   f"{config.input.data_dir}; it has {sorted(info.num_examples)} (the <split> of "
@@ -459,8 +465,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config.label_names = label_map.names_for(config.model.num_classes)
     config.label_map = label_map.to_dict()
     global_batch = int(config.input.batch_size)
-    num_train = int(info.num_examples[config.input.train_split])
-    steps_per_epoch = max(num_train // global_batch, 1)
+    train_iter = data.make_train_iterator(config.input, seed=config.seed)
+    # An epoch is a pass of the epoch plan: every example once, plus the repeats that complete partial batches.
+    steps_per_epoch = max(len(train_iter.plan(0)), 1)
     total_steps = int(config.train.num_steps) if config.train.num_steps > 0 else int(config.train.num_epochs) * steps_per_epoch
 
     model = YOLOS(**config.model.to_dict())
@@ -470,7 +477,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     abstract, shardings = train_step.abstract_state_and_shardings(model, tx, config.seed, image_hw, mesh, config.mesh)
 
     checkpointer = checkpointing.Checkpointer(workdir, config.checkpoint)
-    train_iter = data.make_train_iterator(config.input, seed=config.seed)
     latest = checkpointer.latest_step()
     if latest is not None:
         check_resumable_model(checkpointer.directory, config.model)

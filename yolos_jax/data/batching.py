@@ -34,6 +34,11 @@ import numpy as np
 from yolos_jax.data import transforms as T
 
 
+# Bumped whenever the same (seed, epoch, data, config) gives other plans, so that a run saved under the old
+# rule refuses to resume under the new one (`TrainIterator.fingerprint`). 2: 'merge' completes partial batches.
+PLAN_VERSION = 2
+
+
 def ceil_to(x, m: int):
     return -(-np.asarray(x, np.int64) // m) * m
 
@@ -213,7 +218,7 @@ def train_epoch_plan(
     left = [p for c in sorted(pending) for p in pending[c]]
     dropped = repeated = 0
     if leftover == "merge" and left:
-        fill_rng = epoch_rng(seed, epoch, stream=1)  # its own stream: the batch order below stays as it was
+        fill_rng = epoch_rng(seed, epoch, stream=1)  # its own stream: the permutation and transforms above keep theirs
         batches_m, repeated = _merge_leftovers(np.asarray(left), T.output_hw(geom), canv, batch_size, fill_rng)
         batches.extend(batches_m)
     elif leftover == "drop":
@@ -236,34 +241,45 @@ def train_epoch_plan(
 def _merge_leftovers(pos: np.ndarray, hw_all: np.ndarray, canv: np.ndarray, batch_size: int,
                      rng: np.random.Generator) -> tuple[list[tuple[np.ndarray, int]], int]:
     """Packs leftover examples (positions `pos`) into full batches on canvases that hold the whole batch, per
-    orientation; completes each orientation's last partial batch with random repeats of examples of that
-    orientation (any position of the epoch) that fit its canvas. Returns (batches, number of repeats).
+    orientation; completes each partial batch with random repeats of examples of that orientation (any
+    position of the epoch) that fit its canvas. Returns (batches, number of repeats).
 
-    Every batch stays within one orientation's catch-all canvas, so a canvas always exists."""
+    With the designed canvases (which include both catch-alls) a chunk of one orientation always fits one
+    canvas, so only each orientation's last chunk is partial. With explicit `input.canvases` a chunk may fit
+    none; it is then split by the canvas of each of its examples, and those groups completed in the same way."""
     landscape_all = hw_all[:, 1] >= hw_all[:, 0]
-    out, repeated = [], 0
+    out: list[tuple[np.ndarray, int]] = []
+    repeated = 0
+
+    def complete(members: np.ndarray, c: int, landscape: bool) -> None:
+        nonlocal repeated
+        missing = batch_size - len(members)
+        if missing:
+            fits = (landscape_all == landscape) & (hw_all <= canv[c]).all(axis=1)
+            fits[members] = False
+            others = np.flatnonzero(fits)
+            if len(others) >= missing:
+                fill = rng.choice(others, missing, replace=False)
+            else:  # fewer such examples than a batch: repeat what there is
+                fill = rng.choice(np.concatenate([others, members]), missing, replace=True)
+            members = np.concatenate([members, fill])
+            repeated += missing
+        out.append((members, c))
+
     for landscape in (True, False):
         sel = landscape_all[pos] == landscape
         p, h = pos[sel], hw_all[pos[sel]]
-        if not len(p):
-            continue
         order = np.argsort(h[:, 0] * h[:, 1], kind="stable")  # small with small: less waste
         p, h = p[order], h[order]
         for s in range(0, len(p), batch_size):
-            members = p[s:s + batch_size]
-            c = int(assign_canvases(h[s:s + batch_size].max(axis=0)[None], canv)[0])
-            missing = batch_size - len(members)
-            if missing:
-                fits = (landscape_all == landscape) & (hw_all <= canv[c]).all(axis=1)
-                fits[members] = False
-                others = np.flatnonzero(fits)
-                if len(others) >= missing:
-                    fill = rng.choice(others, missing, replace=False)
-                else:  # the orientation has fewer examples than a batch: repeat what there is
-                    fill = rng.choice(np.concatenate([others, members]), missing, replace=True)
-                members = np.concatenate([members, fill])
-                repeated += missing
-            out.append((members, c))
+            members, sizes = p[s:s + batch_size], h[s:s + batch_size]
+            c = int(assign_canvases(sizes.max(axis=0)[None], canv)[0])
+            if c >= 0:
+                complete(members, c, landscape)
+                continue
+            own = assign_canvases(sizes, canv)  # each example fits a canvas (checked by the caller)
+            for c_own in np.unique(own):
+                complete(members[own == c_own], int(c_own), landscape)
     return out, repeated
 
 

@@ -374,11 +374,11 @@ def _example(data: bytes, image_id: int, file_name: str, h: int, w: int, anns: l
 
 def source_fingerprint(source_dir: str, split: str, previous: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
     """What a change to a split's source shows up in: the instances JSON's size and SHA-1 (hashed only when its
-    size or modification time differ from `previous`, so an unchanged file costs one stat), and the number of
-    files in the image folder (files added or removed). Editing an image in place is not seen; copying the
+    size or modification time differ from `previous`, so an unchanged file costs one stat), and the sorted
+    file names of the image folder (files added, removed or renamed). Editing an image in place is not seen; copying the
     folder elsewhere (new modification times) is not a change."""
     ann_file = os.path.join(source_dir, "annotations", f"instances_{split}.json")
-    out: dict[str, Any] = {"size": None, "mtime_ns": None, "sha1": None, "num_files": None}
+    out: dict[str, Any] = {"size": None, "mtime_ns": None, "sha1": None, "num_files": None, "file_names_sha1": None}
     try:
         st = os.stat(ann_file)
         out["size"], out["mtime_ns"] = st.st_size, st.st_mtime_ns
@@ -395,7 +395,11 @@ def source_fingerprint(source_dir: str, split: str, previous: Optional[Mapping[s
     except OSError:
         pass
     try:
-        out["num_files"] = len(os.listdir(find_image_dir(source_dir, split)))
+        import hashlib
+
+        names = sorted(os.listdir(find_image_dir(source_dir, split)))
+        out["num_files"] = len(names)
+        out["file_names_sha1"] = hashlib.sha1("\n".join(names).encode()).hexdigest()
     except (OSError, DataError):
         pass
     return out
@@ -583,34 +587,66 @@ def prepare(
     b = make_builder(data_dir, name, source_dir=source_dir, splits=splits, tfds_source=tfds_source,
                      tfds_data_dir=tfds_data_dir, verify_images=verify_images, num_threads=num_threads,
                      **builder_kwargs)
-    old_copy = None
-    if b.data_path.exists():
+    _recover_interrupted_rebuild(data_dir, name, str(b.data_path))
+    if b.data_path.exists() and not force:
         ds = load(data_dir, name)
-        if not force:  # --force may also switch the name to another source
-            ds.check_source(source_dir, tfds_source)
-            changes = ds.source_changes()
-            if changes and not reuse_changed:
-                raise DataError(f"{ds.path} is already prepared, but its source changed since: {'; '.join(changes)}. "
-                                "Prepare again with --force (python -m yolos_jax.data.prepare ... --force)")
-            return ds
-        # Out of tfds's folders (it scans the version folders), put back below if the new preparation fails.
-        old_copy = os.path.join(data_dir, f".yolos_previous-{name}-{os.getpid()}")
-        os.rename(str(b.data_path), old_copy)
-        b = make_builder(data_dir, name, source_dir=source_dir, splits=splits, tfds_source=tfds_source,
+        ds.check_source(source_dir, tfds_source)
+        changes = ds.source_changes(source_dir)
+        if changes and not reuse_changed:
+            raise DataError(f"{ds.path} is already prepared, but its source changed since: {'; '.join(changes)}. "
+                            "Prepare again with --force (python -m yolos_jax.data.prepare ... --force)")
+        return ds
+    if not b.data_path.exists():
+        return _download_and_prepare(b, data_dir, name, source_dir, tfds_source, quiet)
+    # --force over a prepared dataset: build the new version beside it (in a scratch data dir), then swap the two
+    # folders. Until the swap the old version stays where it is, whatever happens to this process.
+    import shutil
+
+    scratch = os.path.join(data_dir, f"{_REBUILD_PREFIX}{name}-{os.getpid()}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    fresh = make_builder(scratch, name, source_dir=source_dir, splits=splits, tfds_source=tfds_source,
                          tfds_data_dir=tfds_data_dir, verify_images=verify_images, num_threads=num_threads,
                          **builder_kwargs)
     try:
-        ds = _download_and_prepare(b, data_dir, name, source_dir, tfds_source, quiet)
-    except BaseException:
-        if old_copy is not None and not b.data_path.exists():
-            os.rename(old_copy, str(b.data_path))
-            log.warning("preparing %s again failed; the previous version is back in place", b.data_path)
-        raise
-    if old_copy is not None:
-        import shutil
+        _download_and_prepare(fresh, scratch, name, source_dir, tfds_source, quiet)
+        _set_relative_source(str(fresh.data_path), str(b.data_path))
+        previous = os.path.join(data_dir, f"{_PREVIOUS_PREFIX}{name}-{os.getpid()}")
+        os.rename(str(b.data_path), previous)
+        os.rename(str(fresh.data_path), str(b.data_path))
+        shutil.rmtree(previous, ignore_errors=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return load(data_dir, name)
 
-        shutil.rmtree(old_copy, ignore_errors=True)
-    return ds
+
+_REBUILD_PREFIX = ".yolos_rebuild-"  # a --force preparation in progress (or interrupted): scratch data dir
+_PREVIOUS_PREFIX = ".yolos_previous-"  # the replaced version, between the two renames of the swap
+
+
+def _recover_interrupted_rebuild(data_dir: str, name: str, data_path: str) -> None:
+    """Cleans up after a `prepare(force=True)` that was killed: drops its scratch folder, and puts the previous
+    version back if the process died between the two renames of the swap."""
+    import glob
+    import shutil
+
+    for scratch in glob.glob(os.path.join(data_dir, f"{_REBUILD_PREFIX}{name}-*")):
+        shutil.rmtree(scratch, ignore_errors=True)
+    for previous in glob.glob(os.path.join(data_dir, f"{_PREVIOUS_PREFIX}{name}-*")):
+        if os.path.exists(data_path):
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            os.rename(previous, data_path)
+            log.warning("put back %s, left aside by an interrupted --force preparation", data_path)
+
+
+def _set_relative_source(built_path: str, final_path: str) -> None:
+    """The source's path relative to the prepared folder, for the folder's final place (it was built elsewhere)."""
+    src_file = os.path.join(built_path, SOURCE_FILE)
+    with open(src_file) as f:
+        source = json.load(f)
+    if source.get("source_dir"):
+        source["source_dir_relative"] = os.path.relpath(source["source_dir"], final_path)
+        atomic.write_json_atomic(src_file, source)
 
 
 def _download_and_prepare(b: Any, data_dir: str, name: str, source_dir: Optional[str], tfds_source: Optional[str],
@@ -686,21 +722,22 @@ class PreparedDataset:
             raise DataError(f"{self.path} was prepared from {self.source.get('source_dir') or self.source.get('tfds_source')}, "
                             f"not tfds {tfds_source}: choose another dataset name or delete the prepared folder")
 
-    def source_changes(self) -> list[str]:
-        """What changed in the source folder since it was prepared (see `source_fingerprint`); [] if nothing
-        did, or if nothing was recorded (tfds sources, datasets prepared by older versions)."""
+    def source_changes(self, source_dir: Optional[str] = None) -> list[str]:
+        """What changed in the source folder (`source_dir`, default `self.source_dir()`) since it was prepared
+        (see `source_fingerprint`); [] if nothing did, if the folder is gone (deleting the source after
+        preparing is fine), or if nothing was recorded (tfds sources, datasets prepared by older versions)."""
         recorded = self.source.get("source_fingerprints") or {}
-        src = self.source_dir()
-        if not src or not recorded:
+        src = os.path.abspath(source_dir) if source_dir else self.source_dir()
+        if not src or not recorded or not os.path.isdir(src):
             return []
         changes = []
         for split, before in sorted(recorded.items()):
             now = source_fingerprint(src, split, before)
             if [now["size"], now["sha1"]] != [before.get("size"), before.get("sha1")]:
                 changes.append(f"{src}/annotations/instances_{split}.json was modified")
-            if now["num_files"] != before.get("num_files"):
-                changes.append(f"the '{split}' image folder has {now['num_files']} files, {before.get('num_files')} "
-                               "when prepared")
+            if now["file_names_sha1"] != before.get("file_names_sha1"):
+                changes.append(f"files were added to, removed from or renamed in the '{split}' image folder "
+                               f"({now['num_files']} files now, {before.get('num_files')} when prepared)")
         return changes
 
     def source_dir(self) -> Optional[str]:

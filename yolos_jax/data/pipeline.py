@@ -213,11 +213,11 @@ def open_dataset(cfg: ml_collections.ConfigDict, process_count: int = 1) -> coco
             tfds_data_dir=cfg.tfds_data_dir or None, verify_images=cfg.verify_images, num_threads=cfg.prepare_threads)
     if cfg.source_dir or cfg.from_tfds:
         ds.check_source(cfg.source_dir or None, cfg.from_tfds or None)
-    changes = ds.source_changes()
+    changes = ds.source_changes(cfg.source_dir or None)
     if changes:
         log.warning("using %s as prepared, but its source changed since (%s); to use the source as it is now: "
                     "python -m yolos_jax.data.prepare --data_dir=%s --name=%s --coco_dir=%s --force",
-                    ds.path, "; ".join(changes), cfg.data_dir, cfg.dataset_name, ds.source_dir())
+                    ds.path, "; ".join(changes), cfg.data_dir, cfg.dataset_name, cfg.source_dir or ds.source_dir())
     return ds
 
 
@@ -623,6 +623,7 @@ class TrainIterator:
             "tfds_data_dir", "verify_images", "image_format", "eval_batch_size", "eval_size", "eval_max_size",
             "eval_size_multiple", "eval_canvases", "eval_num_canvases", "val_split")}
         blob = json.dumps({"cfg": keys, "seed": self.seed, "n": len(self.index), "canvases": self.canvases,
+                           "plan_version": batching.PLAN_VERSION,
                            "ids": hashlib.sha1(self.index.image_id.tobytes()).hexdigest()}, sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
