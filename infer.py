@@ -7,7 +7,8 @@ r"""Detect objects in image files: annotated PNGs (boxes, class names, scores) a
 names: --config's dataset when given, else the checkpoint's (recorded at conversion or by the training run).
 Eval size: --eval_size, else the checkpoint's, else --config's.
 Writes OUT/<image name>.png and OUT/detections.json ([{file, height, width, detections: [{box_xyxy
-(pixels), score, label, name}]}]). The logic is `yolos_jax.visualize.run_inference`.
+(pixels), score, label, name, category_id}]}]; category_id, the dataset's, when the training run recorded its
+label map or --config names the dataset). The logic is `yolos_jax.visualize.run_inference`.
 """
 
 from absl import app, flags
