@@ -574,8 +574,9 @@ def prepare(
     same source). tfds writes into a temporary folder and renames it at the end, so a crash leaves
     nothing half-prepared. splits: which splits (default: every instances_<split>.json; tfds: train
     and validation). verify_images: fully decode each image (else header only). quiet: no progress
-    bars. force: prepare again even if prepared (the old version is kept until the new one is complete,
-    and put back if preparing fails). reuse_changed: what to do when it is prepared but the source folder
+    bars. force: prepare again even if prepared (the new version is built in a scratch folder beside the old
+    one, which is replaced only once the new one is complete; an interrupted swap is undone by the next
+    call). reuse_changed: what to do when it is prepared but the source folder
     changed since (`PreparedDataset.source_changes`): True reuses it with a warning, False raises
     (the `prepare` command: the user asked for the folder as it is now). Returns `load(data_dir, name)`."""
     if (source_dir is None) == (tfds_source is None):
