@@ -141,7 +141,9 @@ class Detector:
         if self.label_names is not None and len(self.label_names) > cfg["num_classes"]:
             raise ValueError(f"label_names has {len(self.label_names)} names for {cfg['num_classes']} classes")
         if self.label_names is not None:  # logits no category uses (a 91-way head on fewer classes): 'N/A'
-            self.label_names += ["N/A"] * (cfg["num_classes"] - len(self.label_names))
+            from yolos_jax.data.labels import UNUSED_NAME
+
+            self.label_names += [UNUSED_NAME] * (cfg["num_classes"] - len(self.label_names))
         self._forward = _forward_fn(_cfg_key(cfg))
 
     @classmethod

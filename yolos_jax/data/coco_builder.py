@@ -48,6 +48,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -385,8 +386,6 @@ def source_fingerprint(source_dir: str, split: str, previous: Optional[Mapping[s
         if previous and [previous.get("size"), previous.get("mtime_ns")] == [out["size"], out["mtime_ns"]]:
             out["sha1"] = previous.get("sha1")
         else:
-            import hashlib
-
             h = hashlib.sha1()
             with open(ann_file, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -395,8 +394,6 @@ def source_fingerprint(source_dir: str, split: str, previous: Optional[Mapping[s
     except OSError:
         pass
     try:
-        import hashlib
-
         names = sorted(os.listdir(find_image_dir(source_dir, split)))
         out["num_files"] = len(names)
         out["file_names_sha1"] = hashlib.sha1("\n".join(names).encode()).hexdigest()
