@@ -19,6 +19,9 @@ def get_config(arg=None):
     config = default_config(_VARIANTS[arg])
     config.input.batch_size = 8
     config.train.num_epochs = 150
+    # The original trains S and B at 1 image per GPU: each GPU's F.cross_entropy is that image's weighted mean,
+    # then DDP averages over the 8 GPUs, i.e. the mean of per-image means (losses.py: 'per_image').
+    config.loss.ce_normalization = "per_image"
     # The original README evaluates every S variant at 800 (paper Table 6 also lists dWr at 784: 37.6 AP).
     config.eval.eval_size = 800
     config.input.eval_size = config.eval.eval_size

@@ -43,6 +43,9 @@ def get_config(arg=None):
     variants.validate_options(config.model)
     config.input.batch_size = 8
     config.train.num_epochs = 150
+    # The original trains S and B at 1 image per GPU: each GPU's F.cross_entropy is that image's weighted mean,
+    # then DDP averages over the 8 GPUs, i.e. the mean of per-image means (losses.py: 'per_image').
+    config.loss.ce_normalization = "per_image"
     config.eval.eval_size = 800
     config.input.eval_size = config.eval.eval_size
     return config

@@ -2,8 +2,16 @@
 
 For each image the matcher pairs target boxes with queries; then
   loss_ce    cross-entropy of every query against its matched label, or "no object" (index C) for the
-             unmatched ones, with class weight `eos_coef` on "no object" and 1 elsewhere; the weighted mean
-             over all queries of the batch (torch's `F.cross_entropy(..., weight)`: sum w*nll / sum w);
+             unmatched ones, with class weight `eos_coef` on "no object" and 1 elsewhere, normalised as
+             `loss_cfg.ce_normalization` says:
+               'batch'     the weighted mean over all queries of the global batch (torch's
+                           `F.cross_entropy(..., weight)`: sum w*nll / sum w), HF's loss;
+               'per_image' each image's weighted mean (sum_q w*nll / sum_q w), then the mean over the images:
+                           the original's (hustvl/YOLOS, DETR's SetCriterion) at one image per GPU, where
+                           each GPU's `F.cross_entropy` sees one image and DDP averages the gradients over
+                           GPUs. The two differ because an image's weight sum grows with its number of
+                           matched queries (sum_q w = eos_coef * Q + (1 - eos_coef) * matched): 'batch'
+                           gives a query of a crowded image less weight than 'per_image' does;
   loss_bbox  L1 between matched predicted and target boxes (cxcywh, relative), summed over coordinates;
   loss_giou  1 - GIoU of the matched pairs;
 both box terms summed over the batch and divided by the number of target boxes in the *global* batch
@@ -12,7 +20,9 @@ the all-reduce that DETR does with `torch.distributed` (DETR's per-process mean 
 equals this global normalisation).
   total = ce_weight * loss_ce + bbox_weight * loss_bbox + giou_weight * loss_giou  (1, 5, 2)
 plus the same terms for each entry of `outputs['aux_outputs']` (each matched on its own) when
-`loss_cfg.aux_loss` is set. `cardinality_error` (HF's: mean |#non-"no object" argmax predictions -
+`loss_cfg.aux_loss` is set (each with the same `ce_normalization`). A target dict may carry `valid`
+(bool [B], the batch schema's): an image with valid=False (a filler that pads an eval batch; train batches
+have none, see `data.batching`) contributes to no term and no count. `cardinality_error` (HF's: mean |#non-"no object" argmax predictions -
 #targets| per image) and `matched_iou` (mean IoU of matched pairs) are logged, not optimised.
 """
 
@@ -36,13 +46,18 @@ _DUMMY_BOX = (0.5, 0.5, 1.0, 1.0)
 def default_loss_config() -> ml_collections.ConfigDict:
     """`config.loss`: DETR/YOLOS weights (HF YolosConfig: eos_coefficient 0.1, bbox 5, giou 2)."""
     return ml_collections.ConfigDict(
-        dict(eos_coef=0.1, ce_weight=1.0, bbox_weight=5.0, giou_weight=2.0, aux_loss=False)
+        dict(eos_coef=0.1, ce_weight=1.0, bbox_weight=5.0, giou_weight=2.0, aux_loss=False,
+             # 'batch' (HF's) | 'per_image' (the original's at one image per GPU); see the module docstring.
+             ce_normalization="batch")
     )
+
+
+CE_NORMALIZATIONS = ("batch", "per_image")
 
 
 def validate_loss_config(cfg: Mapping[str, Any]) -> None:
     """Raises ValueError naming the `config.loss` field that is wrong."""
-    for name in ("eos_coef", "ce_weight", "bbox_weight", "giou_weight", "aux_loss"):
+    for name in ("eos_coef", "ce_weight", "bbox_weight", "giou_weight", "aux_loss", "ce_normalization"):
         if name not in cfg:
             raise ValueError(f"config.loss.{name} is missing; start from losses.default_loss_config()")
     for name in ("eos_coef", "ce_weight", "bbox_weight", "giou_weight"):
@@ -53,6 +68,11 @@ def validate_loss_config(cfg: Mapping[str, Any]) -> None:
         raise ValueError("config.loss.eos_coef must be > 0 (DETR/YOLOS use 0.1)")
     if not isinstance(cfg["aux_loss"], bool):
         raise ValueError(f"config.loss.aux_loss must be True or False, got {cfg['aux_loss']!r}")
+    if cfg["ce_normalization"] not in CE_NORMALIZATIONS:
+        raise ValueError(
+            f"config.loss.ce_normalization must be 'batch' (one weighted mean over the global batch, HF's) or "
+            f"'per_image' (each image's weighted mean, then their mean: the original's at one image per GPU), "
+            f"got {cfg['ce_normalization']!r}")
 
 
 def set_loss(outputs: Mapping[str, Any], targets: Mapping[str, jax.Array], loss_cfg: Mapping[str, Any],
@@ -62,8 +82,9 @@ def set_loss(outputs: Mapping[str, Any], targets: Mapping[str, jax.Array], loss_
 
     outputs: the model's {'logits': [B, Q, C+1], 'boxes': [B, Q, 4] cxcywh relative, optional
       'aux_outputs': list of the same}; any float dtype, computed here in float32.
-    targets: {'labels': int [B, M], 'boxes': [B, M, 4] cxcywh relative, 'box_mask': bool [B, M]}
-      (the batch schema's fields; other keys are ignored).
+    targets: {'labels': int [B, M], 'boxes': [B, M, 4] cxcywh relative, 'box_mask': bool [B, M], optional
+      'valid': bool [B] (False: a filler image, left out of every term)} (the batch schema's fields; other
+      keys are ignored). M <= Q: a target slot beyond the queries could never be matched.
     loss_cfg: `config.loss` (see `default_loss_config`); matcher_cfg: `config.matcher`.
     mesh, batch_axes: passed to the matcher so that matching runs per device shard (see `matcher.match`).
     Returns (total scalar float32, metrics): loss_ce, loss_bbox, loss_giou (unweighted, as HF reports
@@ -80,6 +101,20 @@ def set_loss(outputs: Mapping[str, Any], targets: Mapping[str, jax.Array], loss_
     labels = jnp.asarray(targets["labels"], jnp.int32)
     box_mask = jnp.asarray(targets["box_mask"], bool)
     target_boxes = jnp.asarray(targets["boxes"], jnp.float32)
+    q, m = outputs["logits"].shape[1], labels.shape[1]
+    if m > q:  # the matcher would leave targets unmatched, silently (as HF's does)
+        raise ValueError(
+            f"set_loss: {m} target slots per image but only {q} queries: every box beyond {q} would be dropped "
+            f"without a word. Set config.input.max_boxes <= config.model.num_det_tokens (raise num_det_tokens "
+            "for dense scenes: a converted checkpoint's [DET] tokens grow, see convert.init_params_from)")
+    valid = targets.get("valid")
+    image_weight = None  # [B] float32 1/0 per image, or None: every image counts
+    if valid is not None:
+        valid = jnp.asarray(valid, bool)
+        if valid.shape != labels.shape[:1]:
+            raise ValueError(f"set_loss: targets['valid'] must be bool [B] = {labels.shape[:1]}, got {valid.shape}")
+        box_mask = box_mask & valid[:, None]  # a filler's boxes are neither matched nor counted
+        image_weight = valid.astype(jnp.float32)
     # Global count of target boxes, as DETR's all-reduced num_boxes, clamped at 1.
     num_boxes = jnp.maximum(jnp.sum(box_mask.astype(jnp.float32)), 1.0)
     match_targets = dict(labels=labels, boxes=target_boxes, box_mask=box_mask)
@@ -93,7 +128,7 @@ def set_loss(outputs: Mapping[str, Any], targets: Mapping[str, jax.Array], loss_
         pred_index = matcher_lib.match(head["logits"], head["boxes"], match_targets, matcher_cfg,
                                        mesh=mesh, batch_axes=batch_axes)
         terms = _terms(head["logits"], head["boxes"], labels, target_boxes, box_mask, pred_index,
-                       num_boxes, float(loss_cfg["eos_coef"]))
+                       num_boxes, float(loss_cfg["eos_coef"]), str(loss_cfg["ce_normalization"]), image_weight)
         total = total + (loss_cfg["ce_weight"] * terms["loss_ce"]
                          + loss_cfg["bbox_weight"] * terms["loss_bbox"]
                          + loss_cfg["giou_weight"] * terms["loss_giou"])
@@ -101,8 +136,10 @@ def set_loss(outputs: Mapping[str, Any], targets: Mapping[str, jax.Array], loss_
     return total, metrics
 
 
-def _terms(logits, boxes, labels, target_boxes, box_mask, pred_index, num_boxes, eos_coef):
-    """Loss terms of one head given the matching. Shapes as in `set_loss`; pred_index int32 [B, M]."""
+def _terms(logits, boxes, labels, target_boxes, box_mask, pred_index, num_boxes, eos_coef, ce_normalization,
+           image_weight):
+    """Loss terms of one head given the matching. Shapes as in `set_loss`; pred_index int32 [B, M];
+    image_weight: float32 [B] (1 real image, 0 filler) or None (all real)."""
     logits = jnp.asarray(logits, jnp.float32)
     boxes = jnp.asarray(boxes, jnp.float32)
     q, c1 = logits.shape[1:]
@@ -117,8 +154,17 @@ def _terms(logits, boxes, labels, target_boxes, box_mask, pred_index, num_boxes,
     # Weighted cross-entropy, torch's `F.cross_entropy(logits, target, weight=empty_weight)`.
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, target_classes[..., None], axis=-1)[..., 0]
-    weight = jnp.where(target_classes == no_object, eos_coef, 1.0)
-    loss_ce = jnp.sum(weight * nll) / jnp.sum(weight)
+    weight = jnp.where(target_classes == no_object, eos_coef, 1.0)  # [B, Q]
+    if image_weight is not None:
+        weight = weight * image_weight[:, None]
+    if ce_normalization == "batch":
+        loss_ce = _safe_div(jnp.sum(weight * nll), jnp.sum(weight))
+    else:  # 'per_image': each image's own weighted mean (its sum_q w >= eos_coef * Q > 0 when real)
+        per_image = _safe_div(jnp.sum(weight * nll, axis=1), jnp.sum(weight, axis=1))  # [B]
+        if image_weight is None:
+            loss_ce = jnp.mean(per_image)
+        else:
+            loss_ce = _safe_div(jnp.sum(image_weight * per_image), jnp.sum(image_weight))
 
     # Matched pairs, gathered per target slot; unmatched slots get a harmless box and zero weight.
     src = jnp.take_along_axis(boxes, jnp.maximum(pred_index, 0)[..., None], axis=1)  # [B, M, 4]
@@ -134,6 +180,16 @@ def _terms(logits, boxes, labels, target_boxes, box_mask, pred_index, num_boxes,
     iou = jax.lax.stop_gradient(box_ops.elementwise_iou(src_xyxy, tgt_xyxy))
     matched_iou = jnp.sum(w * iou) / jnp.maximum(jnp.sum(w), 1.0)
     card_pred = jnp.sum(jnp.argmax(logits, axis=-1) != no_object, axis=1)
-    card_err = jnp.mean(jnp.abs(card_pred - jnp.sum(box_mask, axis=1)).astype(jnp.float32))
+    card_abs = jnp.abs(card_pred - jnp.sum(box_mask, axis=1)).astype(jnp.float32)  # [B]
+    if image_weight is None:
+        card_err = jnp.mean(card_abs)
+    else:
+        card_err = _safe_div(jnp.sum(image_weight * card_abs), jnp.sum(image_weight))
     return dict(loss_ce=loss_ce, loss_bbox=loss_bbox, loss_giou=loss_giou, cardinality_error=card_err,
                 matched_iou=matched_iou)
+
+
+def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
+    """num / den, and 0 where den == 0 (a batch or image with nothing to count), with a finite gradient."""
+    ok = den > 0
+    return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)

@@ -24,8 +24,11 @@ from jax.sharding import Mesh
 
 from yolos_jax import losses, sharding
 
-# Batch keys the train step reads (schema in yolos_jax/data).
+# Batch keys the train step reads (schema in yolos_jax/data); OPTIONAL ones are passed on when present.
 TRAIN_BATCH_KEYS = ("image", "pixel_mask", "boxes", "labels", "box_mask")
+# `valid`: train batches have no fillers (their partial batches are completed with real repeats,
+# `data.batching`), so it is all True there; passed so that the loss would leave a filler out if one came.
+OPTIONAL_TRAIN_BATCH_KEYS = ("valid",)
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, image_hw: tuple[int, int]) -> dict:
@@ -82,7 +85,7 @@ def make_train_step(
     def step_fn(state: dict, batch: dict) -> tuple[dict, dict]:
         step = state["step"]
         rng = jax.random.fold_in(state["rng"], step)
-        targets = {"labels": batch["labels"], "boxes": batch["boxes"], "box_mask": batch["box_mask"]}
+        targets = {k: batch[k] for k in ("labels", "boxes", "box_mask", *OPTIONAL_TRAIN_BATCH_KEYS) if k in batch}
 
         def loss_fn(params):
             outputs = model.apply(
@@ -135,4 +138,5 @@ def select_train_batch(batch: dict) -> dict:
     missing = [k for k in keys if k not in batch]
     if missing:
         raise KeyError(f"train batch lacks {missing}; see the batch schema in yolos_jax/data")
+    keys = keys + tuple(k for k in OPTIONAL_TRAIN_BATCH_KEYS if k in batch)
     return {k: np.asarray(batch[k]) for k in keys}
