@@ -1124,6 +1124,7 @@ class InitReport:
     resized: list[str] = dataclasses.field(default_factory=list)  # PE grids resized to the model's
     fresh: list[str] = dataclasses.field(default_factory=list)  # kept from the fresh initialisation (with why)
     dropped: list[str] = dataclasses.field(default_factory=list)  # in the checkpoint, not in the model
+    grown: list[str] = dataclasses.field(default_factory=list)  # per-[DET]-token leaves grown to more tokens
 
     def __str__(self) -> str:
         def short(items: list[str]) -> str:
@@ -1138,7 +1139,35 @@ class InitReport:
             f"resized {len(self.resized)} ({'; '.join(self.resized) or '-'}); "
             f"fresh {len(self.fresh)} ({short(self.fresh)}); "
             f"dropped {len(self.dropped)} ({short(self.dropped)})"
+            + (f"; grown {len(self.grown)} ({'; '.join(self.grown)})" if self.grown else "")
         )
+
+
+# Leaves with one entry per [DET] token on axis 1 ([n, Q, D]): what grows when model.num_det_tokens exceeds a
+# detector checkpoint's. Only det_tokens is perturbed (see `grow_det_leaf`).
+DET_TOKEN_LEAVES = ("det_tokens", "pos_embed_det", "mid_pos_embed_det", "adapter/query_pos")
+# Std of the perturbation of each copied [DET] token, relative to the std of the checkpoint's det_tokens.
+DET_COPY_NOISE = 0.01
+
+
+def grow_det_leaf(path: str, value: np.ndarray, num_tokens: int, rng: np.random.Generator) -> np.ndarray:
+    """A per-[DET]-token leaf [n, Q_old, D] grown to [n, num_tokens, D] (num_tokens > Q_old).
+
+    Tokens 0..Q_old-1 are the checkpoint's, exactly; new token j copies token j mod Q_old (cycling), with its
+    position embeddings (`pos_embed_det`, `mid_pos_embed_det`) and FP-DETR query prompt (`adapter/query_pos`)
+    copied exactly, so each copy starts with the learned prior (where it looks, what it predicts) of the token
+    it copies (DETR practice for adding queries). A copy identical to its source would give identical
+    predictions, and the matcher would settle which of the two gets an object by its tie-break (index order)
+    rather than by the data; so each copy's `det_tokens` row gets independent Gaussian noise of std
+    DET_COPY_NOISE x (std of the checkpoint's det_tokens), drawn from `rng` (seeded by config.seed): small enough
+    to keep the prior, enough for the two to differ from the first step and specialise.
+    """
+    q_old = value.shape[1]
+    out = value[:, np.arange(num_tokens) % q_old].copy()
+    if path == "det_tokens":
+        scale = DET_COPY_NOISE * float(np.std(value))
+        out[:, q_old:] += (scale * rng.standard_normal(out[:, q_old:].shape)).astype(out.dtype)
+    return out
 
 
 def _resize_like(value: np.ndarray, target_shape: Sequence[int]) -> Optional[np.ndarray]:
@@ -1156,6 +1185,7 @@ def init_params_from(
     model_cfg: Optional[Mapping[str, Any]] = None,
     *,
     kind: Optional[str] = None,
+    seed: int = 0,
 ) -> tuple[dict[str, Any], InitReport]:
     """Initial parameters for training from a converted checkpoint.
 
@@ -1167,11 +1197,18 @@ def init_params_from(
     a position-embedding grid that resizes to it): fine-tuning a detector on a dataset with other classes
     keeps the fresh class head's last layer, for example.
 
+    More [DET] tokens than the checkpoint's (model.num_det_tokens > its Q, e.g. a 100-token COCO detector
+    fine-tuned for 300 objects per image): the per-token leaves (`DET_TOKEN_LEAVES`) keep the checkpoint's Q
+    tokens exactly and the new ones copy them cyclically, the copies' det_tokens slightly perturbed
+    (`grow_det_leaf`); reported as `grown`. With det_reference_grid the copies follow the token index, not
+    the new grid's reference points. Fewer tokens than the checkpoint's start fresh (reported).
+
     Args:
       fresh_params: the model's freshly initialised 'params' tree (numpy or jax arrays).
       converted_params: the tree from `load_params_dir`.
       model_cfg: the model's config (for the error messages; may be None).
       kind: 'backbone' | 'detector' | None (infer).
+      seed: seeds the perturbation of grown [DET] tokens (the trainer passes config.seed).
     Returns:
       (params, report): a host numpy tree shaped exactly like `fresh_params`, and an `InitReport`.
     Raises:
@@ -1186,6 +1223,7 @@ def init_params_from(
     report = InitReport(kind=kind)
     out: dict[str, np.ndarray] = {}
     errors = []
+    grow_rng = np.random.default_rng(seed)
     for path, init in fresh.items():
         backbone = is_backbone_leaf(path)
         value = conv.get(path)
@@ -1204,6 +1242,11 @@ def init_params_from(
         if value.shape == init.shape:
             out[path] = value.astype(init.dtype)
             report.taken.append(path)
+            continue
+        if (path in DET_TOKEN_LEAVES and value.ndim == init.ndim == 3 and value.shape[::2] == init.shape[::2]
+                and init.shape[1] > value.shape[1]):
+            out[path] = grow_det_leaf(path, value, int(init.shape[1]), grow_rng).astype(init.dtype)
+            report.grown.append(f"{path} {value.shape[1]} -> {init.shape[1]} tokens")
             continue
         resized = _resize_like(value, init.shape) if "pos_embed_patches" in path else None
         if _is_rel_pos_leaf(path) and value.ndim == 2 and value.shape[1] == init.shape[1]:

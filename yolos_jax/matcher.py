@@ -117,7 +117,8 @@ def match(logits: jax.Array, boxes: jax.Array, targets: Mapping[str, jax.Array],
     if implementation == "device" and m > q:
         raise ValueError(
             f"config.matcher.implementation='device' needs at most as many target slots as queries, got "
-            f"M={m} > Q={q}: lower the input's max_boxes or use implementation='host'"
+            f"M={m} > Q={q}: set config.input.max_boxes <= config.model.num_det_tokens (training validates "
+            "this), or use implementation='host'"
         )
     cost_weights = {k: float(matcher_cfg[k]) for k in ("cost_class", "cost_bbox", "cost_giou")}
 

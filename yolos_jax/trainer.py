@@ -188,6 +188,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
             _fail(f"model.{name}", f"must be (height, width) in pixels, each >= patch_size, got {size!r}")
     if str(m.dtype) not in ("float32", "bfloat16", "float16"):
         _fail("model.dtype", f"must be 'float32', 'bfloat16' or 'float16', got {m.dtype!r}")
+    if int(config.input.max_boxes) > m.num_det_tokens:  # a target slot beyond the queries is never matched
+        _fail("input.max_boxes", f"{config.input.max_boxes} > model.num_det_tokens={m.num_det_tokens}: each target "
+                                 "box needs its own [DET] token. Lower input.max_boxes, or raise model.num_det_tokens "
+                                 "(with init_from, a converted checkpoint's [DET] tokens are grown to it)")
     from yolos_jax.data import pipeline
 
     try:  # the input sub-config's own checks, before any step (an eval size of 0 would fail after training)
@@ -326,6 +330,26 @@ def _check_finite(metrics: dict, step: int, policy: str) -> bool:
     return False
 
 
+def dense_scene_warning(num_objects: np.ndarray, max_boxes: int, num_det_tokens: int, split: str) -> Optional[str]:
+    """The start-of-training warning for a train split with images over input.max_boxes, or None.
+
+    num_objects: int [N], each image's non-crowd boxes (the prepared index's exact count; crowd boxes are never
+    targets). An image with n > max_boxes keeps its first max_boxes boxes as targets (fewer when a random crop
+    removes some first): the rest are never trained on.
+    """
+    n = np.asarray(num_objects, np.int64)
+    over = n > max_boxes
+    if not over.any():
+        return None
+    dropped = int(np.sum(n[over] - max_boxes))
+    need = int(n.max())
+    return (f"dense scenes: {int(over.sum())} of {len(n)} images of train split '{split}' have more than "
+            f"input.max_boxes={max_boxes} boxes (up to {need}); their {dropped} boxes beyond the first {max_boxes} "
+            f"({100.0 * dropped / max(int(n.sum()), 1):.2f}% of the split's boxes) are never trained on. To train on "
+            f"them set input.max_boxes={need} and model.num_det_tokens >= {need} (now {num_det_tokens}; with "
+            "init_from a converted checkpoint's [DET] tokens are grown, see the README's 'Dense scenes')")
+
+
 # --------------------------------------------------------------------------------------------------
 # Parameters from a converted checkpoint (config.init_from)
 # --------------------------------------------------------------------------------------------------
@@ -348,7 +372,7 @@ def _init_from_converted(
 
     fresh = jax.device_get(jax.jit(lambda: model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *image_hw, 3))))())
     converted, _, _ = convert.load_params_dir(path)
-    params, report = convert.init_params_from(fresh["params"], converted, model_cfg.to_dict())
+    params, report = convert.init_params_from(fresh["params"], converted, model_cfg.to_dict(), seed=seed)
     if jax.process_index() == 0:
         log.info("init_from %s: %s", path, report)
     return _place(params, shardings)
@@ -466,6 +490,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config.label_map = label_map.to_dict()
     global_batch = int(config.input.batch_size)
     train_iter = data.make_train_iterator(config.input, seed=config.seed)
+    dense = dense_scene_warning(train_iter.index.num_objects, int(config.input.max_boxes),
+                                int(config.model.num_det_tokens), config.input.train_split)
+    if dense and is_main:
+        log.warning(dense)
     # An epoch is a pass of the epoch plan: every example once, plus the repeats that complete partial batches.
     steps_per_epoch = max(len(train_iter.plan(0)), 1)
     total_steps = int(config.train.num_steps) if config.train.num_steps > 0 else int(config.train.num_epochs) * steps_per_epoch

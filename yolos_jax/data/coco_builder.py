@@ -11,7 +11,8 @@ index, which the planned, resumable batching in `pipeline.py` relies on):
     DATA_DIR/coco_folder/NAME/1.0.0/
         coco_folder-{split}.array_record-*    examples in `index` order (below)
         dataset_info.json, features.json      tfds metadata
-        yolos_source.json                     where it came from, categories, per-split reports
+        yolos_source.json                     where it came from, categories, per-split reports (bad data,
+                                              and `boxes_per_image`: images over the box limits)
         yolos_index_{split}.json              per example: image_id, height, width, num_objects, num_crowd
         instances_{split}.json                the cleaned ground truth (COCO format) for pycocotools
 Example features: image (encoded bytes, stored as read), image/id, image/filename, image/height,
@@ -41,6 +42,11 @@ the first examples, and stored in yolos_source.json):
   iscrowd missing -> 0; area missing -> box area.
 Crowd annotations are kept in the dataset and in the ground truth (pycocotools needs them); the
 transforms drop them from the training targets, as DETR does.
+
+Dense scenes: each split's report also says how many images have more non-crowd boxes than each of
+`BOX_LIMITS` and how many boxes lie beyond it (`box_limit_stats`); training keeps at most
+`input.max_boxes` boxes per image (the model's `num_det_tokens` at most) and warns at start when the train
+split exceeds it.
 """
 
 from __future__ import annotations
@@ -79,6 +85,22 @@ COCO80_TO_91 = (
     88, 89, 90,
 )
 assert len(COCO80_TO_91) == 80
+
+
+# Boxes per image that matter downstream: 100 is input.max_boxes' default, YOLOS's num_det_tokens (one
+# detection per [DET] token) and COCO evaluation's maxDets; 300 a common setting for dense scenes.
+BOX_LIMITS = (100, 300)
+
+
+def box_limit_stats(num_objects: Sequence[int], limits: Sequence[int] = BOX_LIMITS) -> dict[str, Any]:
+    """How many images of a split exceed each box limit, from the index's per-image non-crowd box counts
+    (crowd boxes never become training targets). Returns {'max': most boxes in one image, 'over': {str(limit):
+    {'images': images with more than `limit` boxes, 'boxes_beyond': sum over them of (boxes - limit), the
+    boxes a `limit`-slot target set (input.max_boxes = limit) drops}}}."""
+    n = np.asarray(num_objects, np.int64).reshape(-1)
+    over = {str(int(lim)): {"images": int(np.sum(n > lim)), "boxes_beyond": int(np.sum(np.maximum(n - lim, 0)))}
+            for lim in limits}
+    return {"max": int(n.max()) if n.size else 0, "over": over}
 
 
 class DataError(ValueError):
@@ -505,7 +527,12 @@ def _make_builder_classes():
             atomic.write_json_atomic(os.path.join(out, INDEX_FILE.format(split=split)), index)
             atomic.write_json_atomic(os.path.join(out, GT_FILE.format(split=split)),
                                {"images": gt_images, "annotations": gt_anns, "categories": cats})
-            self._yolos_reports[split] = report.to_dict()
+            density = box_limit_stats(index["num_objects"])
+            for lim, o in density["over"].items():
+                if o["images"]:
+                    log.warning("split '%s': %d images have more than %s non-crowd boxes (up to %d); %d boxes lie "
+                                "beyond %s", split, o["images"], lim, density["max"], o["boxes_beyond"], lim)
+            self._yolos_reports[split] = {**report.to_dict(), "boxes_per_image": density}
             self._yolos_categories[split] = cats
             # Rewritten after each split, so the last one leaves the full summary. Splits must agree on
             # category names; their union defines the label map (a val set may lack a class).
@@ -775,7 +802,12 @@ class PreparedDataset:
         return os.path.join(self.path, GT_FILE.format(split=split))
 
     def report(self, split: str) -> dict[str, Any]:
-        return self.source.get("reports", {}).get(split, {})
+        """The split's preparation report: bad-data 'counts' and 'examples', and 'boxes_per_image'
+        (`box_limit_stats`; computed from the index for datasets prepared before it was recorded)."""
+        out = dict(self.source.get("reports", {}).get(split, {}))
+        if "boxes_per_image" not in out:
+            out["boxes_per_image"] = box_limit_stats(self.index(split).num_objects)
+        return out
 
     def source_for(self, split: str) -> Any:
         """Random-access reader: `src[i]` -> the record dict of example i (image left encoded)."""

@@ -10,7 +10,9 @@
 
 Then train with input.data_dir=DATA_DIR, input.dataset_name=NAME and the split names (COCO 2017:
 train2017 / val2017; tfds coco/2017: train / validation; synthetic: train / val). The report of skipped
-and clipped items is printed and kept in DATA_DIR/coco_folder/NAME/1.0.0/yolos_source.json.
+and clipped items, and per split the most boxes in one image and how many images and boxes exceed 100 and
+300 non-crowd boxes per image (`boxes_per_image`; training keeps at most input.max_boxes per image, see
+the README's "Dense scenes"), is printed and kept in DATA_DIR/coco_folder/NAME/1.0.0/yolos_source.json.
 
 Preparing an already prepared NAME reuses it; if the source folder changed since (its instances JSON, or
 files added or removed in an image folder), the command stops and says so: add --force to prepare again.
@@ -55,8 +57,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if existing and not a.force:
         print(f"{ds.path} was already prepared from this source, unchanged since; reused as it is "
               "(--force prepares it again)")
+    reports = {s: ds.report(s) for s in ds.splits}
     summary = {"path": ds.path, "categories": len(ds.categories),
-               "splits": {s: {"examples": len(ds.index(s)), "report": ds.report(s).get("counts", {})} for s in ds.splits}}
+               "splits": {s: {"examples": len(ds.index(s)), "report": r.get("counts", {}),
+                              "boxes_per_image": r["boxes_per_image"]} for s, r in reports.items()}}
     print(json.dumps(summary, indent=1))
 
 
