@@ -17,8 +17,9 @@ What the paper's formula sets, and the values here:
     detection models"; ViTDet-style, yolos_jax/windowed.py). [CLS]/[DET] tokens attend globally.
   * input: large-scale jitter: resize by a factor in [0.1, 2.0] of 1024 x 1024, crop / pad to 1024 x 1024
     (input.large_scale_jitter, lsj_size, lsj_min_scale, lsj_max_scale). Evaluation resizes the longest
-    side to 1024 and pads to the same 1024 x 1024 canvas, as the paper does (§2.5: padding to the training
-    size was 0.5-1 AP better than smaller canvases).
+    side to ~1024 (the one eval rule, transforms.eval_resize_hw, with eval_size = eval_max_size = 1024:
+    sides floored to 16, long side never above 1024, so 1008 or 1024) and pads to the same 1024 x 1024
+    canvas, as the paper does (§2.5: padding to the training size was 0.5-1 AP better than smaller canvases).
   * position embeddings stored for the 1024 x 1024 grid (64 x 64 patches; DeiT-B's are resized once at
     init_from), so no resize runs per step; the global blocks' relative position tables are 127 long.
   * optimiser: AdamW (b1, b2 = 0.9, 0.999), weight decay 0.1, lr 8e-5 at batch 64 (the value most

@@ -163,7 +163,7 @@ def test_eval_covers_every_example_once_across_processes(cfg):
                                (a["bbox"] for a in anns)], np.float32).reshape(-1, 4)[:8]
             np.testing.assert_allclose(b["boxes"][j][b["box_mask"][j]], want, atol=1e-6)
             ev_sizes[iid] = tuple(b["size"][j])
-            oh, ow = T.detr_resize_hw(h, w, cfg.eval_size, cfg.eval_max_size)
+            oh, ow = T.eval_resize_hw(h, w, cfg.eval_size, cfg.eval_max_size)
             assert ev_sizes[iid] == (oh, ow)
     # batch_size override and an image hook (e.g. a corruption) on the decoded original.
     plain = list(data.make_eval_iterator(cfg, batch_size=2, process_index=0, process_count=1))

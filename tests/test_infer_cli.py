@@ -15,7 +15,7 @@ from PIL import Image
 
 from yolos_jax import convert, draw
 from yolos_jax.config import model_config
-from yolos_jax.inference import resized_hw
+from yolos_jax.data.transforms import eval_resize_hw
 from yolos_jax.yolos import YOLOS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,7 +59,7 @@ def test_infer_py_puts_the_predicted_box_on_the_object(tmp_path):
     x0, y0, x1, y1 = BOX_XYXY
     image[y0:y1, x0:x1] = OBJECT  # the object covers pixels x0..x1-1, y0..y1-1: its box is (x0, y0, x1, y1)
     Image.fromarray(image).save(tmp_path / "scene.png")
-    assert resized_hw(H, W, EVAL_SIZE, EVAL_SIZE * 1333 // 800) == (64, 96)  # the model sees another aspect
+    assert eval_resize_hw(H, W, EVAL_SIZE, EVAL_SIZE * 1333 // 800) == (64, 96)  # the model sees another aspect
 
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

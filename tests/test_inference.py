@@ -12,26 +12,30 @@ from transformers.models.yolos.modeling_yolos import YolosObjectDetectionOutput
 
 import reference_models as ref
 from yolos_jax import Detector, convert
-from yolos_jax.inference import resized_hw
+from yolos_jax.data.transforms import eval_resize_hw
 
 EVAL_SIZE = 64  # tiny model: shortest side 64, longest capped at 64 * 1333 // 800 = 106
 # originals -> resized: (50, 77) -> 64x96; (90, 40) -> 96x32 (the longest-side cap binds); (37, 120) -> 32x96
 IMAGE_SIZES = [(50, 77), (90, 40), (37, 120)]
 
 
-def test_resized_hw_matches_hf():
+def test_eval_sizes_match_hf_for_coco_like_aspect_ratios():
+    """Detector's sizes (the one eval rule, transforms.eval_resize_hw; tests/test_eval_transform.py checks it
+    against the original's) equal HF's YolosImageProcessorPil's for aspect ratios up to 1:6; HF's long side,
+    computed from the unrounded short side, departs from the original's only beyond."""
     rng = np.random.RandomState(0)
-    sizes = [(h, w) for h in (17, 100, 480, 481, 640, 800, 1333) for w in (16, 99, 480, 640, 801, 1600)]
+    sizes = [(h, w) for h in (17, 100, 480, 481, 640, 800, 1333) for w in (99, 480, 640, 801, 1600)]
     sizes += [tuple(int(v) for v in rng.randint(16, 3000, 2)) for _ in range(300)]
+    sizes = [(h, w) for h, w in sizes if max(h, w) <= 6 * min(h, w)]
     for eval_size in (64, 512, 800):
         max_size = eval_size * 1333 // 800
         for h, w in sizes:
             want = get_size_with_aspect_ratio_yolos((h, w), eval_size, max_size)
             if min(want) <= 0:
                 continue
-            assert resized_hw(h, w, eval_size, max_size) == tuple(want), (h, w, eval_size)
-    assert resized_hw(480, 640, 800, 1333) == (800, 1056)  # 800 x 1066 floored to multiples of 16
-    assert resized_hw(1000, 200, 800, 1333) == (1328, 256)  # cap binds: round(1333 * 200 / 1000) = 267
+            assert tuple(int(v) for v in eval_resize_hw(h, w, eval_size, max_size)) == tuple(want), (h, w, eval_size)
+    assert eval_resize_hw(480, 640, 800, 1333) == (800, 1056)  # 800 x 1066 floored to multiples of 16
+    assert eval_resize_hw(1000, 200, 800, 1333) == (1328, 256)  # cap binds: round(1333 * 200 / 1000) = 267
 
 
 @pytest.fixture(scope="module")

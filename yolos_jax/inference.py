@@ -5,16 +5,13 @@
     results = detector.predict([image_uint8_hwc, ...], threshold=0.5)
     results[0]["boxes"], results[0]["scores"], results[0]["labels"]  # pixel xyxy in the original image
 
-Pre-processing (as the original YOLOS eval transform and HF's `YolosImageProcessorPil`; HF's default
-torchvision backend resizes with torchvision's bilinear, which can differ from PIL's by one grey level):
-  1. resize (PIL bilinear on the uint8 image, as the original's PIL-based transforms) so that the
-     shortest side becomes `eval_size`, unless that would make the longest side exceed `max_size`
-     (default eval_size * 1333 // 800, the original's `T.RandomResize([eval_size], max_size=...)`), in
-     which case the longest side becomes ~max_size; both sides are then floored to multiples of 16.
-     Sizes follow HF's `get_size_with_aspect_ratio_yolos` exactly (`resized_hw`): DETR's
-     `get_size_with_aspect_ratio` with the capped long side computed from the unrounded short side, plus
-     the floor, which keeps every pixel inside a whole patch (the patch conv would otherwise cut the
-     remainder while boxes stay normalised by the full side);
+Pre-processing: the one eval transform of this package (`data.transforms`; eval.py, the Evaluator and
+the COCO-C runner use the same two functions), which is the original YOLOS eval transform:
+  1. resize to `transforms.eval_resize_hw` (the original's sizes: shortest side to `eval_size` unless the
+     longest would exceed `max_size`, default eval_size * 1333 // 800, both sides floored to multiples of
+     16) with `transforms.resize_image` (PIL bilinear on the uint8 image, the original's resampler). For
+     COCO-like aspect ratios the sizes equal HF's `YolosImageProcessorPil` too (its long side differs only
+     for aspect ratios beyond ~1:8, see `eval_resize_hw`);
   2. scale to [0, 1] and normalise with the ImageNet mean/std;
   3. pad a batch bottom/right to its largest image with zeros and a pixel mask (the model ignores padded
      patches as attention keys, so the padded pixel values do not matter; the padded canvas does set the
@@ -39,36 +36,6 @@ from yolos_jax.yolos import YOLOS
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-SIZE_DIVISOR = 16  # sides are floored to multiples of the patch size
-
-
-def resized_hw(height: int, width: int, size: int, max_size: Optional[int], mod: int = SIZE_DIVISOR) -> tuple[int, int]:
-    """Output (h, w) of the eval resize for an image of (height, width) pixels.
-
-    The shortest side becomes `size` unless the longest would exceed `max_size`; then the longest side
-    becomes ~max_size (the short side is round(max_size * short / long), the long side is computed from
-    the unrounded value). Both are floored to multiples of `mod`. Same arithmetic, in the same order,
-    as HF's `get_size_with_aspect_ratio_yolos` (DETR's `get_size_with_aspect_ratio` plus the floor).
-    """
-    raw = None
-    if max_size is not None:
-        lo, hi = float(min(height, width)), float(max(height, width))
-        if hi / lo * size > max_size:
-            raw = max_size * lo / hi
-            size = int(round(raw))
-    if width < height:
-        ow = size
-        oh = int((raw if raw is not None else size) * height / width)
-    elif (height <= width and height == size) or (width <= height and width == size):
-        oh, ow = height, width
-    else:
-        oh = size
-        ow = int((raw if raw is not None else size) * width / height)
-    if mod:
-        oh, ow = oh - oh % mod, ow - ow % mod
-    if oh <= 0 or ow <= 0:
-        raise ValueError(f"image of {height}x{width} pixels is too thin to resize to multiples of {mod}")
-    return oh, ow
 
 
 def _cfg_key(model_cfg: Mapping[str, Any]) -> str:
@@ -206,15 +173,14 @@ class Detector:
     def preprocess(self, images: ImageBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """uint8 RGB images -> (pixel_values [B, H, W, 3] float32, pixel_mask [B, H, W] bool,
         sizes [B, 2] int32 (h, w) of each resized, un-padded image)."""
-        from PIL import Image
+        from yolos_jax.data import transforms as T
 
         images = _as_image_list(images)
         resized = []
-        for i, im in enumerate(images):
-            h, w = resized_hw(im.shape[0], im.shape[1], self.eval_size, self.max_size)
-            if (h, w) != im.shape[:2]:
-                im = np.asarray(Image.fromarray(im).resize((w, h), Image.BILINEAR))
-            resized.append(((im.astype(np.float32) / 255.0) - IMAGENET_MEAN) / IMAGENET_STD)
+        for im in images:
+            hw = T.eval_resize_hw(im.shape[0], im.shape[1], self.eval_size, self.max_size)
+            im = T.resize_image(im, hw)
+            resized.append(T.normalize_np(im))
         sizes = np.array([r.shape[:2] for r in resized], np.int32)
         canvas = sizes.max(axis=0)
         pixel_values = np.zeros((len(resized), canvas[0], canvas[1], 3), np.float32)

@@ -101,6 +101,7 @@ def default_input_config(scales: str = "s") -> ml_collections.ConfigDict:
     # The transforms' final resize on the accelerator (data.device_resize; the host then only decodes,
     # crops, flips and pads: ~1.8x decode instead of ~3x): 'on', 'off', or 'auto' = on when jax's
     # backend is not the CPU (there the same cores would pay a matmul resize) and the transform allows.
+    # Train batches only: evaluation always resamples on the host with the original's PIL (T.resize_image).
     c.resize_on_device = "off"
     c.crop_in_original = True  # cut the crop window from the original (one resampling, window-only JPEG
     #                            decode); False: the original's resize -> crop -> resize, two resamplings
@@ -111,7 +112,7 @@ def default_input_config(scales: str = "s") -> ml_collections.ConfigDict:
     # --- eval transform ---------------------------------------------------------------------------------
     c.eval_size = 512 if sc == T.SCALES_TI else 800  # shortest side (original: --eval_size)
     c.eval_max_size = -1  # -1 = eval_size * 1333 // 800
-    c.eval_size_multiple = 1  # 1 = the original's exact sizes
+    # (sizes: T.eval_resize_hw, the original's rule, floored to 16; resampling: T.resize_image, PIL bilinear)
     # --- static shapes (batching.py) ----------------------------------------------------------------
     c.canvases = ()  # explicit train canvases ((H, W), ...); () = designed from the data
     c.num_canvases = 12  # train canvases when designed (>= 2: the portrait/landscape catch-alls)
@@ -153,6 +154,9 @@ def _check_config(cfg, process_count: int) -> None:
             raise ValueError(f"input.{field}={b} must be a positive multiple of the process count {process_count}")
     if cfg.max_boxes <= 0:
         raise ValueError(f"input.max_boxes must be positive, got {cfg.max_boxes}")
+    if int(cfg.get("eval_size_multiple", T.EVAL_SIZE_MULTIPLE)) != T.EVAL_SIZE_MULTIPLE:
+        raise ValueError(f"input.eval_size_multiple={cfg.eval_size_multiple} is no longer a setting: evaluation "
+                         f"always uses the original's sizes, floored to multiples of {T.EVAL_SIZE_MULTIPLE}")
     if int(cfg.eval_size) <= 0:
         raise ValueError(f"input.eval_size (shortest side of eval images, pixels) must be positive, got {cfg.eval_size}")
     if not cfg.scales or min(int(s) for s in cfg.scales) <= 0:
@@ -276,12 +280,21 @@ def train_canvases(cfg, index: coco_builder.SplitIndex) -> list[tuple[int, int]]
 
 
 def eval_geometry(cfg, index: coco_builder.SplitIndex) -> np.ndarray:
-    return T.eval_geometry(index.height, index.width, int(cfg.eval_size), _eval_max_size(cfg), int(cfg.eval_size_multiple))
+    return T.eval_geometry(index.height, index.width, int(cfg.eval_size), _eval_max_size(cfg))
 
 
 def eval_canvases(cfg, index: coco_builder.SplitIndex) -> list[tuple[int, int]]:
     if len(cfg.eval_canvases):
-        return sorted(tuple(int(v) for v in c) for c in cfg.eval_canvases)
+        canvases = sorted(tuple(int(v) for v in c) for c in cfg.eval_canvases)
+        # Fixed canvases must hold any image: the eval rule bounds (short, long) sides, both orientations.
+        short, long = T.eval_canvas_bound(int(cfg.eval_size), _eval_max_size(cfg))
+        for need in {(short, long), (long, short)}:
+            if not any(ch >= need[0] and cw >= need[1] for ch, cw in canvases):
+                raise ValueError(
+                    f"input.eval_canvases={canvases} has no canvas of at least {need[0]}x{need[1]} (h x w): eval images "
+                    f"(input.eval_size={cfg.eval_size}, longest side <= {_eval_max_size(cfg)}, floored to 16) reach "
+                    f"{short}x{long} and {long}x{short}; add such canvases or leave input.eval_canvases=()")
+        return canvases
     # Eval sizes are known exactly: the base canvas is their bounding box, not the worst case.
     sizes = T.output_hw(eval_geometry(cfg, index))
     if not len(sizes):
@@ -351,7 +364,8 @@ def _element_stream(plan_for_epoch, first: tuple[int, int], epochs: Optional[int
         epoch, start = epoch + 1, 0
 
 
-def _tf_dataset(gen_fn, num_parallel_calls: int, prefetch: int, image_fn=None, final_resize: bool = True):
+def _tf_dataset(gen_fn, num_parallel_calls: int, prefetch: int, image_fn=None, final_resize: bool = True,
+                eval_transform: bool = False):
     """tf.data over `gen_fn()` -> (encoded image, meta int64 [11] = GEOM, image_id, seq): decodes and
     resamples in parallel, in order, and yields (image uint8 [h, w, 3], seq). Only what the image ops
     need goes through TF (each extra field costs ~0.1 ms per element); the rest waits in Python."""
@@ -360,7 +374,8 @@ def _tf_dataset(gen_fn, num_parallel_calls: int, prefetch: int, image_fn=None, f
 
     def decode(encoded, meta):
         # Always uint8 out of TF (4x less to move); `assemble` normalises float32 batches into the canvas.
-        return T.tf_apply_geometry(encoded, meta[:9], "uint8", image_fn, meta[9], final_resize), meta[10]
+        return T.tf_apply_geometry(encoded, meta[:9], "uint8", image_fn, meta[9], final_resize,
+                                   eval_transform), meta[10]
 
     ds = tf.data.Dataset.from_generator(gen_fn, output_signature=sig)
     npc = tf.data.AUTOTUNE if num_parallel_calls < 0 else max(1, int(num_parallel_calls))
@@ -452,8 +467,9 @@ class _BatchIterator:
     """Runs element stream -> tf.data -> batch assembly in a background thread from a start position."""
 
     def __init__(self, make_stream, local_batch: int, cfg, start: tuple[int, int], image_fn=None,
-                 source_hw: Optional[tuple[int, int]] = None):
+                 source_hw: Optional[tuple[int, int]] = None, eval_transform: bool = False):
         self._source_hw = source_hw
+        self._eval_transform = eval_transform
         self._make_stream = make_stream
         self._image_fn = image_fn
         self._b = local_batch
@@ -484,7 +500,7 @@ class _BatchIterator:
 
         source_hw = self._source_hw
         ds = _tf_dataset(gen, int(self._cfg.num_parallel_calls), b * max(1, int(self._cfg.prefetch_batches)),
-                         self._image_fn, final_resize=source_hw is None)
+                         self._image_fn, final_resize=source_hw is None, eval_transform=self._eval_transform)
         fmt = self._cfg.image_format
 
         def put(item) -> bool:
@@ -694,8 +710,9 @@ class EvalIterator:
         def make_stream(start):
             return _element_stream(lambda e: plan, start, 1, sl, source, index, label_map, max_boxes, stats)
 
-        self._it = _BatchIterator(make_stream, self.local_batch, cfg, (0, 0), image_fn,
-                                  source_hw=source_canvas(cfg, self.index))
+        # The eval transform resamples on the host with the one eval resampler (T.resize_image, the
+        # original's PIL), also under input.resize_on_device: evaluation is the original's.
+        self._it = _BatchIterator(make_stream, self.local_batch, cfg, (0, 0), image_fn, eval_transform=True)
 
     @property
     def plan(self) -> batching.Plan:

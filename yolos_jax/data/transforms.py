@@ -4,6 +4,7 @@ Original YOLOS (hustvl/YOLOS datasets/coco.py, DETR datasets/transforms.py), tra
     RandomHorizontalFlip(0.5)
     RandomSelect(p=0.5:  RandomResize(scales, max_size),
                  else:   RandomResize([400, 500, 600]) -> RandomSizeCrop(384, 600) -> RandomResize(scales, max_size))
+    (every resize's sizes floored to multiples of 16, as the original's get_size_with_aspect_ratio)
     scales: Ti 256..608 step 16, max_size 608*1333//800 = 1013;  S/B 480..800 step 16, max_size 1333.
 eval: RandomResize([eval_size], max_size=eval_size*1333//800).
 
@@ -26,10 +27,15 @@ Departures from the original, on purpose:
     mapped to the original's pixels (rounded) and cut there, then resized once to the final size: the
     same distribution of crops with one resampling instead of two, and JPEGs decode only the window
     (tf.io.decode_and_crop_jpeg). crop_in_original=False runs the original's resize -> crop -> resize;
-  * the final size is floored to a multiple of `size_multiple` (16: whole patches; the aspect ratio
-    changes by < 16 px, boxes are unaffected because they are normalised);
-  * resampling is TF bilinear (antialiased when shrinking below 0.75x, like PIL's) instead of PIL
-    bilinear; the result is rounded to uint8 like PIL's.
+  * every resize's size is floored to a multiple of `size_multiple` (16, as the original: whole patches;
+    the aspect ratio changes by < 16 px, boxes are unaffected because they are normalised), but never
+    to 0 (one multiple is kept, where the original would fail);
+  * train resampling is TF bilinear (antialiased when shrinking below 0.75x) instead of PIL bilinear;
+    the result is rounded to uint8 like PIL's. Measured against PIL (noise images, the worst case): within
+    1 grey level when enlarging or shrinking below 0.75x, but up to ~100 levels at 0.76-0.97x, where
+    TF's plain bilinear skips source pixels that PIL's widened triangle averages.
+Evaluation is the original's (`eval_resize_hw`, `resize_image`: its sizes and PIL itself): the one eval
+transform of eval.py, the Evaluator, the COCO-C runner, infer.py and `Detector`.
 Large-scale jitter (ViTDet; detectron2 ResizeScale + FixedSizeCrop): flip, resize so the image fits
 lsj_size x lsj_size times a scale ~ U(min_scale, max_scale), then a random lsj_size crop (one offset
 fraction for both axes, as detectron2), then pad to lsj_size x lsj_size.
@@ -45,6 +51,7 @@ import numpy as np
 # Shrinking by a factor below this is antialiased (TF's scale_and_translate, like PIL's resize); milder
 # shrinking is plain bilinear, nearly identical and ~5x cheaper (the crop branch's 480 -> 400 step).
 ANTIALIAS_BELOW = 0.75
+JPEG_DCT = "INTEGER_ACCURATE"  # PIL's JPEG decoding, bit for bit (TF's default, INTEGER_FAST, is not)
 GEOM_FIELDS = ("flip", "h1", "w1", "cy", "cx", "ch", "cw", "h2", "w2")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -89,16 +96,18 @@ class TrainTransformConfig:
             raise ValueError(f"input.scales must be positive ints, got {self.scales}")
         if self.max_size < max(self.scales):
             raise ValueError(f"input.max_size={self.max_size} is below the largest scale {max(self.scales)}")
-        if self.crop_min_size > min(self.crop_resize_sizes):
+        if self.size_multiple < 1:
+            raise ValueError(f"input.size_multiple must be >= 1, got {self.size_multiple}")
+        inter = min(self.crop_resize_sizes) // self.size_multiple * self.size_multiple  # floored, as resized
+        if self.crop_min_size > inter:
             raise ValueError(f"input.crop_min_size={self.crop_min_size} exceeds the smallest crop_resize_sizes "
-                             f"{min(self.crop_resize_sizes)}: RandomSizeCrop could not fit")
+                             f"{min(self.crop_resize_sizes)} (floored to input.size_multiple: {inter}): "
+                             "RandomSizeCrop could not fit")
         if self.crop_min_size > self.crop_max_size:
             raise ValueError(f"input.crop_min_size={self.crop_min_size} > crop_max_size={self.crop_max_size}")
         if not 0 < self.lsj_min_scale <= self.lsj_max_scale:
             raise ValueError(f"input.lsj_min_scale/lsj_max_scale must satisfy 0 < min <= max, got "
                              f"{self.lsj_min_scale}, {self.lsj_max_scale}")
-        if self.size_multiple < 1:
-            raise ValueError(f"input.size_multiple must be >= 1, got {self.size_multiple}")
 
     def max_output_hw(self) -> tuple[int, int]:
         """(max short side, max long side) of any output image."""
@@ -134,7 +143,65 @@ def detr_resize_hw(h: Any, w: Any, size: Any, max_size: Optional[int]) -> tuple[
 
 
 def _floor_to(x: np.ndarray, m: int) -> np.ndarray:
+    """Floors to a multiple of m, keeping at least one multiple (a side is never 0)."""
     return np.maximum(m, x // m * m) if m > 1 else x
+
+
+# --------------------------------------------------------------------------------------------------
+# The eval transform: one size rule and one resampler, shared by every evaluation and inference path.
+
+EVAL_SIZE_MULTIPLE = 16  # the original floors eval sizes to whole 16-px patches
+
+
+def eval_resize_hw(h: Any, w: Any, eval_size: int, max_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The eval size rule, its one owner (eval.py, the Evaluator, COCO-C, infer.py and `Detector` all call it).
+
+    h, w: broadcastable int arrays, original sizes in pixels; eval_size: target shortest side; max_size:
+    longest-side cap (the original's eval_size * 1333 // 800). Returns (oh, ow) int64 arrays, pixels.
+
+    The original's rule (hustvl/YOLOS: `T.RandomResize([eval_size], max_size)`): DETR's
+    `get_size_with_aspect_ratio` (`detr_resize_hw`: shortest side -> eval_size unless the longest would
+    exceed max_size; then short = round(max_size * short / long), long = int(short * long / short)), then
+    both sides floored to multiples of 16. Two departures, both only for aspect ratios beyond ~1:8 (never
+    for COCO-like images): a side the floor would make 0 keeps one 16-px patch (the original fails on such
+    an image), and a long side above max_size -- DETR computes it from the *rounded* short side, which can
+    overshoot the cap by up to long/short/2 px (1150x41 at 800/1333 -> 1344) -- is clamped to max_size
+    floored to 16. So every eval image fits (eval_size, max_size) floored to 16, in either orientation.
+    HF's `get_size_with_aspect_ratio_yolos` computes the long side from the unrounded short side: the same
+    sizes for COCO-like images at 800/1333 and 512/853; it differs for extreme aspect ratios and when
+    max_size is itself a multiple of 16 (e.g. 1024/1024: DETR's 683 x 1023.7 floors to 672 x 1008).
+    """
+    m = EVAL_SIZE_MULTIPLE
+    oh, ow = detr_resize_hw(h, w, eval_size, max_size)
+    cap = max(m, int(max_size) // m * m)
+    return np.minimum(_floor_to(oh, m), cap), np.minimum(_floor_to(ow, m), cap)
+
+
+def eval_canvas_bound(eval_size: int, max_size: int) -> tuple[int, int]:
+    """(short, long) sides in pixels that bound every `eval_resize_hw` output: an eval canvas of
+    (short, long) or (long, short) holds every landscape or portrait eval image."""
+    m = EVAL_SIZE_MULTIPLE
+    cap = max(m, int(max_size) // m * m)
+    return min(max(m, int(eval_size) // m * m), cap), cap
+
+
+def resize_image(image: np.ndarray, size_hw: Sequence[int]) -> np.ndarray:
+    """The eval resampler, its one owner: the original's own, PIL bilinear on the uint8 image.
+
+    image: uint8 [h, w, 3] RGB; size_hw: (oh, ow) pixels. Returns uint8 [oh, ow, 3] (the input itself when
+    the size is unchanged, as PIL). PIL >= 13 runs the vertical pass first when the height shrinks much
+    more than the width (Pillow PR 9549); the original's PIL always went horizontal first; each pass rounds
+    to uint8, so the two orders differ by at most one grey level.
+    """
+    from PIL import Image
+
+    oh, ow = int(size_hw[0]), int(size_hw[1])
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"resize_image needs a uint8 [h, w, 3] image, got {image.dtype} {image.shape}")
+    if image.shape[:2] == (oh, ow):
+        return image
+    return np.asarray(Image.fromarray(image).resize((ow, oh), Image.BILINEAR))
 
 
 def _geom(n: int) -> np.ndarray:
@@ -155,7 +222,8 @@ def sample_train_geometry(rng: np.random.Generator, heights: Any, widths: Any, c
     crop = rng.random(n) < cfg.crop_prob
     # Crop branch: RandomResize(crop_resize_sizes) -> RandomSizeCrop(min, max) (random.randint is inclusive).
     inter = rng.choice(np.asarray(cfg.crop_resize_sizes, np.int64), n)
-    h1, w1 = detr_resize_hw(h, w, inter, None)
+    # The original floors every resize to multiples of 16, this one too (500 -> 496, 600 -> 592 short side).
+    h1, w1 = (_floor_to(v, cfg.size_multiple) for v in detr_resize_hw(h, w, inter, None))
     cw = rng.integers(cfg.crop_min_size, np.minimum(w1, cfg.crop_max_size) + 1)
     ch = rng.integers(cfg.crop_min_size, np.minimum(h1, cfg.crop_max_size) + 1)
     cy = rng.integers(0, h1 - ch + 1)
@@ -191,14 +259,14 @@ def _lsj_geometry(rng, h, w, cfg: TrainTransformConfig, g: np.ndarray) -> np.nda
     return g
 
 
-def eval_geometry(heights: Any, widths: Any, eval_size: int, eval_max_size: int, size_multiple: int = 1) -> np.ndarray:
-    """Deterministic eval transform: shortest side -> eval_size, longest <= eval_max_size."""
+def eval_geometry(heights: Any, widths: Any, eval_size: int, eval_max_size: int) -> np.ndarray:
+    """The eval transform as GEOM [N, 9] (no flip, no crop; final size `eval_resize_hw`).
+    heights, widths: [N] original sizes in pixels."""
     h = np.asarray(heights, np.int64)
     w = np.asarray(widths, np.int64)
     g = _geom(len(h))
-    h2, w2 = detr_resize_hw(h, w, eval_size, eval_max_size)
     g[:, 1], g[:, 2], g[:, 5], g[:, 6] = h, w, h, w
-    g[:, 7], g[:, 8] = _floor_to(h2, size_multiple), _floor_to(w2, size_multiple)
+    g[:, 7], g[:, 8] = eval_resize_hw(h, w, eval_size, eval_max_size)
     return g
 
 
@@ -254,7 +322,7 @@ def pad_targets(boxes: np.ndarray, labels: np.ndarray, max_boxes: int) -> tuple[
 
 
 def tf_apply_geometry(image_bytes: Any, geom: Any, image_format: str = "float32", image_fn: Any = None,
-                      image_id: Any = None, final_resize: bool = True) -> Any:
+                      image_id: Any = None, final_resize: bool = True, eval_transform: bool = False) -> Any:
     """Decodes and resamples one image following GEOM. TF graph function.
 
     image_bytes: scalar tf.string (JPEG, PNG, GIF, BMP, WebP; any channel layout -> RGB).
@@ -265,6 +333,8 @@ def tf_apply_geometry(image_bytes: Any, geom: Any, image_format: str = "float32"
     original (tf.numpy_function), e.g. an eval-time corruption.
     final_resize=False stops before the resize to (h2, w2) (input.resize_on_device: `data.device_resize`
     does it on the accelerator) and returns the uint8 image of size geom[5:7].
+    eval_transform=True: the final resize is the eval resampler, `resize_image` (PIL, tf.numpy_function;
+    PIL releases the GIL while it resamples), instead of TF's; `eval_geometry` GEOMs only.
     """
     import tensorflow as tf  # configured by tf_setup.get_tf() before any pipeline is built
 
@@ -274,7 +344,11 @@ def tf_apply_geometry(image_bytes: Any, geom: Any, image_format: str = "float32"
     flip = geom[0] > 0
 
     def full_decode():
-        img = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+        # JPEG with the accurate integer DCT, PIL's (the original's decoder): TF's default fast DCT differs
+        # from it by up to ~5 grey levels on most pixels; the accurate one is bit-exact and ~6% slower.
+        img = tf.cond(tf.io.is_jpeg(image_bytes),
+                      lambda: tf.io.decode_jpeg(image_bytes, channels=3, dct_method=JPEG_DCT),
+                      lambda: tf.io.decode_image(image_bytes, channels=3, expand_animations=False))
         img = tf.ensure_shape(img, [None, None, 3])
         if image_fn is not None:
             def hook(im, iid):
@@ -297,7 +371,8 @@ def tf_apply_geometry(image_bytes: Any, geom: Any, image_format: str = "float32"
     def window_decode():
         """JPEG, crop of the original: decode only the window (mirrored first when flipping)."""
         x0 = tf.where(flip, geom[2] - geom[4] - geom[6], geom[4])
-        img = tf.io.decode_and_crop_jpeg(image_bytes, tf.stack([geom[3], x0, geom[5], geom[6]]), channels=3)
+        img = tf.io.decode_and_crop_jpeg(image_bytes, tf.stack([geom[3], x0, geom[5], geom[6]]), channels=3,
+                                         dct_method=JPEG_DCT)
         img = tf.cond(flip, lambda: tf.reverse(img, axis=[1]), lambda: img)
         return tf.cast(img, tf.float32) + 0.5
 
@@ -311,9 +386,17 @@ def tf_apply_geometry(image_bytes: Any, geom: Any, image_format: str = "float32"
     else:  # the hook sees the whole original
         img = full_decode()
     img = tf.ensure_shape(img, [None, None, 3])
-    if final_resize:
-        img = _tf_resize(tf, img, geom[7:9])
-    img = tf.cast(img, tf.uint8)  # (without the resize: integer + 0.5 truncates back to the integer)
+    if eval_transform:
+        if not final_resize:
+            raise ValueError("the eval transform resizes on the host (eval_transform needs final_resize)")
+        img = tf.cast(img, tf.uint8)  # integer + 0.5 truncates back to the integer
+        size = geom[7:9]
+        img = tf.numpy_function(resize_image, [img, size], tf.uint8, stateful=False)
+        img = tf.reshape(img, tf.concat([size, [3]], axis=0))
+    else:
+        if final_resize:
+            img = _tf_resize(tf, img, geom[7:9])
+        img = tf.cast(img, tf.uint8)  # (without the resize: integer + 0.5 truncates back to the integer)
     if image_format == "uint8" or not final_resize:
         return img
     # Per-channel affine as a [.., 3] x [3, 3] matmul: TF's broadcast of a length-3 axis is ~5x slower.
