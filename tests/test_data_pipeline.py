@@ -175,7 +175,9 @@ def test_eval_covers_every_example_once_across_processes(cfg):
     assert len(plain) == len(u8) == len(inv) == 5
     for a, b in zip(u8, inv):
         m = a["pixel_mask"]
-        assert np.abs(a["image"][m].astype(int) + b["image"][m].astype(int) - 255).max() <= 1
+        # PIL (the eval resampler) rounds half up after each of its two passes: resize(255 - x) and
+        # 255 - resize(x) may differ by one grey level per pass.
+        assert np.abs(a["image"][m].astype(int) + b["image"][m].astype(int) - 255).max() <= 2
 
 
 def test_uint8_batches_normalised_on_device(cfg):
