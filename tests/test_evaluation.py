@@ -390,22 +390,19 @@ def test_evaluator_on_an_8_device_mesh_equals_one_device(synth):
     np.testing.assert_allclose(four["scores"], one["scores"], rtol=1e-5, atol=1e-6)
 
 
-def test_evaluator_with_resize_on_device_matches_host_resize(synth):
-    """input.resize_on_device: eval batches resized on the device give the host pipeline's predictions
-    (images equal to one grey level, so scores to a small tolerance; same images, same labels mostly)."""
-    cfg, model, params = synth
-    host = _by_image(evaluation.Evaluator(evaluation.default_eval_config(), cfg, model).predict(params))
+def test_eval_resamples_on_host_even_with_resize_on_device(synth):
+    """input.resize_on_device speeds up training only: evaluation keeps the one eval transform (the original's
+    PIL resize on the host), so its batches are the same with the setting on."""
+    cfg, _, _ = synth
     dev_cfg = ml_collections.ConfigDict(cfg.to_dict())
     dev_cfg.resize_on_device = "on"
     from yolos_jax import data
 
-    first = next(iter(data.make_eval_iterator(dev_cfg)))
-    assert "source_image" in first and "image" not in first  # the device path really runs
-    dev = _by_image(evaluation.Evaluator(evaluation.default_eval_config(), dev_cfg, model).predict(params))
-    np.testing.assert_array_equal(dev["image_id"], host["image_id"])
-    np.testing.assert_allclose(dev["scores"], host["scores"], atol=0.02)
-    np.testing.assert_allclose(dev["boxes"], host["boxes"], atol=2.0)  # pixels of the original image
-    assert np.mean(dev["labels"] == host["labels"]) > 0.9
+    host = next(iter(data.make_eval_iterator(cfg)))
+    dev = next(iter(data.make_eval_iterator(dev_cfg)))
+    assert "image" in dev and "source_image" not in dev
+    for k in host:
+        np.testing.assert_array_equal(dev[k], host[k])
 
 
 def test_eval_command_with_speed_and_robustness(synth, tmp_path):
