@@ -20,10 +20,15 @@ Auxiliary losses on the last k blocks use the model's existing `aux_layers` fiel
 
 Choices the papers leave open, stated once here:
   * Partial sequences respect the padding mask: the kept patches are a uniformly random subset of the
-    image's *valid* patches (those holding a real pixel). An image with fewer valid patches than the fixed
-    count keeps all of them and fills the rest with padding patches, which stay masked as attention keys,
-    so they change nothing the other tokens see. The number kept is static (jit needs static shapes), and
-    kept patches stay in raster order.
+    image's *valid* patches (those of its own grid, `yolos.valid_patch_grid`). An image with fewer valid
+    patches than the fixed count keeps all of them and fills the rest with padding patches, which stay
+    masked as attention keys, so they change nothing the other tokens see. The number kept is static (jit
+    needs static shapes: ceil(ratio * canvas patches)), and kept patches stay in raster order.
+    Batch invariance, and its bound: given the kept set, an image's output equals its output alone with
+    the same patches kept (its position embeddings are its own grid's; the padding patches are masked);
+    inference (every patch) is exactly batch-invariant. The *draw* is not: how many of an image's patches
+    are kept follows the canvas's patch count, and the random subset depends on the batch row, as any
+    random draw over a batch does (`tests/test_variants.py` tests the conditional equality).
   * The adapter is pre-LN with a residual (z + Attn(LN(z) + p, LN(z) + p, LN(z))), like the ViT blocks it
     sits between; FP-DETR's own layer is post-LN, which would re-normalise the [DET] stream before every
     pre-trained pre-LN block. Its prompts p [1, Q, D] are its own parameters (shared like the rest of it),
@@ -31,7 +36,9 @@ Choices the papers leave open, stated once here:
   * [DET] tokens inserted at block k enter as det_tokens + pos_embed_det; the mid position embeddings of
     the [DET] slots of earlier blocks are not used.
   * ConvStem crops the image to whole patches first (as the patchify stem drops the remainder), so its
-    grid is exactly (H // p, W // p); padding is 1 on each side as PyTorch's Conv2d(padding=1).
+    grid is exactly (H // p, W // p); padding is 1 on each side as PyTorch's Conv2d(padding=1). It is
+    batch-invariant exactly: a stride-2 3x3 convolution's output cell o reads input cells 2o - 1 .. 2o + 1,
+    so the cells of an image's own grid never read past its last whole patch, whatever the padding holds.
 
 Parameters added only when an option is on: conv_stem/{conv_i/kernel, norm_i/{scale, bias}, proj} (instead
 of patch_embed), adapter/{query_pos [1, Q, D], norm, qk [D, 2D], v [D, D], proj}.
@@ -183,18 +190,18 @@ def keep_random_patches(
     module: nn.Module,
     x: jax.Array,
     key_mask: Optional[jax.Array],
-    mid_pos: Optional[jax.Array],
     num_patches: int,
     num_det: int,
     ratio: float,
-) -> tuple[jax.Array, Optional[jax.Array], Optional[jax.Array]]:
+) -> tuple[jax.Array, Optional[jax.Array], jax.Array]:
     """The training-time partial sequence. Call from the model's compact `__call__` (draws rng 'tokens').
 
     x: [B, T, D] embedded tokens (position embeddings already added), T = 1 + num_patches + num_det;
-    key_mask: [B, T] bool or None; mid_pos: [L, 1, T, D] (L = depth - 1) or None.
-    Returns (x [B, T', D], key_mask [B, T'] or None, mid_pos [L, B, T', D] or None) with
-    T' = 1 + ceil(ratio * num_patches) + num_det. The kept patch indices are sown as
-    'intermediates'/'kept_patch_index' [B, K] (read them with `mutable=['intermediates']`).
+    key_mask: [B, T] bool or None.
+    Returns (x [B, T', D], key_mask [B, T'] or None, token_index [B, T'] int32) with
+    T' = 1 + ceil(ratio * num_patches) + num_det; `gather_tokens(values, token_index)` takes any other
+    per-token array (the mid position embeddings) to the same sequence. The kept patch indices are sown
+    as 'intermediates'/'kept_patch_index' [B, K] (read them with `mutable=['intermediates']`).
     """
     batch = x.shape[0]
     keep = num_kept_patches(num_patches, ratio)
@@ -203,12 +210,16 @@ def keep_random_patches(
                                      num_patches, keep)
     module.sow("intermediates", "kept_patch_index", patch_index)
     index = token_index(patch_index, num_patches, num_det)  # [B, T']
-    x = jnp.take_along_axis(x, index[..., None], axis=1)
+    x = gather_tokens(x, index)
     if key_mask is not None:
         key_mask = jnp.take_along_axis(key_mask, index, axis=1)
-    if mid_pos is not None:
-        mid_pos = mid_pos[:, 0][:, index]  # [L, T, D] gathered by [B, T'] -> [L, B, T', D]
-    return x, key_mask, mid_pos
+    return x, key_mask, index
+
+
+def gather_tokens(values: jax.Array, index: jax.Array) -> jax.Array:
+    """values [B or 1, T, D] at the sequence positions index [B, T'] -> [B, T', D]."""
+    values = jnp.broadcast_to(values, (index.shape[0], *values.shape[1:]))
+    return jnp.take_along_axis(values, index[..., None], axis=1)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -116,6 +116,48 @@ def bicubic_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
     return index, weight
 
 
+def bicubic_resize_weights(in_size: int, out_sizes: jax.Array, canvas: int) -> jax.Array:
+    """Per-image `bicubic_resize_matrix` with traced output sizes, laid on a fixed canvas: jittable.
+
+    in_size: the stored grid's extent (static); out_sizes: [B] int, each image's own extent (1..canvas);
+    canvas: the padded extent (static). Returns [B, canvas, in_size] float32: for rows i < out_sizes[b],
+    row i of `bicubic_resize_matrix(in_size, out_sizes[b])`; rows beyond are 0 (padded cells, masked as
+    keys). Computed in float32 as PyTorch's CPU kernel (`upsample_bicubic2d`: scale = in / out and the
+    source index scale * (i + 0.5) - 0.5 in the input's float type), so it agrees with the float64
+    matrix to float32 rounding.
+    """
+    out = jnp.maximum(jnp.asarray(out_sizes, jnp.int32), 1).astype(jnp.float32)[:, None]  # [B, 1]
+    i = jnp.arange(canvas, dtype=jnp.float32)[None, :]  # [1, canvas]
+    src = (jnp.float32(in_size) / out) * (i + 0.5) - 0.5
+    base = jnp.floor(src)
+    t = src - base
+    taps = (_cubic_weight_far(t + 1.0), _cubic_weight_near(t), _cubic_weight_near(1.0 - t), _cubic_weight_far(2.0 - t))
+    weights = jnp.zeros((out.shape[0], canvas, in_size), jnp.float32)
+    for k, w in enumerate(taps):
+        index = jnp.clip(base.astype(jnp.int32) - 1 + k, 0, in_size - 1)  # PyTorch clamps at the borders
+        weights = weights + w[..., None] * jax.nn.one_hot(index, in_size, dtype=jnp.float32)
+    return jnp.where(i[..., None] < out[..., None], weights, 0.0)
+
+
+def resize_posemb_grid_per_image(grid: jax.Array, valid_grid: jax.Array, canvas_hw: Sequence[int]) -> jax.Array:
+    """Each image's position embeddings: the stored grid resized (as `resize_posemb_grid`) to *that
+    image's* patch grid, laid top-left on the canvas grid.
+
+    grid: [gh, gw, D] stored embeddings; valid_grid: [B, 2] int (rows, cols) of each image's own patch
+    grid, each within canvas_hw; canvas_hw: the batch's (static) patch grid. Returns [B, ch, cw, D] in
+    grid's dtype; cells outside an image's grid are 0 (they are padding, masked as attention keys).
+    Static shapes: two batched matmuls with per-image weights (`bicubic_resize_weights`), so an image
+    gets the embeddings it would get alone, whatever canvas it was padded into.
+    """
+    gh, gw = grid.shape[-3], grid.shape[-2]
+    rows = bicubic_resize_weights(gh, valid_grid[:, 0], int(canvas_hw[0]))  # [B, ch, gh]
+    cols = bicubic_resize_weights(gw, valid_grid[:, 1], int(canvas_hw[1]))  # [B, cw, gw]
+    hp = jax.lax.Precision.HIGHEST  # exact fp32 products (the default may use bf16 passes on TPU)
+    x = jnp.einsum("bwW,HWd->bHwd", cols, grid.astype(jnp.float32), precision=hp)
+    x = jnp.einsum("bhH,bHwd->bhwd", rows, x, precision=hp)
+    return x.astype(grid.dtype)
+
+
 def resize_posemb_grid_np(grid: np.ndarray, new_hw: Sequence[int]) -> np.ndarray:
     """NumPy (float64) twin of `resize_posemb_grid`, for checkpoint surgery on the host."""
     gh, gw = grid.shape[-3], grid.shape[-2]

@@ -249,17 +249,45 @@ def rel_pos_matrix(table: jax.Array, span: int, size: int) -> jax.Array:
     return jnp.take(table, coords[:, None] - coords[None, :] + span - 1, axis=0)
 
 
+def rel_pos_matrix_per_image(table: jax.Array, spans: jax.Array, size: int) -> jax.Array:
+    """`rel_pos_matrix` with each image's own span: [B, size, size, Dh], entry (b, a, c) =
+    table resized to 2 spans[b] - 1 (linear, as `resize_rel_pos`), at offset a - c + spans[b] - 1.
+
+    table: [L, Dh]; spans: [B] int, each image's extent in patches (1..size); size: the canvas extent
+    (static). Entries with a or c >= spans[b] are padding (their keys are masked, their queries dropped):
+    the offset is clamped into the table, so they stay finite. Global blocks measure relative positions
+    over the whole grid, and an image alone has its own grid, not the canvas's.
+    """
+    length = int(table.shape[0])
+    spans = jnp.asarray(spans, jnp.int32)[:, None, None]  # [B, 1, 1]
+    out_len = (2 * spans - 1).astype(jnp.float32)
+    coords = np.arange(size)
+    offset = jnp.clip(coords[:, None] - coords[None, :] + spans - 1, 0, 2 * spans - 2)  # [B, size, size]
+    # PyTorch's linear resize (align_corners=False) at output index `offset`: `linear_taps`, traced.
+    src = jnp.maximum((offset.astype(jnp.float32) + 0.5) * (length / out_len) - 0.5, 0.0)
+    i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), length - 1)
+    i1 = jnp.minimum(i0 + 1, length - 1)
+    w1 = (src - i0.astype(jnp.float32))[..., None]
+    x = table.astype(jnp.float32)
+    return ((1.0 - w1) * jnp.take(x, i0, axis=0) + w1 * jnp.take(x, i1, axis=0)).astype(table.dtype)
+
+
 def decomposed_rel_pos_bias(q: jax.Array, rh: jax.Array, rw: jax.Array, window_hw: Sequence[int]) -> jax.Array:
     """Bias of patch queries over the patch keys of their window.
 
     q: [..., wh * ww, Dh] unscaled queries (ViTDet adds the bias with q before the 1/sqrt(Dh) scaling);
-    rh: [wh, wh, Dh], rw: [ww, ww, Dh] from `rel_pos_matrix`. Returns [..., wh * ww, wh * ww].
+    rh: [wh, wh, Dh], rw: [ww, ww, Dh] from `rel_pos_matrix`, or per image [B, wh, wh, Dh] and
+    [B, ww, ww, Dh] (`rel_pos_matrix_per_image`; q's leading axis is then B). Returns [..., wh * ww, wh * ww].
     """
     wh, ww = window_hw
     lead = q.shape[:-2]
     q = q.reshape(*lead, wh, ww, q.shape[-1])
-    bias_h = jnp.einsum("...yxc,ykc->...yxk", q, rh.astype(q.dtype))  # [..., wh, ww, wh (key row)]
-    bias_w = jnp.einsum("...yxc,xkc->...yxk", q, rw.astype(q.dtype))  # [..., wh, ww, ww (key column)]
+    if rh.ndim == 4:  # per image: q's first axis is the image's
+        bias_h = jnp.einsum("b...yxc,bykc->b...yxk", q, rh.astype(q.dtype))
+        bias_w = jnp.einsum("b...yxc,bxkc->b...yxk", q, rw.astype(q.dtype))
+    else:
+        bias_h = jnp.einsum("...yxc,ykc->...yxk", q, rh.astype(q.dtype))  # [..., wh, ww, wh (key row)]
+        bias_w = jnp.einsum("...yxc,xkc->...yxk", q, rw.astype(q.dtype))  # [..., wh, ww, ww (key column)]
     bias = bias_h[..., :, None] + bias_w[..., None, :]  # [..., wh, ww, wh, ww]
     return bias.reshape(*lead, wh * ww, wh * ww)
 
@@ -348,6 +376,8 @@ def _blocked_window_attention(
     batch, n_win, heads, n_cells, head_dim = qw.shape
     n_keys = keys.shape[3]
     rows = batch * n_win
+    if rel is not None and rel[0].ndim == 4:  # per-image tables -> one per batch row (image, window)
+        rel = tuple(jnp.repeat(t, n_win, axis=0) for t in rel)
     bias, q_scale = vit._key_bias(mask.reshape(rows, n_keys), rows, head_dim, qw.dtype)
     q = qw.reshape(rows, heads, n_cells, head_dim) * q_scale[:, None, None, None]
     k, v = (jnp.transpose(a.reshape(rows, heads, n_keys, head_dim), (1, 0, 2, 3)) for a in (keys, values))
@@ -374,9 +404,19 @@ def _relpos_bias_block(qc: jax.Array, rhq: jax.Array, rwq: jax.Array) -> tuple[j
     """The decomposed bias factors of one query block: qc [R, c, Dh] (scaled), rhq [c, wh, Dh] and rwq
     [c, ww, Dh] (the rows of the scale-divided tables at each query's row / column) -> (bh [R, c, wh],
     bw [R, c, ww]) float32; the bias of key cell (y, x) is bh[..., y] + bw[..., x]."""
+    if rhq.ndim == 4:  # per-row tables: [R, c, wh, Dh], [R, c, ww, Dh]
+        bh = jnp.einsum("rcd,rcyd->rcy", qc, rhq.astype(qc.dtype), preferred_element_type=jnp.float32)
+        bw = jnp.einsum("rcd,rcxd->rcx", qc, rwq.astype(qc.dtype), preferred_element_type=jnp.float32)
+        return bh, bw
     bh = jnp.einsum("rcd,cyd->rcy", qc, rhq.astype(qc.dtype), preferred_element_type=jnp.float32)
     bw = jnp.einsum("rcd,cxd->rcx", qc, rwq.astype(qc.dtype), preferred_element_type=jnp.float32)
     return bh, bw
+
+
+def _table_rows(table: jax.Array, index: jax.Array) -> jax.Array:
+    """The rows `index` [c] of a shared table [w, w, Dh] -> [c, w, Dh], or of per-row tables
+    [R, w, w, Dh] -> [R, c, w, Dh]."""
+    return table[index] if table.ndim == 3 else table[:, index]
 
 
 def _relpos_logits(qc, kh, key_bias, rhq, rwq, n_extra: int, transposed: bool) -> jax.Array:
@@ -395,14 +435,15 @@ def _relpos_logits(qc, kh, key_bias, rhq, rwq, n_extra: int, transposed: bool) -
 
 def _relpos_forward(q, k, v, key_bias, rh, rw, cell_rows, cell_cols):
     """Forward of `_relpos_blocked_attention`: (out [H, n, R, c, Dh], log-sum-exp [H, n, R, c])."""
-    n_extra = k.shape[2] - rh.shape[0] * rw.shape[0]
+    n_extra = k.shape[2] - rh.shape[-3] * rw.shape[-3]
 
     def one_head(args):
         qh, kh, vh = args
 
         def step(xs):
             qc, rows_c, cols_c = xs
-            logits = _relpos_logits(qc, kh, key_bias, rh[rows_c], rw[cols_c], n_extra, transposed=False)
+            logits = _relpos_logits(qc, kh, key_bias, _table_rows(rh, rows_c), _table_rows(rw, cols_c), n_extra,
+                                    transposed=False)
             row_max = jnp.max(logits, axis=-1, keepdims=True)
             e = jnp.exp(logits - row_max)
             total = jnp.sum(e, axis=-1, keepdims=True)
@@ -423,7 +464,7 @@ def _relpos_blocked_attention(q, k, v, key_bias, rh, rw, cell_rows, cell_cols):
     q: [H, n, R, c, Dh] scaled queries of the S = wh * ww cells in blocks (rows past S are zero padding);
     k, v: [H, R, K, Dh], K = S cell keys then the extra keys; key_bias: [R, K] float32 (0 or the float32
     minimum) or None; rh [wh, wh, Dh], rw [ww, ww, Dh]: `rel_pos_matrix` tables divided by the query
-    scale; cell_rows, cell_cols: [n, c] int32, each query's row and column in the window. The logit of
+    scale, shared by the rows, or one per row ([R, wh, wh, Dh], [R, ww, ww, Dh]: per-image tables); cell_rows, cell_cols: [n, c] int32, each query's row and column in the window. The logit of
     query i and cell key (y, x) is q_i . k + q_i . rh[row_i, y] + q_i . rw[col_i, x]. Returns
     [H, n, R, c, Dh]; gradients reach q, k, v, rh and rw.
     """
@@ -441,7 +482,8 @@ def _relpos_blocked_attention_bwd(residuals, d_out):
     and rh[row_i] += dbh_i q_i, rw[col_i] += dbw_i q_i (scatter-adds over the block's queries, as one-hot
     matmuls), accumulated in float32 over blocks; heads are summed at the end (tables are shared)."""
     q, k, v, key_bias, rh, rw, cell_rows, cell_cols, out, lse = residuals
-    wh, ww = rh.shape[0], rw.shape[0]
+    wh, ww = rh.shape[-3], rw.shape[-3]
+    per_row = rh.ndim == 4
     n_extra = k.shape[2] - wh * ww
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [H, n, R, c]
 
@@ -451,7 +493,7 @@ def _relpos_blocked_attention_bwd(residuals, d_out):
         def step(carry, xs):
             dk, dv, drh, drw = carry
             qc, doc, lsec, deltac, rows_c, cols_c = xs
-            rhq, rwq = rh[rows_c], rw[cols_c]  # [c, wh, Dh], [c, ww, Dh]
+            rhq, rwq = _table_rows(rh, rows_c), _table_rows(rw, cols_c)  # [(R,) c, wh | ww, Dh]
             logits = _relpos_logits(qc, kh, key_bias, rhq, rwq, n_extra, transposed=True)  # [R, K, c]
             p = jnp.exp(logits - lsec[:, None, :])
             dv = dv + jnp.einsum("rsc,rcd->rsd", p.astype(doc.dtype), doc, preferred_element_type=jnp.float32)
@@ -463,11 +505,19 @@ def _relpos_blocked_attention_bwd(residuals, d_out):
             dq = jnp.einsum("rcs,rsd->rcd", ds_rows, kh, preferred_element_type=jnp.float32)
             cell_ds = ds32[:, :wh * ww].reshape(ds32.shape[0], wh, ww, ds32.shape[-1])  # [R, wh, ww, c]
             dbh, dbw = jnp.sum(cell_ds, axis=2), jnp.sum(cell_ds, axis=1)  # [R, wh, c], [R, ww, c]
-            dq = dq + jnp.einsum("ryc,cyd->rcd", dbh, rhq.astype(jnp.float32))
-            dq = dq + jnp.einsum("rxc,cxd->rcd", dbw, rwq.astype(jnp.float32))
             q32 = qc.astype(jnp.float32)
-            drh = drh + jnp.einsum("cY,ryc,rcd->Yyd", jax.nn.one_hot(rows_c, wh, dtype=jnp.float32), dbh, q32)
-            drw = drw + jnp.einsum("cX,rxc,rcd->Xxd", jax.nn.one_hot(cols_c, ww, dtype=jnp.float32), dbw, q32)
+            rows_1h = jax.nn.one_hot(rows_c, wh, dtype=jnp.float32)
+            cols_1h = jax.nn.one_hot(cols_c, ww, dtype=jnp.float32)
+            if per_row:
+                dq = dq + jnp.einsum("ryc,rcyd->rcd", dbh, rhq.astype(jnp.float32))
+                dq = dq + jnp.einsum("rxc,rcxd->rcd", dbw, rwq.astype(jnp.float32))
+                drh = drh + jnp.einsum("cY,ryc,rcd->rYyd", rows_1h, dbh, q32)
+                drw = drw + jnp.einsum("cX,rxc,rcd->rXxd", cols_1h, dbw, q32)
+            else:
+                dq = dq + jnp.einsum("ryc,cyd->rcd", dbh, rhq.astype(jnp.float32))
+                dq = dq + jnp.einsum("rxc,cxd->rcd", dbw, rwq.astype(jnp.float32))
+                drh = drh + jnp.einsum("cY,ryc,rcd->Yyd", rows_1h, dbh, q32)
+                drw = drw + jnp.einsum("cX,rxc,rcd->Xxd", cols_1h, dbw, q32)
             return (dk, dv, drh, drw), dq.astype(qc.dtype)
 
         init = (jnp.zeros(kh.shape, jnp.float32), jnp.zeros(vh.shape, jnp.float32),
@@ -555,7 +605,12 @@ class WindowedSelfAttention(nn.Module):
             extra_mask = extras(key_mask)
         else:
             extra_mask = jnp.ones((batch, n_extra), bool)
-        rel = self._rel_pos_tables(head_dim, (gh, gw), (wh, ww)) if self.rel_pos else None
+        valid_grid = None  # [B, 2] each image's own patch grid, read off the key mask (top-left rectangle)
+        if key_mask is not None and self.rel_pos and self.window_size <= 0:
+            cells = key_mask[:, patch_slice].reshape(batch, gh, gw)
+            valid_grid = jnp.stack([jnp.sum(jnp.any(cells, axis=2), axis=1), jnp.sum(jnp.any(cells, axis=1), axis=1)],
+                                   axis=-1)
+        rel = self._rel_pos_tables(head_dim, (gh, gw), (wh, ww), valid_grid) if self.rel_pos else None
         impl = self.attention_impl
         if impl is None and jax.default_backend() == "cpu":
             impl = "chunked"
@@ -575,8 +630,13 @@ class WindowedSelfAttention(nn.Module):
         out = jnp.concatenate([extra_out[:, :n_pre], patch_out, extra_out[:, n_pre:]], axis=1)
         return nn.Dense(width, dtype=self.dtype, kernel_init=vit.trunc_normal_02, name="proj")(out)
 
-    def _rel_pos_tables(self, head_dim: int, grid_hw, window_hw) -> tuple[jax.Array, jax.Array]:
-        """(rh [wh, wh, Dh], rw [ww, ww, Dh]): the tables' entries for every (query, key) row / column pair."""
+    def _rel_pos_tables(self, head_dim: int, grid_hw, window_hw, valid_grid=None) -> tuple[jax.Array, jax.Array]:
+        """(rh [wh, wh, Dh], rw [ww, ww, Dh]): the tables' entries for every (query, key) row / column pair.
+
+        valid_grid: None, or [B, 2] each image's own grid in a global block: the spans are then each
+        image's (`rel_pos_matrix_per_image`, tables [B, gh, gh, Dh] and [B, gw, gw, Dh]), as the image
+        alone would have them. Windowed blocks need none: their span is the window, the same on any canvas.
+        """
         if self.window_size > 0:
             init_hw = span = (self.window_size, self.window_size)
         else:
@@ -584,6 +644,9 @@ class WindowedSelfAttention(nn.Module):
             init_hw = tuple(self.rel_pos_grid) if self.rel_pos_grid is not None else grid_hw
         rel_h = self.param("rel_pos_h", nn.initializers.zeros, (2 * init_hw[0] - 1, head_dim))
         rel_w = self.param("rel_pos_w", nn.initializers.zeros, (2 * init_hw[1] - 1, head_dim))
+        if valid_grid is not None:
+            return (rel_pos_matrix_per_image(rel_h, valid_grid[:, 0], window_hw[0]),
+                    rel_pos_matrix_per_image(rel_w, valid_grid[:, 1], window_hw[1]))
         rh = rel_pos_matrix(rel_h, span[0], window_hw[0])
         rw = rel_pos_matrix(rel_w, span[1], window_hw[1])
         return rh, rw

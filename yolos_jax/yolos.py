@@ -29,6 +29,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from yolos_jax import det_prior, variants, vit, windowed
 
@@ -39,21 +40,55 @@ def _as_dtype(dtype: Any) -> Any:
     return jnp.dtype(dtype) if isinstance(dtype, str) else dtype
 
 
-def patch_key_mask(pixel_mask: jax.Array, patch_size: int, grid_hw: Sequence[int]) -> jax.Array:
-    """Valid-patch mask from a valid-pixel mask.
+def valid_patch_grid(pixel_mask: jax.Array, patch_size: int, grid_hw: Sequence[int]) -> jax.Array:
+    """Each image's own patch grid: [B, 2] int32 (rows, cols) = (valid height // p, valid width // p).
 
-    pixel_mask: [B, H, W] bool (True = real pixel); returns [B, gh * gw] bool, True where the patch holds
-    at least one real pixel. Padding sits at the bottom/right, so this equals "the patch's top-left pixel
-    is real".
+    pixel_mask: [B, H, W] bool (True = real pixel; padding sits bottom/right, as every pipeline here
+    pads). The image alone would have exactly this grid: the patch convolution drops a partial last
+    patch. Clipped to [1, canvas grid] (an image under one patch has no grid of its own).
     """
-    gh, gw = grid_hw
-    p = patch_size
-    m = pixel_mask[:, : gh * p, : gw * p].reshape(pixel_mask.shape[0], gh, p, gw, p)
-    return jnp.any(m, axis=(2, 4)).reshape(pixel_mask.shape[0], gh * gw)
+    rows = jnp.sum(jnp.any(pixel_mask, axis=2), axis=1) // patch_size
+    cols = jnp.sum(jnp.any(pixel_mask, axis=1), axis=1) // patch_size
+    return jnp.stack([jnp.clip(rows, 1, grid_hw[0]), jnp.clip(cols, 1, grid_hw[1])], axis=-1).astype(jnp.int32)
+
+
+def grid_key_mask(valid_grid: jax.Array, grid_hw: Sequence[int]) -> jax.Array:
+    """[B, gh * gw] bool, row-major: True on the cells of each image's own grid (top-left), False on
+    padding. valid_grid: [B, 2] from `valid_patch_grid`."""
+    gh, gw = (int(g) for g in grid_hw)
+    inside = (jnp.arange(gh)[None, :, None] < valid_grid[:, 0, None, None]) & (
+        jnp.arange(gw)[None, None, :] < valid_grid[:, 1, None, None]
+    )
+    return inside.reshape(valid_grid.shape[0], gh * gw)
+
+
+def patch_key_mask(pixel_mask: jax.Array, patch_size: int, grid_hw: Sequence[int]) -> jax.Array:
+    """Valid-patch mask from a valid-pixel mask: [B, H, W] bool -> [B, gh * gw] bool, True where the patch
+    lies wholly inside the image (`valid_patch_grid`). A partly real patch is masked: the image run alone
+    would not have it, since the patch convolution drops the remainder (images sized to multiples of the
+    patch, as the eval transform makes them, have none)."""
+    return grid_key_mask(valid_patch_grid(pixel_mask, patch_size, grid_hw), grid_hw)
+
+
+def torch_linear_bias_init(fan_in: int):
+    """PyTorch's default `nn.Linear` bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / float(np.sqrt(fan_in))
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+# PyTorch's default `nn.Linear` weight init, kaiming_uniform(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+# i.e. a uniform variance scaling of 1/3. The original YOLOS builds its heads this way, after the backbone's
+# own (truncated-normal) init; HF's port re-initialises them with N(0, 0.02) instead.
+torch_linear_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 class MLPHead(nn.Module):
-    """`num_layers` Dense layers with ReLU between them (DETR's prediction FFN)."""
+    """`num_layers` Dense layers with ReLU between them (DETR's prediction FFN), initialised as the
+    original's `nn.Linear` layers (`torch_linear_kernel_init`, `torch_linear_bias_init`)."""
 
     hidden_size: int
     out_size: int
@@ -67,7 +102,8 @@ class MLPHead(nn.Module):
             x = nn.Dense(
                 self.out_size if last else self.hidden_size,
                 dtype=self.dtype,
-                kernel_init=vit.trunc_normal_02,
+                kernel_init=torch_linear_kernel_init,
+                bias_init=torch_linear_bias_init(x.shape[-1]),
                 name=f"layers_{i}",
             )(x)
             if not last:
@@ -166,14 +202,21 @@ class YOLOS(nn.Module):
         pos_patches = self.param("pos_embed_patches", vit.trunc_normal_02, (1, *pe_grid, width))
         pos_det = self.param("pos_embed_det", vit.trunc_normal_02, (1, q, width))
 
-        pos = jnp.concatenate(
-            [
-                pos_cls,
-                vit.resize_posemb_grid(pos_patches, grid_hw).reshape(1, -1, width),
-                pos_det,
-            ],
-            axis=1,
-        )
+        # Each image's own patch grid (None: every image fills the canvas). Position embeddings are
+        # resized to it, not to the canvas, so an image gets the embeddings it would get alone.
+        valid_grid = None if pixel_mask is None else valid_patch_grid(pixel_mask, self.patch_size, grid_hw)
+
+        def with_patch_pos(cls: jax.Array, grid: jax.Array, det: jax.Array) -> jax.Array:
+            """[CLS | patches | DET] position embeddings [B or 1, T, D] from one stored grid [gh', gw', D]."""
+            if valid_grid is None:
+                patch_pos = vit.resize_posemb_grid(grid, grid_hw).reshape(1, -1, width)
+            else:
+                patch_pos = vit.resize_posemb_grid_per_image(grid, valid_grid, grid_hw).reshape(batch, -1, width)
+            n = patch_pos.shape[0]
+            return jnp.concatenate(
+                [jnp.broadcast_to(cls, (n, 1, width)), patch_pos, jnp.broadcast_to(det, (n, q, width))], axis=1
+            )
+
         x = jnp.concatenate(
             [
                 jnp.broadcast_to(cls_token, (batch, 1, width)).astype(dtype),
@@ -182,33 +225,28 @@ class YOLOS(nn.Module):
             ],
             axis=1,
         )
-        x = x + pos.astype(dtype)
+        x = x + with_patch_pos(pos_cls, pos_patches[0], pos_det).astype(dtype)
 
-        mid_pos = None
+        mid_pos_at = None  # block i -> [B or 1, T, D]: the mid position embeddings added after block i
         if self.mid_pe_size is not None and self.depth > 1:
             mid_grid = self._grid(self.mid_pe_size)
             n_mid = self.depth - 1
             mid_cls = self.param("mid_pos_embed_cls", vit.trunc_normal_02, (n_mid, 1, width))
             mid_patches = self.param("mid_pos_embed_patches", vit.trunc_normal_02, (n_mid, *mid_grid, width))
             mid_det = self.param("mid_pos_embed_det", vit.trunc_normal_02, (n_mid, q, width))
-            mid_pos = jnp.concatenate(
-                [
-                    mid_cls,
-                    vit.resize_posemb_grid(mid_patches, grid_hw).reshape(n_mid, -1, width),
-                    mid_det,
-                ],
-                axis=1,
-            ).astype(dtype)[:, None]  # [depth - 1, 1, T, D]; partial sequences make the 1 a batch axis
+
+            def mid_pos_at(i: int) -> jax.Array:  # one block at a time: [B, T, D] per block, not per model
+                return with_patch_pos(mid_cls[i], mid_patches[i], mid_det[i]).astype(dtype)
 
         key_mask = None
-        if pixel_mask is not None:
-            patch_mask = patch_key_mask(pixel_mask, self.patch_size, grid_hw)
+        if valid_grid is not None:
             ones = jnp.ones((batch, 1), bool)
-            key_mask = jnp.concatenate([ones, patch_mask, jnp.ones((batch, q), bool)], axis=1)
+            key_mask = jnp.concatenate([ones, grid_key_mask(valid_grid, grid_hw), jnp.ones((batch, q), bool)], axis=1)
 
+        token_index = None  # [B, T']: the partial sequence's tokens in the full sequence
         if train and self.token_keep_ratio < 1.0:  # MIMDet Sec. 2.1: a random partial sequence
-            x, key_mask, mid_pos = variants.keep_random_patches(
-                self, x, key_mask, mid_pos, grid_hw[0] * grid_hw[1], q, self.token_keep_ratio
+            x, key_mask, token_index = variants.keep_random_patches(
+                self, x, key_mask, grid_hw[0] * grid_hw[1], q, self.token_keep_ratio
             )
         det_hook = variants.DetTokenHook.maybe_create(self, q, dtype)  # task adapter / late [DET] tokens
         if det_hook is not None:
@@ -240,8 +278,11 @@ class YOLOS(nn.Module):
             )(x, key_mask, det_bias)
             if i >= self.depth - 1 - self.aux_layers and i < self.depth - 1:
                 intermediates.append(x[:, -q:])
-            if mid_pos is not None and i < self.depth - 1:
-                x = x + mid_pos[i][:, : x.shape[1]]  # [DET] tokens sit last: absent before insertion
+            if mid_pos_at is not None and i < self.depth - 1:
+                mid_pos = mid_pos_at(i)
+                if token_index is not None:
+                    mid_pos = variants.gather_tokens(mid_pos, token_index)
+                x = x + mid_pos[:, : x.shape[1]]  # [DET] tokens sit last: absent before insertion
 
         encoder_norm = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=dtype, name="encoder_norm")
         class_head = MLPHead(width, self.num_classes + 1, 3, dtype, name="class_head")
