@@ -96,7 +96,8 @@ def data():
     rng = np.random.default_rng(0)
     images = rng.standard_normal((2, *HW, 3)).astype(np.float32)
     mask = np.ones((2, *HW), bool)
-    mask[1, 40:, :] = False  # image 1: 40 x 64 real pixels -> 3 x 4 = 12 valid patches of 24
+    mask[1, 40:, :] = False  # image 1: 40 x 64 real pixels -> its own grid 2 x 4 (the partial third patch
+    # row is masked: alone, the patch conv drops it), padded into the 4 x 6 canvas grid
     mask[1, :, 64:] = False
     images[~mask] = 0.0
     return images, mask
@@ -170,19 +171,36 @@ def np_yolos(params, images, pixel_mask=None, *, keep=None, insert_at=0, adapter
     q = p["det_tokens"].shape[1]
     x = np.concatenate(
         [np.broadcast_to(p["cls_token"], (b, 1, d)), tok, np.broadcast_to(p["det_tokens"], (b, q, d))], 1)
-    x = x + np.concatenate([p["pos_embed_cls"], p["pos_embed_patches"].reshape(1, -1, d), p["pos_embed_det"]], 1)
+    # Each image's own grid: whole patches of its real pixels (padding bottom/right); its position
+    # embeddings are the stored grid resized to that grid by torch's bicubic (float64), top-left.
+    own = np.array([[gh, gw]] * b) if pixel_mask is None else np.stack(
+        [pixel_mask.any(2).sum(1) // patch, pixel_mask.any(1).sum(1) // patch], 1)
+
+    def laid_out(grid):  # [L, gh', gw', D] stored -> [L, B, gh * gw, D] per image on the canvas grid
+        out = np.zeros((grid.shape[0], b, gh, gw, d))
+        for i, (vh, vw) in enumerate(own):
+            r = F.interpolate(torch.from_numpy(grid).permute(0, 3, 1, 2), size=(int(vh), int(vw)), mode="bicubic",
+                              align_corners=False).permute(0, 2, 3, 1).numpy()
+            out[:, i, :vh, :vw] = r
+        return out.reshape(grid.shape[0], b, gh * gw, d)
+
+    def with_cls_det(cls, patches, det):  # [L, 1, D], [L, B, P, D], [L, Q, D] -> [L, B, T, D]
+        lead = patches.shape[:2]
+        return np.concatenate([np.broadcast_to(cls[:, None], (*lead, 1, d)), patches,
+                               np.broadcast_to(det[:, None], (*lead, q, d))], 2)
+
+    x = x + with_cls_det(p["pos_embed_cls"], laid_out(p["pos_embed_patches"]), p["pos_embed_det"])[0]
     depth = sum(k.startswith("block_") for k in p)
-    mid = np.concatenate([p["mid_pos_embed_cls"], p["mid_pos_embed_patches"].reshape(depth - 1, -1, d),
-                          p["mid_pos_embed_det"]], 1)[:, None]  # [L, 1, T, D]
+    mid = with_cls_det(p["mid_pos_embed_cls"], laid_out(p["mid_pos_embed_patches"]), p["mid_pos_embed_det"])
     keys = np.ones((b, x.shape[1]), bool)
-    if pixel_mask is not None:
-        keys[:, 1 : 1 + gh * gw] = pixel_mask.reshape(b, gh, patch, gw, patch).any((2, 4)).reshape(b, -1)
+    cells = (np.arange(gh)[None, :, None] < own[:, 0, None, None]) & (np.arange(gw)[None, None, :] < own[:, 1, None, None])
+    keys[:, 1 : 1 + gh * gw] = cells.reshape(b, -1)
     if keep is not None:
         n = gh * gw
         idx = np.concatenate([np.zeros((b, 1), int), keep + 1, np.broadcast_to(1 + n + np.arange(q), (b, q))], 1)
         x = np.take_along_axis(x, idx[..., None], 1)
         keys = np.take_along_axis(keys, idx, 1)
-        mid = np.stack([mid[:, 0, idx[i]] for i in range(b)], 1)  # [L, B, T', D]
+        mid = np.stack([mid[:, i, idx[i]] for i in range(b)], 1)  # [L, B, T', D]
     held = None
     if insert_at:
         x, held, keys = x[:, :-q], x[:, -q:], keys[:, :-q]
@@ -384,7 +402,8 @@ def test_sampling_prefers_valid_patches_uniformly():
 
 class _Gather(vit.nn.Module):
     def __call__(self, x, key_mask, mid_pos):
-        return variants.keep_random_patches(self, x, key_mask, mid_pos, N, Q, 0.5)
+        x, key_mask, index = variants.keep_random_patches(self, x, key_mask, N, Q, 0.5)
+        return x, key_mask, jnp.stack([variants.gather_tokens(m, index) for m in mid_pos])
 
 
 def test_token_gather_matches_numpy():
@@ -411,20 +430,30 @@ PARTIAL = model(token_keep_ratio=0.5, aux_layers=1, detach_det_tokens=True)
 
 
 def test_partial_sequence_forward_and_gradients(data, base_params):
+    """Given the kept patches, each image's training output is the float64 reference's with the same
+    patches (its own position-embedding grid, padding masked): the bound of batch invariance for a random
+    draw (variants module docstring)."""
     images, mask = data
     m = PARTIAL
     out, inter = forward(m, True)(base_params, images, mask, KEY)
     keep = np.asarray(inter["kept_patch_index"][0])
     assert keep.shape == (2, 12)
-    valid1 = mask[1].reshape(4, 16, 6, 16).any((1, 3)).reshape(-1)
-    assert valid1.sum() == 12 and set(keep[1]) == set(np.flatnonzero(valid1))  # exactly the valid ones
+    valid1 = np.zeros(GRID, bool)
+    valid1[:2, :4] = True  # image 1's own 2 x 4 grid, top-left
+    valid1 = valid1.reshape(-1)
+    assert valid1.sum() == 8 and set(np.flatnonzero(valid1)) <= set(keep[1])  # every valid one, + padding
     assert_outputs_close(out, np_yolos(base_params, images, mask, keep=keep, aux_layers=1))
     full, _ = forward(m, False)(base_params, images, mask, KEY)  # inference: every token
     assert_outputs_close(full, np_yolos(base_params, images, mask, aux_layers=1))
-    # Only the kept patches' position embeddings (and mid PEs) get gradients.
-    g = grad_fn(m, True)(base_params, images, mask, KEY)
+    # Only the kept patches' position embeddings (and mid PEs) get gradients. Without padding the images'
+    # grids are the stored one (no resize), so position-embedding cells map 1:1 to patches.
+    no_pad = np.ones_like(mask)
+    _, inter = forward(m, True)(base_params, images, no_pad, KEY)
+    keep = np.asarray(inter["kept_patch_index"][0])
+    g = grad_fn(m, True)(base_params, images, no_pad, KEY)
     kept = np.zeros(N, bool)
     kept[np.union1d(keep[0], keep[1])] = True
+    assert not kept.all()
     for name in ("pos_embed_patches", "mid_pos_embed_patches"):
         per_patch = np.abs(np.asarray(g[name])).reshape(-1, N, BASE["hidden_size"]).sum((0, 2))
         assert np.all(per_patch[~kept] == 0) and np.all(per_patch[kept] > 0), name

@@ -37,7 +37,8 @@ def reference_attention(x, params, num_heads, grid_hw, window, key_mask=None, nu
     """Windowed self-attention, written from the definition (module docstring of windowed.py).
 
     x: [B, T, D]; params: the attention's Flax params; window: r (0 = global); key_mask: [B, T] bool.
-    rel_span: (sh, sw) nominal extent of the rel-pos offsets when params hold rel_pos_h/w, else None.
+    rel_span: (sh, sw) nominal extent of the rel-pos offsets when params hold rel_pos_h/w, else None; or
+    a list of one (sh, sw) per example (global blocks: each image's own grid).
     Token t in [num_prefix, num_prefix + gh * gw) is the patch at (row, col) = divmod(t - num_prefix, gw).
     """
     x = np.asarray(x, np.float64)
@@ -60,17 +61,20 @@ def reference_attention(x, params, num_heads, grid_hw, window, key_mask=None, nu
     allowed = ~is_patch[:, None] | ~is_patch[None, :] | same_window  # [T, T]
     patch_pair = is_patch[:, None] & is_patch[None, :] & same_window
 
-    if rel_span is not None:
-        sh, sw = rel_span
+    def rel_tables(span):
+        sh, sw = span
         rh = torch_linear_resize(np.asarray(params["rel_pos_h"]), 2 * sh - 1)
         rw = torch_linear_resize(np.asarray(params["rel_pos_w"]), 2 * sw - 1)
         local_r, local_c = (row % window, col % window) if window else (row, col)
         dh = local_r[:, None] - local_r[None, :] + sh - 1  # [T, T] offsets (valid on patch pairs)
         dw = local_c[:, None] - local_c[None, :] + sw - 1
-        dh, dw = np.where(patch_pair, dh, 0), np.where(patch_pair, dw, 0)
+        inside = patch_pair & (dh >= 0) & (dh < 2 * sh - 1) & (dw >= 0) & (dw < 2 * sw - 1)
+        return rh, rw, np.where(inside, dh, 0), np.where(inside, dw, 0)
 
     out = np.zeros((batch, tokens, num_heads, head_dim))
     for b in range(batch):
+        if rel_span is not None:
+            rh, rw, dh, dw = rel_tables(rel_span[b] if isinstance(rel_span, list) else rel_span)
         mask = allowed if key_mask is None else allowed & np.asarray(key_mask[b])[None, :]
         for h in range(num_heads):
             for start in range(0, tokens, 1024):  # row blocks keep the 50 x 84 case small
@@ -175,7 +179,12 @@ def test_attention_matches_numpy_reference(case, impl):
     span = None
     if rel_pos:
         span = (r, r) if r else grid_hw
+    if rel_pos and not r and padded is not None:
+        # A global block measures relative positions over each image's own grid, as the image alone would.
+        span = [grid_hw, (grid_hw[0] - padded[0], grid_hw[1] - padded[1])]
     want = reference_attention(x, params, heads, grid_hw, r, key_mask, rel_span=span)
+    if isinstance(span, list):  # padded cells' query outputs are dropped by the model: compare real tokens
+        got, want = got * key_mask[..., None], want * key_mask[..., None]
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
     if padded is not None:  # and the mask matters here: without it the reference differs
         unmasked = reference_attention(x, params, heads, grid_hw, r, None, rel_span=span)
