@@ -14,8 +14,8 @@ the COCO-C runner use the same two functions), which is the original YOLOS eval 
      for aspect ratios beyond ~1:8, see `eval_resize_hw`);
   2. scale to [0, 1] and normalise with the ImageNet mean/std;
   3. pad a batch bottom/right to its largest image with zeros and a pixel mask (the model ignores padded
-     patches as attention keys, so the padded pixel values do not matter; the padded canvas does set the
-     grid the position embeddings are resized to, as in the original's padded batches).
+     patches as attention keys, so the padded pixel values do not matter; each image's position
+     embeddings are resized to its own patch grid, so a batch gives each image its result alone).
 Post-processing (as the original `PostProcess` / HF `post_process_object_detection`): softmax over the
 C + 1 logits; score and label = max / argmax over the C real classes ("no object" excluded); boxes
 (cx, cy, w, h) relative to the un-padded image -> (x0, y0, x1, y1) pixels of the original image.

@@ -21,7 +21,8 @@ The batch order is then shuffled. A plan is a pure function of (seed, epoch), so
 (epoch, batch) needs no replay.
 
 Padding waste = padded patch tokens / canvas patch tokens, where an image of (h, w) covers
-ceil(h/p) * ceil(w/p) patches (a partly filled patch is a real token, as `yolos.patch_key_mask`).
+ceil(h/p) * ceil(w/p) patches of the canvas (train and eval sizes are multiples of p, so this is the
+image's own grid; a partly filled patch, which the model masks, is counted as used).
 """
 
 from __future__ import annotations
