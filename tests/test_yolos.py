@@ -464,3 +464,25 @@ def test_per_image_resize_weights_match_torch():
                              align_corners=False)[0].permute(1, 2, 0).numpy()
         assert ref.max_abs(g[:h, :w], want) < 1e-5
         assert not g[h:].any() and not g[:, w:].any()
+
+
+def test_heads_start_as_torch_nn_linear():
+    """The class and box heads are initialised as PyTorch's default nn.Linear (the original builds them
+    that way): weights and biases uniform in +-1/sqrt(fan_in), with torch's spread."""
+    import jax
+    import jax.numpy as jnp
+
+    from yolos_jax.yolos import MLPHead
+
+    width, out = 256, 92
+    params = MLPHead(width, out).init(jax.random.PRNGKey(0), jnp.zeros((1, width)))["params"]
+    torch.manual_seed(0)
+    ref_layer = torch.nn.Linear(width, width)
+    bound = 1.0 / np.sqrt(width)
+    for i in range(3):
+        kernel = np.asarray(params[f"layers_{i}"]["kernel"])
+        bias = np.asarray(params[f"layers_{i}"]["bias"])
+        assert np.abs(kernel).max() <= bound and np.abs(bias).max() <= bound
+        assert np.abs(kernel).max() > 0.99 * bound  # uniform over the whole range, not a narrower law
+        assert abs(kernel.std() / ref_layer.weight.detach().numpy().std() - 1) < 0.02
+        assert abs(bias.std() / (bound / np.sqrt(3)) - 1) < 0.2
