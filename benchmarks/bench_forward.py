@@ -3,9 +3,13 @@
     /work/venv/bin/python benchmarks/bench_forward.py                     # Ti 1x512x688, S 1x800x1066
     /work/venv/bin/python benchmarks/bench_forward.py --threads=1         # both pinned to one core
     /work/venv/bin/python benchmarks/bench_forward.py --dtype=float32,bfloat16 --variants=ti
+    /work/venv/bin/python benchmarks/bench_forward.py --threads=1 --pixel-mask   # ours as eval runs it
 
 Cases (batch 1): YOLOS-Ti at 1x512x688 (position embeddings stored for 800x1333, no mid embeddings)
 and YOLOS-S at 1x800x1066 (both embeddings stored for 512x864, so both are resized in every call).
+With --pixel-mask ours also gets a pixel mask (all real pixels), as eval batches and `Detector.predict`
+call it: the position embeddings are then resized per image inside the jitted call (traced bicubic
+weights, batched matmuls, `vit.resize_posemb_grid_per_image`) instead of by host-computed taps.
 
 Both models get the same random weights (HF is built with random init; its state dict is mapped onto our
 parameter tree here and the tree is checked against the model's own), the same input and the same
@@ -184,7 +188,7 @@ def interleaved(fns: dict, repeats: int) -> dict:
     return times
 
 
-def bench_case(variant: str, dtype: str, attention_impl, repeats: int) -> dict:
+def bench_case(variant: str, dtype: str, attention_impl, repeats: int, pixel_mask: bool = False) -> dict:
     h, w = IMAGE_HW[variant]
     # HF-converted YOLOS configs carry eps 1e-12; both models get the same.
     cfg = model_config(variant, dtype=dtype, attention_impl=attention_impl, layer_norm_eps=1e-12)
@@ -198,12 +202,13 @@ def bench_case(variant: str, dtype: str, attention_impl, repeats: int) -> dict:
     image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(0, 3, 1, 2)))  # HF takes NCHW
     image_j = jax.device_put(image)
 
+    mask_j = jax.device_put(np.ones((1, h, w), bool)) if pixel_mask else None
     t0 = time.perf_counter()
-    fwd = jax.jit(lambda p, x: model.apply({"params": p}, x)).lower(params, image_j).compile()
+    fwd = jax.jit(lambda p, x, m: model.apply({"params": p}, x, m)).lower(params, image_j, mask_j).compile()
     compile_s = time.perf_counter() - t0
 
     def ours():
-        return jax.block_until_ready(fwd(params, image_j))
+        return jax.block_until_ready(fwd(params, image_j, mask_j))
 
     def hf():
         with torch.inference_mode():
@@ -221,7 +226,7 @@ def bench_case(variant: str, dtype: str, attention_impl, repeats: int) -> dict:
     t_ours, t_hf = np.array(times["ours"]), np.array(times["hf"])
     return dict(
         variant=variant,
-        dtype=dtype,
+        dtype=dtype + ("+mask" if pixel_mask else ""),
         image=f"1x{h}x{w}",
         tokens=1 + (h // cfg.patch_size) * (w // cfg.patch_size) + cfg.num_det_tokens,
         ours_ms=1e3 * np.median(t_ours),
@@ -250,6 +255,8 @@ def main(argv=None) -> list:
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds, each one call of each model")
     parser.add_argument("--threads", type=int, default=THREADS,
                         help="cores for both libraries (the process is pinned to the first N; default all)")
+    parser.add_argument("--pixel-mask", action="store_true",
+                        help="ours gets a pixel mask (per-image position embeddings, as in evaluation)")
     args = parser.parse_args(argv)
     for v in args.variants.split(","):
         if v not in IMAGE_HW:
@@ -264,10 +271,10 @@ def main(argv=None) -> list:
     rows = []
     for dtype in args.dtype.split(","):
         for variant in args.variants.split(","):
-            r = bench_case(variant, dtype, args.attention_impl, args.repeats)
+            r = bench_case(variant, dtype, args.attention_impl, args.repeats, args.pixel_mask)
             rows.append(r)
             print(
-                f"{r['variant']:>2} {r['dtype']:<8} {r['image']:>11} {r['tokens']:5d} {r['ours_ms']:8.0f} "
+                f"{r['variant']:>2} {r['dtype']:<13} {r['image']:>11} {r['tokens']:5d} {r['ours_ms']:8.0f} "
                 f"{r['hf_ms']:8.0f}  {r['ratio']:6.3f}  [{r['pair_iqr'][0]:.3f}, {r['pair_iqr'][1]:.3f}]  "
                 f"{100 * r['spread_ours']:5.0f}%/{100 * r['spread_hf']:.0f}%  "
                 f"{r['err']['logits']:.1e}, {r['err']['boxes']:.1e} ({r['scale']['logits']:.1f}, "
