@@ -60,10 +60,10 @@ def _host_batches(jpegs: list[bytes], batch: int, count: int, seed: int = 0) -> 
     """resize_on_device host batches for 640x480 sources at S scales (each batch one canvas)."""
     from PIL import Image
 
-    from yolos_jax.data import pipeline, transforms as T
+    from yolos_jax.data import input_config, transforms as T
 
-    cfg = pipeline.default_input_config("s")
-    tcfg = pipeline.train_transform_config(cfg)
+    cfg = input_config.default_input_config("s")
+    tcfg = input_config.train_transform_config(cfg)
     rng = np.random.default_rng(seed)
     sources = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in jpegs]
     batches = []

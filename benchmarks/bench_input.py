@@ -40,9 +40,9 @@ import numpy as np
 def _plan_sizes(cfg, n: int) -> np.ndarray:
     """Output sizes [n, 2] of the S-scale train transform for 640x480 images (the resize any pipeline
     must do, whatever else it does)."""
-    from yolos_jax.data import pipeline, transforms as T
+    from yolos_jax.data import input_config, transforms as T
 
-    tcfg = pipeline.train_transform_config(cfg)
+    tcfg = input_config.train_transform_config(cfg)
     g = T.sample_train_geometry(np.random.default_rng(0), np.full(n, 480), np.full(n, 640), tcfg)
     return T.output_hw(g)
 
@@ -151,12 +151,12 @@ def main(argv=None):
 
 def run_one(a, noise: float) -> dict:
 
-    from yolos_jax.data import pipeline, synthetic
+    from yolos_jax.data import input_config, prepared_dataset, synthetic
 
     src = os.path.join(a.workdir, f"jpeg640x480_{a.num_images}_noise{noise:g}")
     if not os.path.isdir(src):
         synthetic.generate(src, a.num_images, 0, seed=0, image_size=(480, 640), max_objects=8, texture_noise=noise)
-    cfg = pipeline.default_input_config("s")
+    cfg = input_config.default_input_config("s")
     cfg.data_dir = os.path.join(a.workdir, "tfds")
     cfg.dataset_name = f"bench640x480_{a.num_images}_noise{noise:g}"
     cfg.source_dir = src
@@ -164,7 +164,7 @@ def run_one(a, noise: float) -> dict:
     cfg.train_split, cfg.val_split = "train", "val"
     cfg.batch_size = a.batch_size
     cfg.num_parallel_calls = a.threads
-    ds = pipeline.open_dataset(cfg)
+    ds = prepared_dataset.open_dataset(cfg)
     sizes = [os.path.getsize(os.path.join(src, "train", f)) for f in os.listdir(os.path.join(src, "train"))]
     n_dec = a.batches * a.batch_size
 

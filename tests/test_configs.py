@@ -14,7 +14,7 @@ from ml_collections import config_flags
 
 from yolos_jax import config as config_lib
 from yolos_jax import convert, losses, matcher, trainer, variants, windowed
-from yolos_jax.data import pipeline
+from yolos_jax.data import input_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,7 +65,7 @@ def test_config_loads_validates_and_builds(name, arg):
     trainer.validate_config(config, num_devices=1)
     matcher.validate_matcher_config(config.matcher)
     losses.validate_loss_config(config.loss)
-    pipeline._check_config(config.input, 1)
+    input_config.validate_input_config(config.input, 1)
     variants.validate_options(config.model)
     windowed.validate_window_options(config.model.window_size, config.model.global_blocks, config.model.rel_pos,
                                      config.model.depth)

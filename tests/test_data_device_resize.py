@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from yolos_jax import data, train_step
-from yolos_jax.data import device_resize, pipeline
+from yolos_jax.data import device_resize, input_config
 from yolos_jax.data import transforms as T
 
 GREY = 1.0 / 255 / min(T.IMAGENET_STD)  # one grey level after normalisation
@@ -52,9 +52,9 @@ def test_device_resize_equals_tf_resize(src, dst):
 @pytest.fixture(scope="module")
 def cfgs(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    host = pipeline.synthetic_input_config(str(root), num_train=16, num_val=6, image_size=[(48, 64), (64, 48)],
-                                           image_format="uint8")
-    pipeline.dataset_info(host)
+    host = input_config.synthetic_input_config(str(root), num_train=16, num_val=6, image_size=[(48, 64), (64, 48)],
+                                               image_format="uint8")
+    data.dataset_info(host)
     dev = host.copy_and_resolve_references()
     dev.resize_on_device = "on"
     return host, dev
@@ -110,6 +110,6 @@ def test_resize_on_device_config_errors(cfgs):
         data.make_train_iterator(bad, seed=0, process_index=0, process_count=1)
     auto = dev_cfg.copy_and_resolve_references()
     auto.resize_on_device = "auto"  # CPU backend here: the host resizes
-    assert pipeline.resize_on_device(auto) is (jax.default_backend() != "cpu")
+    assert input_config.resize_on_device(auto) is (jax.default_backend() != "cpu")
     auto.large_scale_jitter = True  # 'auto' steps aside where the transform needs the host resize
-    assert pipeline.resize_on_device(auto) is False
+    assert input_config.resize_on_device(auto) is False

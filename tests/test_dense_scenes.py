@@ -15,7 +15,7 @@ from PIL import Image
 
 from yolos_jax import convert, sharding, trainer
 from yolos_jax.config import model_config
-from yolos_jax.data import coco_builder as cb
+from yolos_jax.data import prepared_dataset, tfds_builder
 from yolos_jax.yolos import YOLOS
 
 # Non-crowd boxes per image of the dense folder's train split (plus 2 crowd boxes on the first image, which
@@ -54,14 +54,14 @@ def test_prepare_reports_images_over_each_box_limit(dense_dataset, capsys):
     root, prepare_cli = dense_dataset
     prepare_cli.main([f"--data_dir={root / 'tfds'}", "--name=dense", f"--coco_dir={root / 'src'}", "--no_verify"])
     capsys.readouterr()
-    ds = cb.load(str(root / "tfds"), "dense")
+    ds = prepared_dataset.load(str(root / "tfds"), "dense")
     expected = {"max": 305, "over": {"100": {"images": 2, "boxes_beyond": 205 + 1}, "300": {"images": 1, "boxes_beyond": 5}}}
     assert ds.index("train").num_objects.tolist() == list(TRAIN_COUNTS)
     assert ds.report("train")["boxes_per_image"] == expected
     assert ds.report("val")["boxes_per_image"] == {"max": 3, "over": {"100": {"images": 0, "boxes_beyond": 0},
                                                                        "300": {"images": 0, "boxes_beyond": 0}}}
     # Kept next to the dataset, and printed by the command (run again: reused, the same summary).
-    with open(os.path.join(ds.path, cb.SOURCE_FILE)) as f:
+    with open(os.path.join(ds.path, tfds_builder.SOURCE_FILE)) as f:
         assert json.load(f)["reports"]["train"]["boxes_per_image"] == expected
     prepare_cli.main([f"--data_dir={root / 'tfds'}", "--name=dense", f"--coco_dir={root / 'src'}", "--no_verify"])
     out = capsys.readouterr().out

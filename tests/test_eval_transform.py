@@ -115,7 +115,7 @@ def test_detector_and_eval_iterator_share_the_transform(tmp_path):
 
     from yolos_jax import Detector, convert, data
     from yolos_jax.config import model_config
-    from yolos_jax.data import coco_builder
+    from yolos_jax.data import prepared_dataset
     from yolos_jax.inference import read_image_rgb
     from yolos_jax.yolos import YOLOS
 
@@ -123,7 +123,7 @@ def test_detector_and_eval_iterator_share_the_transform(tmp_path):
                                       eval_size=48, eval_max_size=80)
     it = data.make_eval_iterator(cfg, batch_size=3, process_index=0, process_count=1)
     batches = list(it)
-    ds = coco_builder.load(cfg.data_dir, cfg.dataset_name)
+    ds = prepared_dataset.load(cfg.data_dir, cfg.dataset_name)
     index = ds.index(cfg.val_split)
     source = ds.source_for(cfg.val_split)
     mcfg = model_config("s", hidden_size=16, depth=1, num_heads=2, num_det_tokens=3, num_classes=4,
@@ -152,7 +152,8 @@ def test_vitdet_b_eval_fits_its_canvas_at_any_aspect_ratio():
     import sys
     import os
 
-    from yolos_jax.data import batching, pipeline
+    from yolos_jax.data import batching
+    from yolos_jax.data.canvases import eval_canvases, eval_geometry
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
     import vitdet_b
@@ -165,14 +166,14 @@ def test_vitdet_b_eval_fits_its_canvas_at_any_aspect_ratio():
     class Index:
         height, width = h, w
 
-    canvases = pipeline.eval_canvases(cfg, Index)
+    canvases = eval_canvases(cfg, Index)
     assert canvases == [(1024, 1024)]
-    plan = batching.eval_plan(pipeline.eval_geometry(cfg, Index), canvases, 8)  # raises if one fits no canvas
+    plan = batching.eval_plan(eval_geometry(cfg, Index), canvases, 8)  # raises if one fits no canvas
     assert sorted(plan.example[plan.valid].tolist()) == list(range(len(h)))
     small = cfg.copy_and_resolve_references()
     small.eval_canvases = ((1024, 1008),)
     with pytest.raises(ValueError, match="input.eval_canvases"):
-        pipeline.eval_canvases(small, Index)
+        eval_canvases(small, Index)
 
 
 @pytest.mark.parametrize("crop_in_original", [True, False])

@@ -656,7 +656,7 @@ def test_eval_of_a_converted_hf_checkpoint_equals_hf_on_each_image_alone(tmp_pat
     from PIL import Image
 
     from yolos_jax import convert, data
-    from yolos_jax.data import coco_builder
+    from yolos_jax.data import prepared_dataset
 
     # The checkpoint: a random O(1) HF model, save_pretrained, converted as convert_torch_weights.py does.
     hf = ref.hf_yolos(_HF_EVAL_CFG, seed=3)
@@ -682,7 +682,7 @@ def test_eval_of_a_converted_hf_checkpoint_equals_hf_on_each_image_alone(tmp_pat
                          "bbox": [float(v) for v in b], "area": float(b[2] * b[3]), "iscrowd": 0})
     with open(src / "annotations" / "instances_val.json", "w") as f:
         json.dump({"images": images, "annotations": anns, "categories": cats}, f)
-    coco_builder.prepare(str(tmp_path / "tfds"), "real_looking", source_dir=str(src), splits=["val"], quiet=True)
+    prepared_dataset.prepare(str(tmp_path / "tfds"), "real_looking", source_dir=str(src), splits=["val"], quiet=True)
 
     input_cfg = data.default_input_config("s")
     input_cfg.update(data_dir=str(tmp_path / "tfds"), dataset_name="real_looking", source_dir=str(src),

@@ -192,10 +192,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
         _fail("input.max_boxes", f"{config.input.max_boxes} > model.num_det_tokens={m.num_det_tokens}: each target "
                                  "box needs its own [DET] token. Lower input.max_boxes, or raise model.num_det_tokens "
                                  "(with init_from, a converted checkpoint's [DET] tokens are grown to it)")
-    from yolos_jax.data import pipeline
+    from yolos_jax.data import input_config
 
     try:  # the input sub-config's own checks, before any step (an eval size of 0 would fail after training)
-        pipeline._check_config(config.input, 1)
+        input_config.validate_input_config(config.input, 1)
     except ValueError as e:
         raise ValueError(f"config.{e}") from None
     if int(config.eval.eval_size) <= 0:
@@ -387,11 +387,11 @@ def write_annotated_val_images(params: Any, model_cfg: dict, input_cfg: ml_colle
                                num_images: int = 8, threshold: float = 0.5) -> list[str]:
     """Draws the detector's predictions (score > threshold) on the first val images -> PNG paths."""
     from yolos_jax import draw
-    from yolos_jax.data import pipeline
+    from yolos_jax.data import prepared_dataset
     from yolos_jax.inference import Detector, read_image_rgb
 
-    dataset = pipeline.open_dataset(input_cfg)
-    label_map = pipeline.dataset_info(input_cfg).label_map
+    dataset = prepared_dataset.open_dataset(input_cfg)
+    label_map = prepared_dataset.dataset_info(input_cfg).label_map
     source = dataset.source_for(input_cfg.val_split)
     max_size = int(input_cfg.eval_max_size) if input_cfg.eval_max_size > 0 else None
     names = label_map.names_for(int(dict(model_cfg)["num_classes"]))

@@ -1,4 +1,4 @@
-"""One-time preparation of a dataset for training/eval (thin CLI over `coco_builder.prepare`).
+"""One-time preparation of a dataset for training/eval (thin CLI over `prepared_dataset.prepare`).
 
   # a COCO-format folder (COCO 2017 extracted: train2017/ val2017/ annotations/instances_*.json):
   python -m yolos_jax.data.prepare --data_dir=$HOME/tensorflow_datasets --name=coco2017 --coco_dir=/data/coco
@@ -25,7 +25,8 @@ import json
 import logging
 from typing import Optional, Sequence
 
-from yolos_jax.data import coco_builder
+from yolos_jax.data import prepared_dataset
+from yolos_jax.data.coco_json import DataError
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -44,15 +45,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        existing = coco_builder.load(a.data_dir, a.name).path
-    except coco_builder.DataError:
+        existing = prepared_dataset.load(a.data_dir, a.name).path
+    except DataError:
         existing = None
     try:
-        ds = coco_builder.prepare(
+        ds = prepared_dataset.prepare(
             a.data_dir, a.name, source_dir=a.coco_dir, tfds_source=a.from_tfds, tfds_data_dir=a.tfds_data_dir,
             splits=[s for s in a.splits.split(",") if s] or None, verify_images=not a.no_verify,
             num_threads=a.threads, force=a.force, reuse_changed=False)
-    except (coco_builder.DataError, ValueError) as e:  # bad data or arguments: the message says what to fix
+    except (DataError, ValueError) as e:  # bad data or arguments: the message says what to fix
         raise SystemExit(f"error: {e}") from None
     if existing and not a.force:
         print(f"{ds.path} was already prepared from this source, unchanged since; reused as it is "

@@ -14,16 +14,14 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from yolos_jax import draw
+from yolos_jax import data, draw
 from yolos_jax.data import transforms as T
 from yolos_jax.data.labels import LabelMap
 
 
 def batch_images_uint8(batch: Mapping[str, np.ndarray]) -> np.ndarray:
     """[B, H, W, 3] uint8 of a host batch (undoing the normalisation of float32 images)."""
-    from yolos_jax.data.pipeline import with_host_image
-
-    img = np.asarray(with_host_image(batch)["image"])
+    img = np.asarray(data.with_host_image(batch)["image"])
     if img.dtype == np.uint8:
         return img
     out = draw.to_uint8(img, T.IMAGENET_MEAN, T.IMAGENET_STD)
@@ -32,7 +30,7 @@ def batch_images_uint8(batch: Mapping[str, np.ndarray]) -> np.ndarray:
 
 def save_batch_pngs(batch: Mapping[str, np.ndarray], out_dir: str, label_map: Optional[LabelMap] = None,
                     prefix: str = "batch") -> list[str]:
-    """Draws every example of a host batch (schema in pipeline.py) and writes OUT_DIR/PREFIX_<j>.png.
+    """Draws every example of a host batch (schema in assembly.py) and writes OUT_DIR/PREFIX_<j>.png.
 
     Boxes are drawn from (cx, cy, w, h) normalised by `size`, labelled with the class name (label map)
     or the label index; fillers (valid=False) are tagged in the file name. Returns the paths written.
@@ -60,20 +58,18 @@ def save_batch_pngs(batch: Mapping[str, np.ndarray], out_dir: str, label_map: Op
 def main(argv: Sequence[str]) -> None:
     from absl import flags
 
-    from yolos_jax.data import pipeline
-
     f = flags.FLAGS
     if f.synthetic_root:
-        cfg = pipeline.synthetic_input_config(f.synthetic_root)
+        cfg = data.synthetic_input_config(f.synthetic_root)
     elif f.config is not None:
         cfg = f.config.input if "input" in f.config else f.config
     else:
         raise SystemExit("give --config=CONFIG_FILE or --synthetic_root=DIR")
-    info = pipeline.dataset_info(cfg)
+    info = data.dataset_info(cfg)
     if f.split:
-        it: Any = pipeline.make_eval_iterator(cfg, f.split, process_index=0, process_count=1)
+        it: Any = data.make_eval_iterator(cfg, f.split, process_index=0, process_count=1)
     else:
-        it = pipeline.make_train_iterator(cfg, process_index=0, process_count=1)
+        it = data.make_train_iterator(cfg, process_index=0, process_count=1)
     for k in range(f.num_batches):
         try:
             batch = next(it)

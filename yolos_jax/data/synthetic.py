@@ -1,6 +1,6 @@
 """A seeded synthetic detection dataset in COCO format: coloured shapes on textured backgrounds.
 
-Layout written by `generate(out_dir, ...)` (the same layout `coco_builder` reads):
+Layout written by `generate(out_dir, ...)` (the same layout `coco_source` reads):
 
   out_dir/
     train/000000000001.jpg ...           JPEG images (RGB)

@@ -75,7 +75,7 @@ def scales_for(name: str) -> tuple[int, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class TrainTransformConfig:
-    """The train transform's parameters (built from `config.input` by `pipeline`)."""
+    """The train transform's parameters (built from `config.input` by `input_config.train_transform_config`)."""
 
     scales: tuple[int, ...]
     max_size: int

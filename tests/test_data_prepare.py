@@ -1,0 +1,65 @@
+"""The prepare command (`python -m yolos_jax.data.prepare`): reuses an unchanged preparation, refuses a
+changed source without --force, and --force replaces the dataset only once the new one is complete."""
+
+import json
+import os
+
+import pytest
+
+from yolos_jax.data import prepared_dataset, synthetic, tfds_builder
+
+
+def test_prepare_notices_a_changed_source_and_force_prepares_again(tmp_path, capsys):
+    """Fixing the source folder and preparing again used to reuse the stale dataset silently."""
+    from yolos_jax.data import prepare as prepare_cli
+
+    src, data = tmp_path / "src", tmp_path / "tfds"
+    synthetic.generate(str(src), 5, 2, seed=1, image_size=[(48, 64)], num_classes=2)
+    args = [f"--data_dir={data}", "--name=fix", f"--coco_dir={src}", "--no_verify"]
+    prepare_cli.main(args)
+    first = prepared_dataset.load(str(data), "fix")
+    assert first.source_changes() == [] and len(first.index("train")) == 5
+    prepare_cli.main(args)  # unchanged: reused, and said so
+    assert "already prepared from this source, unchanged since; reused" in capsys.readouterr().out
+
+    ann = src / "annotations" / "instances_train.json"
+    doc = json.loads(ann.read_text())
+    doc["images"] = doc["images"][:4]  # the user removes an image from the split
+    doc["annotations"] = [a for a in doc["annotations"] if a["image_id"] in {im["id"] for im in doc["images"]}]
+    ann.write_text(json.dumps(doc))
+    os.utime(ann, ns=(1, 1))  # a different mtime even on coarse-grained file systems
+    (src / "train" / "extra.jpg").write_bytes((src / "train" / doc["images"][0]["file_name"]).read_bytes())
+    changes = prepared_dataset.load(str(data), "fix").source_changes()
+    assert any("instances_train.json was modified" in c for c in changes)
+    assert any("'train' image folder" in c for c in changes)
+    with pytest.raises(SystemExit, match="error: .*source changed since.*--force"):
+        prepare_cli.main(args)
+    assert prepared_dataset.prepare(str(data), "fix", source_dir=str(src)).path == first.path  # train/eval: reused (warned)
+
+    # --force with a broken source: fails, and the previous version never left its place.
+    good = ann.read_text()
+    ann.write_text("{ not json")
+    with pytest.raises(SystemExit, match="error: .*instances_train.json"):
+        prepare_cli.main(args + ["--force"])
+    assert len(prepared_dataset.load(str(data), "fix").index("train")) == 5
+    ann.write_text(good)
+    prepare_cli.main(args + ["--force"])
+    again = prepared_dataset.load(str(data), "fix")
+    assert len(again.index("train")) == 4 and again.source_changes() == []
+    assert again.source_dir() == str(src)  # the relative source path fits the final place, not the scratch one
+    assert json.loads(open(os.path.join(again.path, tfds_builder.SOURCE_FILE)).read())["source_dir_relative"] == \
+        os.path.relpath(src, again.path)
+    assert not [p for p in os.listdir(data) if p.startswith(".yolos_")]
+
+    # A --force killed between the two renames of the swap: the next prepare puts the previous version back;
+    # killed while building: its scratch folder is dropped.
+    os.rename(again.path, data / ".yolos_previous-fix-999")
+    (data / ".yolos_rebuild-fix-998").mkdir()
+    assert len(prepared_dataset.prepare(str(data), "fix", source_dir=str(src)).index("train")) == 4
+    assert not [p for p in os.listdir(data) if p.startswith(".yolos_")]
+
+    # Deleting the source after preparing is not a change.
+    import shutil
+
+    shutil.rmtree(src)
+    assert prepared_dataset.load(str(data), "fix").source_changes() == []

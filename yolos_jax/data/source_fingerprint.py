@@ -1,0 +1,54 @@
+"""What a change to a prepared source folder shows up in: `source_fingerprint` is recorded per split when
+preparing (yolos_source.json's 'source_fingerprints'), `changes_since` compares the folder as it is now."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, Mapping, Optional
+
+from yolos_jax.data.coco_json import DataError
+from yolos_jax.data.coco_source import find_image_dir
+
+
+def source_fingerprint(source_dir: str, split: str, previous: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """What a change to a split's source shows up in: the instances JSON's size and SHA-1 (hashed only when its
+    size or modification time differ from `previous`, so an unchanged file costs one stat), and the sorted
+    file names of the image folder (files added, removed or renamed). Editing an image in place is not seen; copying the
+    folder elsewhere (new modification times) is not a change."""
+    ann_file = os.path.join(source_dir, "annotations", f"instances_{split}.json")
+    out: dict[str, Any] = {"size": None, "mtime_ns": None, "sha1": None, "num_files": None, "file_names_sha1": None}
+    try:
+        st = os.stat(ann_file)
+        out["size"], out["mtime_ns"] = st.st_size, st.st_mtime_ns
+        if previous and [previous.get("size"), previous.get("mtime_ns")] == [out["size"], out["mtime_ns"]]:
+            out["sha1"] = previous.get("sha1")
+        else:
+            h = hashlib.sha1()
+            with open(ann_file, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    h.update(chunk)
+            out["sha1"] = h.hexdigest()
+    except OSError:
+        pass
+    try:
+        names = sorted(os.listdir(find_image_dir(source_dir, split)))
+        out["num_files"] = len(names)
+        out["file_names_sha1"] = hashlib.sha1("\n".join(names).encode()).hexdigest()
+    except (OSError, DataError):
+        pass
+    return out
+
+
+def changes_since(source_dir: str, recorded: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """What changed in `source_dir` since `recorded` ({split: `source_fingerprint` when prepared}), one sentence
+    per change; [] if nothing did."""
+    changes = []
+    for split, before in sorted(recorded.items()):
+        now = source_fingerprint(source_dir, split, before)
+        if [now["size"], now["sha1"]] != [before.get("size"), before.get("sha1")]:
+            changes.append(f"{source_dir}/annotations/instances_{split}.json was modified")
+        if now["file_names_sha1"] != before.get("file_names_sha1"):
+            changes.append(f"files were added to, removed from or renamed in the '{split}' image folder "
+                           f"({now['num_files']} files now, {before.get('num_files')} when prepared)")
+    return changes
