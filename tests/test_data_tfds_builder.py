@@ -1,11 +1,12 @@
-"""The tfds builder: a generated COCO-format folder round-trips exactly (records, index, ground truth)."""
+"""The tfds builder: a generated COCO-format folder round-trips exactly (records, index, ground truth); splits
+must agree on category names."""
 
 import json
 
 import numpy as np
 import pytest
 
-from yolos_jax.data import coco_json, prepared_dataset, synthetic
+from yolos_jax.data import coco_json, prepared_dataset, synthetic, tfds_builder
 
 
 def _xyxy(bbox):
@@ -50,3 +51,11 @@ def test_builder_round_trips_a_generated_folder(tmp_path):
     assert prepared_dataset.prepare(str(tmp_path / "tfds"), "rt", source_dir=str(src)).path == ds.path
     with pytest.raises(coco_json.DataError, match="was prepared from"):
         prepared_dataset.prepare(str(tmp_path / "tfds"), "rt", source_dir=str(tmp_path))
+
+
+def test_splits_must_share_category_names():
+    merged = tfds_builder.merged_categories({"val": [{"id": 7, "name": "b"}],
+                                             "train": [{"id": 7, "name": "b"}, {"id": 2, "name": "a"}]})
+    assert merged == [{"id": 2, "name": "a"}, {"id": 7, "name": "b"}]  # the union, sorted by id
+    with pytest.raises(coco_json.DataError, match="category id 7 is named 'b' in one split and 'c' in split 'val'"):
+        tfds_builder.merged_categories({"train": [{"id": 7, "name": "b"}], "val": [{"id": 7, "name": "c"}]})

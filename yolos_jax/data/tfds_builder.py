@@ -37,9 +37,86 @@ INDEX_FILE = "yolos_index_{split}.json"
 GT_FILE = "instances_{split}.json"
 
 
-def _make_builder_classes():
+def features():
+    """The example features (see the module docstring): the on-disk format of every prepared dataset."""
     tfds = get_tfds()
     tf = get_tf()
+    return tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3)),
+        "image/id": tf.int64,
+        "image/filename": tfds.features.Text(),
+        "image/height": tf.int32,
+        "image/width": tf.int32,
+        "objects": tfds.features.Sequence({
+            "bbox": tfds.features.Tensor(shape=(4,), dtype=tf.float32),
+            "category_id": tf.int64,
+            "is_crowd": tf.bool,
+            "area": tf.float32,
+            "id": tf.int64,
+        }),
+    })
+
+
+class SplitRecord:
+    """One split's side files, gathered while its examples are generated (in record order): the index
+    (INDEX_FILE) and the cleaned ground truth for pycocotools (GT_FILE)."""
+
+    def __init__(self):
+        self.index: dict[str, list] = {"image_id": [], "height": [], "width": [], "num_objects": [], "num_crowd": []}
+        self.gt_images: list[dict] = []
+        self.gt_anns: list[dict] = []
+
+    def add(self, ex: dict[str, Any]) -> None:
+        """Records one example (`coco_source.make_example`'s dict)."""
+        o = ex["objects"]
+        self.index["image_id"].append(ex["image/id"])
+        self.index["height"].append(ex["image/height"])
+        self.index["width"].append(ex["image/width"])
+        self.index["num_objects"].append(int((~o["is_crowd"]).sum()))
+        self.index["num_crowd"].append(int(o["is_crowd"].sum()))
+        self.gt_images.append({"id": ex["image/id"], "file_name": ex["image/filename"],
+                               "height": ex["image/height"], "width": ex["image/width"]})
+        for b, c, crowd, area, aid in zip(o["bbox"], o["category_id"], o["is_crowd"], o["area"], o["id"]):
+            x0, y0, x1, y1 = (float(v) for v in b)
+            self.gt_anns.append({"id": int(aid), "image_id": ex["image/id"], "category_id": int(c),
+                                 "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(area), "iscrowd": int(crowd)})
+
+    def write(self, out: str, split: str, categories: list[dict]) -> dict[str, Any]:
+        """Writes the split's index and ground truth into `out`; returns its `box_limit_stats` (warned about)."""
+        # Annotation ids must be unique and positive for pycocotools; renumber missing ones.
+        used = {a["id"] for a in self.gt_anns if a["id"] > 0}
+        next_id = max(used, default=0) + 1
+        seen: set = set()
+        for a in self.gt_anns:
+            if a["id"] <= 0 or a["id"] in seen:
+                a["id"] = next_id
+                next_id += 1
+            seen.add(a["id"])
+        atomic.write_json_atomic(os.path.join(out, INDEX_FILE.format(split=split)), self.index)
+        atomic.write_json_atomic(os.path.join(out, GT_FILE.format(split=split)),
+                                 {"images": self.gt_images, "annotations": self.gt_anns, "categories": categories})
+        density = box_limit_stats(self.index["num_objects"])
+        for lim, o in density["over"].items():
+            if o["images"]:
+                log.warning("split '%s': %d images have more than %s non-crowd boxes (up to %d); %d boxes lie "
+                            "beyond %s", split, o["images"], lim, density["max"], o["boxes_beyond"], lim)
+        return density
+
+
+def merged_categories(categories_by_split: dict[str, list[dict]]) -> list[dict]:
+    """The union of the splits' categories, sorted by id: it defines the label map (a val set may lack a class).
+    Splits must agree on category names (DataError naming the id and split)."""
+    merged: dict[int, str] = {}
+    for s_name, s_cats in sorted(categories_by_split.items()):
+        for c in s_cats:
+            if merged.setdefault(c["id"], c["name"]) != c["name"]:
+                raise DataError(f"category id {c['id']} is named {merged[c['id']]!r} in one split and "
+                                f"{c['name']!r} in split '{s_name}'; the splits must share categories")
+    return [{"id": i, "name": n} for i, n in sorted(merged.items())]
+
+
+def _make_builder_classes():
+    tfds = get_tfds()
 
     class CocoFolderConfig(tfds.core.BuilderConfig):
         """name: the dataset's name in DATA_DIR; source_dir or tfds_source says where it comes from."""
@@ -67,20 +144,7 @@ def _make_builder_classes():
                 builder=self,
                 # The description is stored in dataset_info.json; kept as earlier versions wrote it.
                 description="COCO-format detection data prepared by yolos_jax.data.coco_builder",
-                features=tfds.features.FeaturesDict({
-                    "image": tfds.features.Image(shape=(None, None, 3)),
-                    "image/id": tf.int64,
-                    "image/filename": tfds.features.Text(),
-                    "image/height": tf.int32,
-                    "image/width": tf.int32,
-                    "objects": tfds.features.Sequence({
-                        "bbox": tfds.features.Tensor(shape=(4,), dtype=tf.float32),
-                        "category_id": tf.int64,
-                        "is_crowd": tf.bool,
-                        "area": tf.float32,
-                        "id": tf.int64,
-                    }),
-                }),
+                features=features(),
                 # Keep the generation order (sorted image ids): the index files rely on it.
                 disable_shuffling=True,
             )
@@ -110,55 +174,20 @@ def _make_builder_classes():
             else:
                 stream = coco_source.folder_examples(cfg.source_dir, split, report, cfg.verify_images,
                                                      cfg.num_threads, cats)
-            index = {"image_id": [], "height": [], "width": [], "num_objects": [], "num_crowd": []}
-            gt_images, gt_anns = [], []
+            record = SplitRecord()
             for key, ex in enumerate(stream):
-                o = ex["objects"]
-                index["image_id"].append(ex["image/id"])
-                index["height"].append(ex["image/height"])
-                index["width"].append(ex["image/width"])
-                index["num_objects"].append(int((~o["is_crowd"]).sum()))
-                index["num_crowd"].append(int(o["is_crowd"].sum()))
-                gt_images.append({"id": ex["image/id"], "file_name": ex["image/filename"],
-                                  "height": ex["image/height"], "width": ex["image/width"]})
-                for b, c, crowd, area, aid in zip(o["bbox"], o["category_id"], o["is_crowd"], o["area"], o["id"]):
-                    x0, y0, x1, y1 = (float(v) for v in b)
-                    gt_anns.append({"id": int(aid), "image_id": ex["image/id"], "category_id": int(c),
-                                    "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(area), "iscrowd": int(crowd)})
+                record.add(ex)
                 yield key, ex
-            # Annotation ids must be unique and positive for pycocotools; renumber missing ones.
-            used = {a["id"] for a in gt_anns if a["id"] > 0}
-            next_id = max(used, default=0) + 1
-            seen: set = set()
-            for a in gt_anns:
-                if a["id"] <= 0 or a["id"] in seen:
-                    a["id"] = next_id
-                    next_id += 1
-                seen.add(a["id"])
             out = str(self.data_path)
-            atomic.write_json_atomic(os.path.join(out, INDEX_FILE.format(split=split)), index)
-            atomic.write_json_atomic(os.path.join(out, GT_FILE.format(split=split)),
-                               {"images": gt_images, "annotations": gt_anns, "categories": cats})
-            density = box_limit_stats(index["num_objects"])
-            for lim, o in density["over"].items():
-                if o["images"]:
-                    log.warning("split '%s': %d images have more than %s non-crowd boxes (up to %d); %d boxes lie "
-                                "beyond %s", split, o["images"], lim, density["max"], o["boxes_beyond"], lim)
+            density = record.write(out, split, cats)
             self._yolos_reports[split] = {**report.to_dict(), "boxes_per_image": density}
             self._yolos_categories[split] = cats
-            # Rewritten after each split, so the last one leaves the full summary. Splits must agree on
-            # category names; their union defines the label map (a val set may lack a class).
-            merged: dict[int, str] = {}
-            for s_name, s_cats in sorted(self._yolos_categories.items()):
-                for c in s_cats:
-                    if merged.setdefault(c["id"], c["name"]) != c["name"]:
-                        raise DataError(f"category id {c['id']} is named {merged[c['id']]!r} in one split and "
-                                        f"{c['name']!r} in split '{s_name}'; the splits must share categories")
+            # Rewritten after each split, so the last one leaves the full summary.
             atomic.write_json_atomic(os.path.join(out, SOURCE_FILE), {
                 "format": "yolos_jax.coco_folder", "version": VERSION,
                 "source_dir": cfg.source_dir, "tfds_source": cfg.tfds_source,
                 "source_dir_relative": os.path.relpath(cfg.source_dir, out) if cfg.source_dir else None,
-                "categories": [{"id": i, "name": n} for i, n in sorted(merged.items())],
+                "categories": merged_categories(self._yolos_categories),
                 "reports": self._yolos_reports,
                 "source_fingerprints": self._yolos_fingerprints,
             })
