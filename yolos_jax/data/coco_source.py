@@ -19,6 +19,7 @@ import os
 from typing import Any, Iterator, Optional
 
 import numpy as np
+from PIL import Image
 
 from yolos_jax.data.coco_json import DataError, ImageEntry, Report, clip_boxes, parse_instances, read_instances_json
 from yolos_jax.data.tf_setup import get_tf, get_tfds
@@ -41,8 +42,6 @@ def probe_image(data: bytes, verify: bool = True) -> tuple[bytes, int, int, str]
     PIL can read (e.g. TIFF) are re-encoded as lossless RGB PNG. Raises ValueError if nothing decodes.
     With verify=False only the header is read (fast; a truncated file then fails at training time).
     """
-    from PIL import Image
-
     mode = "?"
     try:
         with Image.open(io.BytesIO(data)) as im:

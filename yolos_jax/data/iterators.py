@@ -19,6 +19,7 @@ import queue
 import threading
 from typing import Any, Mapping, Optional
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -317,8 +318,6 @@ class EvalIterator:
 
 
 def _jax_process() -> tuple[int, int]:
-    import jax
-
     return jax.process_index(), jax.process_count()
 
 

@@ -6,9 +6,11 @@ The files on disk are `tfds_builder`'s.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import logging
 import os
+import shutil
 from typing import Any, Optional, Sequence
 
 import ml_collections
@@ -74,8 +76,6 @@ def prepare(
         return _download_and_prepare(b, data_dir, name, source_dir, tfds_source, quiet)
     # --force over a prepared dataset: build the new version beside it (in a scratch data dir), then swap the two
     # folders. Until the swap the old version stays where it is, whatever happens to this process.
-    import shutil
-
     scratch = os.path.join(data_dir, f"{_REBUILD_PREFIX}{name}-{os.getpid()}")
     shutil.rmtree(scratch, ignore_errors=True)
     fresh = make_builder(scratch, name, source_dir=source_dir, splits=splits, tfds_source=tfds_source,
@@ -100,9 +100,6 @@ _PREVIOUS_PREFIX = ".yolos_previous-"  # the replaced version, between the two r
 def _recover_interrupted_rebuild(data_dir: str, name: str, data_path: str) -> None:
     """Cleans up after a `prepare(force=True)` that was killed: drops its scratch folder, and puts the previous
     version back if the process died between the two renames of the swap."""
-    import glob
-    import shutil
-
     for scratch in glob.glob(os.path.join(data_dir, f"{_REBUILD_PREFIX}{name}-*")):
         shutil.rmtree(scratch, ignore_errors=True)
     for previous in glob.glob(os.path.join(data_dir, f"{_PREVIOUS_PREFIX}{name}-*")):

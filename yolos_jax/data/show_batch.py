@@ -13,6 +13,7 @@ import os
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+from absl import flags
 
 from yolos_jax import data, draw
 from yolos_jax.data import transforms as T
@@ -56,8 +57,6 @@ def save_batch_pngs(batch: Mapping[str, np.ndarray], out_dir: str, label_map: Op
 
 
 def main(argv: Sequence[str]) -> None:
-    from absl import flags
-
     f = flags.FLAGS
     if f.synthetic_root:
         cfg = data.synthetic_input_config(f.synthetic_root)
@@ -81,7 +80,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import app
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "config file (its .input is used)", lock_config=False)

@@ -22,6 +22,7 @@ CLI:  python -m yolos_jax.data.synthetic --out=/tmp/synth --num_train=512 --num_
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import math
@@ -265,8 +266,6 @@ def generate(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    import argparse
-
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output folder (COCO layout)")
     p.add_argument("--num_train", type=int, default=256)

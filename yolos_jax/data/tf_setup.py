@@ -19,7 +19,7 @@ def get_tf(intra_op_threads: int = 1, inter_op_threads: int = 2) -> Any:
     Later calls return the module unchanged (TF's threading can only be set before it starts)."""
     global _CONFIGURED
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+    import tensorflow as tf  # heavy: only when the input pipeline first needs it
 
     if not _CONFIGURED:
         _CONFIGURED = True
@@ -39,6 +39,6 @@ def get_tf(intra_op_threads: int = 1, inter_op_threads: int = 2) -> Any:
 def get_tfds() -> Any:
     """`tensorflow_datasets`, imported after `get_tf()` has configured TF."""
     get_tf()
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # heavy, and only after TF is configured
 
     return tfds

@@ -23,6 +23,8 @@ import logging
 import os
 from typing import Any, Optional, Sequence
 
+import absl.logging
+
 from yolos_jax import atomic
 from yolos_jax.data import coco_source
 from yolos_jax.data.coco_json import DataError, Report, box_limit_stats
@@ -209,8 +211,7 @@ def builder_classes():
 def make_builder(data_dir: str, name: str, **config_kwargs: Any):
     """The `CocoFolder` builder for dataset `name` in `data_dir` (prepared or not)."""
     config_cls, builder_cls = builder_classes()
-    import absl.logging  # tfds warns "Using custom data configuration" for every dynamic config
-
+    # tfds warns "Using custom data configuration" for every dynamic config: quiet while building one.
     level = absl.logging.get_verbosity()
     absl.logging.set_verbosity(absl.logging.ERROR)
     try:

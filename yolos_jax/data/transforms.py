@@ -193,7 +193,7 @@ def resize_image(image: np.ndarray, size_hw: Sequence[int]) -> np.ndarray:
     more than the width (Pillow PR 9549); the original's PIL always went horizontal first; each pass rounds
     to uint8, so the two orders differ by at most one grey level.
     """
-    from PIL import Image
+    from PIL import Image  # only here: config files import this module (for its scales), and need no PIL
 
     oh, ow = int(size_hw[0]), int(size_hw[1])
     image = np.asarray(image)
