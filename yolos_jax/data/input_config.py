@@ -1,9 +1,9 @@
 """`config.input`: its defaults, its validation, and the values derived from it alone.
 
-Every field the input pipeline reads is set (and commented) in `default_input_config`; each stage of the
-pipeline reads its own fields from that one sub-config (`input_config` -> `coco_json` -> `coco_source` ->
-`source_fingerprint` -> `tfds_builder` -> `prepared_dataset` -> `canvases` -> `stream` / `assembly` ->
-`iterators` -> `host_to_device`). `validate_input_config` checks them all once, before any data is read.
+Every field the input pipeline reads is set (and commented) in `default_input_config`. `validate_input_config`
+checks them all before any data is read (the batch sizes with `check_batch_size`, the one check of a batch size
+against the process count); the longest-side limits and the train transform's parameters are derived here
+once. The stages that read the config follow in the package docstring's order.
 """
 
 from __future__ import annotations
