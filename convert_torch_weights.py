@@ -9,7 +9,7 @@ r"""Converts PyTorch / HF YOLOS and ViT checkpoints into yolos_jax's converted-c
   python convert_torch_weights.py --source=yolos_s_300_pre.pth --output=/ckpt/yolos_s_orig
   python convert_torch_weights.py --source=/hf/yolos-small --output=/ckpt/yolos_s_hf
 
-See yolos_jax/convert.py for the formats and what each one becomes.
+See yolos_jax/convert/__init__.py for the formats and what each one becomes (the output format: yolos_jax/weights.py).
 """
 
 from __future__ import annotations

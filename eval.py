@@ -9,7 +9,7 @@ r"""Evaluate a YOLOS detector on the val split with pycocotools (COCO box AP), a
 Writes OUT/metrics.json (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl) and
 OUT/detections.json (COCO results format); OUT defaults to WORKDIR/eval or ./eval_<checkpoint name>.
 Config overrides as in training, e.g. --config.eval.max_images=500. The logic is
-`yolos_jax.evaluation.evaluate_checkpoint`.
+`yolos_jax.eval_checkpoint.evaluate_checkpoint`.
 """
 
 import os
@@ -37,7 +37,7 @@ def main(argv):
     from yolos_jax import runtime
 
     runtime.setup_host()
-    from yolos_jax import evaluation, trainer
+    from yolos_jax import eval_checkpoint, trainer
 
     trainer.maybe_initialize_distributed(FLAGS.config.distributed)
     path = FLAGS.workdir or FLAGS.checkpoint
@@ -50,8 +50,8 @@ def main(argv):
         config.input = trainer.input_config_for_checkpoint(config.input, path, FLAGS.workdir)
     except (FileNotFoundError, ValueError) as e:
         raise app.UsageError(str(e)) from None
-    evaluation.evaluate_checkpoint(config, path, out, speed=FLAGS.speed, robustness=FLAGS.robustness,
-                                   model_name=FLAGS.model_name, skip_clean=FLAGS.skip_clean)
+    eval_checkpoint.evaluate_checkpoint(config, path, out, speed=FLAGS.speed, robustness=FLAGS.robustness,
+                                        model_name=FLAGS.model_name, skip_clean=FLAGS.skip_clean)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def load_crops(root: str, split: str, mode: str, limit: int, rng: np.random.Gene
             crop = img.crop((left, top, left + 96, top + 96))  # outside the image: black
         crops.append(np.asarray(crop))
         labels.append(cats.index(ann["category_id"]))
-    from yolos_jax.evaluation import normalized  # ImageNet normalisation, as the detector reads images
+    from yolos_jax.speed import normalized  # ImageNet normalisation, as the detector reads images
 
     return normalized(np.asarray(crops, np.uint8)), np.asarray(labels), len(cats)
 

@@ -10,3 +10,22 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # for TensorFlow only; jax here runs on CPU anyway
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402  (after the environment above)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """(input config, tiny YOLOS, random params) over a prepared synthetic set of 10 val images (the Evaluator's and
+    eval.py's tests)."""
+    from eval_fixtures import random_params
+    from yolos_jax import data
+    from yolos_jax.config import model_config
+    from yolos_jax.yolos import YOLOS
+
+    # The same root as test_visualize's fixture: one preparation per session.
+    cfg = data.synthetic_input_config(str(tmp_path_factory.getbasetemp() / "synth_eval"), num_train=4, num_val=10)
+    label_map = data.dataset_info(cfg).label_map
+    model = YOLOS(**model_config("s", hidden_size=32, depth=2, num_heads=2, num_det_tokens=6,
+                                 num_classes=label_map.num_classes, init_pe_size=(64, 96), mid_pe_size=None).to_dict())
+    return cfg, model, random_params(model, (64, 96), scale=0.3)

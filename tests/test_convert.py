@@ -1,5 +1,4 @@
-"""The converter: every source format against an independent reference, error paths, atomic writes,
-and `init_params_from`."""
+"""The converter: every source format against an independent reference, error paths, atomic writes."""
 
 import argparse
 import os
@@ -14,13 +13,13 @@ import torch
 
 import convert_torch_weights
 import reference_models as ref
-from yolos_jax import Detector, config, convert
+from yolos_jax import Detector, config, convert, init_from, weights
 
 TOL = 1e-4
 
 
 def _leaves(tree):
-    return convert.flatten_params(tree)
+    return weights.flatten_params(tree)
 
 
 def _assert_same_params(a, b, tol=0.0):
@@ -70,7 +69,7 @@ def test_hf_folder_safetensors_and_bin(hf_ti, tmp_path, monkeypatch):
         meta = convert.convert(folder, str(tmp_path / "from_folder"))
     assert meta["kind"] == "detector" and meta["source_format"] == "hf_yolos"
     assert meta["label_names"] == [f"LABEL_{i}" for i in range(7)]
-    params, cfg, _ = convert.load_params_dir(str(tmp_path / "from_folder"))
+    params, cfg, _ = weights.load_params_dir(str(tmp_path / "from_folder"))
     assert cfg["layer_norm_eps"] == 1e-12 and cfg["mid_pe_size"] is None and cfg["init_pe_size"] == (64, 96)
     # the safetensors file itself (config.json beside it)
     same = convert.convert_state(os.path.join(folder, "model.safetensors"))
@@ -165,7 +164,7 @@ def test_backbone_matches_original_finetune_det(kind, distilled, tmp_path):
     out = tmp_path / "conv"
     meta = convert.convert(str(path), str(out), variant="s", model_overrides=_OVERRIDES)
     assert meta["kind"] == "backbone" and meta["distilled"] == distilled
-    converted, _, _ = convert.load_params_dir(str(out))
+    converted, _, _ = weights.load_params_dir(str(out))
     assert not any(k.startswith(("class_head", "box_head", "det_tokens", "mid_")) for k in converted)
 
     reference = ref.hf_yolos(ref.CFG_S, 1)
@@ -176,13 +175,13 @@ def test_backbone_matches_original_finetune_det(kind, distilled, tmp_path):
     reference.save_pretrained(hf_dir)
     full = convert.convert_state(str(hf_dir))
     scrambled = {
-        k: (np.random.RandomState(0).randn(*np.shape(v)).astype(np.float32) if convert.is_backbone_leaf(k) else v)
+        k: (np.random.RandomState(0).randn(*np.shape(v)).astype(np.float32) if weights.is_backbone_leaf(k) else v)
         for k, v in _leaves(full.params).items()
     }
-    params, report = convert.init_params_from(convert.unflatten_params(scrambled), converted, full.model_cfg)
+    params, report = init_from.init_params_from(weights.unflatten_params(scrambled), converted, full.model_cfg)
     assert report.kind == "backbone" and not report.resized
-    assert sorted(report.taken) == sorted(k for k in scrambled if convert.is_backbone_leaf(k))
-    assert {f.split(" ")[0] for f in report.fresh} == {k for k in scrambled if not convert.is_backbone_leaf(k)}
+    assert sorted(report.taken) == sorted(k for k in scrambled if weights.is_backbone_leaf(k))
+    assert {f.split(" ")[0] for f in report.fresh} == {k for k in scrambled if not weights.is_backbone_leaf(k)}
     _assert_same_params(params, full.params, tol=1e-5)  # converted backbone == original's finetune_det
     _check_outputs(Detector(params, full.model_cfg), reference)
 
@@ -280,7 +279,7 @@ def test_overwrite_and_atomic_writes(hf_ti, tmp_path, monkeypatch):
     assert _no_leftovers(tmp_path, ".tmp-") == [] and _no_leftovers(tmp_path, ".old-") == []
     convert.convert(folder, str(out), overwrite=True)
     assert _no_leftovers(tmp_path, ".old-") == []
-    convert.load_params_dir(str(out))
+    weights.load_params_dir(str(out))
 
 
 def test_overwrite_never_replaces_the_source_or_an_unrelated_folder(hf_ti, tmp_path):
@@ -299,15 +298,6 @@ def test_overwrite_never_replaces_the_source_or_an_unrelated_folder(hf_ti, tmp_p
         with pytest.raises(FileExistsError, match="not a converted checkpoint"):
             convert.convert(folder, str(output), overwrite=True)
     assert (unrelated / "thesis.tex").read_text() == "years of work" and stray_file.read_text() == "keep me"
-
-
-def test_atomic_directory_replacing_a_file_leaves_nothing_behind(tmp_path):
-    from yolos_jax import atomic
-
-    target = tmp_path / "out"
-    target.write_text("old")
-    atomic.atomic_directory(str(target), lambda d: open(os.path.join(d, "x"), "w").close(), overwrite=True)
-    assert target.is_dir() and os.listdir(tmp_path) == ["out"]
 
 
 def test_corrupt_or_truncated_checkpoints_give_a_clear_error(hf_ti, tmp_path):
@@ -355,39 +345,6 @@ def test_cli(hf_ti, tmp_path, capsys):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_init_params_from_detector_and_resizing(hf_s, tmp_path):
-    hf_s.save_pretrained(tmp_path / "hf")
-    conv = convert.convert_state(str(tmp_path / "hf"))
-    # A model on another dataset (9 classes) with other PE grids (80x112 -> 5x7 patches).
-    cfg = dict(conv.model_cfg, num_classes=9, init_pe_size=(80, 112), mid_pe_size=(80, 112))
-    shapes = convert.expected_param_shapes(cfg)
-    fresh = convert.unflatten_params({k: np.full(s, 0.5, np.float32) for k, s in shapes.items()})
-    params, report = convert.init_params_from(fresh, conv.params, cfg)
-    assert report.kind == "detector"
-    flat, src = _leaves(params), _leaves(conv.params)
-    assert [f.split(" ")[0] for f in report.fresh] == ["class_head/layers_2/bias", "class_head/layers_2/kernel"]
-    np.testing.assert_array_equal(flat["class_head/layers_2/kernel"], 0.5)
-    for k in ("class_head/layers_0/kernel", "box_head/layers_2/bias", "det_tokens", "pos_embed_det",
-              "block_2/attn/qkv/kernel"):
-        np.testing.assert_array_equal(flat[k], src[k])
-    assert sorted(r.split(" ")[0] for r in report.resized) == ["mid_pos_embed_patches", "pos_embed_patches"]
-    mid = torch.from_numpy(src["mid_pos_embed_patches"]).permute(0, 3, 1, 2)
-    want = torch.nn.functional.interpolate(mid, size=(5, 7), mode="bicubic", align_corners=False)
-    want = want.permute(0, 2, 3, 1).numpy()
-    assert ref.max_abs(flat["mid_pos_embed_patches"], want) <= 1e-5
-    assert "resized 2" in str(report)
-    # a backbone of another width is refused with every mismatch listed
-    small = dict(cfg, hidden_size=24, num_heads=2)
-    small_shapes = convert.expected_param_shapes(small)
-    fresh_small = convert.unflatten_params({k: np.zeros(s, np.float32) for k, s in small_shapes.items()})
-    with pytest.raises(ValueError, match=r"problems\):") as e:
-        convert.init_params_from(fresh_small, conv.params, small)
-    assert "patch_embed/proj/kernel" in str(e.value) and "block_2/mlp/fc2/kernel" in str(e.value)
-    # kind 'backbone' keeps every detector-only leaf fresh even when it fits
-    _, report = convert.init_params_from(fresh, conv.params, cfg, kind="backbone")
-    assert not any(t.startswith(("det_tokens", "class_head", "mid_")) for t in report.taken)
-
-
 @pytest.mark.parametrize("kind", ["vit", "deit_distilled", "vit_classifier"])
 def test_hf_vit_and_deit_backbones_convert_and_compute_like_hf(kind, tmp_path):
     """A HF ViT/DeiT save_pretrained folder (the hub's DeiT/DINO/MAE weights) converts as a backbone: our patch
@@ -411,7 +368,7 @@ def test_hf_vit_and_deit_backbones_convert_and_compute_like_hf(kind, tmp_path):
     model.eval().save_pretrained(tmp_path / "hf")
     out = convert.convert(str(tmp_path / "hf"), str(tmp_path / "ours"), model_overrides=dict(init_pe_size=(64, 64)))
     assert out["kind"] == "backbone" and out["source_format"] == "hf_vit"
-    params, cfg, _ = convert.load_params_dir(str(tmp_path / "ours"))
+    params, cfg, _ = weights.load_params_dir(str(tmp_path / "ours"))
     assert (cfg["hidden_size"], cfg["depth"], cfg["num_heads"], cfg["mlp_dim"]) == (32, 2, 2, 48)
 
     image = np.random.default_rng(1).normal(size=(1, 64, 64, 3)).astype(np.float32)

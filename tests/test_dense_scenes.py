@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from yolos_jax import convert, sharding, trainer
+from yolos_jax import init_from, sharding, trainer, weights
 from yolos_jax.config import model_config
 from yolos_jax.data import prepared_dataset, tfds_builder
 from yolos_jax.yolos import YOLOS
@@ -120,7 +120,7 @@ def test_converted_detector_grows_its_det_tokens(tmp_path):
     rng = np.random.default_rng(1)  # random values of the detector's shapes (an initialiser would cost a compile)
     old = jax.tree.map(lambda a: rng.normal(0, 0.5, a.shape).astype(np.float32),
                        jax.eval_shape(lambda: old_model.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 48, 3))))["params"])
-    convert.save_params_dir(str(tmp_path / "ckpt"), old, old_cfg)
+    weights.save_params_dir(str(tmp_path / "ckpt"), old, old_cfg)
     new_cfg = _tiny(Q_NEW)
     model = YOLOS(**new_cfg.to_dict())
     mesh = sharding.make_mesh(sharding.default_mesh_config(), jax.devices()[:1])
@@ -131,30 +131,30 @@ def test_converted_detector_grows_its_det_tokens(tmp_path):
 
     cycle = np.arange(Q_NEW) % Q_OLD
     for path in ("pos_embed_det", "mid_pos_embed_det", "adapter/query_pos"):  # copied exactly, old ones kept
-        leaf_old, leaf_new = convert.flatten_params(old)[path], convert.flatten_params(grown)[path]
+        leaf_old, leaf_new = weights.flatten_params(old)[path], weights.flatten_params(grown)[path]
         assert leaf_new.shape == (leaf_old.shape[0], Q_NEW, 32)
         np.testing.assert_array_equal(leaf_new, leaf_old[:, cycle])
     tok_old, tok_new = old["det_tokens"], grown["det_tokens"]
     np.testing.assert_array_equal(tok_new[:, :Q_OLD], tok_old)  # the checkpoint's tokens, exactly
     noise = tok_new[:, Q_OLD:] - tok_old[:, cycle[Q_OLD:]]
     assert np.all(noise != 0)  # no copy is identical to its source
-    assert np.std(noise) == pytest.approx(convert.DET_COPY_NOISE * np.std(tok_old), rel=0.2)
+    assert np.std(noise) == pytest.approx(init_from.DET_COPY_NOISE * np.std(tok_old), rel=0.2)
     # Seeded: the same seed gives the same copies, another seed others.
-    conv, _, _ = convert.load_params_dir(str(tmp_path / "ckpt"))
+    conv, _, _ = weights.load_params_dir(str(tmp_path / "ckpt"))
     fresh = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
-    again, report = convert.init_params_from(fresh, conv, None, seed=7)
+    again, report = init_from.init_params_from(fresh, conv, None, seed=7)
     np.testing.assert_array_equal(again["det_tokens"], tok_new)
-    other, _ = convert.init_params_from(fresh, conv, None, seed=8)
+    other, _ = init_from.init_params_from(fresh, conv, None, seed=8)
     assert not np.array_equal(other["det_tokens"][:, Q_OLD:], tok_new[:, Q_OLD:])
-    assert sorted(g.split(" ")[0] for g in report.grown) == sorted(convert.DET_TOKEN_LEAVES)
+    assert sorted(g.split(" ")[0] for g in report.grown) == sorted(init_from.DET_TOKEN_LEAVES)
     assert f"{Q_OLD} -> {Q_NEW} tokens" in str(report)
     # Everything else of the detector is taken as it is; the grown model runs.
     np.testing.assert_array_equal(grown["class_head"]["layers_2"]["kernel"], old["class_head"]["layers_2"]["kernel"])
     out = jax.jit(model.apply)({"params": grown}, jnp.zeros((1, 32, 48, 3)))
     assert out["logits"].shape == (1, Q_NEW, 4) and np.all(np.isfinite(np.asarray(out["boxes"])))
     # Fewer tokens than the checkpoint's: fresh, and reported as such.
-    small = convert.unflatten_params({k: v[:, :2] if k in convert.DET_TOKEN_LEAVES else v
-                                      for k, v in convert.flatten_params(fresh).items()})  # a 2-token model's tree
-    shrunk, report = convert.init_params_from(small, conv, None)
+    small = weights.unflatten_params({k: v[:, :2] if k in init_from.DET_TOKEN_LEAVES else v
+                                      for k, v in weights.flatten_params(fresh).items()})  # a 2-token model's tree
+    shrunk, report = init_from.init_params_from(small, conv, None)
     np.testing.assert_array_equal(shrunk["det_tokens"], small["det_tokens"])
     assert not report.grown and any(f.startswith("det_tokens (checkpoint") for f in report.fresh)

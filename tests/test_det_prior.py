@@ -207,15 +207,15 @@ def test_bad_prior_options_are_refused(fields, message):
 
 def test_prior_fields_survive_a_json_round_trip(tmp_path):
     """Checkpoints store the model config as JSON (lists); loading gives hashable tuples that rebuild."""
-    from yolos_jax import convert, evaluation
+    from yolos_jax import weights
 
     images, mask = _inputs()
     model = YOLOS(**TINY, **PRIORS)
     params = model.init(jax.random.PRNGKey(0), images, mask)["params"]
     cfg = json.loads(json.dumps(config_lib.model_config("ti", **TINY, **PRIORS).to_dict()))
     assert isinstance(cfg["det_reference_grid"], list)
-    convert.save_params_dir(str(tmp_path / "ckpt"), jax.tree.map(np.asarray, params), cfg)
-    loaded_params, loaded, _ = evaluation.load_model(str(tmp_path / "ckpt"))
+    weights.save_params_dir(str(tmp_path / "ckpt"), jax.tree.map(np.asarray, params), cfg)
+    loaded_params, loaded, _ = weights.load_model(str(tmp_path / "ckpt"))
     assert loaded.det_reference_grid == (2, 3) and loaded.det_attention_sigma == (0.7, 0.0, 1.5)
     want = model.apply({"params": params}, images, mask)
     got = loaded.apply({"params": loaded_params}, images, mask)

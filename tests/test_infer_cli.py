@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from yolos_jax import convert, draw
+from yolos_jax import draw, weights
 from yolos_jax.config import model_config
 from yolos_jax.data.transforms import eval_resize_hw
 from yolos_jax.yolos import YOLOS
@@ -39,7 +39,7 @@ def _fixed_answer_checkpoint(path):
     shapes = jax.eval_shape(lambda: YOLOS(**cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))["params"]
     rng = np.random.default_rng(0)
     flat = {k: rng.normal(scale=0.05, size=s.shape).astype(np.float32)
-            for k, s in convert.flatten_params(shapes).items()}
+            for k, s in weights.flatten_params(shapes).items()}
     x0, y0, x1, y1 = BOX_XYXY
     box = [(x0 + x1) / 2 / W, (y0 + y1) / 2 / H, (x1 - x0) / W, (y1 - y0) / H]  # normalised cx, cy, w, h
     flat["box_head/layers_2/kernel"][:] = 0.0
@@ -47,7 +47,7 @@ def _fixed_answer_checkpoint(path):
     bias = np.zeros(len(NAMES) + 1, np.float32)  # last = "no object"
     bias[LABEL] = 8.0
     flat["class_head/layers_2/bias"][:] = bias
-    convert.save_params_dir(str(path), convert.unflatten_params(flat), cfg,
+    weights.save_params_dir(str(path), weights.unflatten_params(flat), cfg,
                             {"label_names": NAMES, "eval_size": EVAL_SIZE})
 
 

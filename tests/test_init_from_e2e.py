@@ -1,6 +1,6 @@
 """`config.init_from` end to end through `train.py`: a DeiT-format backbone converted by
 `convert_torch_weights.py` initialises the backbone of the run; [DET] tokens, det position embeddings and
-heads start fresh (README "Training", yolos_jax/convert.py `init_params_from`).
+heads start fresh (README "Training", yolos_jax/init_from.py `init_params_from`).
 
 The run is configs/demo.py:smoke with 2 steps and a checkpoint after every step. Its linear warm-up starts
 at lr 0 (optim.warmup_steps=1: lr(step 0) = 0), so the first update is exactly zero and checkpoint 1
@@ -20,7 +20,7 @@ import torch
 
 import convert_torch_weights
 import reference_models as ref
-from yolos_jax import checkpointing, convert
+from yolos_jax import weights
 from yolos_jax.yolos import YOLOS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,9 +40,9 @@ def converted_backbone(tmp_path_factory):
     argv = [f"--source={root / 'deit_tiny_random.pth'}", f"--output={out}", "--variant=ti"]
     argv += [a for m in SMOKE_MODEL for a in ("--model", m)]
     assert convert_torch_weights.main(argv) == 0
-    params, model_cfg, meta = convert.load_params_dir(str(out))
+    params, model_cfg, meta = weights.load_params_dir(str(out))
     assert meta["kind"] == "backbone" and meta["source_format"] == "timm_vit"
-    return str(out), convert.flatten_params(params)
+    return str(out), weights.flatten_params(params)
 
 
 def test_train_py_init_from_converted_backbone(tmp_path, converted_backbone):
@@ -64,7 +64,7 @@ def test_train_py_init_from_converted_backbone(tmp_path, converted_backbone):
     assert proc.returncode == 0, f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
     # The run says what it took: every backbone leaf from the converted directory, the rest fresh.
-    backbone_keys = sorted(k for k in conv if convert.is_backbone_leaf(k))
+    backbone_keys = sorted(k for k in conv if weights.is_backbone_leaf(k))
     assert backbone_keys == sorted(conv)  # a backbone checkpoint holds nothing else
     line = re.search(r"init_from (\S+): converted kind 'backbone': taken (\d+) .*fresh (\d+)", output)
     assert line, output[-3000:]
@@ -73,17 +73,17 @@ def test_train_py_init_from_converted_backbone(tmp_path, converted_backbone):
 
     steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
     assert steps == [1, 2], steps
-    step1, model_cfg = checkpointing.load_params(str(workdir / "checkpoints" / "1"))
-    step2, _ = checkpointing.load_params(str(workdir / "checkpoints" / "2"))
-    step1, step2 = convert.flatten_params(step1), convert.flatten_params(step2)
+    step1, model_cfg, _ = weights.load_any(str(workdir / "checkpoints" / "1"))
+    step2, _, _ = weights.load_any(str(workdir / "checkpoints" / "2"))
+    step1, step2 = weights.flatten_params(step1), weights.flatten_params(step2)
     assert (model_cfg["hidden_size"], model_cfg["depth"], tuple(model_cfg["init_pe_size"])) == (32, 2, (64, 96))
 
     # What the model would start from without init_from: the trainer's fresh draw with config.seed (0).
     model = YOLOS(**model_cfg)
     fresh = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))()["params"]
-    fresh = {k: np.asarray(v) for k, v in convert.flatten_params(fresh).items()}
+    fresh = {k: np.asarray(v) for k, v in weights.flatten_params(fresh).items()}
     assert set(step1) == set(fresh)
-    non_backbone = sorted(k for k in fresh if not convert.is_backbone_leaf(k))
+    non_backbone = sorted(k for k in fresh if not weights.is_backbone_leaf(k))
     assert {"det_tokens", "pos_embed_det", "class_head/layers_2/kernel", "box_head/layers_0/kernel"} <= set(non_backbone)
     assert int(line.group(3)) == len(non_backbone)
 

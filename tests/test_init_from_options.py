@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from yolos_jax import convert
+from yolos_jax import init_from
 from yolos_jax.config import model_config
 from yolos_jax.yolos import YOLOS
 
@@ -25,7 +25,7 @@ def backbone():
 @pytest.mark.parametrize("options", [dict(window_size=2, rel_pos=True), dict(patch_embed="conv_stem"), dict(adapter=True)])
 def test_backbone_initialises_option_models(backbone, options):
     fresh = _params(**options)
-    out, report = convert.init_params_from(fresh, backbone, None, kind="backbone")
+    out, report = init_from.init_params_from(fresh, backbone, None, kind="backbone")
     np.testing.assert_array_equal(out["block_1"]["mlp"]["fc1"]["kernel"], backbone["block_1"]["mlp"]["fc1"]["kernel"])
     if options.get("rel_pos"):
         table = out["block_0"]["attn"]["rel_pos_h"]
@@ -41,7 +41,7 @@ def test_rel_pos_tables_of_another_length_are_resized():
     src = _params(window_size=2, rel_pos=True, global_blocks=(3,))
     dst = _params(window_size=4, rel_pos=True, global_blocks=(3,))
     src["block_0"]["attn"]["rel_pos_h"] = np.random.default_rng(0).normal(size=src["block_0"]["attn"]["rel_pos_h"].shape)
-    out, report = convert.init_params_from(dst, src, None, kind="backbone")
+    out, report = init_from.init_params_from(dst, src, None, kind="backbone")
     assert out["block_0"]["attn"]["rel_pos_h"].shape == dst["block_0"]["attn"]["rel_pos_h"].shape
     assert src["block_0"]["attn"]["rel_pos_h"].shape != dst["block_0"]["attn"]["rel_pos_h"].shape
     assert any(r.startswith("block_0/attn/rel_pos_h") for r in report.resized)

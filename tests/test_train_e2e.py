@@ -54,9 +54,9 @@ def _train(workdir, data_root, env, *overrides, check=True):
 
 
 def _final_params(workdir):
-    from yolos_jax import checkpointing
+    from yolos_jax import weights
 
-    params, _ = checkpointing.load_params(str(workdir))
+    params, _, _ = weights.load_any(str(workdir))
     import jax
 
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}

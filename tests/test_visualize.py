@@ -190,13 +190,13 @@ def test_list_images_errors(tmp_path):
 
 def test_run_inference_with_a_converted_tiny_checkpoint(tmp_path):
     """infer.py's logic with the real Detector on a tiny random model: files come out, limits hold."""
-    from yolos_jax import convert
+    from yolos_jax import weights
 
     cfg = model_config("s", hidden_size=32, depth=2, num_heads=2, num_det_tokens=6, num_classes=3,
                        init_pe_size=(64, 96), mid_pe_size=None).to_dict()
     params = jax.tree.map(np.asarray, random_params(YOLOS(**cfg), (64, 96)))
     ckpt = tmp_path / "ckpt"
-    convert.save_params_dir(str(ckpt), params, cfg, {"label_names": ["a", "b", "c"], "eval_size": 64})
+    weights.save_params_dir(str(ckpt), params, cfg, {"label_names": ["a", "b", "c"], "eval_size": 64})
     img_dir = tmp_path / "imgs"
     img_dir.mkdir()
     for i, (h, w) in enumerate([(60, 90), (80, 120)]):  # both resize to 64x96: one compilation
@@ -219,7 +219,7 @@ def test_run_inference_with_a_converted_tiny_checkpoint(tmp_path):
 def test_make_figures_on_a_tiny_model(tmp_path_factory, tmp_path):
     import ml_collections
 
-    from yolos_jax import convert, data, evaluation
+    from yolos_jax import data, evaluation, weights
 
     # The same prepared synthetic set as test_evaluation's fixture (one preparation per session).
     cfg = data.synthetic_input_config(str(tmp_path_factory.getbasetemp() / "synth_eval"), num_train=4, num_val=10)
@@ -227,7 +227,7 @@ def test_make_figures_on_a_tiny_model(tmp_path_factory, tmp_path):
     model_cfg = model_config("s", hidden_size=32, depth=2, num_heads=2, num_det_tokens=6,
                              num_classes=label_map.num_classes, init_pe_size=(64, 96), mid_pe_size=None).to_dict()
     params = jax.tree.map(np.asarray, random_params(YOLOS(**model_cfg), (64, 96), scale=0.3))
-    convert.save_params_dir(str(tmp_path / "ckpt"), params, model_cfg)
+    weights.save_params_dir(str(tmp_path / "ckpt"), params, model_cfg)
     config = ml_collections.ConfigDict({"input": cfg.to_dict(), "eval": evaluation.default_eval_config().to_dict()})
     out = tmp_path / "figs"
     written = visualize.make_figures(config, str(tmp_path / "ckpt"), str(out), num_tokens=4, attention_images=2,

@@ -1,4 +1,4 @@
-"""Training checkpoints with orbax `CheckpointManager`, and parameter loading for evaluation/inference.
+"""Training checkpoints with orbax `CheckpointManager`: save, resume, and reading a step's params and config.
 
 A training checkpoint is `WORKDIR/checkpoints/<step>/` with four items:
   params/     the Flax params tree (StandardSave; restorable alone, which eval and inference do)
@@ -16,14 +16,12 @@ import json
 import os
 from typing import Any, Optional
 
-import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
 from yolos_jax import config as config_lib
 
 CHECKPOINT_SUBDIR = "checkpoints"
-CONVERTED_MARKER = "yolos_jax.json"
 
 
 def default_checkpoint_config() -> ml_collections.ConfigDict:
@@ -101,58 +99,38 @@ class Checkpointer:
         self.manager.close()
 
 
-def find_checkpoint(path: str) -> tuple[str, Optional[int]]:
-    """Resolves `path` to ('converted', None) or ('training', step) with the checkpoint directory.
-
-    Accepts a converted-weights directory, a training workdir (its latest step), the workdir's
-    `checkpoints/` directory, or one `checkpoints/<step>` directory.
-    """
+def find_step(path: str) -> Optional[tuple[str, int]]:
+    """(checkpoints directory, step) of a training checkpoint path: a workdir (its latest finalised step), its
+    `checkpoints/` directory or one `checkpoints/<step>` directory; None if `path` holds none (converted
+    directories are `weights`' to resolve)."""
     path = os.path.abspath(path)
-    if os.path.exists(os.path.join(path, CONVERTED_MARKER)):
-        return path, None
-    candidates = [os.path.join(path, CHECKPOINT_SUBDIR), path]
     base = os.path.basename(path.rstrip("/"))
     if base.isdigit() and os.path.isdir(os.path.join(path, "params")):
         return os.path.dirname(path), int(base)
-    for directory in candidates:
+    for directory in (os.path.join(path, CHECKPOINT_SUBDIR), path):
         if os.path.isdir(directory):
             steps = [int(d) for d in os.listdir(directory) if d.isdigit() and os.path.isdir(os.path.join(directory, d, "params"))]
             if steps:
                 return directory, max(steps)
-    raise FileNotFoundError(
-        f"no checkpoint found at {path}: expected a converted-weights directory (with {CONVERTED_MARKER}; "
-        "create one with convert_torch_weights.py --source=... --output=DIR), "
-        f"a training workdir (with {CHECKPOINT_SUBDIR}/<step>/), or a checkpoint step directory"
-    )
+    return None
 
 
-def workdir_of(path: str) -> Optional[str]:
-    """The training workdir a checkpoint path (workdir, its checkpoints/, or checkpoints/<step>) belongs to;
-    None for converted checkpoints."""
-    directory, step = find_checkpoint(path)
-    if step is None or os.path.basename(directory) != CHECKPOINT_SUBDIR:
-        return None
-    return os.path.dirname(directory)
+def _resolve(path: str) -> tuple[str, int]:
+    found = find_step(path)
+    if found is None:
+        raise FileNotFoundError(f"no training checkpoint at {path}: expected a workdir (with {CHECKPOINT_SUBDIR}/<step>/), "
+                                "its checkpoints/ directory or one checkpoint step directory")
+    return found
 
 
-def load_params(path: str) -> tuple[Any, dict]:
-    """Loads (params, model_config dict) from a converted directory or a training checkpoint.
+def restore_params(directory: str, step: int) -> tuple[Any, dict, dict]:
+    """(params, model_config, meta) of the training checkpoint `directory`/`step` (see `find_step`); only the
+    parameters and the run config are read (not the optimiser state), the arrays land on the default device.
 
-    Only the parameters are read (not the optimiser state); arrays come back on the default device.
+    meta: 'kind' ('detector'), 'step', 'eval_size', 'max_size' (None when uncapped), 'label_names', 'label_map'
+    (a `LabelMap.to_dict()`, None before it was recorded) and 'dataset' (the run's input.dataset_name,
+    data_dir, label_mode, val_split). `weights.load_any` is the loader of every checkpoint kind.
     """
-    params, model_cfg, _ = load_params_and_meta(path)
-    return params, model_cfg
-
-
-def load_params_and_meta(path: str) -> tuple[Any, dict, dict]:
-    """(params, model_config, meta) where meta has 'kind', 'eval_size', 'max_size', 'label_names', 'step'; for
-    training checkpoints also 'label_map' (a `LabelMap.to_dict()`, None before it was recorded) and 'dataset'
-    (the run's input.dataset_name, data_dir, label_mode, val_split)."""
-    directory, step = find_checkpoint(path)
-    if step is None:
-        from yolos_jax import convert  # converted weights: format owned by the converter
-
-        return convert.load_params_dir(directory)
     manager = ocp.CheckpointManager(directory, item_names=("params", "train", "data", "config"))
     restored = manager.restore(
         step, args=ocp.args.Composite(params=ocp.args.StandardRestore(), config=ocp.args.JsonRestore())
@@ -179,23 +157,8 @@ def load_params_and_meta(path: str) -> tuple[Any, dict, dict]:
 
 def restore_config(path: str) -> dict:
     """The run config (JSON) saved with a training checkpoint: workdir, checkpoints/ or checkpoints/<step>."""
-    directory, step = find_checkpoint(path)
-    if step is None:
-        raise ValueError(f"{path} is a converted checkpoint, not a training one")
+    directory, step = _resolve(path)
     manager = ocp.CheckpointManager(directory, item_names=("params", "train", "data", "config"))
     restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     manager.close()
     return restored["config"]
-
-
-def restore_data_state(path: str) -> dict:
-    directory, step = find_checkpoint(path)
-    manager = ocp.CheckpointManager(directory, item_names=("params", "train", "data", "config"))
-    restored = manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
-    manager.close()
-    return restored["data"]
-
-
-def host_local(tree: Any) -> Any:
-    """Fully addressable numpy copy of a (replicated or sharded) pytree, for logging and tests."""
-    return jax.tree.map(lambda x: jax.device_get(x), tree)

@@ -31,21 +31,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from yolos_jax import convert
+from yolos_jax import weights
+from yolos_jax.data import transforms as T
+from yolos_jax.data.labels import UNUSED_NAME
 from yolos_jax.yolos import YOLOS
-
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 def _cfg_key(model_cfg: Mapping[str, Any]) -> str:
-    return json.dumps(convert._json_model_cfg(model_cfg), sort_keys=True)
+    return json.dumps(weights.model_cfg_json(model_cfg), sort_keys=True)
 
 
 @functools.lru_cache(maxsize=16)
 def _forward_fn(cfg_key: str):
     """One jitted forward per model config, shared by every Detector with that config (jit caches per shape)."""
-    model = YOLOS(**convert._cfg_dict(json.loads(cfg_key)))
+    model = YOLOS(**weights.model_cfg_dict(json.loads(cfg_key)))
 
     def forward(params, pixel_values, pixel_mask):
         out = model.apply({"params": params}, pixel_values, pixel_mask)
@@ -93,7 +92,7 @@ class Detector:
         max_size: Optional[int] = None,
         label_names: Optional[Sequence[str]] = None,
     ):
-        cfg = convert._cfg_dict(model_cfg)
+        cfg = weights.model_cfg_dict(model_cfg)
         missing = [k for k in ("class_head", "box_head", "det_tokens") if k not in params]
         if missing:
             raise ValueError(
@@ -108,8 +107,6 @@ class Detector:
         if self.label_names is not None and len(self.label_names) > cfg["num_classes"]:
             raise ValueError(f"label_names has {len(self.label_names)} names for {cfg['num_classes']} classes")
         if self.label_names is not None:  # logits no category uses (a 91-way head on fewer classes): 'N/A'
-            from yolos_jax.data.labels import UNUSED_NAME
-
             self.label_names += [UNUSED_NAME] * (cfg["num_classes"] - len(self.label_names))
         self._forward = _forward_fn(_cfg_key(cfg))
 
@@ -130,14 +127,7 @@ class Detector:
         config, or the variant's: 512 for Ti, else 800); label_names to the checkpoint's (HF id2label).
         model_overrides replace `YOLOS` fields that do not change parameters (dtype, attention_impl).
         """
-        from yolos_jax import checkpointing
-
-        params, cfg, meta = checkpointing.load_params_and_meta(path)
-        if meta.get("kind") != "detector":
-            raise ValueError(
-                f"{path} holds a {meta.get('kind')!r} checkpoint; Detector needs a 'detector' one (converted from "
-                "a trained YOLOS, or saved after training)"
-            )
+        params, cfg, meta = weights.load_any(path, require_detector=True)
         cfg.update(model_overrides)
         return cls(
             params,
@@ -173,8 +163,6 @@ class Detector:
     def preprocess(self, images: ImageBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """uint8 RGB images -> (pixel_values [B, H, W, 3] float32, pixel_mask [B, H, W] bool,
         sizes [B, 2] int32 (h, w) of each resized, un-padded image)."""
-        from yolos_jax.data import transforms as T
-
         images = _as_image_list(images)
         resized = []
         for im in images:

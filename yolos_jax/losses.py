@@ -106,7 +106,7 @@ def set_loss(outputs: Mapping[str, Any], targets: Mapping[str, jax.Array], loss_
         raise ValueError(
             f"set_loss: {m} target slots per image but only {q} queries: every box beyond {q} would be dropped "
             f"without a word. Set config.input.max_boxes <= config.model.num_det_tokens (raise num_det_tokens "
-            "for dense scenes: a converted checkpoint's [DET] tokens grow, see convert.init_params_from)")
+            "for dense scenes: a converted checkpoint's [DET] tokens grow, see init_from.init_params_from)")
     valid = targets.get("valid")
     image_weight = None  # [B] float32 1/0 per image, or None: every image counts
     if valid is not None:

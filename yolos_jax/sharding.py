@@ -48,6 +48,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def place_host(tree: Any, shardings: Any) -> Any:
+    """Host (numpy) tree -> global jax arrays laid out by `shardings` (one Sharding for every leaf, or a tree of
+    them shaped like `tree`); each process supplies its addressable pieces, nothing goes through one device."""
+
+    def one(x, s):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: one(x, shardings), tree)
+    return jax.tree.map(one, tree, shardings)
+
+
 def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
     """Split the largest dimension divisible by `fsdp_size`; replicate small or indivisible arrays."""
     if fsdp_size <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:

@@ -124,9 +124,9 @@ def input_config_for_checkpoint(input_cfg: ml_collections.ConfigDict, checkpoint
     """`prepare_input_config` for eval/inference/figures: '{workdir}' in the data paths (configs/demo.py) is
     `workdir`, else the training workdir that holds `checkpoint` (e.g. WORKDIR/checkpoints/800). Raises,
     before any data is generated, if `checkpoint` holds no checkpoint or no workdir is known."""
-    from yolos_jax import checkpointing
+    from yolos_jax import weights
 
-    found = checkpointing.workdir_of(checkpoint)  # FileNotFoundError naming the path if there is none
+    found = weights.workdir_of(checkpoint)  # FileNotFoundError naming the path if there is none
     uses_workdir = any("{workdir}" in str(input_cfg.get(k) or "") for k in ("data_dir", "source_dir"))
     if not uses_workdir:
         return input_cfg
@@ -145,8 +145,8 @@ def check_resumable_model(checkpoint_dir: str, model_cfg: ml_collections.ConfigD
     (e.g. FP-DETR's insert block), which would silently switch models mid-run. Only dtype, attention_impl and
     remat may change on resume."""
     from yolos_jax import config as config_lib
-    from yolos_jax import convert
-    from yolos_jax.evaluation import RUNTIME_MODEL_FIELDS
+    from yolos_jax import weights
+    from yolos_jax.weights import RUNTIME_MODEL_FIELDS
 
     stored = checkpointing.restore_config(checkpoint_dir).get("model")
     if not stored:
@@ -157,7 +157,7 @@ def check_resumable_model(checkpoint_dir: str, model_cfg: ml_collections.ConfigD
                if k not in RUNTIME_MODEL_FIELDS and stored[k] != current.get(k)]
     if not changed:
         return
-    shapes = convert.expected_param_shapes(stored) == convert.expected_param_shapes(current)
+    shapes = weights.expected_param_shapes(stored) == weights.expected_param_shapes(current)
     raise ValueError(
         f"{checkpoint_dir} holds checkpoints of a different model "
         f"({'same parameter shapes, computed differently' if shapes else 'parameter shapes differ'}): "
@@ -355,27 +355,17 @@ def dense_scene_warning(num_objects: np.ndarray, max_boxes: int, num_det_tokens:
 # --------------------------------------------------------------------------------------------------
 
 
-def _place(tree: Any, shardings: Any) -> Any:
-    """Host numpy tree -> global arrays with `shardings` (each process supplies its addressable pieces)."""
-
-    def one(x, s):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
-
-    return jax.tree.map(one, tree, shardings)
-
-
 def _init_from_converted(
     path: str, model: YOLOS, model_cfg: ml_collections.ConfigDict, seed: int, image_hw, shardings
 ) -> Any:
-    from yolos_jax import convert
+    from yolos_jax import init_from, weights
 
     fresh = jax.device_get(jax.jit(lambda: model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *image_hw, 3))))())
-    converted, _, _ = convert.load_params_dir(path)
-    params, report = convert.init_params_from(fresh["params"], converted, model_cfg.to_dict(), seed=seed)
+    converted, _, _ = weights.load_params_dir(path)
+    params, report = init_from.init_params_from(fresh["params"], converted, model_cfg.to_dict(), seed=seed)
     if jax.process_index() == 0:
         log.info("init_from %s: %s", path, report)
-    return _place(params, shardings)
+    return sharding.place_host(params, shardings)
 
 
 # --------------------------------------------------------------------------------------------------

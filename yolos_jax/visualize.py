@@ -359,11 +359,11 @@ def run_inference(checkpoint: str, inputs: Sequence[str], out_dir: str, *, thres
     conversion or by the training run), else the label numbers. eval_size: the argument, else the
     checkpoint's (with its max size), else config.eval.eval_size, else 800.
     """
-    from yolos_jax import evaluation
+    from yolos_jax import evaluation, weights
     from yolos_jax.inference import Detector
 
     paths = list_images(inputs)
-    params, model_cfg, meta = evaluation.load_checkpoint(checkpoint)
+    params, model_cfg, meta = weights.load_any(checkpoint, require_detector=True)
     from yolos_jax.data.labels import LabelMap
 
     names = meta.get("label_names")
@@ -398,16 +398,16 @@ def make_figures(config: Any, checkpoint: str, out_dir: str, *, max_images: int 
     """
     import jax
 
-    from yolos_jax import draw, evaluation
-    from yolos_jax.inference import IMAGENET_MEAN, IMAGENET_STD
+    from yolos_jax import coco_eval, draw, evaluation, speed, weights
+    from yolos_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     from yolos_jax import trainer
 
     input_cfg = trainer.input_config_for_checkpoint(config.input, checkpoint)
-    params, model, meta = evaluation.load_model(checkpoint)
+    params, model, meta = weights.load_model(checkpoint)
     evaluator = evaluation.Evaluator(config.eval, input_cfg, model)
     evaluation.check_label_map(evaluator.label_map, model.num_classes, meta)
-    params = evaluation.place_params(params, evaluator.mesh)
+    params = evaluator.place(params)
     pred = evaluator.predict(params, max_images=max_images)
     written: dict[str, list[str]] = {"centers": [], "categories": [], "attention": []}
     if jax.process_index() != 0:
@@ -435,10 +435,10 @@ def make_figures(config: Any, checkpoint: str, out_dir: str, *, max_images: int 
 
         batch = data.with_host_image(batch)
         h, w = (int(v) for v in batch["size"][0])
-        image = evaluation.normalized(batch["image"][:1, :h, :w])  # un-padded: the grid is the image's
+        image = speed.normalized(batch["image"][:1, :h, :w])  # un-padded: the grid is the image's
         res = attention_weights(model, params, image)
         maps = det_token_maps(res["attention"], res["grid"], model.num_det_tokens)[0]  # [heads, Q, gh, gw]
-        scores, labels, boxes = (np.asarray(v)[0] for v in evaluation.postprocess(
+        scores, labels, boxes = (np.asarray(v)[0] for v in coco_eval.postprocess(
             res["logits"], res["boxes"], np.asarray([[h, w]])))
         rgb = draw.to_uint8(image[0], IMAGENET_MEAN, IMAGENET_STD)
         image_id = int(batch["image_id"][0])

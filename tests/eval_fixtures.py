@@ -1,0 +1,47 @@
+"""Helpers shared by the evaluation tests: a COCO-format ground truth, random model params, a float64 post-processing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+# Non-contiguous category ids on purpose (the mapping must round-trip through them).
+CATEGORIES = [{"id": 3, "name": "square"}, {"id": 7, "name": "disk"}, {"id": 42, "name": "triangle"}]
+
+
+def make_coco_gt(num_images=6, seed=0):
+    """A COCO-format ground truth with small, medium and large boxes of 3 non-contiguous categories."""
+    rng = np.random.default_rng(seed)
+    images, anns = [], []
+    aid = 1
+    for k in range(num_images):
+        iid = 100 + 7 * k  # non-contiguous image ids too
+        h, w = (480, 640) if k % 2 == 0 else (427, 320)
+        images.append({"id": iid, "height": h, "width": w, "file_name": f"{iid}.jpg"})
+        for side in (20, 60, 150, 250)[: 2 + k % 3]:  # < 32^2, 32^2..96^2, > 96^2 areas
+            bw, bh = side * rng.uniform(0.8, 1.2), side * rng.uniform(0.8, 1.2)
+            x, y = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+            cat = CATEGORIES[int(rng.integers(len(CATEGORIES)))]["id"]
+            anns.append({"id": aid, "image_id": iid, "category_id": cat, "bbox": [x, y, bw, bh],
+                         "area": bw * bh, "iscrowd": 0})
+            aid += 1
+    return {"images": images, "annotations": anns, "categories": CATEGORIES}
+
+
+def random_params(model, image_hw, seed=0, scale=0.05):
+    """Random params of `model` without running its initialisers (eval_shape only: no compilation)."""
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *image_hw, 3)))["params"]
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(scale=scale, size=s.shape).astype(np.float32)), shapes)
+
+
+def numpy_postprocess(logits, boxes, orig_size):
+    """float64 reference of DETR's PostProcess."""
+    x = logits.astype(np.float64)
+    p = np.exp(x - x.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    p = p[..., :-1]
+    cx, cy, w, h = np.moveaxis(boxes.astype(np.float64), -1, 0)
+    xyxy = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+    hh, ww = orig_size[:, 0].astype(np.float64), orig_size[:, 1].astype(np.float64)
+    return p.max(-1), p.argmax(-1), xyxy * np.stack([ww, hh, ww, hh], -1)[:, None]

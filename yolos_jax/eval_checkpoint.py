@@ -1,0 +1,74 @@
+"""What eval.py does: `evaluate_checkpoint(config, checkpoint, out_dir)` (COCO AP, optionally speed and COCO-C).
+
+The checkpoint defines the model (`weights.load_any`); `config.model` contributes only the fields that change how
+it computes (`weights.RUNTIME_MODEL_FIELDS`), `config.eval` / `config.input` the protocol and the data.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Optional
+
+import jax
+import ml_collections
+
+from yolos_jax import atomic, weights
+from yolos_jax import config as config_lib
+from yolos_jax.evaluation import Evaluator, check_label_map
+from yolos_jax.robustness import run_robustness
+from yolos_jax.speed import count_params, run_speed
+from yolos_jax.yolos import YOLOS
+
+
+def runtime_overrides(model_cfg: Optional[Mapping[str, Any]], checkpoint_cfg: Mapping[str, Any]) -> tuple[dict, list]:
+    """(overrides, ignored): config.model's runtime fields to apply to a checkpoint's model, and the names of
+    the other config.model fields whose values differ from the checkpoint's (the checkpoint's are used)."""
+    if not model_cfg:
+        return {}, []
+    model_cfg = config_lib.sequence_fields_as_tuples(model_cfg.to_dict() if hasattr(model_cfg, "to_dict")
+                                                     else dict(model_cfg))
+    overrides = {k: model_cfg[k] for k in weights.RUNTIME_MODEL_FIELDS if k in model_cfg}
+    ignored = sorted(k for k, v in model_cfg.items()
+                     if k not in weights.RUNTIME_MODEL_FIELDS and k in checkpoint_cfg and checkpoint_cfg[k] != v)
+    return overrides, ignored
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, out_dir: str, *, speed: bool = False,
+                        robustness: bool = False, model_name: Optional[str] = None,
+                        skip_clean: bool = False) -> dict:
+    """What `eval.py` does: COCO evaluation of `checkpoint` on the val split of `config.input`.
+
+    Writes out_dir/metrics.json and out_dir/detections.json; with `speed` also out_dir/speed.json and the
+    Tables 4-6 row; with `robustness` out_dir/robustness/... (COCO-C). Returns
+    {'metrics': ..., 'speed': ... | None, 'robustness': ... | None}.
+    """
+    params, ckpt_cfg, meta = weights.load_any(checkpoint, require_detector=True)
+    overrides, ignored = runtime_overrides(config.get("model"), ckpt_cfg)
+    model = YOLOS(**{**ckpt_cfg, **overrides})
+    if ignored and jax.process_index() == 0:
+        print(f"note: the checkpoint defines the model; config.model's {', '.join(ignored)} differ(s) from it and "
+              f"is not used (only {', '.join(weights.RUNTIME_MODEL_FIELDS)} are taken from config.model)", flush=True)
+    evaluator = Evaluator(config.eval, config.input, model)
+    check_label_map(evaluator.label_map, model.num_classes, meta)
+    trained_on = (meta.get("dataset") or {}).get("dataset_name")
+    if trained_on and trained_on != config.input.dataset_name and jax.process_index() == 0:
+        print(f"note: the checkpoint was trained on dataset '{trained_on}', this evaluates "
+              f"'{config.input.dataset_name}' (same categories)", flush=True)
+    params = evaluator.place(params)
+    is_main = jax.process_index() == 0
+    if is_main:
+        print(f"evaluating {checkpoint} ({count_params(params) / 1e6:.1f}M params) -> {out_dir}", flush=True)
+    result: dict[str, Any] = {"metrics": None, "speed": None, "robustness": None}
+    if not skip_clean:
+        result["metrics"] = evaluator.run(params, out_dir)
+    if speed:
+        name = model_name or meta.get("variant") or os.path.basename(os.path.normpath(checkpoint))
+        ap = result["metrics"]["AP"] if result["metrics"] else None
+        row = run_speed(evaluator, params, model_name=str(name), ap=ap)
+        if is_main:
+            atomic.write_json_atomic(os.path.join(out_dir, "speed.json"), row, indent=2)
+        result["speed"] = row
+    if robustness:
+        result["robustness"] = run_robustness(evaluator, params, os.path.join(out_dir, "robustness"),
+                                              clean=result["metrics"])
+    return result
