@@ -14,6 +14,7 @@ Config overrides as in training, e.g. --config.eval.max_images=500. The logic is
 
 import os
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -34,7 +35,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
         raise app.UsageError("give exactly one of --workdir and --checkpoint")
-    from yolos_jax import runtime
+    from yolos_jax import runtime  # imported here, as the rest: setup_host() runs before jax and TF are used
 
     runtime.setup_host()
     from yolos_jax import eval_checkpoint, trainer
@@ -43,8 +44,6 @@ def main(argv):
     path = FLAGS.workdir or FLAGS.checkpoint
     out = FLAGS.out or (os.path.join(FLAGS.workdir, "eval") if FLAGS.workdir
                         else f"eval_{os.path.basename(os.path.normpath(FLAGS.checkpoint))}")
-    import ml_collections
-
     config = ml_collections.ConfigDict(FLAGS.config.to_dict())
     try:  # '{workdir}' in data paths (configs/demo.py) is the training workdir of the checkpoint
         config.input = trainer.input_config_for_checkpoint(config.input, path, FLAGS.workdir)

@@ -24,12 +24,14 @@ C + 1 logits; score and label = max / argmax over the C real classes ("no object
 from __future__ import annotations
 
 import functools
+import io
 import json
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from yolos_jax import weights
 from yolos_jax.data import transforms as T
@@ -218,10 +220,6 @@ def read_image_rgb(source: Union[str, bytes]) -> np.ndarray:
     """uint8 [H, W, 3] RGB of an image file path or its bytes, as the training pipeline decodes it (TF): grey,
     palette and alpha images are converted to RGB, and 16-bit images keep their high byte (PIL's own
     convert('RGB') would clip them to 255)."""
-    import io
-
-    from PIL import Image
-
     with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:
         if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16-bit grey (PIL reads 16-bit PNGs as these)
             grey = (np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)

@@ -182,7 +182,7 @@ def find_checkpoint(path: str) -> tuple[str, Optional[int]]:
     training checkpoint: a workdir (its latest step), its `checkpoints/` directory or one `checkpoints/<step>`.
     Raises FileNotFoundError naming what was expected."""
     path = os.path.abspath(path)
-    if os.path.exists(os.path.join(path, META_FILE)):
+    if is_converted_dir(path):
         return path, None
     found = checkpointing.find_step(path)
     if found is not None:

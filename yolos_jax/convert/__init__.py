@@ -45,8 +45,8 @@ from yolos_jax.convert.detectors import convert_hf_yolos, convert_original
 from yolos_jax.convert.keymaps import DEFAULT_EVAL_SIZE, Converted, hf_vit_to_timm_names, infer_variant
 from yolos_jax.convert.readers import ConversionError, Source, detect_format, read_checkpoint
 from yolos_jax.weights import (
-    FORMAT, META_FILE, VERSION, expected_param_shapes, flatten_params, is_backbone_leaf, model_cfg_json,
-    save_params_dir, unflatten_params,
+    FORMAT, META_FILE, VERSION, expected_param_shapes, flatten_params, is_backbone_leaf, is_converted_dir,
+    model_cfg_json, save_params_dir, unflatten_params,
 )
 
 __all__ = [
@@ -137,6 +137,6 @@ def _check_output(source: str, output: str, overwrite: bool) -> None:
         return
     if not overwrite:
         raise FileExistsError(f"{output} already exists; pass --overwrite to replace it")
-    if not os.path.isfile(os.path.join(output, META_FILE)):
+    if not is_converted_dir(output):
         raise FileExistsError(f"{output} exists and is not a converted checkpoint (no {META_FILE} in it): "
                               "--overwrite only replaces an earlier conversion; choose another --output")
