@@ -85,8 +85,10 @@ def _join_id(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
 class Evaluator:
     """COCO evaluation of a YOLOS model on the val split (big_vision-style evaluator object).
 
-    `Evaluator(eval_cfg, input_cfg, model, mesh=None)`; then `run(params, out_dir) -> metrics` as often as
-    needed (the jitted predict function is built once and cached; XLA compiles once per canvas shape).
+    `Evaluator(eval_cfg, input_cfg, model, mesh=None)`; `params = evaluator.place(host_params)`; then
+    `run(params, out_dir) -> metrics` as often as needed (the jitted predict function is built once and cached;
+    XLA compiles once per canvas shape). The speed protocol (`speed.run_speed`) and COCO-C
+    (`robustness.run_robustness`) run on an evaluator too.
 
     Args:
       eval_cfg: `config.eval` (see `default_eval_config`).
