@@ -280,5 +280,13 @@ def numpy_yolos(
     return {"logits": mlp(out, "class_labels_classifier"), "boxes": scipy.special.expit(mlp(out, "bbox_predictor"))}
 
 
+def torch_linear_resize(table: np.ndarray, length: int) -> np.ndarray:
+    """[L, C] -> [length, C] with F.interpolate(mode='linear', align_corners=False), float64."""
+    if table.shape[0] == length:
+        return table.astype(np.float64)
+    t = torch.from_numpy(table.astype(np.float64)).T[None]  # [1, C, L]
+    return F.interpolate(t, size=length, mode="linear", align_corners=False)[0].T.numpy()
+
+
 def max_abs(a: Any, b: Any) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))

@@ -1,17 +1,15 @@
-"""The chunked CPU attention and its hand-written (flash-attention style) backward, and the custom-JVP
-GELU, against float64 numpy references: outputs and gradients, with and without key masks, token counts
-that are and are not multiples of the query chunk, a batch element without any valid key, bf16 inputs,
-under jit, and through a whole YOLOS with per-block rematerialisation."""
+"""The attention kernels (yolos_jax/attention.py): the chunked CPU attention and its hand-written
+(flash-attention style) backward against float64 numpy references: outputs and gradients, with and
+without key masks, token counts that are and are not multiples of the query chunk, a batch element
+without any valid key, bf16 inputs, under jit, and through a whole YOLOS with per-block
+rematerialisation."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import scipy.special
-import torch
-import torch.nn.functional as F
 
-from yolos_jax import vit
+from yolos_jax import attention
 
 
 def reference_attention(q, k, v, key_mask, d_out):
@@ -64,7 +62,7 @@ def _masks(batch, keys):
 
 def _vjp_heads_major(q, k, v, key_mask, d_out, chunk, jit=True):
     mask = None if key_mask is None else jnp.asarray(key_mask)
-    f = lambda q, k, v: vit.attention_heads_major(q, k, v, mask, chunk)  # noqa: E731
+    f = lambda q, k, v: attention.attention_heads_major(q, k, v, mask, chunk)  # noqa: E731
     if jit:
         f = jax.jit(f)
     out, vjp = jax.vjp(f, q, k, v)
@@ -75,7 +73,7 @@ def _vjp_qkv(q, k, v, key_mask, d_out, chunk):
     """`chunked_self_attention` from [B, T, 3, H, Dh], gradients returned head-major as the reference's."""
     mask = None if key_mask is None else jnp.asarray(key_mask)
     qkv = jnp.stack([jnp.swapaxes(jnp.asarray(a), 1, 2) for a in (q, k, v)], axis=2)
-    out, vjp = jax.vjp(jax.jit(lambda x: vit.chunked_self_attention(x, mask, chunk)), qkv)
+    out, vjp = jax.vjp(jax.jit(lambda x: attention.chunked_self_attention(x, mask, chunk)), qkv)
     (d_qkv,) = vjp(jnp.swapaxes(jnp.asarray(d_out, out.dtype), 1, 2))
     return (jnp.swapaxes(out, 1, 2), *(jnp.swapaxes(d_qkv[:, :, i], 1, 2) for i in range(3)))
 
@@ -141,53 +139,20 @@ def test_chunked_attention_forward_equals_einsum_form():
     normalised after the second matmul), to float32 rounding."""
     q, k, v, _ = _inputs(3, 2, 3, 333, 64)
     key_mask = _masks(2, 333)["padded"]
-    a = vit.attention_heads_major(q, k, v, jnp.asarray(key_mask), 128)
-    b = vit.attention_heads_major(q, k, v, jnp.asarray(key_mask), None)
+    a = attention.attention_heads_major(q, k, v, jnp.asarray(key_mask), 128)
+    b = attention.attention_heads_major(q, k, v, jnp.asarray(key_mask), None)
     assert float(jnp.abs(a - b).max()) <= 1e-6
 
 
-def test_chunked_self_attention_module_gradients():
-    """SelfAttention's parameter and input gradients through 'chunked' equal those through 'einsum'."""
-    rng = np.random.default_rng(4)
-    x = jnp.asarray(rng.standard_normal((2, 290, 48)).astype(np.float32))
-    key_mask = jnp.asarray(_masks(2, 290)["padded"])
-    layers = {impl: vit.SelfAttention(3, attention_impl=impl) for impl in ("chunked", "einsum")}
-    params = layers["einsum"].init(jax.random.PRNGKey(0), x, key_mask)
-    w = jnp.asarray(rng.standard_normal((2, 290, 48)).astype(np.float32))
-    grads = {}
-    for impl, layer in layers.items():
-        loss = lambda p, x, layer=layer: jnp.sum(layer.apply(p, x, key_mask) * w)  # noqa: E731
-        grads[impl] = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
-    for a, b in zip(jax.tree.leaves(grads["chunked"]), jax.tree.leaves(grads["einsum"])):
-        assert float(jnp.abs(a - b).max()) <= 1e-5 * max(float(jnp.abs(b).max()), 1.0)
-
-
-# --------------------------------------------------------------------------------------------------
-# GELU
-# --------------------------------------------------------------------------------------------------
-
-
-def test_gelu_matches_exact_gelu_and_torch():
-    x64 = np.concatenate([np.linspace(-12, 12, 4001), np.random.default_rng(5).standard_normal(1000) * 3])
-    cdf = 0.5 * scipy.special.erfc(-x64 / np.sqrt(2))
-    pdf = np.exp(-0.5 * x64**2) / np.sqrt(2 * np.pi)
-    want, want_slope = x64 * cdf, cdf + x64 * pdf
-    x = jnp.asarray(x64, jnp.float32)
-    y, slope = jax.vmap(jax.value_and_grad(vit.gelu))(x)
-    assert float(np.abs(np.asarray(y, np.float64) - want).max()) <= 2e-6
-    assert float(np.abs(np.asarray(slope, np.float64) - want_slope).max()) <= 2e-6
-    assert float(np.abs(np.asarray(y) - np.asarray(jax.nn.gelu(x, approximate=False))).max()) <= 2e-6
-    xt = torch.from_numpy(np.array(x)).requires_grad_(True)
-    yt = F.gelu(xt)
-    yt.sum().backward()
-    assert float(np.abs(np.asarray(y) - yt.detach().numpy()).max()) <= 2e-6
-    assert float(np.abs(np.asarray(slope) - xt.grad.numpy()).max()) <= 2e-6
-    # second order (custom_jvp stays differentiable) and bf16 in, bf16 out
-    points = np.array([-1.0, 0.0, 2.0])
-    curvature = jax.vmap(jax.grad(jax.grad(vit.gelu)))(jnp.asarray(points, jnp.float32))
-    want_curv = np.exp(-0.5 * points**2) / np.sqrt(2 * np.pi) * (2 - points**2)  # phi(x) (2 - x^2)
-    assert float(np.abs(np.asarray(curvature) - want_curv).max()) <= 1e-5
-    assert vit.gelu(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+def test_resolve_impl():
+    """None runs the chunked kernel on CPU (the tests' backend); other names pass through; names outside
+    ATTENTION_IMPLS are refused, naming the choices."""
+    assert jax.default_backend() == "cpu"
+    assert attention.resolve_impl(None) == "chunked"
+    for impl in ("xla", "cudnn", "einsum", "chunked"):
+        assert attention.resolve_impl(impl) == impl
+    with pytest.raises(ValueError, match="attention_impl must be one of"):
+        attention.resolve_impl("flash")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,7 +168,7 @@ def test_remat_gradients_match():
 
     cfg = dict(hidden_size=48, depth=2, num_heads=3, mlp_dim=96, num_det_tokens=5, num_classes=4,
                init_pe_size=(64, 96), attention_impl="chunked")
-    chunk = vit.CPU_QUERY_CHUNK
+    chunk = attention.CPU_QUERY_CHUNK
     gh, gw = 9, chunk // 9 + 3  # 1 + gh * gw + 5 tokens > chunk, not a multiple of it
     assert (1 + gh * gw + 5) % chunk and gh * gw > chunk
     rng = np.random.default_rng(6)

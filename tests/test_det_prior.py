@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from yolos_jax import config as config_lib
-from yolos_jax import det_prior, vit
+from yolos_jax import attention, det_prior, vit
 from yolos_jax.yolos import YOLOS
 
 TINY = dict(hidden_size=24, depth=2, num_heads=3, patch_size=8, num_det_tokens=6, num_classes=3,
@@ -76,7 +76,7 @@ def test_attention_bias_matches_loops_with_padding():
 
 @pytest.mark.parametrize("impl", ["chunked", "einsum", "xla"])
 def test_prior_attention_matches_numpy(impl, monkeypatch):
-    monkeypatch.setattr(vit, "CPU_QUERY_CHUNK", 16)  # 1 + 40 + 6 tokens: several blocks, a ragged last one
+    monkeypatch.setattr(attention, "CPU_QUERY_CHUNK", 16)  # 1 + 40 + 6 tokens: several blocks, a ragged last one
     rng = np.random.default_rng(0)
     batch, gh, gw, q, width, heads = 3, 5, 8, 6, 24, 3
     tokens = 1 + gh * gw + q
@@ -106,7 +106,7 @@ def test_prior_attention_matches_numpy(impl, monkeypatch):
 def test_prior_attention_gradients_match_einsum_autodiff(monkeypatch):
     """Gradients in x and the parameters (the patch rows take the chunked custom-VJP kernel) equal
     autodiff of one dense einsum formulation with the bias laid into a full [T, T] matrix."""
-    monkeypatch.setattr(vit, "CPU_QUERY_CHUNK", 16)
+    monkeypatch.setattr(attention, "CPU_QUERY_CHUNK", 16)
     rng = np.random.default_rng(3)
     batch, gh, gw, q, width, heads = 2, 5, 8, 6, 24, 3
     tokens = 1 + gh * gw + q

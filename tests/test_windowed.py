@@ -1,6 +1,6 @@
 """Windowed attention and decomposed relative position bias (yolos_jax/windowed.py) against an independent
-float64 numpy reference (full T x T attention with an explicit "same window" mask), PyTorch's linear
-interpolation, and global attention."""
+float64 numpy reference (full T x T attention with an explicit "same window" mask, PyTorch's linear
+interpolation for the tables), and global attention; block selection, partition, options and configs."""
 
 import functools
 import importlib.util
@@ -11,10 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
-from yolos_jax import vit, windowed
+import reference_models as ref
+from yolos_jax import attention, vit, windowed
 from yolos_jax.yolos import YOLOS
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -25,16 +24,9 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 # --------------------------------------------------------------------------------------------------
 
 
-def torch_linear_resize(table: np.ndarray, length: int) -> np.ndarray:
-    """[L, C] -> [length, C] with F.interpolate(mode='linear', align_corners=False), float64."""
-    if table.shape[0] == length:
-        return table.astype(np.float64)
-    t = torch.from_numpy(table.astype(np.float64)).T[None]  # [1, C, L]
-    return F.interpolate(t, size=length, mode="linear", align_corners=False)[0].T.numpy()
-
-
 def reference_attention(x, params, num_heads, grid_hw, window, key_mask=None, num_prefix=1, rel_span=None):
-    """Windowed self-attention, written from the definition (module docstring of windowed.py).
+    """Windowed self-attention, written from the definition (module docstrings of windowed.py and
+    attention_windowed.py).
 
     x: [B, T, D]; params: the attention's Flax params; window: r (0 = global); key_mask: [B, T] bool.
     rel_span: (sh, sw) nominal extent of the rel-pos offsets when params hold rel_pos_h/w, else None; or
@@ -63,8 +55,8 @@ def reference_attention(x, params, num_heads, grid_hw, window, key_mask=None, nu
 
     def rel_tables(span):
         sh, sw = span
-        rh = torch_linear_resize(np.asarray(params["rel_pos_h"]), 2 * sh - 1)
-        rw = torch_linear_resize(np.asarray(params["rel_pos_w"]), 2 * sw - 1)
+        rh = ref.torch_linear_resize(np.asarray(params["rel_pos_h"]), 2 * sh - 1)
+        rw = ref.torch_linear_resize(np.asarray(params["rel_pos_w"]), 2 * sw - 1)
         local_r, local_c = (row % window, col % window) if window else (row, col)
         dh = local_r[:, None] - local_r[None, :] + sh - 1  # [T, T] offsets (valid on patch pairs)
         dw = local_c[:, None] - local_c[None, :] + sw - 1
@@ -235,7 +227,7 @@ def test_blocked_window_gradients_match_einsum_and_float64(case, monkeypatch):
     tables included) equal those of the einsum path (autodiff) and of a float64 run of it."""
     grid_hw, r, rel_pos, padded, chunk = GRAD_CASES[case]
     if chunk is not None:
-        monkeypatch.setattr(vit, "CPU_QUERY_CHUNK", chunk)
+        monkeypatch.setattr(attention, "CPU_QUERY_CHUNK", chunk)
     module_b, params, x, key_mask = random_attention_case(grid_hw, r, 32, 2, 4, rel_pos, padded=padded,
                                                           attention_impl="chunked")
     module_e = windowed.WindowedSelfAttention(num_heads=2, grid_hw=grid_hw, window_size=r, rel_pos=rel_pos,
@@ -256,15 +248,6 @@ def test_blocked_window_gradients_match_einsum_and_float64(case, monkeypatch):
         assert scale > 0
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=0, atol=2e-5 * scale)
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=2e-5 * scale)
-
-
-def test_rel_pos_resize_matches_torch_linear():
-    table = np.random.RandomState(0).randn(13, 5).astype(np.float32)
-    for length in (27, 13, 7, 3, 1):
-        got = np.asarray(windowed.resize_rel_pos(jnp.asarray(table), length))
-        np.testing.assert_allclose(got, torch_linear_resize(table, length), rtol=0, atol=1e-6)
-        np.testing.assert_allclose(windowed.resize_rel_pos_np(table.astype(np.float64), length),
-                                   torch_linear_resize(table, length), rtol=0, atol=1e-12)
 
 
 # --------------------------------------------------------------------------------------------------

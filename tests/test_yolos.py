@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import ViTConfig, ViTForImageClassification, YolosConfig, YolosForObjectDetection
 
 import reference_models as ref
-from yolos_jax import Detector, config, convert, vit
+from yolos_jax import Detector, attention, config, convert, vit
 
 TOL = 1e-4
 
@@ -114,7 +114,7 @@ def test_matches_hf_more_tokens_than_a_query_chunk(converted):
     """A sequence longer than the CPU attention's query chunk (so the chunked path, with its padded last
     chunk, runs), on a non-square grid that forces position-embedding resizing."""
     model, det = converted["s"]
-    chunk = getattr(vit, "CPU_QUERY_CHUNK", 128)
+    chunk = attention.CPU_QUERY_CHUNK
     gh = 11
     gw = chunk // gh + 2  # 1 + gh * gw + Q tokens > chunk, and not a multiple of it
     x = np.random.RandomState(6).randn(1, 16 * gh, 16 * gw, 3).astype(np.float32)
@@ -200,7 +200,7 @@ def test_parameter_gradients_match_hf(converted, name, impl, tmp_path):
     from yolos_jax.yolos import YOLOS
 
     model, det = converted[name]
-    chunk = getattr(vit, "CPU_QUERY_CHUNK", 128)
+    chunk = attention.CPU_QUERY_CHUNK
     gh, gw = 9, chunk // 9 + 3
     rng = np.random.RandomState(11)
     x = rng.randn(2, 16 * gh, 16 * gw, 3).astype(np.float32)

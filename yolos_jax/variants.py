@@ -53,7 +53,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from yolos_jax import vit
+from yolos_jax import attention, vit
 
 PATCH_EMBEDS = ("linear", "conv_stem")
 TOKEN_KEEP_RANGE = (0.25, 1.0)
@@ -316,7 +316,7 @@ class TaskAdapter(nn.Module):
         impl = self.attention_impl
         if impl is None and jax.default_backend() == "cpu":
             impl = "einsum"  # Q tokens fit one query block: 'chunked' would be the same computation
-        out = vit.dot_product_attention(qk[:, :, 0], qk[:, :, 1], v, None, impl).reshape(batch, q, width)
+        out = attention.dot_product_attention(qk[:, :, 0], qk[:, :, 1], v, None, impl).reshape(batch, q, width)
         return det + nn.Dense(width, dtype=self.dtype, kernel_init=vit.trunc_normal_02, name="proj")(out)
 
 

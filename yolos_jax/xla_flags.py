@@ -16,7 +16,7 @@ AMD EPYC with AVX-512, 1 core). The first four were compiled in one process next
 
 So no flag is recommended today: `RECOMMENDED_CPU_FLAGS` is empty and the defaults are what the
 benchmark figures use. What did matter is the program, not the flags: the head-major, query-chunked
-attention of `vit.attention_heads_major` (see benchmarks/RESULTS_forward.md). The list and the helper stay
+attention of `attention.attention_heads_major` (see benchmarks/RESULTS_forward.md). The list and the helper stay
 so that benchmarks and entry scripts have one place to set flags when a jax release changes the picture.
 
 Usage (in an entry script, before anything imports jax):
