@@ -4,39 +4,12 @@ parameter counts and a float64 numpy reference with key masking."""
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import ViTConfig, ViTForImageClassification, YolosConfig, YolosForObjectDetection
 
 import reference_models as ref
 from yolos_jax import Detector, attention, config, convert, vit
 
 TOL = 1e-4
-
-
-# --------------------------------------------------------------------------------------------------
-# Position-embedding resizing = F.interpolate(bicubic, align_corners=False)
-# --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "src,dst",
-    [((4, 6), (7, 9)), ((10, 14), (3, 5)), ((6, 4), (3, 8)), ((5, 7), (5, 12)), ((3, 3), (1, 2))],
-    ids=["up", "down", "mixed", "one-axis", "tiny"],
-)
-def test_resize_posemb_grid_matches_torch(src, dst):
-    rng = np.random.RandomState(0)
-    grid = rng.randn(2, *src, 5).astype(np.float32)  # a leading axis, as mid position embeddings have
-    want = F.interpolate(
-        torch.from_numpy(grid.astype(np.float64)).permute(0, 3, 1, 2), size=dst, mode="bicubic", align_corners=False
-    ).permute(0, 2, 3, 1).numpy()
-    got_np = vit.resize_posemb_grid_np(grid.astype(np.float64), dst)
-    got_jax = np.asarray(vit.resize_posemb_grid(grid, dst))
-    assert got_np.shape == got_jax.shape == want.shape
-    assert ref.max_abs(got_np, want) < 1e-12
-    assert ref.max_abs(got_jax, want) < 1e-5
-    # and float32 torch, the precision converted weights meet at run time in HF
-    want32 = F.interpolate(torch.from_numpy(grid).permute(0, 3, 1, 2), size=dst, mode="bicubic", align_corners=False)
-    assert ref.max_abs(got_jax, want32.permute(0, 2, 3, 1).numpy()) < 1e-5
 
 
 # --------------------------------------------------------------------------------------------------
@@ -449,21 +422,6 @@ def test_canvas_position_embeddings_would_differ():
     alone = model.apply({"params": params}, im[None])
     canvas_grid = model.apply({"params": params}, on_canvas)
     assert float(np.abs(np.asarray(alone["boxes"]) - np.asarray(canvas_grid["boxes"])).max()) > 1e-3
-
-
-def test_per_image_resize_weights_match_torch():
-    """`bicubic_resize_weights` (traced sizes, float32) equals PyTorch's bicubic for each image's size,
-    and is 0 past it."""
-    import jax.numpy as jnp
-
-    grid = np.random.RandomState(8).randn(5, 7, 3).astype(np.float32)
-    sizes = np.array([[3, 7], [5, 12], [9, 2], [1, 1]], np.int32)  # down, up, mixed, a single cell
-    got = np.asarray(vit.resize_posemb_grid_per_image(jnp.asarray(grid), jnp.asarray(sizes), (9, 12)))
-    for (h, w), g in zip(sizes, got):
-        want = F.interpolate(torch.from_numpy(grid).permute(2, 0, 1)[None], size=(int(h), int(w)), mode="bicubic",
-                             align_corners=False)[0].permute(1, 2, 0).numpy()
-        assert ref.max_abs(g[:h, :w], want) < 1e-5
-        assert not g[h:].any() and not g[:, w:].any()
 
 
 def test_heads_start_as_torch_nn_linear():
