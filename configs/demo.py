@@ -13,7 +13,7 @@ Interrupt it (Ctrl-C) and run the same command again: it continues from its last
 import ml_collections
 
 from yolos_jax.data import default_input_config
-from yolos_jax.trainer import default_config
+from yolos_jax.run_config import default_config, link_eval_size
 
 
 def get_config(arg=None):
@@ -42,6 +42,7 @@ def get_config(arg=None):
         config.model.update(det_reference_grid=(2, 4), det_attention_sigma=(1.0, 2.0), det_box_offset=True)
     num_train, num_val, image_size = (2048, 128, (128, 160)) if not smoke else (16, 8, (64, 96))
     config.input = default_input_config("s")
+    link_eval_size(config)  # config.eval.eval_size reads the new input's eval_size
     config.input.train_split, config.input.val_split = "train", "val"
     config.input.label_mode = "contiguous"
     config.input.auto_prepare = True
@@ -83,7 +84,6 @@ def get_config(arg=None):
         config.train.num_steps = 16
         config.train.log_every = 4
         config.checkpoint.every_steps = 4
-        config.eval.eval_size = config.input.eval_size
         return config
     # One scale (the images' own size) and flips only: every batch has the same shape, so XLA compiles
     # one train program, and the host does no resampling.
@@ -109,5 +109,4 @@ def get_config(arg=None):
     config.train.log_every = 50
     config.train.eval_every = 750  # the learning curve: AP at 750, 1500, 2250 and 3000 steps
     config.checkpoint.every_steps = 250
-    config.eval.eval_size = config.input.eval_size
     return config

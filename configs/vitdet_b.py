@@ -32,8 +32,7 @@ clipping at global norm 0.1 and the YOLOS loss and matcher weights. The paper us
 --config.model.dtype=bfloat16 (and --config.model.remat=True if activations do not fit).
 """
 
-from yolos_jax import windowed
-from yolos_jax.trainer import default_config
+from yolos_jax.run_config import apply_window_options, default_config
 
 COCO_TRAIN_IMAGES = 118287
 BATCH = 64
@@ -42,7 +41,7 @@ LSJ = 1024
 
 def get_config(arg=None):
     config = default_config("b")
-    windowed.apply_window_options(config.model, arg, "configs/vitdet_b.py", rel_pos=True)
+    apply_window_options(config.model, arg, "configs/vitdet_b.py", rel_pos=True)
     config.model.init_pe_size = (LSJ, LSJ)
     config.model.mid_pe_size = (LSJ, LSJ)
     config.model.drop_path_rate = 0.1
@@ -55,7 +54,6 @@ def get_config(arg=None):
     config.input.eval_size = LSJ
     config.input.eval_max_size = LSJ
     config.input.eval_canvases = ((LSJ, LSJ),)
-    config.eval.eval_size = LSJ
 
     config.optim.base_lr = 8e-5
     config.optim.base_batch_size = BATCH

@@ -8,7 +8,7 @@ Total batch 8 at lr 2.5e-5; init_pe_size = mid_pe_size = 800x1344. For large mes
 --config.model.dtype=bfloat16 to save activation memory.
 """
 
-from yolos_jax.trainer import default_config
+from yolos_jax.run_config import default_config
 
 
 def get_config(arg=None):
@@ -19,6 +19,5 @@ def get_config(arg=None):
     # The original trains S and B at 1 image per GPU: each GPU's F.cross_entropy is that image's weighted mean,
     # then DDP averages over the 8 GPUs, i.e. the mean of per-image means (losses.py: 'per_image').
     config.loss.ce_normalization = "per_image"
-    config.eval.eval_size = 800
     config.input.eval_size = 800
     return config

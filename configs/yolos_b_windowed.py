@@ -13,8 +13,7 @@ large-scale jitter, relative position bias, drop path) use configs/vitdet_b.py.
 benchmarks/bench_windowed.py measures this model's train step against the global one.
 """
 
-from yolos_jax import windowed
-from yolos_jax.trainer import default_config
+from yolos_jax.run_config import apply_window_options, default_config
 
 
 def get_config(arg=None):
@@ -24,7 +23,6 @@ def get_config(arg=None):
     # The original trains S and B at 1 image per GPU: each GPU's F.cross_entropy is that image's weighted mean,
     # then DDP averages over the 8 GPUs, i.e. the mean of per-image means (losses.py: 'per_image').
     config.loss.ce_normalization = "per_image"
-    config.eval.eval_size = 800
     config.input.eval_size = 800
-    windowed.apply_window_options(config.model, arg, "configs/yolos_b_windowed.py")
+    apply_window_options(config.model, arg, "configs/yolos_b_windowed.py")
     return config

@@ -8,21 +8,20 @@ r"""YOLOS-S and its scaled variants: 150 epochs on COCO, multi-scale 480-800 (or
 Total batch 8 at lr 2.5e-5 (1 image x 8 GPUs in the original); init_pe_size = mid_pe_size = 512x864.
 """
 
-from yolos_jax.trainer import default_config
+from yolos_jax.run_config import default_config, parse_config_arg
 
-_VARIANTS = {None: "s", "": "s", "s": "s", "dWr": "s_dWr", "dwr": "s_dwr"}
+VARIANTS = {"s": "s", "dWr": "s_dWr", "dwr": "s_dwr"}  # the argument -> config.MODEL_VARIANTS
 
 
 def get_config(arg=None):
-    if arg not in _VARIANTS:
-        raise ValueError(f"configs/yolos_s.py: unknown variant {arg!r}; use one of 'dWr', 'dwr' or nothing")
-    config = default_config(_VARIANTS[arg])
+    opts = parse_config_arg(arg, "configs/yolos_s.py", {}, "one of 'dWr', 'dwr' or nothing",
+                            positional=("variant", VARIANTS.__getitem__))
+    config = default_config(opts.get("variant", "s"))
     config.input.batch_size = 8
     config.train.num_epochs = 150
     # The original trains S and B at 1 image per GPU: each GPU's F.cross_entropy is that image's weighted mean,
     # then DDP averages over the 8 GPUs, i.e. the mean of per-image means (losses.py: 'per_image').
     config.loss.ce_normalization = "per_image"
     # The original README evaluates every S variant at 800 (paper Table 6 also lists dWr at 784: 37.6 AP).
-    config.eval.eval_size = 800
-    config.input.eval_size = config.eval.eval_size
+    config.input.eval_size = 800
     return config

@@ -19,21 +19,13 @@ rest is the YOLOS-S recipe of configs/yolos_s.py.
 """
 
 from yolos_jax import variants
-from yolos_jax.trainer import default_config
-
-
-def _parse(arg):
-    opts = dict(insert=6, aux=5)
-    for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
-        if key not in opts or not value.lstrip("-").isdigit():
-            raise ValueError(f"configs/yolos_s_fpdetr.py: bad argument {item!r}; use e.g. 'insert=6,aux=5'")
-        opts[key] = int(value)
-    return opts
+from yolos_jax.run_config import default_config, parse_config_arg
 
 
 def get_config(arg=None):
-    opts = _parse(arg)
+    opts = dict(insert=6, aux=5)
+    opts.update(parse_config_arg(arg, "configs/yolos_s_fpdetr.py", {"insert": ("insert", int), "aux": ("aux", int)},
+                                 "e.g. 'insert=6,aux=5'"))
     config = default_config("s")
     config.model.update(variants.OPTION_DEFAULTS)  # every variant field present, so overrides type-check
     config.model.adapter = True
@@ -46,6 +38,5 @@ def get_config(arg=None):
     # The original trains S and B at 1 image per GPU: each GPU's F.cross_entropy is that image's weighted mean,
     # then DDP averages over the 8 GPUs, i.e. the mean of per-image means (losses.py: 'per_image').
     config.loss.ce_normalization = "per_image"
-    config.eval.eval_size = 800
-    config.input.eval_size = config.eval.eval_size
+    config.input.eval_size = 800
     return config

@@ -13,11 +13,12 @@ configs/yolos_s.py.
 """
 
 from yolos_jax import variants
-from yolos_jax.trainer import default_config
+from yolos_jax.run_config import default_config, parse_config_arg
 
 
 def get_config(arg=None):
-    ratio = 0.5 if arg in (None, "") else float(arg)
+    ratio = parse_config_arg(arg, "configs/yolos_s_mimdet.py", {}, "the kept fraction of patch tokens, e.g. '0.25'",
+                             positional=("ratio", float)).get("ratio", 0.5)
     config = default_config("s")
     config.model.update(variants.OPTION_DEFAULTS)  # every variant field present, so overrides type-check
     config.model.token_keep_ratio = ratio
@@ -28,6 +29,5 @@ def get_config(arg=None):
     # The original trains S and B at 1 image per GPU: each GPU's F.cross_entropy is that image's weighted mean,
     # then DDP averages over the 8 GPUs, i.e. the mean of per-image means (losses.py: 'per_image').
     config.loss.ce_normalization = "per_image"
-    config.eval.eval_size = 800
-    config.input.eval_size = config.eval.eval_size
+    config.input.eval_size = 800
     return config

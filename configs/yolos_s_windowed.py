@@ -10,8 +10,7 @@ attention pattern ([CLS] and [DET] tokens stay global). The parameter tree equal
 (plus the zero-initialised relative position tables with rel_pos), so DeiT and YOLOS checkpoints load.
 """
 
-from yolos_jax import windowed
-from yolos_jax.trainer import default_config
+from yolos_jax.run_config import apply_window_options, default_config
 
 
 def get_config(arg=None):
@@ -21,7 +20,6 @@ def get_config(arg=None):
     # The original trains S and B at 1 image per GPU: each GPU's F.cross_entropy is that image's weighted mean,
     # then DDP averages over the 8 GPUs, i.e. the mean of per-image means (losses.py: 'per_image').
     config.loss.ce_normalization = "per_image"
-    config.eval.eval_size = 800
     config.input.eval_size = 800
-    windowed.apply_window_options(config.model, arg, "configs/yolos_s_windowed.py")
+    apply_window_options(config.model, arg, "configs/yolos_s_windowed.py")
     return config

@@ -12,7 +12,7 @@ text (yolos_paper.md §3.1) says "the longest at most 864 for tiny models": add 
 for that reading.
 """
 
-from yolos_jax.trainer import default_config
+from yolos_jax.run_config import default_config
 
 
 def get_config(arg=None):
@@ -24,6 +24,5 @@ def get_config(arg=None):
     # then DDP averages over the 8 GPUs, between 'batch' (one mean over all 16) and 'per_image'. We keep
     # HF's 'batch' (losses.py); --config.loss.ce_normalization=per_image is the 1-image-per-GPU variant.
     config.loss.ce_normalization = "batch"
-    config.eval.eval_size = 512
     config.input.eval_size = 512
     return config

@@ -11,8 +11,7 @@ attention pattern ([CLS] and [DET] tokens stay global). The parameter tree equal
 (plus the zero-initialised relative position tables with rel_pos), so DeiT and YOLOS checkpoints load.
 """
 
-from yolos_jax import windowed
-from yolos_jax.trainer import default_config
+from yolos_jax.run_config import apply_window_options, default_config
 
 
 def get_config(arg=None):
@@ -23,7 +22,6 @@ def get_config(arg=None):
     # then DDP averages over the 8 GPUs, between 'batch' (one mean over all 16) and 'per_image'. We keep
     # HF's 'batch' (losses.py); --config.loss.ce_normalization=per_image is the 1-image-per-GPU variant.
     config.loss.ce_normalization = "batch"
-    config.eval.eval_size = 512
     config.input.eval_size = 512
-    windowed.apply_window_options(config.model, arg, "configs/yolos_ti_windowed.py")
+    apply_window_options(config.model, arg, "configs/yolos_ti_windowed.py")
     return config

@@ -34,6 +34,12 @@ def default_checkpoint_config() -> ml_collections.ConfigDict:
     )
 
 
+def validate_checkpoint_config(ckpt_cfg: ml_collections.ConfigDict) -> None:
+    """Checks `config.checkpoint`; raises ValueError naming the field."""
+    if ckpt_cfg.every_steps <= 0 or ckpt_cfg.keep <= 0:
+        raise ValueError("config.checkpoint.every_steps: every_steps and keep must be > 0")
+
+
 def _config_to_json(config: Any) -> dict:
     if isinstance(config, ml_collections.ConfigDict):
         return json.loads(config.to_json_best_effort())

@@ -27,13 +27,13 @@ log = logging.getLogger("yolos_jax")
 
 
 def default_eval_config() -> ml_collections.ConfigDict:
-    """`config.eval`: how the val split is evaluated (the transforms themselves live in `config.input`)."""
+    """`config.eval`: how the val split is evaluated (the transforms themselves live in `config.input`).
+
+    The eval size is `config.input.eval_size`'s (the eval transform's); `run_config.default_config` adds
+    `eval.eval_size` as an alias of that field for older command lines and configs.
+    """
     return ml_collections.ConfigDict(
         dict(
-            # Shortest side of the eval images in pixels (the papers' "Size", e.g. 800 -> "800 x *").
-            # Informational: the pipeline resizes by `config.input.eval_size`, which configs set to the
-            # same value; the evaluator warns when they differ and reports input.eval_size.
-            eval_size=800,
             # Evaluate only the first N images the eval iterator yields (0: all), for quick checks; the
             # iterator groups images by canvas, so this is not the split's first N. COCOeval then scores
             # those images only, as DETR's evaluator does with the images it saw.
@@ -55,6 +55,14 @@ def default_eval_config() -> ml_collections.ConfigDict:
             robustness_max_images=0,
         )
     )
+
+
+def validate_eval_config(eval_cfg: ml_collections.ConfigDict) -> None:
+    """Checks `config.eval`; raises ValueError naming the field. An `eval.eval_size` that a config set on its
+    own (not the alias of input.eval_size) must still be a size."""
+    size = eval_cfg.get("eval_size")
+    if size is not None and int(size) <= 0:
+        raise ValueError(f"config.eval.eval_size: must be positive (shortest side of eval images, pixels), got {size}")
 
 
 class Predictions(dict):
@@ -116,7 +124,7 @@ class Evaluator:
         if self.batch_size <= 0 or self.batch_size % jax.process_count():
             raise ValueError(f"config.input.eval_batch_size={self.batch_size} must be a positive multiple of the "
                              f"process count {jax.process_count()}")
-        if int(eval_cfg.eval_size) != int(input_cfg.eval_size):
+        if eval_cfg.get("eval_size") is not None and int(eval_cfg.eval_size) != int(input_cfg.eval_size):
             log.warning("config.eval.eval_size=%s differs from config.input.eval_size=%s; images are resized "
                         "by input.eval_size", eval_cfg.eval_size, input_cfg.eval_size)
         self._info = None

@@ -52,6 +52,16 @@ def default_optim_config() -> ml_collections.ConfigDict:
     )
 
 
+def validate_optim_config(optim_cfg: ml_collections.ConfigDict) -> None:
+    """Checks `config.optim` before any step (the schedule and scaling rule would fail only when built)."""
+    if optim_cfg.base_lr <= 0:
+        raise ValueError(f"config.optim.base_lr: must be > 0, got {optim_cfg.base_lr}")
+    if optim_cfg.lr_scaling not in ("linear", "sqrt", "none"):
+        raise ValueError(f"config.optim.lr_scaling: must be 'linear', 'sqrt' or 'none', got {optim_cfg.lr_scaling!r}")
+    if optim_cfg.schedule not in ("cosine", "constant"):
+        raise ValueError(f"config.optim.schedule: must be 'cosine' or 'constant', got {optim_cfg.schedule!r}")
+
+
 def peak_learning_rate(optim_cfg: ml_collections.ConfigDict, global_batch_size: int) -> float:
     """Learning rate for `global_batch_size` by the documented scaling rule."""
     ratio = global_batch_size / optim_cfg.base_batch_size

@@ -40,6 +40,31 @@ def _as_dtype(dtype: Any) -> Any:
     return jnp.dtype(dtype) if isinstance(dtype, str) else dtype
 
 
+def validate_model_config(model_cfg: Any) -> None:
+    """Checks `config.model` (the `YOLOS` keyword arguments) before tracing; raises ValueError naming the field.
+
+    Sizes are in pixels (init_pe_size, mid_pe_size: (height, width), each >= patch_size); the variant and
+    [DET]-prior options are checked by `variants.validate_options` and `det_prior.validate_options`.
+    """
+    m = model_cfg
+    for name in ("hidden_size", "depth", "num_heads", "patch_size", "num_det_tokens", "num_classes"):
+        if not isinstance(m[name], int) or m[name] <= 0:
+            raise ValueError(f"config.model.{name}: must be a positive integer, got {m[name]!r}")
+    variants.validate_options(m)
+    det_prior.validate_options(m)
+    if m.hidden_size % m.num_heads:
+        raise ValueError(f"config.model.num_heads: {m.num_heads} does not divide model.hidden_size={m.hidden_size}")
+    for name in ("init_pe_size", "mid_pe_size"):
+        size = m[name]
+        if size is None and name == "mid_pe_size":
+            continue
+        if len(size) != 2 or any(int(s) < m.patch_size for s in size):
+            raise ValueError(f"config.model.{name}: must be (height, width) in pixels, each >= patch_size, "
+                             f"got {size!r}")
+    if str(m.dtype) not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"config.model.dtype: must be 'float32', 'bfloat16' or 'float16', got {m.dtype!r}")
+
+
 def valid_patch_grid(pixel_mask: jax.Array, patch_size: int, grid_hw: Sequence[int]) -> jax.Array:
     """Each image's own patch grid: [B, 2] int32 (rows, cols) = (valid height // p, valid width // p).
 
