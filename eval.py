@@ -38,15 +38,15 @@ def main(argv):
     from yolos_jax import runtime  # imported here, as the rest: setup_host() runs before jax and TF are used
 
     runtime.setup_host()
-    from yolos_jax import eval_checkpoint, trainer
+    runtime.maybe_initialize_distributed(FLAGS.config.distributed)
+    from yolos_jax import eval_checkpoint, weights
 
-    trainer.maybe_initialize_distributed(FLAGS.config.distributed)
     path = FLAGS.workdir or FLAGS.checkpoint
     out = FLAGS.out or (os.path.join(FLAGS.workdir, "eval") if FLAGS.workdir
                         else f"eval_{os.path.basename(os.path.normpath(FLAGS.checkpoint))}")
     config = ml_collections.ConfigDict(FLAGS.config.to_dict())
     try:  # '{workdir}' in data paths (configs/demo.py) is the training workdir of the checkpoint
-        config.input = trainer.input_config_for_checkpoint(config.input, path, FLAGS.workdir)
+        config.input = weights.input_config_for_checkpoint(config.input, path, FLAGS.workdir)
     except (FileNotFoundError, ValueError) as e:
         raise app.UsageError(str(e)) from None
     eval_checkpoint.evaluate_checkpoint(config, path, out, speed=FLAGS.speed, robustness=FLAGS.robustness,

@@ -8,7 +8,7 @@ names: --config's dataset when given, else the checkpoint's (recorded at convers
 Eval size: --eval_size, else the checkpoint's, else --config's.
 Writes OUT/<image name>.png and OUT/detections.json ([{file, height, width, detections: [{box_xyxy
 (pixels), score, label, name, category_id}]}]; category_id, the dataset's, when the training run recorded its
-label map or --config names the dataset). The logic is `yolos_jax.visualize.run_inference`.
+label map or --config names the dataset). The logic is `yolos_jax.inference.run_inference`.
 """
 
 from absl import app, flags
@@ -32,9 +32,9 @@ def main(argv):
     from yolos_jax import runtime
 
     runtime.setup_host()
-    from yolos_jax import visualize
+    from yolos_jax import inference
 
-    records = visualize.run_inference(
+    records = inference.run_inference(
         FLAGS.checkpoint, FLAGS.images, FLAGS.out, threshold=FLAGS.threshold, top_k=FLAGS.top_k or None,
         eval_size=FLAGS.eval_size or None, config=FLAGS.config,
     )

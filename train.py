@@ -21,9 +21,9 @@ def main(argv):
     from yolos_jax import runtime
 
     runtime.setup_host()
+    runtime.maybe_initialize_distributed(FLAGS.config.distributed)
     from yolos_jax import trainer
 
-    trainer.maybe_initialize_distributed(FLAGS.config.distributed)
     trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

@@ -90,7 +90,7 @@ def time_to_global_batch(host_batches: list[dict]) -> tuple[int, list[float], fl
     import jax
 
     from yolos_jax import data, sharding
-    from yolos_jax.trainer import default_config
+    from yolos_jax.run_config import default_config
 
     spec = sharding.batch_sharding(sharding.make_mesh(default_config("s").mesh))
     shapes = set()

@@ -5,16 +5,20 @@ have the paper's parameter counts (YOLOS Table 6)."""
 import glob
 import math
 import os
+import runpy
 import sys
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
 from yolos_jax import config as config_lib
-from yolos_jax import convert, losses, matcher, trainer, variants, windowed
+from yolos_jax import convert, losses, matcher, run_config, variants, windowed
 from yolos_jax.data import input_config
+from yolos_jax.yolos import YOLOS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,7 +66,7 @@ def test_every_config_file_is_covered():
 def test_config_loads_validates_and_builds(name, arg):
     config = load(name, arg)
     # The project's own checks, as train.py / the stages run them (device count: any divisor of the batch).
-    trainer.validate_config(config, num_devices=1)
+    run_config.validate_config(config, num_devices=1)
     matcher.validate_matcher_config(config.matcher)
     losses.validate_loss_config(config.loss)
     input_config.validate_input_config(config.input, 1)
@@ -120,13 +124,13 @@ def test_validation_rejects_a_bad_override():
     config.unlock()
     config.model.num_heads = 5  # does not divide 192
     with pytest.raises(ValueError, match="model.num_heads"):
-        trainer.validate_config(config, num_devices=1)
+        run_config.validate_config(config, num_devices=1)
     for field, value, match in (("eval_size", 0, "config.input.eval_size"), ("scales", (0, 480), "config.input.scales")):
         config = load("yolos_ti.py")
         config.unlock()
         config.input[field] = value  # failed only at the end-of-training eval
         with pytest.raises(ValueError, match=match):
-            trainer.validate_config(config, num_devices=1)
+            run_config.validate_config(config, num_devices=1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,3 +186,25 @@ def test_windowed_configs_keep_the_parameter_tree():
         extra = set(rel) - set(plain)
         assert extra and all(k.rsplit("/", 1)[-1] in ("rel_pos_h", "rel_pos_w") for k in extra), size
         assert {k: rel[k] for k in plain} == plain
+
+
+# --------------------------------------------------------------------------------------------------
+# The variant config files (moved from test_variants.py)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,expect", [
+    ("yolos_s_mimdet.py", dict(token_keep_ratio=0.5, patch_embed="conv_stem")),
+    ("yolos_s_fpdetr.py", dict(adapter=True, adapter_insert_det_at=6, aux_layers=5)),  # FP-DETR §4.1
+])
+def test_configs(name, expect):
+    module = runpy.run_path(os.path.join(ROOT, "configs", name))
+    config = module["get_config"]()
+    for k, v in expect.items():
+        assert config.model[k] == v, k
+    variants.validate_options(config.model)
+    run_config.validate_config(config, num_devices=1)
+    if config.model.aux_layers:
+        assert config.loss.aux_loss
+    shapes = jax.eval_shape(lambda: YOLOS(**config.model).init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
+    assert "params" in shapes

@@ -1,6 +1,6 @@
 """Dense scenes (more objects per image than input.max_boxes): the prepare report counts them, training warns at
-start with the numbers and the fix, max_boxes <= num_det_tokens is validated, and a converted detector's [DET]
-tokens grow to a larger model.num_det_tokens (old tokens kept exactly, new ones cyclic copies)."""
+start with the numbers and the fix (max_boxes <= num_det_tokens is validated: test_run_config.py), and a converted
+detector's [DET] tokens grow to a larger model.num_det_tokens (old tokens kept exactly, new ones cyclic copies)."""
 
 import io
 import json
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from yolos_jax import init_from, sharding, trainer, weights
+from yolos_jax import init_from, run_config, sharding, trainer, weights
 from yolos_jax.config import model_config
 from yolos_jax.data import prepared_dataset, tfds_builder
 from yolos_jax.yolos import YOLOS
@@ -72,7 +72,7 @@ def test_prepare_reports_images_over_each_box_limit(dense_dataset, capsys):
 def test_training_warns_at_start_with_the_numbers_and_the_fix(dense_dataset, monkeypatch, caplog):
     root, prepare_cli = dense_dataset
     prepare_cli.main([f"--data_dir={root / 'tfds'}", "--name=dense", f"--coco_dir={root / 'src'}", "--no_verify"])
-    config = trainer.default_config("ti")
+    config = run_config.default_config("ti")
     config.input.update(data_dir=str(root / "tfds"), dataset_name="dense", train_split="train", val_split="val",
                         batch_size=8, eval_batch_size=8, label_mode="contiguous", resize_on_device="off")
     config.model.update(hidden_size=16, depth=1, num_heads=2, num_classes=2, init_pe_size=(32, 32))
@@ -96,16 +96,6 @@ def test_training_warns_at_start_with_the_numbers_and_the_fix(dense_dataset, mon
     assert trainer.dense_scene_warning(np.asarray(TRAIN_COUNTS), 305, 305, "train") is None
 
 
-def test_max_boxes_above_num_det_tokens_is_refused():
-    config = trainer.default_config("ti")
-    config.input.max_boxes = 101
-    with pytest.raises(ValueError, match=r"config.input.max_boxes: 101 > model.num_det_tokens=100"):
-        trainer.validate_config(config, num_devices=1)
-    config.model.num_det_tokens = 300
-    config.input.max_boxes = 300
-    trainer.validate_config(config, num_devices=1)
-
-
 Q_OLD, Q_NEW = 4, 10  # the tiny equivalent of a 100-token COCO detector fine-tuned for 250 objects per image
 
 
@@ -127,7 +117,7 @@ def test_converted_detector_grows_its_det_tokens(tmp_path):
     abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))["params"]
     shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
     # As train.py does with --config.init_from (seed = config.seed).
-    grown = jax.device_get(trainer._init_from_converted(str(tmp_path / "ckpt"), model, new_cfg, 7, (32, 32), shardings))
+    grown = jax.device_get(init_from.init_from_converted(str(tmp_path / "ckpt"), model, new_cfg, 7, (32, 32), shardings))
 
     cycle = np.arange(Q_NEW) % Q_OLD
     for path in ("pos_embed_det", "mid_pos_embed_det", "adapter/query_pos"):  # copied exactly, old ones kept

@@ -1,9 +1,13 @@
 """Detector: pre-processing, batching and post-processing against HF's YolosImageProcessor(Pil) and
 YolosForObjectDetection."""
 
+import json
+
+import jax
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers.models.yolos.image_processing_pil_yolos import (
     YolosImageProcessorPil,
     get_size_with_aspect_ratio_yolos,
@@ -11,8 +15,11 @@ from transformers.models.yolos.image_processing_pil_yolos import (
 from transformers.models.yolos.modeling_yolos import YolosObjectDetectionOutput
 
 import reference_models as ref
-from yolos_jax import Detector, convert
+from eval_fixtures import random_params
+from yolos_jax import Detector, convert, draw, inference
+from yolos_jax.config import model_config
 from yolos_jax.data.transforms import eval_resize_hw
+from yolos_jax.yolos import YOLOS
 
 EVAL_SIZE = 64  # tiny model: shortest side 64, longest capped at 64 * 1333 // 800 = 106
 # originals -> resized: (50, 77) -> 64x96; (90, 40) -> 96x32 (the longest-side cap binds); (37, 120) -> 32x96
@@ -148,3 +155,122 @@ def test_detector_errors(setup, tmp_path):
     # Fewer names than logits (a 91-way head fine-tuned on fewer classes, older checkpoints): the rest 'N/A'.
     few = Detector(det.params, det.model_cfg, label_names=["a", "b"])
     assert few.label_names == ["a", "b"] + ["N/A"] * (n - 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Inference on image files: infer.py's logic (moved from test_visualize.py)
+# --------------------------------------------------------------------------------------------------
+
+
+class GroundTruthDetector:
+    """A stand-in detector whose predictions are the ground truth of the images it was built for: it tests
+    the file -> predict -> draw -> PNG/JSON path, not the model."""
+
+    def __init__(self, truth):
+        self.truth = truth  # list of (boxes xyxy, labels), in the order predict() is called
+
+    def predict(self, images, threshold=0.5, top_k=None):
+        boxes, labels = self.truth.pop(0)
+        return [{"boxes": boxes, "scores": np.full(len(boxes), 0.9, np.float32), "labels": labels}]
+
+
+def test_infer_images_draws_boxes_on_the_objects(tmp_path):
+    from yolos_jax.data import synthetic
+
+    names = list(synthetic.SHAPES[:3])
+    truth, objects = [], []
+    for i in range(2):
+        rng = np.random.default_rng(i)
+        img, objs = synthetic.render_image(rng, 120, 160, num_classes=3, max_objects=3)
+        Image.fromarray(img).save(tmp_path / f"img{i}.png")  # lossless: colours are exact
+        boxes = np.asarray([[x, y, x + w, y + h] for x, y, w, h in (o["bbox"] for o in objs)], np.float32)
+        truth.append((boxes, np.asarray([o["shape"] for o in objs], np.int32)))
+        objects.append((img, objs))
+    out = tmp_path / "out"
+    records = inference.infer_images(GroundTruthDetector(list(truth)), inference.list_images([str(tmp_path)]),
+                                     str(out), threshold=0.5, names=names)
+    saved = json.loads((out / "detections.json").read_text())
+    checked = 0
+    assert saved == json.loads(json.dumps(records)) and len(saved) == 2
+    for (img, objs), rec, (boxes, labels) in zip(objects, saved, truth):
+        drawn = np.asarray(Image.open(rec["output"]).convert("RGB"))
+        assert drawn.shape == img.shape
+        assert [d["name"] for d in rec["detections"]] == [names[k] for k in labels]
+        for o, det in zip(objs, rec["detections"]):
+            x0, y0, x1, y1 = (int(round(v)) for v in det["box_xyxy"])
+            np.testing.assert_allclose(det["box_xyxy"], [o["bbox"][0], o["bbox"][1], o["bbox"][0] + o["bbox"][2],
+                                                         o["bbox"][1] + o["bbox"][3]], atol=1e-3)
+            # The object (its own colour) fills its box: the box sits on the object ...
+            inside = img[y0:y1, x0:x1].reshape(-1, 3)
+            assert np.mean(np.all(inside == o["color"], axis=1)) > 0.2
+            # ... and the PNG has the outline drawn exactly there: the box's left and bottom edges (never
+            # covered by the text tag, which sits at the top) in the class colour.
+            color = draw.color_for(names[o["shape"]])
+            h, w = img.shape[:2]
+            if x0 < w:  # an edge on the image border itself is clipped away
+                frac = np.mean(np.all(drawn[y0 + 1 : min(y1, h), x0] == color, axis=1))
+                assert frac > 0.6, (frac, det)  # a later box may cross it; most of the edge is this colour
+                assert np.mean(np.all(img[y0 + 1 : min(y1, h), x0] == color, axis=1)) < 0.2  # not there before
+                checked += 1
+            if y1 < h:
+                frac = np.mean(np.all(drawn[y1, x0:min(x1, w)] == color, axis=1))
+                assert frac > 0.6, (frac, det)
+                checked += 1
+    assert checked >= 6
+
+
+def test_list_images_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        inference.list_images([str(tmp_path / "nope.jpg")])
+    with pytest.raises(FileNotFoundError, match="holds no images"):
+        inference.list_images([str(tmp_path)])
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match="bad.jpg"):
+        inference.read_rgb(str(tmp_path / "bad.jpg"))
+
+
+def test_run_inference_with_a_converted_tiny_checkpoint(tmp_path):
+    """infer.py's logic with the real Detector on a tiny random model: files come out, limits hold."""
+    from yolos_jax import weights
+
+    cfg = model_config("s", hidden_size=32, depth=2, num_heads=2, num_det_tokens=6, num_classes=3,
+                       init_pe_size=(64, 96), mid_pe_size=None).to_dict()
+    params = jax.tree.map(np.asarray, random_params(YOLOS(**cfg), (64, 96)))
+    ckpt = tmp_path / "ckpt"
+    weights.save_params_dir(str(ckpt), params, cfg, {"label_names": ["a", "b", "c"], "eval_size": 64})
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    for i, (h, w) in enumerate([(60, 90), (80, 120)]):  # both resize to 64x96: one compilation
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(img_dir / f"{i}.jpg")
+    records = inference.run_inference(str(ckpt), [str(img_dir)], str(tmp_path / "out"), threshold=0.0, top_k=4)
+    assert len(records) == 2
+    for rec, (h, w) in zip(records, [(60, 90), (80, 120)]):
+        assert (rec["height"], rec["width"]) == (h, w)
+        assert np.asarray(Image.open(rec["output"])).shape == (h, w, 3)
+        assert len(rec["detections"]) == 4 and {d["name"] for d in rec["detections"]} <= {"a", "b", "c"}
+        scores = [d["score"] for d in rec["detections"]]
+        assert scores == sorted(scores, reverse=True)
+
+
+
+
+def test_images_are_read_as_the_training_pipeline_decodes_them(tmp_path):
+    """Inference and the trainer's drawings read files with PIL; training decodes with TF. They must agree:
+    PIL's convert('RGB') clipped 16-bit grey PNGs to white."""
+    import io
+
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    grey16 = rng.integers(0, 65536, (9, 13)).astype(np.uint16)
+    grey16[0, :4] = [0, 129, 255, 65535]  # 129: the high byte (0) and rounding (1) differ here
+    rgba = rng.integers(0, 256, (9, 13, 4)).astype(np.uint8)
+    cases = {"grey16.png": Image.fromarray(grey16), "grey.png": Image.fromarray(grey16.astype(np.uint8)),
+             "rgba.png": Image.fromarray(rgba, "RGBA"), "palette.png": Image.fromarray(rgba[..., :3]).convert("P")}
+    for name, im in cases.items():
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        (tmp_path / name).write_bytes(buf.getvalue())
+        want = tf.io.decode_image(buf.getvalue(), channels=3, expand_animations=False).numpy()
+        np.testing.assert_array_equal(inference.read_image_rgb(buf.getvalue()), want, err_msg=name)
+        np.testing.assert_array_equal(inference.read_rgb(str(tmp_path / name)), want, err_msg=name)

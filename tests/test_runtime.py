@@ -1,4 +1,5 @@
-"""runtime.keep_freed_memory: large freed blocks stay mapped, so re-allocating them costs no page faults."""
+"""runtime.keep_freed_memory: large freed blocks stay mapped, so re-allocating them costs no page faults; and
+runtime.maybe_initialize_distributed starts jax.distributed only for a multi-process launch."""
 
 import os
 import subprocess
@@ -47,3 +48,21 @@ def test_keep_freed_memory_opt_out(monkeypatch):
 
     monkeypatch.setenv("YOLOS_JAX_KEEP_FREED_MEMORY", "0")
     assert runtime.keep_freed_memory() is False
+
+
+@pytest.mark.parametrize("env,expect", [({}, False), ({"SLURM_NTASKS": "1"}, False), ({"SLURM_NTASKS": "4"}, True),
+                                        ({"TPU_WORKER_HOSTNAMES": "a"}, False), ({"TPU_WORKER_HOSTNAMES": "a,b"}, True),
+                                        ({"OMPI_COMM_WORLD_SIZE": "2"}, True), ({"JAX_COORDINATOR_ADDRESS": "h:1"}, True)])
+def test_maybe_initialize_distributed_only_for_several_processes(monkeypatch, env, expect):
+    import jax
+
+    from yolos_jax import run_config, runtime
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    for var in runtime.MULTIPROCESS_ENV:
+        monkeypatch.delenv(var, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    runtime.maybe_initialize_distributed(run_config.default_distributed_config())
+    assert calls == ([{}] if expect else [])

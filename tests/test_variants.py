@@ -9,7 +9,6 @@ ConvStem (Architecture 1) and timm's drop-path schedule (torch.linspace), the pa
 import functools
 import math
 import os
-import runpy
 
 import jax
 import jax.numpy as jnp
@@ -21,10 +20,9 @@ import torch.nn.functional as F
 
 import train_fixtures as tf_
 from yolos_jax import data as data_lib
-from yolos_jax import losses, matcher, optim, sharding, train_step, trainer, variants, vit
+from yolos_jax import losses, matcher, optim, sharding, train_step, variants, vit
 from yolos_jax.yolos import YOLOS
 
-HERE = os.path.dirname(__file__)
 HW = (64, 96)  # the stored PE grid (4 x 6 patches): no resizing, so PE gradients map 1:1 to patches
 GRID = (4, 6)
 N = GRID[0] * GRID[1]
@@ -596,25 +594,3 @@ def test_detached_det_tokens_get_no_gradient(data, base_params):
     g = grad_fn(PARTIAL, True)(base_params, images, mask, KEY)
     assert np.any(np.asarray(g["pos_embed_det"]) != 0)
     assert np.all(np.asarray(g["det_tokens"]) == 0)
-
-
-# --------------------------------------------------------------------------------------------------
-# Configs
-# --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name,expect", [
-    ("yolos_s_mimdet.py", dict(token_keep_ratio=0.5, patch_embed="conv_stem")),
-    ("yolos_s_fpdetr.py", dict(adapter=True, adapter_insert_det_at=6, aux_layers=5)),  # FP-DETR §4.1
-])
-def test_configs(name, expect):
-    module = runpy.run_path(os.path.join(HERE, "..", "configs", name))
-    config = module["get_config"]()
-    for k, v in expect.items():
-        assert config.model[k] == v, k
-    variants.validate_options(config.model)
-    trainer.validate_config(config, num_devices=1)
-    if config.model.aux_layers:
-        assert config.loss.aux_loss
-    shapes = jax.eval_shape(lambda: YOLOS(**config.model).init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
-    assert "params" in shapes

@@ -128,15 +128,13 @@ def test_load_model_from_a_training_workdir_and_a_converted_dir(tmp_path):
         weights.load_model(str(tmp_path / "nothing"))
     # '{workdir}' in the data paths (configs/demo.py) resolves to the workdir of any of its checkpoints,
     # before anything is generated; a converted checkpoint has no workdir, and a wrong path says so first.
-    from yolos_jax import trainer
-
     input_cfg = ml_collections.ConfigDict({"data_dir": "{workdir}/data/tfds", "source_dir": "{workdir}/data/src"})
     for path in (tmp_path / "work", tmp_path / "work" / "checkpoints", tmp_path / "work" / "checkpoints" / "7"):
-        got = trainer.input_config_for_checkpoint(input_cfg, str(path))
+        got = weights.input_config_for_checkpoint(input_cfg, str(path))
         assert got.data_dir == f"{tmp_path / 'work'}/data/tfds" and got.source_dir == f"{tmp_path / 'work'}/data/src"
-    assert trainer.input_config_for_checkpoint(input_cfg, str(tmp_path / "conv"), "/w").data_dir == "/w/data/tfds"
+    assert weights.input_config_for_checkpoint(input_cfg, str(tmp_path / "conv"), "/w").data_dir == "/w/data/tfds"
     with pytest.raises(ValueError, match="not inside a training workdir: pass --workdir"):
-        trainer.input_config_for_checkpoint(input_cfg, str(tmp_path / "conv"))
+        weights.input_config_for_checkpoint(input_cfg, str(tmp_path / "conv"))
     with pytest.raises(FileNotFoundError, match="no checkpoint found"):
-        trainer.input_config_for_checkpoint(input_cfg, str(tmp_path / "typo"))
+        weights.input_config_for_checkpoint(input_cfg, str(tmp_path / "typo"))
     assert not (tmp_path / "typo").exists()

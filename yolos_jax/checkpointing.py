@@ -1,10 +1,13 @@
 """Training checkpoints with orbax `CheckpointManager`: save, resume, and reading a step's params and config.
 
-A training checkpoint is `WORKDIR/checkpoints/<step>/` with four items:
+A training checkpoint is `WORKDIR/checkpoints/<step>/` with five items:
   params/     the Flax params tree (StandardSave; restorable alone, which eval and inference do)
   train/      {'step', 'opt_state', 'rng'} (StandardSave)
   data/       the input iterator's position (JSON), so a resumed run sees the same batches
   config/     the full run config (JSON), so a checkpoint says what model it holds
+  meta/       the run's metadata (JSON): 'label_names' (class names by label) and 'label_map' (a
+              `LabelMap.to_dict()` of the dataset). Checkpoints written before it existed have no meta/ item and
+              hold both in config/ instead; `restore_params` reads either.
 Orbax writes each step into a temporary directory and renames it when complete, so a crash or SIGKILL in
 the middle of a (possibly asynchronous) save never damages the previous checkpoints: restore always reads
 the latest *finalised* step.
@@ -22,6 +25,8 @@ import orbax.checkpoint as ocp
 from yolos_jax import config as config_lib
 
 CHECKPOINT_SUBDIR = "checkpoints"
+ITEM_NAMES = ("params", "train", "data", "config", "meta")
+META_KEYS = ("label_names", "label_map")  # the run metadata; older checkpoints hold them in config/
 
 
 def default_checkpoint_config() -> ml_collections.ConfigDict:
@@ -57,14 +62,17 @@ class Checkpointer:
             create=True,
         )
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("params", "train", "data", "config")
+            self.directory, options=options, item_names=ITEM_NAMES
         )
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: dict, data_state: dict, config: Any) -> None:
-        """Starts saving `state` at `step` (returns before the write ends when async)."""
+    def save(self, step: int, state: dict, data_state: dict, config: Any, meta: Optional[dict] = None) -> None:
+        """Starts saving `state` at `step` (returns before the write ends when async).
+
+        data_state: the input iterator's `get_state()`; config: the run config (ConfigDict or JSON dict);
+        meta: the run metadata (`META_KEYS`, JSON-serialisable), {} when None."""
         self.manager.save(
             int(step),
             args=ocp.args.Composite(
@@ -74,6 +82,7 @@ class Checkpointer:
                 ),
                 data=ocp.args.JsonSave(data_state),
                 config=ocp.args.JsonSave(_config_to_json(config)),
+                meta=ocp.args.JsonSave(dict(meta or {})),
             ),
             force=True,
         )
@@ -134,16 +143,18 @@ def restore_params(directory: str, step: int) -> tuple[Any, dict, dict]:
     parameters and the run config are read (not the optimiser state), the arrays land on the default device.
 
     meta: 'kind' ('detector'), 'step', 'eval_size', 'max_size' (None when uncapped), 'label_names', 'label_map'
-    (a `LabelMap.to_dict()`, None before it was recorded) and 'dataset' (the run's input.dataset_name,
+    (a `LabelMap.to_dict()`, None before it was recorded; from the meta/ item, or config/ in older checkpoints) and 'dataset' (the run's input.dataset_name,
     data_dir, label_mode, val_split). `weights.load_any` is the loader of every checkpoint kind.
     """
-    manager = ocp.CheckpointManager(directory, item_names=("params", "train", "data", "config"))
-    restored = manager.restore(
-        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(), config=ocp.args.JsonRestore())
-    )
+    manager = ocp.CheckpointManager(directory, item_names=ITEM_NAMES)
+    items = dict(params=ocp.args.StandardRestore(), config=ocp.args.JsonRestore())
+    if os.path.isdir(os.path.join(directory, str(step), "meta")):
+        items["meta"] = ocp.args.JsonRestore()
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
     manager.close()
     params = restored["params"]
     config = restored["config"]
+    run_meta = restored["meta"] if "meta" in items else {k: config.get(k) for k in META_KEYS}
     if "model" not in config:
         raise ValueError(f"checkpoint {directory}/{step} holds no model config (config/model missing)")
     model_cfg = config_lib.sequence_fields_as_tuples(config["model"])  # JSON turned tuples into lists
@@ -154,8 +165,8 @@ def restore_params(directory: str, step: int) -> tuple[Any, dict, dict]:
         "step": step,
         "eval_size": input_cfg.get("eval_size"),
         "max_size": eval_max if eval_max and eval_max > 0 else None,
-        "label_names": config.get("label_names"),
-        "label_map": config.get("label_map"),
+        "label_names": run_meta.get("label_names"),
+        "label_map": run_meta.get("label_map"),
         "dataset": {k: input_cfg.get(k) for k in ("dataset_name", "data_dir", "label_mode", "val_split")},
     }
     return params, model_cfg, meta
@@ -164,7 +175,7 @@ def restore_params(directory: str, step: int) -> tuple[Any, dict, dict]:
 def restore_config(path: str) -> dict:
     """The run config (JSON) saved with a training checkpoint: workdir, checkpoints/ or checkpoints/<step>."""
     directory, step = _resolve(path)
-    manager = ocp.CheckpointManager(directory, item_names=("params", "train", "data", "config"))
+    manager = ocp.CheckpointManager(directory, item_names=ITEM_NAMES)
     restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     manager.close()
     return restored["config"]

@@ -19,24 +19,31 @@ the COCO-C runner use the same two functions), which is the original YOLOS eval 
 Post-processing (as the original `PostProcess` / HF `post_process_object_detection`): softmax over the
 C + 1 logits; score and label = max / argmax over the C real classes ("no object" excluded); boxes
 (cx, cy, w, h) relative to the un-padded image -> (x0, y0, x1, y1) pixels of the original image.
+
+Also here: the logic of `infer.py`, `run_inference` (any checkpoint -> `Detector` -> `infer_images`: annotated
+PNGs and detections.json for image files, directories or glob patterns).
 """
 
 from __future__ import annotations
 
 import functools
+import glob
 import io
 import json
+import os
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from yolos_jax import weights
+from yolos_jax import atomic, weights
 from yolos_jax.data import transforms as T
-from yolos_jax.data.labels import UNUSED_NAME
+from yolos_jax.data.labels import UNUSED_NAME, LabelMap
 from yolos_jax.yolos import YOLOS
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")  # list_images
 
 
 def _cfg_key(model_cfg: Mapping[str, Any]) -> str:
@@ -248,3 +255,122 @@ def _as_image_list(images: ImageBatch) -> list[np.ndarray]:
             )
         out.append(im)
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Image files in, annotated PNGs and detections JSON out (infer.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def list_images(inputs: Sequence[str]) -> list[str]:
+    """Files, directories (their images, sorted) and glob patterns -> image paths."""
+    paths: list[str] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(item, f) for f in os.listdir(item) if f.lower().endswith(IMAGE_EXTENSIONS))
+            if not found:
+                raise FileNotFoundError(f"directory {item} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            paths.extend(found)
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            found = sorted(glob.glob(item))
+            if not found:
+                raise FileNotFoundError(f"{item}: no such file, directory or matching pattern")
+            paths.extend(found)
+    return list(dict.fromkeys(paths))
+
+
+def read_rgb(path: str) -> np.ndarray:
+    """uint8 [H, W, 3] RGB of an image file (grayscale, palette, CMYK and alpha are converted)."""
+    try:
+        return read_image_rgb(path)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+def infer_images(detector: Any, paths: Sequence[str], out_dir: str, *, threshold: float = 0.5,
+                 top_k: Optional[int] = None, names: Optional[Sequence[str]] = None,
+                 label_map: Any = None) -> list[dict]:
+    """Runs `detector.predict` on image files; writes out_dir/<stem>.png (boxes, class names, scores)
+    and out_dir/detections.json. Returns the JSON's list.
+
+    detector: anything with `predict(list of uint8 [H, W, 3], threshold, top_k) -> [{'boxes' [N, 4] xyxy
+      pixels, 'scores' [N], 'labels' [N], optional 'names'}]` (e.g. `yolos_jax.Detector`).
+    names: class names indexed by label (overrides the detector's).
+    label_map: the dataset's `LabelMap`, if known: each detection then also carries its dataset
+      'category_id' (None for a label no category uses).
+    """
+    from yolos_jax import draw  # drawing only here (`import yolos_jax` -> Detector stays light)
+
+    records = []
+    stems: dict[str, int] = {}
+    for path in paths:
+        image = read_rgb(path)
+        res = detector.predict([image], threshold=threshold, top_k=top_k)[0]
+        labels = [int(v) for v in np.asarray(res["labels"]).reshape(-1)]
+        if names is not None:
+            label_names = [names[k] if 0 <= k < len(names) else str(k) for k in labels]
+        else:
+            label_names = list(res.get("names") or [str(k) for k in labels])
+        boxes = np.asarray(res["boxes"], np.float32).reshape(-1, 4)
+        scores = np.asarray(res["scores"], np.float32).reshape(-1)
+        texts = [f"{n} {s:.2f}" for n, s in zip(label_names, scores)]
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if stem in stems:  # same file name from two folders: keep both
+            stems[stem] += 1
+            stem = f"{stem}_{stems[stem]}"
+        else:
+            stems[stem] = 0
+        out_png = os.path.join(out_dir, f"{stem}.png")
+        draw.save_png(out_png, draw.draw_boxes(image, boxes, texts))
+        records.append({
+            "file": os.path.abspath(path),
+            "output": os.path.abspath(out_png),
+            "height": int(image.shape[0]),
+            "width": int(image.shape[1]),
+            "detections": [
+                {"box_xyxy": [float(v) for v in b], "score": float(s), "label": k, "name": n}
+                | ({"category_id": _category_of(label_map, k)} if label_map is not None else {})
+                for b, s, k, n in zip(boxes, scores, labels, label_names)
+            ],
+        })
+    atomic.write_json_atomic(os.path.join(out_dir, "detections.json"), records, indent=1)
+    return records
+
+
+def _category_of(label_map: Any, label: int) -> Optional[int]:
+    if 0 <= label < label_map.num_classes and label_map.is_used(label):
+        return int(label_map.to_category(label))
+    return None
+
+
+def run_inference(checkpoint: str, inputs: Sequence[str], out_dir: str, *, threshold: float = 0.5,
+                  top_k: Optional[int] = None, eval_size: Optional[int] = None, config: Any = None) -> list[dict]:
+    """`infer.py`: loads any converted or trained checkpoint into a `Detector` and runs `infer_images`.
+
+    Class names: the dataset's (config.input) when `config` is given, else the checkpoint's (recorded at
+    conversion or by the training run), else the label numbers. eval_size: the argument, else the
+    checkpoint's (with its max size), else config.input.eval_size, else 800.
+    """
+    paths = list_images(inputs)
+    params, model_cfg, meta = weights.load_any(checkpoint, require_detector=True)
+    names = meta.get("label_names")
+    label_map = LabelMap.from_dict(meta["label_map"]) if meta.get("label_map") else None
+    if config is not None:
+        # The dataset (TensorFlow) and its label-map check only when a config names one: evaluation imports the
+        # input pipeline, which `import yolos_jax` (Detector) must not.
+        from yolos_jax import data, evaluation
+
+        label_map = data.dataset_info(weights.input_config_for_checkpoint(config.input, checkpoint)).label_map
+        evaluation.check_label_map(label_map, model_cfg["num_classes"], meta)
+        names = label_map.names_for(model_cfg["num_classes"])
+    max_size = None
+    if eval_size:
+        size = eval_size
+    elif meta.get("eval_size"):
+        size, max_size = meta["eval_size"], meta.get("max_size")
+    else:
+        size = config.input.eval_size if config is not None else 800
+    detector = Detector(params, model_cfg, eval_size=int(size), max_size=max_size)
+    return infer_images(detector, paths, out_dir, threshold=threshold, top_k=top_k, names=names, label_map=label_map)

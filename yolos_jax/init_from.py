@@ -2,20 +2,26 @@
 grown or kept fresh.
 
 The checkpoint is a converted-checkpoint directory (`weights`): a 'backbone' (a DeiT/DINO/MoCo/MAE ViT) or a
-'detector' (a trained YOLOS). The trainer loads it with `weights.load_params_dir`, merges it into the model's
-fresh initialisation with `init_params_from`, and logs the `InitReport`.
+'detector' (a trained YOLOS). `init_from_converted` (the trainer's entry) loads it with
+`weights.load_params_dir`, merges it into the model's fresh initialisation with `init_params_from`, and logs
+the `InitReport`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from typing import Any, Mapping, Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from yolos_jax import attention_windowed, vit
+from yolos_jax import attention_windowed, sharding, vit, weights
 from yolos_jax.weights import flatten_params, is_backbone_leaf, unflatten_params
+
+log = logging.getLogger("yolos_jax")
 
 
 def _is_rel_pos_leaf(path: str) -> bool:
@@ -192,3 +198,16 @@ def init_params_from(
             + "\nCheck that config.model matches the converted variant (hidden_size, depth, qkv_bias, patch_size)."
         )
     return unflatten_params(out), report
+
+
+def init_from_converted(path: str, model: Any, model_cfg: Any, seed: int, image_hw: Sequence[int],
+                        shardings: Any) -> Any:
+    """The params a run starts from with `config.init_from=path`: a fresh init of `model` (PRNGKey(seed), an
+    input of image_hw = (height, width) pixels; shapes do not depend on it) overwritten by the converted
+    checkpoint at `path` through `init_params_from`, placed on `shardings` (the params' NamedShardings)."""
+    fresh = jax.device_get(jax.jit(lambda: model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *image_hw, 3))))())
+    converted, _, _ = weights.load_params_dir(path)
+    params, report = init_params_from(fresh["params"], converted, model_cfg.to_dict(), seed=seed)
+    if jax.process_index() == 0:
+        log.info("init_from %s: %s", path, report)
+    return sharding.place_host(params, shardings)

@@ -1,9 +1,11 @@
-"""Process set-up shared by the entry scripts: logging, TensorFlow kept off accelerators, caches, malloc."""
+"""Process set-up shared by the entry scripts: logging, TensorFlow kept off accelerators, caches, malloc, and the
+multi-process start-up (`maybe_initialize_distributed`)."""
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 
 def setup_host(compilation_cache: bool = True) -> None:
@@ -63,3 +65,39 @@ def keep_freed_memory() -> bool:
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
     limit = ctypes.c_int(2**31 - 1)  # mallopt takes an int
     return bool(mallopt(m_mmap_threshold, limit)) and bool(mallopt(m_trim_threshold, limit))
+
+
+MULTIPROCESS_ENV = ("TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+
+def maybe_initialize_distributed(dist_cfg: Any) -> None:
+    """`jax.distributed.initialize` when launched as several processes; a no-op for one process.
+
+    dist_cfg: `config.distributed` (`run_config.default_distributed_config`). Explicit settings (coordinator
+    address, process count and id) win; otherwise the cluster is detected from the environment (TPU pod slices,
+    SLURM, Open MPI). Must run before any other jax call.
+    """
+    import jax  # not at module level: setup_host() must run before jax is imported and configured
+
+    if dist_cfg.coordinator_address:
+        try:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        except Exception:  # noqa: BLE001 - older/newer jax without the option: CPU collectives unavailable
+            pass
+        jax.distributed.initialize(
+            coordinator_address=dist_cfg.coordinator_address,
+            num_processes=int(dist_cfg.num_processes),
+            process_id=int(dist_cfg.process_id),
+        )
+        return
+    env_multi = False
+    for var in MULTIPROCESS_ENV:
+        value = os.environ.get(var, "")
+        if var == "TPU_WORKER_HOSTNAMES":
+            env_multi |= len([h for h in value.split(",") if h]) > 1
+        elif var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+            env_multi |= value.isdigit() and int(value) > 1
+        else:
+            env_multi |= bool(value)
+    if env_multi:
+        jax.distributed.initialize()

@@ -21,13 +21,13 @@ last block's attention (the output of its first LayerNorm), and the softmax(q k^
 recomputed from the block's fused qkv parameters with the same key mask. No change to the model is
 needed; `attention_weights` is tested against HF's `output_attentions`.
 
-Also here: `infer_images`, the logic of `infer.py` (images in -> annotated PNGs + detections JSON).
+Also here: `write_annotated_val_images`, the predictions drawn on val images at the end of training. The logic
+of `infer.py` (image files in -> annotated PNGs + detections JSON) is `inference.run_inference`.
 """
 
 from __future__ import annotations
 
 import functools
-import glob
 import os
 from typing import Any, Mapping, Optional, Sequence
 
@@ -39,7 +39,6 @@ from yolos_jax import atomic
 SMALL_AREA = 32 * 32
 LARGE_AREA = 96 * 96
 SIZE_COLORS = ("tab:blue", "tab:green", "tab:red")  # small, medium, large
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 def _plt():
@@ -260,129 +259,35 @@ def plot_token_attention(image_uint8: np.ndarray, maps: np.ndarray, box_xyxy: Op
 
 
 # --------------------------------------------------------------------------------------------------
-# Inference on image files (infer.py)
+# Annotated val images (the end of training)
 # --------------------------------------------------------------------------------------------------
 
 
-def list_images(inputs: Sequence[str]) -> list[str]:
-    """Files, directories (their images, sorted) and glob patterns -> image paths."""
-    paths: list[str] = []
-    for item in inputs:
-        if os.path.isdir(item):
-            found = sorted(os.path.join(item, f) for f in os.listdir(item) if f.lower().endswith(IMAGE_EXTENSIONS))
-            if not found:
-                raise FileNotFoundError(f"directory {item} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-            paths.extend(found)
-        elif os.path.isfile(item):
-            paths.append(item)
-        else:
-            found = sorted(glob.glob(item))
-            if not found:
-                raise FileNotFoundError(f"{item}: no such file, directory or matching pattern")
-            paths.extend(found)
-    return list(dict.fromkeys(paths))
+def write_annotated_val_images(params: Any, model_cfg: dict, input_cfg: Any, out_dir: str,
+                               num_images: int = 8, threshold: float = 0.5) -> list[str]:
+    """Draws the detector's predictions (score > threshold) on the first `num_images` val images of `input_cfg`
+    (a resolved `config.input`) as out_dir/<image id>.png; returns the PNG paths."""
+    from yolos_jax import draw  # PIL and jax only when drawing (the figures' module stays light to import)
+    from yolos_jax.data import prepared_dataset
+    from yolos_jax.inference import Detector, read_image_rgb
 
-
-def read_rgb(path: str) -> np.ndarray:
-    """uint8 [H, W, 3] RGB of an image file (grayscale, palette, CMYK and alpha are converted)."""
-    from PIL import UnidentifiedImageError
-
-    from yolos_jax.inference import read_image_rgb
-
-    try:
-        return read_image_rgb(path)
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
-
-
-def infer_images(detector: Any, paths: Sequence[str], out_dir: str, *, threshold: float = 0.5,
-                 top_k: Optional[int] = None, names: Optional[Sequence[str]] = None,
-                 label_map: Any = None) -> list[dict]:
-    """Runs `detector.predict` on image files; writes out_dir/<stem>.png (boxes, class names, scores)
-    and out_dir/detections.json. Returns the JSON's list.
-
-    detector: anything with `predict(list of uint8 [H, W, 3], threshold, top_k) -> [{'boxes' [N, 4] xyxy
-      pixels, 'scores' [N], 'labels' [N], optional 'names'}]` (e.g. `yolos_jax.Detector`).
-    names: class names indexed by label (overrides the detector's).
-    label_map: the dataset's `LabelMap`, if known: each detection then also carries its dataset
-      'category_id' (None for a label no category uses).
-    """
-    from yolos_jax import draw
-
-    records = []
-    stems: dict[str, int] = {}
-    for path in paths:
-        image = read_rgb(path)
-        res = detector.predict([image], threshold=threshold, top_k=top_k)[0]
-        labels = [int(v) for v in np.asarray(res["labels"]).reshape(-1)]
-        if names is not None:
-            label_names = [names[k] if 0 <= k < len(names) else str(k) for k in labels]
-        else:
-            label_names = list(res.get("names") or [str(k) for k in labels])
-        boxes = np.asarray(res["boxes"], np.float32).reshape(-1, 4)
-        scores = np.asarray(res["scores"], np.float32).reshape(-1)
-        texts = [f"{n} {s:.2f}" for n, s in zip(label_names, scores)]
-        stem = os.path.splitext(os.path.basename(path))[0]
-        if stem in stems:  # same file name from two folders: keep both
-            stems[stem] += 1
-            stem = f"{stem}_{stems[stem]}"
-        else:
-            stems[stem] = 0
-        out_png = os.path.join(out_dir, f"{stem}.png")
-        draw.save_png(out_png, draw.draw_boxes(image, boxes, texts))
-        records.append({
-            "file": os.path.abspath(path),
-            "output": os.path.abspath(out_png),
-            "height": int(image.shape[0]),
-            "width": int(image.shape[1]),
-            "detections": [
-                {"box_xyxy": [float(v) for v in b], "score": float(s), "label": k, "name": n}
-                | ({"category_id": _category_of(label_map, k)} if label_map is not None else {})
-                for b, s, k, n in zip(boxes, scores, labels, label_names)
-            ],
-        })
-    atomic.write_json_atomic(os.path.join(out_dir, "detections.json"), records, indent=1)
-    return records
-
-
-def _category_of(label_map: Any, label: int) -> Optional[int]:
-    if 0 <= label < label_map.num_classes and label_map.is_used(label):
-        return int(label_map.to_category(label))
-    return None
-
-
-def run_inference(checkpoint: str, inputs: Sequence[str], out_dir: str, *, threshold: float = 0.5,
-                  top_k: Optional[int] = None, eval_size: Optional[int] = None, config: Any = None) -> list[dict]:
-    """`infer.py`: loads any converted or trained checkpoint into a `Detector` and runs `infer_images`.
-
-    Class names: the dataset's (config.input) when `config` is given, else the checkpoint's (recorded at
-    conversion or by the training run), else the label numbers. eval_size: the argument, else the
-    checkpoint's (with its max size), else config.eval.eval_size, else 800.
-    """
-    from yolos_jax import evaluation, weights
-    from yolos_jax.inference import Detector
-
-    paths = list_images(inputs)
-    params, model_cfg, meta = weights.load_any(checkpoint, require_detector=True)
-    from yolos_jax.data.labels import LabelMap
-
-    names = meta.get("label_names")
-    label_map = LabelMap.from_dict(meta["label_map"]) if meta.get("label_map") else None
-    if config is not None:
-        from yolos_jax import data, trainer
-
-        label_map = data.dataset_info(trainer.input_config_for_checkpoint(config.input, checkpoint)).label_map
-        evaluation.check_label_map(label_map, model_cfg["num_classes"], meta)
-        names = label_map.names_for(model_cfg["num_classes"])
-    max_size = None
-    if eval_size:
-        size = eval_size
-    elif meta.get("eval_size"):
-        size, max_size = meta["eval_size"], meta.get("max_size")
-    else:
-        size = config.eval.eval_size if config is not None else 800
-    detector = Detector(params, model_cfg, eval_size=int(size), max_size=max_size)
-    return infer_images(detector, paths, out_dir, threshold=threshold, top_k=top_k, names=names, label_map=label_map)
+    dataset = prepared_dataset.open_dataset(input_cfg)
+    label_map = prepared_dataset.dataset_info(input_cfg).label_map
+    source = dataset.source_for(input_cfg.val_split)
+    max_size = int(input_cfg.eval_max_size) if input_cfg.eval_max_size > 0 else None
+    names = label_map.names_for(int(dict(model_cfg)["num_classes"]))
+    detector = Detector(params, model_cfg, eval_size=int(input_cfg.eval_size), max_size=max_size, label_names=names)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for i in range(min(num_images, len(source))):
+        record = source[i]
+        image = read_image_rgb(record["image"])
+        (pred,) = detector.predict([image], threshold=threshold)
+        texts = [f"{names[int(l)]} {float(s):.2f}" for l, s in zip(pred["labels"], pred["scores"])]
+        path = os.path.join(out_dir, f"{int(record['image/id'])}.png")
+        draw.save_png(path, draw.draw_boxes(image, np.asarray(pred["boxes"]), texts))
+        paths.append(path)
+    return paths
 
 
 # --------------------------------------------------------------------------------------------------
@@ -401,9 +306,7 @@ def make_figures(config: Any, checkpoint: str, out_dir: str, *, max_images: int 
     from yolos_jax import coco_eval, draw, evaluation, speed, weights
     from yolos_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-    from yolos_jax import trainer
-
-    input_cfg = trainer.input_config_for_checkpoint(config.input, checkpoint)
+    input_cfg = weights.input_config_for_checkpoint(config.input, checkpoint)
     params, model, meta = weights.load_model(checkpoint)
     evaluator = evaluation.Evaluator(config.eval, input_cfg, model)
     evaluation.check_label_map(evaluator.label_map, model.num_classes, meta)

@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 
 from yolos_jax import atomic, checkpointing
 from yolos_jax import config as config_lib
+from yolos_jax.data import workdir_paths
 from yolos_jax.yolos import YOLOS
 
 FORMAT = "yolos_jax.params"
@@ -202,6 +203,22 @@ def workdir_of(path: str) -> Optional[str]:
     if step is None or os.path.basename(directory) != checkpointing.CHECKPOINT_SUBDIR:
         return None
     return os.path.dirname(directory)
+
+
+def input_config_for_checkpoint(input_cfg: Any, checkpoint: str, workdir: Optional[str] = None) -> Any:
+    """`data.resolve_input_config` for eval/inference/figures: '{workdir}' in the data paths (configs/demo.py) is
+    `workdir`, else the training workdir that holds `checkpoint` (e.g. WORKDIR/checkpoints/800). Raises,
+    before any data is generated, if `checkpoint` holds no checkpoint or no workdir is known."""
+    found = workdir_of(checkpoint)  # FileNotFoundError naming the path if there is none
+    if not workdir_paths.uses_workdir(input_cfg):
+        return input_cfg
+    workdir = workdir or found
+    if workdir is None:
+        raise ValueError(
+            f"config.input.data_dir={input_cfg.data_dir!r} / source_dir={input_cfg.source_dir!r} refer to "
+            f"'{{workdir}}', and {checkpoint} is not inside a training workdir: pass --workdir=<the training "
+            "workdir>, or set --config.input.data_dir and --config.input.source_dir")
+    return workdir_paths.resolve_input_config(input_cfg, workdir)
 
 
 def load_any(path: str, *, require_detector: bool = False) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

@@ -19,6 +19,7 @@ Modules, in the order the data flows (each imports only modules above it):
   iterators.py          train/eval iterators (background thread, exact resume)
   device_resize.py      the final resize on the accelerator (input.resize_on_device)
   host_to_device.py     host batches -> global jax.Arrays (to_global_batch)
+  workdir_paths.py      '{workdir}' in the data paths; the synthetic dataset a config asks for
   prepare.py            CLI: one-time preparation
   show_batch.py         CLI / function: a batch's images with boxes as PNGs
 
@@ -47,6 +48,7 @@ _EXPORTS = {
     "with_host_image": "yolos_jax.data.host_to_device",
     "BATCH_KEYS": "yolos_jax.data.assembly",
     "save_batch_pngs": "yolos_jax.data.show_batch",
+    "resolve_input_config": "yolos_jax.data.workdir_paths",
 }
 
 __all__ = sorted(_EXPORTS)

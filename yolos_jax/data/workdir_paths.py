@@ -1,0 +1,57 @@
+"""'{workdir}' in `config.input`'s paths and the synthetic dataset a config asks for (configs/demo.py).
+
+`resolve_input_config(input_cfg, workdir)` is what training, evaluation and the figures call before reading
+data: it substitutes the run's workdir into `data_dir` / `source_dir` and, when `input.synthetic` is set and
+`source_dir` does not exist yet, writes the seeded synthetic COCO-format dataset there (process 0; the others
+wait). The training workdir of a checkpoint is `weights.workdir_of`'s to find (`weights.input_config_for_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import ml_collections
+
+log = logging.getLogger("yolos_jax")
+
+WORKDIR_PATH_FIELDS = ("data_dir", "source_dir")  # the input fields in which '{workdir}' is substituted
+
+
+def uses_workdir(input_cfg: ml_collections.ConfigDict) -> bool:
+    """Whether a data path of `input_cfg` refers to '{workdir}'."""
+    return any("{workdir}" in str(input_cfg.get(k) or "") for k in WORKDIR_PATH_FIELDS)
+
+
+def resolve_input_config(input_cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """Resolves '{workdir}' in the input paths and generates the synthetic dataset when asked to.
+
+    A config with `input.synthetic` (num_train, num_val, image_size, num_classes, seed; optional
+    max_objects, classes, min_size_frac, max_size_frac, background: see `synthetic.generate`) and a
+    `source_dir` that does not exist yet gets the seeded synthetic COCO-format dataset written there —
+    the embedded default that needs no download. Returns a resolved copy; `input_cfg` is not modified.
+    """
+    cfg = ml_collections.ConfigDict(input_cfg.to_dict())
+    for key in WORKDIR_PATH_FIELDS:
+        if isinstance(cfg.get(key), str):
+            cfg[key] = cfg[key].replace("{workdir}", workdir)
+    synth = cfg.get("synthetic")
+    if synth and cfg.source_dir and not os.path.isdir(cfg.source_dir):
+        from yolos_jax.data import synthetic  # PIL: only when a synthetic set is made
+
+        if jax.process_index() == 0:
+            log.info("generating the synthetic dataset into %s", cfg.source_dir)
+            try:
+                options = {k: synth[k] for k in ("classes", "min_size_frac", "max_size_frac", "background")
+                           if synth.get(k) is not None}
+                synthetic.generate(cfg.source_dir, int(synth.num_train), int(synth.num_val), int(synth.seed),
+                                   tuple(synth.image_size), num_classes=int(synth.num_classes),
+                                   max_objects=int(synth.get("max_objects", 6)), **options)
+            except FileExistsError:  # another process finished it meanwhile
+                pass
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("synthetic dataset generated")
+    return cfg
