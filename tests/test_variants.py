@@ -8,7 +8,6 @@ ConvStem (Architecture 1) and timm's drop-path schedule (torch.linspace), the pa
 
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp

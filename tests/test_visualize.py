@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from yolos_jax import draw, visualize
+from yolos_jax import visualize
 from yolos_jax.config import model_config
 from yolos_jax.data.labels import LabelMap
 from yolos_jax.yolos import YOLOS
