@@ -97,10 +97,10 @@ def test_train_checkpoint_restore_eval_image(tmp_path, env, data_root):
     # infer.py's loader on the training workdir: class names recorded by the run (no --config needed).
     from PIL import Image
 
-    from yolos_jax import visualize
+    from yolos_jax import inference
 
     Image.fromarray(image).save(tmp_path / "blank.png")
-    (record,) = visualize.run_inference(str(workdir), [str(tmp_path / "blank.png")], str(tmp_path / "infer"),
+    (record,) = inference.run_inference(str(workdir), [str(tmp_path / "blank.png")], str(tmp_path / "infer"),
                                         threshold=0.0, top_k=3)
     assert len(record["detections"]) == 3
     names = dict(zip(["circle", "square", "triangle", "ellipse", "N/A", "N/A"], [1, 2, 3, 4, None, None]))
