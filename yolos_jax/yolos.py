@@ -24,7 +24,7 @@ Parameter tree (names used by the converter and the optimiser's decay mask):
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -196,6 +196,80 @@ class YOLOS(nn.Module):
     def _grid(self, size_hw: Sequence[int]) -> tuple[int, int]:
         return int(size_hw[0]) // self.patch_size, int(size_hw[1]) // self.patch_size
 
+    def _embed_tokens(self, images: jax.Array, dtype: Any) -> tuple[jax.Array, tuple[int, int]]:
+        """images [B, H, W, 3] -> ([CLS | patches | DET] tokens [B, T, D] without position embeddings,
+        the canvas patch grid (gh, gw)). Called from `__call__` (creates the stem and token parameters)."""
+        width, q, batch = self.hidden_size, self.num_det_tokens, images.shape[0]
+        if self.patch_embed == "conv_stem":  # MIMDet Sec. 2.2
+            patches = variants.ConvStem(width, self.patch_size, dtype, name="conv_stem")(images.astype(dtype))
+        else:
+            patches = vit.PatchEmbed(width, self.patch_size, dtype, name="patch_embed")(images.astype(dtype))
+        grid_hw = tuple(patches.shape[1:3])
+        patches = patches.reshape(batch, grid_hw[0] * grid_hw[1], width)
+        cls_token = self.param("cls_token", vit.trunc_normal_02, (1, 1, width))
+        det_tokens = self.param("det_tokens", vit.trunc_normal_02, (1, q, width))
+        if self.detach_det_tokens:  # YOLOS Table 7: [DET] tokens fixed at their random initialisation
+            det_tokens = jax.lax.stop_gradient(det_tokens)
+        tokens = [jnp.broadcast_to(cls_token, (batch, 1, width)).astype(dtype), patches,
+                  jnp.broadcast_to(det_tokens, (batch, q, width)).astype(dtype)]
+        return jnp.concatenate(tokens, axis=1), grid_hw
+
+    def _position_embeddings(
+        self, grid_hw: tuple[int, int], valid_grid: Optional[jax.Array], batch: int, dtype: Any
+    ) -> tuple[jax.Array, Optional[Callable[[int], jax.Array]]]:
+        """(input position embeddings [B or 1, T, D], mid_pos_at: block i -> [B or 1, T, D] or None).
+
+        valid_grid: [B, 2] each image's own patch grid, or None (every image fills the canvas grid_hw).
+        The stored grids are resized to each image's own grid, not to the canvas, so an image gets the
+        embeddings it would get alone. Mid embeddings are built one block at a time ([B, T, D] per block,
+        not per model). Called from `__call__` (creates the position-embedding parameters).
+        """
+        width, q = self.hidden_size, self.num_det_tokens
+
+        def with_patch_pos(cls: jax.Array, grid: jax.Array, det: jax.Array) -> jax.Array:
+            """[CLS | patches | DET] position embeddings [B or 1, T, D] from one stored grid [gh', gw', D]."""
+            if valid_grid is None:
+                patch_pos = vit.resize_posemb_grid(grid, grid_hw).reshape(1, -1, width)
+            else:
+                patch_pos = vit.resize_posemb_grid_per_image(grid, valid_grid, grid_hw).reshape(batch, -1, width)
+            n = patch_pos.shape[0]
+            return jnp.concatenate(
+                [jnp.broadcast_to(cls, (n, 1, width)), patch_pos, jnp.broadcast_to(det, (n, q, width))], axis=1
+            ).astype(dtype)
+
+        pos_cls = self.param("pos_embed_cls", vit.trunc_normal_02, (1, 1, width))
+        pos_patches = self.param("pos_embed_patches", vit.trunc_normal_02, (1, *self._grid(self.init_pe_size), width))
+        pos_det = self.param("pos_embed_det", vit.trunc_normal_02, (1, q, width))
+        pos = with_patch_pos(pos_cls, pos_patches[0], pos_det)
+        if self.mid_pe_size is None or self.depth <= 1:
+            return pos, None
+        n_mid = self.depth - 1
+        mid_cls = self.param("mid_pos_embed_cls", vit.trunc_normal_02, (n_mid, 1, width))
+        mid_patches = self.param("mid_pos_embed_patches", vit.trunc_normal_02,
+                                 (n_mid, *self._grid(self.mid_pe_size), width))
+        mid_det = self.param("mid_pos_embed_det", vit.trunc_normal_02, (n_mid, q, width))
+        return pos, lambda i: with_patch_pos(mid_cls[i], mid_patches[i], mid_det[i])
+
+    def _predict_fn(self, dtype: Any) -> Callable[[jax.Array], dict[str, jax.Array]]:
+        """The shared heads: [DET] tokens [B, Q, D] -> {'logits', 'boxes'} (the module docstring's schema).
+        Called from `__call__` (creates encoder_norm, class_head and box_head)."""
+        width = self.hidden_size
+        encoder_norm = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=dtype, name="encoder_norm")
+        class_head = MLPHead(width, self.num_classes + 1, 3, dtype, name="class_head")
+        box_head = MLPHead(width, 4, 3, dtype, name="box_head")
+        box_offset = 0.0
+        if det_prior.enabled(self) and self.det_box_offset:
+            box_offset = jnp.asarray(det_prior.box_logit_offset(self.det_reference_grid))  # [Q, 4]
+
+        def predict(det: jax.Array) -> dict[str, jax.Array]:
+            det = encoder_norm(det)
+            return {
+                "logits": class_head(det).astype(jnp.float32),
+                "boxes": jax.nn.sigmoid(box_head(det).astype(jnp.float32) + box_offset),
+            }
+
+        return predict
+
     @nn.compact
     def __call__(
         self, images: jax.Array, pixel_mask: Optional[jax.Array] = None, *, train: bool = False
@@ -207,62 +281,14 @@ class YOLOS(nn.Module):
         variants.validate_options(self)
         det_prior.validate_options(self)
         dtype = _as_dtype(self.dtype)
-        width = self.hidden_size
         batch = images.shape[0]
         q = self.num_det_tokens
 
-        if self.patch_embed == "conv_stem":  # MIMDet Sec. 2.2
-            patches = variants.ConvStem(width, self.patch_size, dtype, name="conv_stem")(images.astype(dtype))
-        else:
-            patches = vit.PatchEmbed(width, self.patch_size, dtype, name="patch_embed")(images.astype(dtype))
-        grid_hw = patches.shape[1:3]
-        patches = patches.reshape(batch, grid_hw[0] * grid_hw[1], width)
-
-        cls_token = self.param("cls_token", vit.trunc_normal_02, (1, 1, width))
-        det_tokens = self.param("det_tokens", vit.trunc_normal_02, (1, q, width))
-        if self.detach_det_tokens:  # YOLOS Table 7: [DET] tokens fixed at their random initialisation
-            det_tokens = jax.lax.stop_gradient(det_tokens)
-        pe_grid = self._grid(self.init_pe_size)
-        pos_cls = self.param("pos_embed_cls", vit.trunc_normal_02, (1, 1, width))
-        pos_patches = self.param("pos_embed_patches", vit.trunc_normal_02, (1, *pe_grid, width))
-        pos_det = self.param("pos_embed_det", vit.trunc_normal_02, (1, q, width))
-
-        # Each image's own patch grid (None: every image fills the canvas). Position embeddings are
-        # resized to it, not to the canvas, so an image gets the embeddings it would get alone.
+        x, grid_hw = self._embed_tokens(images, dtype)
+        # Each image's own patch grid (None: every image fills the canvas).
         valid_grid = None if pixel_mask is None else valid_patch_grid(pixel_mask, self.patch_size, grid_hw)
-
-        def with_patch_pos(cls: jax.Array, grid: jax.Array, det: jax.Array) -> jax.Array:
-            """[CLS | patches | DET] position embeddings [B or 1, T, D] from one stored grid [gh', gw', D]."""
-            if valid_grid is None:
-                patch_pos = vit.resize_posemb_grid(grid, grid_hw).reshape(1, -1, width)
-            else:
-                patch_pos = vit.resize_posemb_grid_per_image(grid, valid_grid, grid_hw).reshape(batch, -1, width)
-            n = patch_pos.shape[0]
-            return jnp.concatenate(
-                [jnp.broadcast_to(cls, (n, 1, width)), patch_pos, jnp.broadcast_to(det, (n, q, width))], axis=1
-            )
-
-        x = jnp.concatenate(
-            [
-                jnp.broadcast_to(cls_token, (batch, 1, width)).astype(dtype),
-                patches,
-                jnp.broadcast_to(det_tokens, (batch, q, width)).astype(dtype),
-            ],
-            axis=1,
-        )
-        x = x + with_patch_pos(pos_cls, pos_patches[0], pos_det).astype(dtype)
-
-        mid_pos_at = None  # block i -> [B or 1, T, D]: the mid position embeddings added after block i
-        if self.mid_pe_size is not None and self.depth > 1:
-            mid_grid = self._grid(self.mid_pe_size)
-            n_mid = self.depth - 1
-            mid_cls = self.param("mid_pos_embed_cls", vit.trunc_normal_02, (n_mid, 1, width))
-            mid_patches = self.param("mid_pos_embed_patches", vit.trunc_normal_02, (n_mid, *mid_grid, width))
-            mid_det = self.param("mid_pos_embed_det", vit.trunc_normal_02, (n_mid, q, width))
-
-            def mid_pos_at(i: int) -> jax.Array:  # one block at a time: [B, T, D] per block, not per model
-                return with_patch_pos(mid_cls[i], mid_patches[i], mid_det[i]).astype(dtype)
-
+        pos, mid_pos_at = self._position_embeddings(grid_hw, valid_grid, batch, dtype)
+        x = x + pos
         key_mask = None
         if valid_grid is not None:
             ones = jnp.ones((batch, 1), bool)
@@ -285,14 +311,13 @@ class YOLOS(nn.Module):
             valid_hw = det_prior.valid_extent(images.shape[1:3], pixel_mask, batch)
             det_bias = det_prior.attention_bias(self.det_reference_grid, self.det_attention_sigma,
                                                 self.num_heads, grid_hw, self.patch_size, valid_hw)
-        mlp_dim = self.mlp_dim or 4 * width
         intermediates = []
         for i in range(self.depth):
             if det_hook is not None:
                 x, key_mask = det_hook.before_block(i, x, key_mask)
             x = block_cls(
                 num_heads=self.num_heads,
-                mlp_dim=mlp_dim,
+                mlp_dim=self.mlp_dim or 4 * self.hidden_size,
                 layer_norm_eps=self.layer_norm_eps,
                 qkv_bias=self.qkv_bias,
                 dtype=dtype,
@@ -309,20 +334,7 @@ class YOLOS(nn.Module):
                     mid_pos = variants.gather_tokens(mid_pos, token_index)
                 x = x + mid_pos[:, : x.shape[1]]  # [DET] tokens sit last: absent before insertion
 
-        encoder_norm = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=dtype, name="encoder_norm")
-        class_head = MLPHead(width, self.num_classes + 1, 3, dtype, name="class_head")
-        box_head = MLPHead(width, 4, 3, dtype, name="box_head")
-        box_offset = 0.0
-        if det_prior.enabled(self) and self.det_box_offset:
-            box_offset = jnp.asarray(det_prior.box_logit_offset(self.det_reference_grid))  # [Q, 4]
-
-        def predict(det: jax.Array) -> dict[str, jax.Array]:
-            det = encoder_norm(det)
-            return {
-                "logits": class_head(det).astype(jnp.float32),
-                "boxes": jax.nn.sigmoid(box_head(det).astype(jnp.float32) + box_offset),
-            }
-
+        predict = self._predict_fn(dtype)
         outputs = predict(x[:, -q:])
         if self.aux_layers:
             outputs["aux_outputs"] = [predict(d) for d in intermediates]
