@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 
 from yolos_jax import atomic, data, sharding
 from yolos_jax.coco_eval import DETECTIONS_FILE, METRICS_FILE, coco_evaluate, detections_to_coco, load_coco, postprocess
+from yolos_jax.data.input_config import check_batch_size
 from yolos_jax.data.labels import LabelMap
 
 log = logging.getLogger("yolos_jax")
@@ -121,9 +122,7 @@ class Evaluator:
         if mesh is not None:
             n = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES if a in mesh.shape]))
             self._local_multiple = max(1, n // jax.process_count())
-        if self.batch_size <= 0 or self.batch_size % jax.process_count():
-            raise ValueError(f"config.input.eval_batch_size={self.batch_size} must be a positive multiple of the "
-                             f"process count {jax.process_count()}")
+        check_batch_size(self.batch_size, jax.process_count(), "config.input.eval_batch_size")
         if eval_cfg.get("eval_size") is not None and int(eval_cfg.eval_size) != int(input_cfg.eval_size):
             log.warning("config.eval.eval_size=%s differs from config.input.eval_size=%s; images are resized "
                         "by input.eval_size", eval_cfg.eval_size, input_cfg.eval_size)

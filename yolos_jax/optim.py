@@ -20,10 +20,8 @@ import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
-from flax import traverse_util
 
 HEAD_MODULES = ("class_head", "box_head")
 NO_DECAY_NAMES = ("pos_embed_cls", "pos_embed_patches", "pos_embed_det", "cls_token", "det_tokens",
@@ -145,18 +143,3 @@ def make_optimizer(
     if optim_cfg.backbone_lr_mult != 1.0:
         parts.append(optax.masked(optax.scale(optim_cfg.backbone_lr_mult), backbone_mask(params)))
     return optax.chain(*parts), schedule
-
-
-def decay_groups_summary(params: Any, decay_mid_pos_embed: bool = True) -> dict[str, list[str]]:
-    """Human-readable listing of the decay / no-decay parameter names (for logs and tests)."""
-    mask = traverse_util.flatten_dict(
-        jax.tree.map(lambda x: bool(x), weight_decay_mask(params, decay_mid_pos_embed)), sep="/"
-    ) if isinstance(params, dict) else {}
-    return {
-        "decay": sorted(k for k, v in mask.items() if v),
-        "no_decay": sorted(k for k, v in mask.items() if not v),
-    }
-
-
-def global_norm(tree: Any) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
