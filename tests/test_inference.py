@@ -274,3 +274,23 @@ def test_images_are_read_as_the_training_pipeline_decodes_them(tmp_path):
         want = tf.io.decode_image(buf.getvalue(), channels=3, expand_animations=False).numpy()
         np.testing.assert_array_equal(inference.read_image_rgb(buf.getvalue()), want, err_msg=name)
         np.testing.assert_array_equal(inference.read_rgb(str(tmp_path / name)), want, err_msg=name)
+
+
+def test_forward_refuses_masks_the_model_cannot_read():
+    """The model reads each image's real height and width only (padding bottom/right): a mask padded at the
+    top/left, with holes, or under one patch is refused with a clear error instead of silently misread."""
+    from yolos_jax import inference
+
+    ok = np.zeros((2, 64, 96), bool)
+    ok[0, :48, :80] = True
+    ok[1] = True
+    inference.check_top_left_mask(ok, 16)
+    padded_top = np.roll(ok, 8, axis=1)
+    with_hole = ok.copy()
+    with_hole[1, 10, 10] = False
+    under_a_patch = ok.copy()
+    under_a_patch[0] = False
+    under_a_patch[0, :8, :40] = True
+    for bad, message in [(padded_top, "top-left"), (with_hole, "top-left"), (under_a_patch, "less than one")]:
+        with pytest.raises(ValueError, match=message):
+            inference.check_top_left_mask(bad, 16)

@@ -444,3 +444,34 @@ def test_heads_start_as_torch_nn_linear():
         assert np.abs(kernel).max() > 0.99 * bound  # uniform over the whole range, not a narrower law
         assert abs(kernel.std() / ref_layer.weight.detach().numpy().std() - 1) < 0.02
         assert abs(bias.std() / (bound / np.sqrt(3)) - 1) < 0.2
+
+
+@pytest.mark.parametrize("rel_pos", [False, True])
+def test_windowed_image_smaller_than_a_window_equals_alone(rel_pos):
+    """An image whose own grid fits in one window (alone: plain global attention without rel-pos, or a
+    window clipped to the grid with it) or is shorter than a window in one axis (a clipped window), padded
+    into a canvas of several r x r windows, gives its alone output."""
+    import jax
+    import jax.numpy as jnp
+
+    from yolos_jax.yolos import YOLOS
+
+    model = YOLOS(**(INV_BASE | INV_WINDOWED | dict(rel_pos=rel_pos)))
+    rng = np.random.RandomState(7)
+    sizes = ((20, 20), (20, 70))  # own grids 2 x 2 (within one 3 x 3 window) and 2 x 8; canvas grid 8 x 11
+    images = [rng.randn(h, w, 3).astype(np.float32) for h, w in sizes]
+    canvas = rng.randn(len(images), *INV_CANVAS, 3).astype(np.float32) * 5
+    mask = np.zeros((len(images), *INV_CANVAS), bool)
+    for i, im in enumerate(images):
+        canvas[i, : im.shape[0], : im.shape[1]] = im
+        mask[i, : im.shape[0], : im.shape[1]] = True
+    params = model.init(jax.random.PRNGKey(0), jnp.asarray(images[1][None]))["params"]
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    params = jax.tree.unflatten(treedef, [a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+    batched = model.apply({"params": params}, canvas, mask)
+    for i, im in enumerate(images):
+        alone = model.apply({"params": params}, im[None])
+        for k in ("logits", "boxes"):
+            err = float(np.abs(np.asarray(alone[k][0]) - np.asarray(batched[k][i])).max())
+            assert err <= 1e-5, (sizes[i], k, err)

@@ -71,6 +71,23 @@ def _forward_fn(cfg_key: str):
 ImageBatch = Union[np.ndarray, Sequence[np.ndarray]]
 
 
+def check_top_left_mask(pixel_mask: np.ndarray, patch_size: int) -> None:
+    """Raises ValueError unless each [H, W] mask of pixel_mask [B, H, W] is a top-left rectangle of at least
+    one patch: the model reads only each image's height and width of real pixels (`yolos.valid_patch_grid`),
+    so padding must sit at the bottom/right, as `preprocess` and every pipeline here put it."""
+    rows = pixel_mask.any(axis=2).sum(axis=1)
+    cols = pixel_mask.any(axis=1).sum(axis=1)
+    for i, (h, w) in enumerate(zip(rows, cols)):
+        expected = np.zeros(pixel_mask.shape[1:], bool)
+        expected[:h, :w] = True
+        if not np.array_equal(pixel_mask[i], expected):
+            raise ValueError(f"pixel_mask[{i}] is not a top-left rectangle: pad images at the bottom/right only "
+                             "(as Detector.preprocess does)")
+        if h < patch_size or w < patch_size:
+            raise ValueError(f"pixel_mask[{i}] marks {h}x{w} real pixels, less than one {patch_size}x{patch_size} "
+                             "patch")
+
+
 class Detector:
     """A YOLOS detector ready for inference.
 
@@ -167,6 +184,7 @@ class Detector:
             pixel_mask = np.asarray(pixel_mask, bool)
             if pixel_mask.shape != x.shape[:3]:
                 raise ValueError(f"pixel_mask shape {pixel_mask.shape} does not match pixel_values {x.shape[:3]}")
+            check_top_left_mask(pixel_mask, p)
         return jax.device_get(self._forward(self.params, x, pixel_mask))
 
     def preprocess(self, images: ImageBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
