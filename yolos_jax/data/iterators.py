@@ -176,7 +176,20 @@ class PlanCache:
             return plan
 
 
-class TrainIterator:
+class _ClosingIterator:
+    """Stops the background `BatchIterator` (`self._it`) on `close()` and when garbage-collected."""
+
+    def close(self) -> None:
+        self._it.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class TrainIterator(_ClosingIterator):
     """Endless train batches (host numpy, this process's share). See `make_train_iterator`."""
 
     def __init__(self, cfg: ml_collections.ConfigDict, seed: int, process_index: int, process_count: int):
@@ -253,17 +266,9 @@ class TrainIterator:
         """Padding waste and number of distinct shapes of an epoch's plan (global)."""
         return self.plan(epoch).stats()
 
-    def close(self) -> None:
-        self._it.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001
-            pass
 
 
-class EvalIterator:
+class EvalIterator(_ClosingIterator):
     """One pass over a split (host numpy, this process's share); see `make_eval_iterator`."""
 
     def __init__(self, cfg: ml_collections.ConfigDict, split: Optional[str], process_index: int, process_count: int,
@@ -307,14 +312,6 @@ class EvalIterator:
             raise StopIteration
         return next(self._it)
 
-    def close(self) -> None:
-        self._it.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001
-            pass
 
 
 def _jax_process() -> tuple[int, int]:
