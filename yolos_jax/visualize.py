@@ -31,9 +31,17 @@ import functools
 import os
 from typing import Any, Mapping, Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
-from yolos_jax import atomic
+from yolos_jax import atomic, coco_eval, data, draw, evaluation, runtime, speed, weights
+from yolos_jax.data import prepared_dataset
+from yolos_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from yolos_jax.inference import Detector, read_image_rgb
+from yolos_jax.yolos import patch_key_mask
 
 # COCO's object size ranges (pixels^2), as the original visualisation script.
 SMALL_AREA = 32 * 32
@@ -42,6 +50,8 @@ SIZE_COLORS = ("tab:blue", "tab:green", "tab:red")  # small, medium, large
 
 
 def _plt():
+    # Imported here: matplotlib is heavy and only the figures need it (the trainer imports this module for
+    # `write_annotated_val_images`), and the Agg backend must be chosen before pyplot is first imported.
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
@@ -190,11 +200,6 @@ def attention_weights(model: Any, params: Any, images: np.ndarray, pixel_mask: O
 @functools.lru_cache(maxsize=8)
 def _attention_fn(model: Any, layer: int):
     """The jitted recomputation for (model, layer), built once (XLA then caches per input shape)."""
-    import jax
-    import jax.numpy as jnp
-
-    from yolos_jax.yolos import patch_key_mask
-
     block = f"block_{layer}"
 
     def capture(mdl, _method):
@@ -267,10 +272,6 @@ def write_annotated_val_images(params: Any, model_cfg: dict, input_cfg: Any, out
                                num_images: int = 8, threshold: float = 0.5) -> list[str]:
     """Draws the detector's predictions (score > threshold) on the first `num_images` val images of `input_cfg`
     (a resolved `config.input`) as out_dir/<image id>.png; returns the PNG paths."""
-    from yolos_jax import draw  # PIL and jax only when drawing (the figures' module stays light to import)
-    from yolos_jax.data import prepared_dataset
-    from yolos_jax.inference import Detector, read_image_rgb
-
     dataset = prepared_dataset.open_dataset(input_cfg)
     label_map = prepared_dataset.dataset_info(input_cfg).label_map
     source = dataset.source_for(input_cfg.val_split)
@@ -301,11 +302,6 @@ def make_figures(config: Any, checkpoint: str, out_dir: str, *, max_images: int 
 
     Returns {'centers': [path], 'categories': [path, json], 'attention': [paths]}.
     """
-    import jax
-
-    from yolos_jax import coco_eval, draw, evaluation, speed, weights
-    from yolos_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
     input_cfg = weights.input_config_for_checkpoint(config.input, checkpoint)
     params, model, meta = weights.load_model(checkpoint)
     evaluator = evaluation.Evaluator(config.eval, input_cfg, model)
@@ -334,8 +330,6 @@ def make_figures(config: Any, checkpoint: str, out_dir: str, *, max_images: int 
             break
         if not batch["valid"][0]:
             continue
-        from yolos_jax import data
-
         batch = data.with_host_image(batch)
         h, w = (int(v) for v in batch["size"][0])
         image = speed.normalized(batch["image"][:1, :h, :w])  # un-padded: the grid is the image's
@@ -357,13 +351,9 @@ def make_figures(config: Any, checkpoint: str, out_dir: str, *, max_images: int 
 
 
 def main(argv: Sequence[str]) -> None:
-    from absl import flags
-
     flags_ = flags.FLAGS
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments: {argv[1:]}")
-    from yolos_jax import runtime
-
     runtime.setup_host()
     written = make_figures(
         flags_.config, flags_.checkpoint, flags_.out, max_images=flags_.max_images, num_tokens=flags_.num_tokens,
@@ -375,9 +365,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 def _define_flags() -> None:
-    from absl import flags
-    from ml_collections import config_flags
-
     config_flags.DEFINE_config_file("config", None, "Config file (its input and eval sub-configs are used).",
                                     lock_config=True)
     flags.DEFINE_string("checkpoint", None, "Converted checkpoint dir, training workdir or checkpoint step dir.")
@@ -390,7 +377,5 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
-
     _define_flags()
     app.run(main)

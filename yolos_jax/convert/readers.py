@@ -16,6 +16,7 @@ import re
 from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 
 class ConversionError(ValueError):
@@ -54,7 +55,7 @@ def _to_numpy(name: str, value: Any, path: str) -> np.ndarray:
 
 def _torch_load(path: str) -> Any:
     try:
-        import torch
+        import torch  # here: heavy, and optional (the `torch` extra); only .pth/.bin sources need it
     except ImportError as e:  # torch is only needed for .pth/.bin sources
         raise ImportError(
             f"reading {path} needs PyTorch (pip install torch, or `pip install -e .[torch]`); "
@@ -83,8 +84,6 @@ def _torch_load(path: str) -> Any:
 
 
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError, safe_open  # only safetensors sources need it
-
     out = {}
     try:
         with safe_open(path, framework="numpy") as f:
@@ -96,7 +95,7 @@ def _load_safetensors(path: str) -> dict[str, np.ndarray]:
                               "(download or copy it again)") from e
     except (TypeError, ValueError) as e:  # e.g. bfloat16, which numpy lacks
         try:
-            import torch  # noqa: F401
+            import torch  # noqa: F401  (heavy and optional: safe_open(framework="pt") needs it, only here)
         except ImportError:
             raise ConversionError(f"{path}: cannot read with numpy ({e}); install torch to read it") from e
         with safe_open(path, framework="pt") as f:

@@ -23,8 +23,8 @@ Modules, in the order the data flows (each imports only modules above it):
   prepare.py            CLI: one-time preparation
   show_batch.py         CLI / function: a batch's images with boxes as PNGs
 
-The public names below are imported lazily, so `from yolos_jax.data.labels import LabelMap` does not
-import TensorFlow, and `from yolos_jax.data import default_input_config` (config files) imports no jax.
+The public names below are imported lazily, so neither `from yolos_jax.data.labels import LabelMap` nor
+`from yolos_jax.data import default_input_config` (config files) imports TensorFlow.
 """
 
 from __future__ import annotations

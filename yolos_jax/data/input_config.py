@@ -13,8 +13,10 @@ import json
 import os
 from typing import Any
 
+import jax
 import ml_collections
 
+from yolos_jax.data import synthetic
 from yolos_jax.data import transforms as T
 
 
@@ -151,8 +153,6 @@ def resize_on_device(cfg: ml_collections.ConfigDict) -> bool:
     """input.resize_on_device resolved ('auto': an accelerator backend and a transform that allows it)."""
     value = cfg.get("resize_on_device", "off")
     if value == "auto":
-        import jax  # only for 'auto' (this module is imported by config files, which need no jax)
-
         return jax.default_backend() != "cpu" and not cfg.large_scale_jitter and bool(cfg.crop_in_original)
     return value == "on"
 
@@ -162,8 +162,6 @@ def synthetic_input_config(root: str, num_train: int = 32, num_val: int = 8, ima
     """An input config over a synthetic dataset under `root` (generated and prepared on first use),
     with transforms scaled down to small images: scales (64, 80, 96), crops 64..112, eval 96.
     `overrides` set any other input field."""
-    from yolos_jax.data import synthetic  # PIL: only when a synthetic set is made (config files need none)
-
     key = hashlib.sha1(json.dumps([num_train, num_val, image_size, seed, num_classes]).encode()).hexdigest()[:8]
     src = os.path.join(root, f"synthetic_{key}")
     if not os.path.isdir(src):

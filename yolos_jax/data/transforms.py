@@ -47,6 +47,7 @@ import dataclasses
 from typing import Any, Optional, Sequence
 
 import numpy as np
+from PIL import Image
 
 # Shrinking by a factor below this is antialiased (TF's scale_and_translate, like PIL's resize); milder
 # shrinking is plain bilinear, nearly identical and ~5x cheaper (the crop branch's 480 -> 400 step).
@@ -193,8 +194,6 @@ def resize_image(image: np.ndarray, size_hw: Sequence[int]) -> np.ndarray:
     more than the width (Pillow PR 9549); the original's PIL always went horizontal first; each pass rounds
     to uint8, so the two orders differ by at most one grey level.
     """
-    from PIL import Image  # only here: config files import this module (for its scales), and need no PIL
-
     oh, ow = int(size_hw[0]), int(size_hw[1])
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
@@ -336,7 +335,9 @@ def tf_apply_geometry(image_bytes: Any, geom: Any, image_format: str = "float32"
     eval_transform=True: the final resize is the eval resampler, `resize_image` (PIL, tf.numpy_function;
     PIL releases the GIL while it resamples), instead of TF's; `eval_geometry` GEOMs only.
     """
-    import tensorflow as tf  # configured by tf_setup.get_tf() before any pipeline is built
+    # Imported here: TensorFlow is heavy and only the tf.data pipeline needs it (Detector, the config files and
+    # the eval-size rule import this module without it); tf_setup.get_tf() configures it before any pipeline.
+    import tensorflow as tf
 
     geom = tf.cast(geom, tf.int32)
     if image_format not in ("uint8", "float32"):

@@ -13,6 +13,9 @@ import os
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
+
+from yolos_jax.data import synthetic
 
 log = logging.getLogger("yolos_jax")
 
@@ -38,8 +41,6 @@ def resolve_input_config(input_cfg: ml_collections.ConfigDict, workdir: str) -> 
             cfg[key] = cfg[key].replace("{workdir}", workdir)
     synth = cfg.get("synthetic")
     if synth and cfg.source_dir and not os.path.isdir(cfg.source_dir):
-        from yolos_jax.data import synthetic  # PIL: only when a synthetic set is made
-
         if jax.process_index() == 0:
             log.info("generating the synthetic dataset into %s", cfg.source_dir)
             try:
@@ -51,7 +52,5 @@ def resolve_input_config(input_cfg: ml_collections.ConfigDict, workdir: str) -> 
             except FileExistsError:  # another process finished it meanwhile
                 pass
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices("synthetic dataset generated")
     return cfg
