@@ -6,7 +6,9 @@
   those projects' module definitions;
 * the original YOLOS `finetune_det` position-embedding surgery, in torch, as hustvl/YOLOS
   models/backbone.py does it;
-* a float64 numpy YOLOS forward with key masking, the reference for padding-awareness.
+* a float64 numpy YOLOS forward with key masking, the reference for padding-awareness;
+* DETR's resize rule (`detr_get_size`, verbatim) and the original YOLOS eval size built on it
+  (`original_eval_size`: both sides floored to multiples of 16), the references of the transforms' sizes.
 """
 
 from __future__ import annotations
@@ -286,6 +288,32 @@ def torch_linear_resize(table: np.ndarray, length: int) -> np.ndarray:
         return table.astype(np.float64)
     t = torch.from_numpy(table.astype(np.float64)).T[None]  # [1, C, L]
     return F.interpolate(t, size=length, mode="linear", align_corners=False)[0].T.numpy()
+
+
+def detr_get_size(image_size, size, max_size=None):
+    """DETR datasets/transforms.py resize.get_size_with_aspect_ratio, verbatim (image_size = (w, h))."""
+    w, h = image_size
+    if max_size is not None:
+        min_original_size = float(min((w, h)))
+        max_original_size = float(max((w, h)))
+        if max_original_size / min_original_size * size > max_size:
+            size = int(round(max_size * min_original_size / max_original_size))
+    if (w <= h and w == size) or (h <= w and h == size):
+        return (h, w)
+    if w < h:
+        ow = size
+        oh = int(size * h / w)
+    else:
+        oh = size
+        ow = int(size * w / h)
+    return (oh, ow)
+
+
+def original_eval_size(h, w, size, max_size):
+    """The original's eval size (hustvl/YOLOS datasets/transforms.py resize: DETR's get_size_with_aspect_ratio,
+    then both sides floored to multiples of 16), in plain Python."""
+    oh, ow = detr_get_size((w, h), size, max_size)
+    return oh - oh % 16, ow - ow % 16
 
 
 def max_abs(a: Any, b: Any) -> float:

@@ -1,10 +1,16 @@
 """Canvas sets of a split: explicit canvases are used as given, LSJ has its one square canvas, designed train
 canvases respect their count and multiple, and every eval image fits a designed eval canvas; the
-resize_on_device source canvas holds the split's largest image."""
+resize_on_device source canvas holds the split's largest image; configs/vitdet_b.py's one fixed 1024 x 1024 eval
+canvas holds every eval size."""
+
+import os
+import sys
 
 import numpy as np
+import pytest
 
 from yolos_jax.data import batching, canvases, input_config
+from yolos_jax.data.canvases import eval_canvases, eval_geometry
 from yolos_jax.data.prepared_dataset import SplitIndex
 
 
@@ -52,3 +58,27 @@ def test_source_canvas_only_with_resize_on_device():
     cfg.resize_on_device = "on"
     hs, ws = canvases.source_canvas(cfg, index)
     assert hs % 32 == 0 and ws % 32 == 0 and hs - 32 < index.height.max() <= hs and ws - 32 < index.width.max() <= ws
+
+
+def test_vitdet_b_eval_fits_its_canvas_at_any_aspect_ratio():
+    """configs/vitdet_b.py evaluates on one fixed 1024 x 1024 canvas: every eval size fits it (640 x 256 used
+    to become 410 x 1025), and a fixed canvas set too small for the rule fails early, naming the field."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
+    import vitdet_b
+
+    cfg = vitdet_b.get_config().input
+    rng = np.random.default_rng(2)
+    h = np.concatenate([[256, 640, 41, 1150, 17, 1055, 1, 3000, 480, 427], rng.integers(1, 4000, 3000)])
+    w = np.concatenate([[640, 256, 1150, 41, 1055, 17, 3000, 1, 640, 640], rng.integers(1, 4000, 3000)])
+
+    class Index:
+        height, width = h, w
+
+    canvases = eval_canvases(cfg, Index)
+    assert canvases == [(1024, 1024)]
+    plan = batching.eval_plan(eval_geometry(cfg, Index), canvases, 8)  # raises if one fits no canvas
+    assert sorted(plan.example[plan.valid].tolist()) == list(range(len(h)))
+    small = cfg.copy_and_resolve_references()
+    small.eval_canvases = ((1024, 1008),)
+    with pytest.raises(ValueError, match="input.eval_canvases"):
+        eval_canvases(small, Index)

@@ -1,5 +1,10 @@
 """Train/eval transforms: DETR's size rule and box arithmetic against independent references, the
-random geometry's invariants, and (through the TF image ops) boxes that stay on their objects."""
+random geometry's invariants, and (through the TF image ops) boxes that stay on their objects.
+
+The one eval transform (transforms.eval_resize_hw + transforms.resize_image): its sizes against the original's
+rule (tests/reference_models.py), its resampler against PIL through the tf.data path, and the crop branch's
+floored intermediate sizes. (`Detector.preprocess` and the eval iterator sharing it: tests/test_inference.py;
+canvases that hold any aspect ratio: tests/test_data_canvases.py.)"""
 
 import io
 
@@ -7,26 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from reference_models import detr_get_size, original_eval_size
 from yolos_jax.data import transforms as T
-
-
-def detr_get_size(image_size, size, max_size=None):
-    """DETR datasets/transforms.py resize.get_size_with_aspect_ratio, verbatim (image_size = (w, h))."""
-    w, h = image_size
-    if max_size is not None:
-        min_original_size = float(min((w, h)))
-        max_original_size = float(max((w, h)))
-        if max_original_size / min_original_size * size > max_size:
-            size = int(round(max_size * min_original_size / max_original_size))
-    if (w <= h and w == size) or (h <= w and h == size):
-        return (h, w)
-    if w < h:
-        ow = size
-        oh = int(size * h / w)
-    else:
-        oh = size
-        ow = int(size * w / h)
-    return (oh, ow)
 
 
 def test_detr_resize_rule_matches_original():
@@ -40,6 +27,48 @@ def test_detr_resize_rule_matches_original():
         oh, ow = T.detr_resize_hw(h, w, s, max_size)
         ref = np.asarray([detr_get_size((int(b), int(a)), int(c), max_size) for a, b, c in zip(h, w, s)])
         np.testing.assert_array_equal(np.stack([oh, ow], 1), ref)
+
+
+SETTINGS = [(800, 1333), (512, 853), (1024, 1024), (64, 106)]  # S/B, Ti, ViTDet-B, the tests' tiny model
+TABLE = [
+    (480, 640), (640, 480), (427, 640), (640, 427), (375, 500), (333, 500), (612, 612),  # COCO-like
+    (800, 1328), (800, 800), (512, 768), (1024, 1024), (64, 96), (96, 64), (1600, 2400),  # exact multiples
+    (1000, 200), (200, 1000), (256, 640), (640, 256), (300, 1000), (1, 1333),  # the cap binds
+    (41, 1150), (1150, 41), (100, 2000), (2000, 100), (17, 1055), (19, 2198),  # very wide / tall
+    (5, 7), (10, 12), (16, 16), (15, 17), (33, 20), (1, 1),  # tiny
+    (1500, 1500), (3000, 4000),  # large
+]
+
+
+def test_eval_sizes_are_the_originals():
+    """Equal to the original's rule wherever it gives a usable image inside its own cap; elsewhere (aspect
+    ratios beyond ~1:8 only) the documented departures: a side floored to 0 keeps one patch, a long side over
+    the cap is clamped to the cap floored to 16 (at 64/106 a short side below 16 px starts at 1:6.8)."""
+    rng = np.random.default_rng(0)
+    rand = [tuple(int(v) for v in rng.integers(16, 3000, 2)) for _ in range(1500)]
+    departures = 0
+    for size, max_size in SETTINGS:
+        hs, ws = zip(*(TABLE + rand))
+        oh, ow = T.eval_resize_hw(np.asarray(hs), np.asarray(ws), size, max_size)  # vectorised
+        cap = max_size // 16 * 16
+        for i, (h, w) in enumerate(TABLE + rand):
+            want = original_eval_size(h, w, size, max_size)
+            got = (int(oh[i]), int(ow[i]))
+            assert tuple(int(v) for v in T.eval_resize_hw(h, w, size, max_size)) == got  # scalar == vectorised
+            if min(want) > 0 and max(want) <= max_size:
+                assert got == want, (h, w, size, max_size)
+            else:
+                departures += 1
+                assert max(h, w) > 6 * min(h, w), (h, w, size, max_size)
+                assert got == tuple(min(max(16, v), cap) for v in want), (h, w, size, max_size)
+            assert got[0] % 16 == 0 and got[1] % 16 == 0 and min(got) >= 16 and max(got) <= max(16, cap)
+            assert min(got) <= size
+    assert departures > 0  # the table does reach them
+    # Known values: DETR's 640 x 256 at 1024/1024 is 1025 long (from the rounded short side 410): floored 1024.
+    assert T.eval_resize_hw(256, 640, 1024, 1024) == (400, 1024)
+    assert T.eval_resize_hw(41, 1150, 800, 1333) == (48, 1328)  # the original: 48 x 1344, over its own cap
+    assert T.eval_resize_hw(480, 640, 800, 1333) == (800, 1056)
+    assert T.eval_resize_hw(800, 1201, 800, 1333) == (800, 1200)  # "already that size" is floored too
 
 
 def _coco_like_sizes(n, rng):
@@ -105,6 +134,30 @@ def test_lsj_and_eval_geometry():
     oh, ow = T.detr_resize_hw(h, w, 800, 1333)
     np.testing.assert_array_equal(ge[:, 7:], np.stack([oh, ow], 1) // 16 * 16)
     assert (ge[:, 0] == 0).all() and (ge[:, 1] == h).all() and (ge[:, 6] == w).all()
+
+
+@pytest.mark.parametrize("crop_in_original", [True, False])
+def test_crop_branch_intermediate_sizes_are_floored(crop_in_original):
+    """The crop branch's RandomResize([400, 500, 600]) is floored to 16 as in the original: the window is
+    drawn inside the floored image (cut from it, or mapped back to the original's pixels)."""
+    rng = np.random.default_rng(3)
+    h = rng.integers(200, 1000, 3000)
+    w = rng.integers(200, 1000, 3000)
+    cfg = T.TrainTransformConfig(scales=T.SCALES_S, max_size=1333, crop_prob=1.0, crop_in_original=crop_in_original)
+    g = T.sample_train_geometry(np.random.default_rng(4), h, w, cfg)
+    _, h1, w1, cy, cx, ch, cw, _, _ = g.T
+    inter = {s: [original_eval_size(int(a), int(b), s, None) for a, b in zip(h, w)] for s in (400, 500, 600)}
+    if not crop_in_original:
+        ok = np.zeros(len(h), bool)
+        for s, sizes in inter.items():
+            ok |= (h1 == np.asarray(sizes)[:, 0]) & (w1 == np.asarray(sizes)[:, 1])
+        assert ok.all() and (h1 % 16 == 0).all() and (w1 % 16 == 0).all()
+        assert ((cy + ch <= h1) & (cx + cw <= w1) & (np.minimum(ch, cw) >= 384)).all()
+    else:  # the window, mapped back, lies within the original and scales to >= 384 px of a floored size
+        assert ((h1 == h) & (w1 == w) & (cy + ch <= h) & (cx + cw <= w)).all()
+        assert (np.minimum(h, w) > 0).all()
+    with pytest.raises(ValueError, match="crop_min_size"):
+        T.TrainTransformConfig(scales=T.SCALES_S, max_size=1333, crop_resize_sizes=(395, 500), crop_min_size=390)
 
 
 def reference_boxes(boxes, hw, geom):
@@ -237,6 +290,41 @@ def test_jpeg_window_decode_equals_decode_then_crop():
         got = T.tf_apply_geometry(data, g, "uint8").numpy()
         ref = (full[:, ::-1] if flip else full)[17:87, 33:123]
         assert np.abs(got.astype(int) - ref).max() <= 2  # libjpeg's cropped decode: same pixels up to rounding
+
+
+def _png(im):
+    buf = io.BytesIO()
+    Image.fromarray(im).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _images(rng):
+    """Noise (the worst case for a resampler) and a smooth scene with hard edges."""
+    noise = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    y, x = np.mgrid[0:48, 0:40]
+    smooth = 127 + 90 * np.sin(x / 5.0)[..., None] * np.cos(y / 4.0)[..., None] + rng.normal(0, 15, (48, 40, 3))
+    smooth[10:30, 5:20] = 250
+    return [noise, np.clip(smooth, 0, 255).astype(np.uint8)]
+
+
+def test_tf_eval_path_resamples_as_pil():
+    """The tf.data eval transform (PNG decode -> resize to the eval GEOM) gives PIL's bilinear pixels, at
+    scale factors from 0.1x to 3x, with and without an image hook (COCO-C)."""
+    from yolos_jax.data.tf_setup import get_tf
+
+    tf = get_tf()
+    rng = np.random.default_rng(1)
+    for im in _images(rng):
+        h, w = im.shape[:2]
+        for sy, sx in [(0.1, 0.12), (0.5, 0.47), (0.74, 1.3), (0.9, 0.97), (1.0, 1.6), (1.7, 1.66), (3.0, 0.4)]:
+            oh, ow = max(1, round(h * sy)), max(1, round(w * sx))
+            geom = np.asarray([0, h, w, 0, 0, h, w, oh, ow], np.int32)
+            want = np.asarray(Image.fromarray(im).resize((ow, oh), Image.BILINEAR))
+            got = T.tf_apply_geometry(tf.constant(_png(im)), geom, "uint8", eval_transform=True).numpy()
+            np.testing.assert_array_equal(got, want)
+        inverted = T.tf_apply_geometry(tf.constant(_png(im)), geom, "uint8", image_fn=lambda a, i: 255 - a,
+                                       image_id=tf.constant(0, tf.int64), eval_transform=True).numpy()
+        np.testing.assert_array_equal(inverted, T.resize_image(255 - im, (oh, ow)))
 
 
 def test_float_output_is_normalised_uint8():

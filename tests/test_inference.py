@@ -1,9 +1,10 @@
 """Detector: pre-processing, batching and post-processing against HF's YolosImageProcessor(Pil) and
-YolosForObjectDetection."""
+YolosForObjectDetection; the same eval transform (sizes and pixels) as the eval iterator."""
 
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -16,9 +17,12 @@ from transformers.models.yolos.modeling_yolos import YolosObjectDetectionOutput
 
 import reference_models as ref
 from eval_fixtures import random_params
-from yolos_jax import Detector, convert, draw, inference
+from yolos_jax import Detector, convert, data, draw, inference
 from yolos_jax.config import model_config
+from yolos_jax.data import prepared_dataset
+from yolos_jax.data import transforms as T
 from yolos_jax.data.transforms import eval_resize_hw
+from yolos_jax.inference import read_image_rgb
 from yolos_jax.yolos import YOLOS
 
 EVAL_SIZE = 64  # tiny model: shortest side 64, longest capped at 64 * 1333 // 800 = 106
@@ -27,7 +31,7 @@ IMAGE_SIZES = [(50, 77), (90, 40), (37, 120)]
 
 
 def test_eval_sizes_match_hf_for_coco_like_aspect_ratios():
-    """Detector's sizes (the one eval rule, transforms.eval_resize_hw; tests/test_eval_transform.py checks it
+    """Detector's sizes (the one eval rule, transforms.eval_resize_hw; tests/test_data_transforms.py checks it
     against the original's) equal HF's YolosImageProcessorPil's for aspect ratios up to 1:6; HF's long side,
     computed from the unrounded short side, departs from the original's only beyond."""
     rng = np.random.RandomState(0)
@@ -274,6 +278,35 @@ def test_images_are_read_as_the_training_pipeline_decodes_them(tmp_path):
         want = tf.io.decode_image(buf.getvalue(), channels=3, expand_animations=False).numpy()
         np.testing.assert_array_equal(inference.read_image_rgb(buf.getvalue()), want, err_msg=name)
         np.testing.assert_array_equal(inference.read_rgb(str(tmp_path / name)), want, err_msg=name)
+
+
+def test_detector_and_eval_iterator_share_the_transform(tmp_path):
+    """Same JPEG, same sizes and pixels from Detector.preprocess (PIL decode) and the eval iterator (TF decode)."""
+    cfg = data.synthetic_input_config(str(tmp_path), num_train=2, num_val=3, image_size=(60, 150),
+                                      eval_size=48, eval_max_size=80)
+    it = data.make_eval_iterator(cfg, batch_size=3, process_index=0, process_count=1)
+    batches = list(it)
+    ds = prepared_dataset.load(cfg.data_dir, cfg.dataset_name)
+    index = ds.index(cfg.val_split)
+    source = ds.source_for(cfg.val_split)
+    mcfg = model_config("s", hidden_size=16, depth=1, num_heads=2, num_det_tokens=3, num_classes=4,
+                        init_pe_size=(48, 80), mid_pe_size=None).to_dict()
+    shapes = jax.eval_shape(lambda: YOLOS(**mcfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))["params"]
+    params = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes)
+    det = Detector(params, mcfg, eval_size=48, max_size=80)
+    checked = 0
+    for b in batches:
+        for j in np.nonzero(b["valid"])[0]:
+            i = int(np.nonzero(index.image_id == b["image_id"][j])[0][0])
+            im = read_image_rgb(bytes(source[i]["image"]))
+            pv, mask, sizes = det.preprocess([im])
+            h, w = (int(v) for v in b["size"][j])
+            assert tuple(sizes[0]) == (h, w) == tuple(int(v) for v in T.eval_resize_hw(*im.shape[:2], 48, 80))
+            # Bit-exact (float rounding of the normalisation aside): PIL's decode (TF with the accurate DCT)
+            # and PIL's resize on both paths; the brief allowed one grey level, 0.0175 here.
+            assert np.abs(pv[0] - b["image"][j, :h, :w]).max() <= 1e-5
+            checked += 1
+    assert checked == 3
 
 
 def test_forward_refuses_masks_the_model_cannot_read():
