@@ -29,3 +29,15 @@ def synth(tmp_path_factory):
     model = YOLOS(**model_config("s", hidden_size=32, depth=2, num_heads=2, num_det_tokens=6,
                                  num_classes=label_map.num_classes, init_pe_size=(64, 96), mid_pe_size=None).to_dict())
     return cfg, model, random_params(model, (64, 96), scale=0.3)
+
+
+@pytest.fixture(scope="module")
+def dense_dataset(tmp_path_factory):
+    """(root, the prepare command's module) with a dense-scene COCO folder (eval_fixtures.write_dense_coco_folder)
+    in root/'src' (the prepare and trainer dense-scene tests)."""
+    from eval_fixtures import write_dense_coco_folder
+    from yolos_jax.data import prepare as prepare_cli
+
+    root = tmp_path_factory.mktemp("dense")
+    write_dense_coco_folder(root / "src")
+    return root, prepare_cli

@@ -1,8 +1,15 @@
-"""Helpers shared by the evaluation tests: a COCO-format ground truth, random model params, a float64 post-processing."""
+"""Helpers shared by the evaluation tests (a COCO-format ground truth, random model params, a float64
+post-processing) and by the dense-scene tests of the prepare command and the trainer (a COCO-format folder with more
+boxes per image than input.max_boxes; its fixture is `dense_dataset` in conftest.py)."""
+
+import io
+import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 
 # Non-contiguous category ids on purpose (the mapping must round-trip through them).
@@ -45,3 +52,28 @@ def numpy_postprocess(logits, boxes, orig_size):
     xyxy = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
     hh, ww = orig_size[:, 0].astype(np.float64), orig_size[:, 1].astype(np.float64)
     return p.max(-1), p.argmax(-1), xyxy * np.stack([ww, hh, ww, hh], -1)[:, None]
+
+
+# Non-crowd boxes per image of the dense folder's train split (plus 2 crowd boxes on the first image, which
+# never become targets and so are not counted).
+DENSE_TRAIN_COUNTS = (305, 101, 5, 100)
+
+
+def write_dense_coco_folder(root):
+    """A COCO-format folder (train and val splits, 40x48 PNGs, 2 categories) under `root` whose train images hold
+    DENSE_TRAIN_COUNTS non-crowd boxes."""
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (40, 48, 3)).astype(np.uint8)).save(buf, "PNG")
+    os.makedirs(root / "annotations")
+    for split, counts in (("train", DENSE_TRAIN_COUNTS), ("val", (2, 3))):
+        os.makedirs(root / split)
+        images, anns = [], []
+        for i, n in enumerate(counts):
+            (root / split / f"{i}.png").write_bytes(buf.getvalue())
+            images.append({"id": i + 1, "file_name": f"{i}.png", "height": 40, "width": 48})
+            for k in range(n + (2 if i == 0 else 0)):
+                anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 1 + k % 2,
+                             "bbox": [k % 30, k % 20, 8, 6], "iscrowd": int(i == 0 and k >= n)})
+        doc = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(doc))

@@ -1,11 +1,13 @@
 """The prepare command (`python -m yolos_jax.data.prepare`): reuses an unchanged preparation, refuses a
-changed source without --force, and --force replaces the dataset only once the new one is complete."""
+changed source without --force, and --force replaces the dataset only once the new one is complete; it reports
+dense scenes (images with more boxes than each input.max_boxes limit)."""
 
 import json
 import os
 
 import pytest
 
+from eval_fixtures import DENSE_TRAIN_COUNTS as TRAIN_COUNTS
 from yolos_jax.data import prepared_dataset, synthetic, tfds_builder
 
 
@@ -63,3 +65,22 @@ def test_prepare_notices_a_changed_source_and_force_prepares_again(tmp_path, cap
 
     shutil.rmtree(src)
     assert prepared_dataset.load(str(data), "fix").source_changes() == []
+
+
+def test_prepare_reports_images_over_each_box_limit(dense_dataset, capsys):
+    root, prepare_cli = dense_dataset
+    prepare_cli.main([f"--data_dir={root / 'tfds'}", "--name=dense", f"--coco_dir={root / 'src'}", "--no_verify"])
+    capsys.readouterr()
+    ds = prepared_dataset.load(str(root / "tfds"), "dense")
+    expected = {"max": 305, "over": {"100": {"images": 2, "boxes_beyond": 205 + 1}, "300": {"images": 1, "boxes_beyond": 5}}}
+    assert ds.index("train").num_objects.tolist() == list(TRAIN_COUNTS)
+    assert ds.report("train")["boxes_per_image"] == expected
+    assert ds.report("val")["boxes_per_image"] == {"max": 3, "over": {"100": {"images": 0, "boxes_beyond": 0},
+                                                                       "300": {"images": 0, "boxes_beyond": 0}}}
+    # Kept next to the dataset, and printed by the command (run again: reused, the same summary).
+    with open(os.path.join(ds.path, tfds_builder.SOURCE_FILE)) as f:
+        assert json.load(f)["reports"]["train"]["boxes_per_image"] == expected
+    prepare_cli.main([f"--data_dir={root / 'tfds'}", "--name=dense", f"--coco_dir={root / 'src'}", "--no_verify"])
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("{"):])
+    assert summary["splits"]["train"]["boxes_per_image"] == expected
