@@ -49,8 +49,13 @@ def main(argv):
         config.input = weights.input_config_for_checkpoint(config.input, path, FLAGS.workdir)
     except (FileNotFoundError, ValueError) as e:
         raise app.UsageError(str(e)) from None
-    eval_checkpoint.evaluate_checkpoint(config, path, out, speed=FLAGS.speed, robustness=FLAGS.robustness,
-                                        model_name=FLAGS.model_name, skip_clean=FLAGS.skip_clean)
+    from yolos_jax.errors import UserError
+
+    try:
+        eval_checkpoint.evaluate_checkpoint(config, path, out, speed=FLAGS.speed, robustness=FLAGS.robustness,
+                                            model_name=FLAGS.model_name, skip_clean=FLAGS.skip_clean)
+    except UserError as e:  # e.g. a checkpoint that does not restore: one line, no traceback
+        runtime.exit_with_error(e)
 
 
 if __name__ == "__main__":

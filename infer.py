@@ -33,11 +33,15 @@ def main(argv):
 
     runtime.setup_host()
     from yolos_jax import inference
+    from yolos_jax.errors import UserError
 
-    records = inference.run_inference(
-        FLAGS.checkpoint, FLAGS.images, FLAGS.out, threshold=FLAGS.threshold, top_k=FLAGS.top_k or None,
-        eval_size=FLAGS.eval_size or None, config=FLAGS.config,
-    )
+    try:
+        records = inference.run_inference(
+            FLAGS.checkpoint, FLAGS.images, FLAGS.out, threshold=FLAGS.threshold, top_k=FLAGS.top_k or None,
+            eval_size=FLAGS.eval_size or None, config=FLAGS.config,
+        )
+    except UserError as e:  # e.g. a checkpoint that does not restore: one line, no traceback
+        runtime.exit_with_error(e)
     for r in records:
         print(f"{r['output']}: {len(r['detections'])} detections")
 

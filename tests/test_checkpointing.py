@@ -37,3 +37,205 @@ def test_run_metadata_is_stored_beside_the_config_and_read_from_either_place(tmp
     old.close()
     _, _, meta = checkpointing.restore_params(old.directory, 3)
     assert (meta["label_names"], meta["label_map"]) == (run_meta["label_names"], label_map)
+
+
+# --------------------------------------------------------------------------------------------------
+# Faults: steps that do not restore, saves that fail (README "Faults")
+# --------------------------------------------------------------------------------------------------
+
+import glob  # noqa: E402
+import os  # noqa: E402
+import resource  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+
+import pytest  # noqa: E402
+
+from yolos_jax.errors import describe_error  # noqa: E402
+
+
+def _state(step, size=64):
+    return {"params": {"w": np.arange(size, dtype=np.float32) + step, "b": np.full((3, 4), step, np.float32)},
+            "step": np.int32(step), "opt_state": {"mu": np.zeros(5, np.float32) + step}, "rng": np.zeros(2, np.uint32)}
+
+
+def _abstract(state):
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=device), state)
+
+
+def _checkpointer(workdir, **overrides):
+    cfg = checkpointing.default_checkpoint_config()
+    cfg.update({"keep": 3, **overrides})
+    return checkpointing.Checkpointer(str(workdir), cfg)
+
+
+def _run(workdir, steps, size=64):
+    ck = _checkpointer(workdir)
+    for s in steps:
+        assert ck.save(s, _state(s, size), {"batch": s}, {"model": {"hidden_size": 8}}, {})
+    ck.close()
+    return ck.directory
+
+
+def _truncate_largest_array_file(step_dir):
+    files = [f for f in glob.glob(os.path.join(step_dir, "params", "**", "d", "*"), recursive=True)]
+    largest = max(files, key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.truncate(os.path.getsize(largest) // 2)
+
+
+def _garbage(path):
+    with open(path, "w") as f:
+        f.write("{not json")
+
+
+CORRUPTIONS = {
+    "truncated array file": _truncate_largest_array_file,
+    "missing array files": lambda d: [os.remove(f) for f in glob.glob(os.path.join(d, "params", "**", "d", "*"),
+                                                                      recursive=True)],
+    "broken item metadata": lambda d: _garbage(os.path.join(d, "params", "_METADATA")),
+    "broken step metadata": lambda d: _garbage(os.path.join(d, "_CHECKPOINT_METADATA")),
+    "broken iterator state": lambda d: _garbage(os.path.join(d, "data", "metadata")),
+    "no commit marker": lambda d: os.remove(os.path.join(d, "commit_success.txt")),
+    "missing item": lambda d: shutil.rmtree(os.path.join(d, "train")),
+    "empty step directory": lambda d: (shutil.rmtree(d), os.makedirs(d)),
+}
+
+READERS_DO_NOT_READ = {"broken iterator state", "missing item"}  # eval and inference read params, config, meta only
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_resume_falls_back_to_the_newest_step_that_restores_and_sets_the_bad_one_aside(tmp_path, corruption, caplog):
+    directory = _run(tmp_path, (2, 4, 6))
+    CORRUPTIONS[corruption](os.path.join(directory, "6"))
+    ck = _checkpointer(tmp_path)
+    with caplog.at_level("WARNING", logger="yolos_jax"):
+        step, state, data_state = ck.resume(_abstract(_state(0)))
+    assert step == 4 and data_state == {"batch": 4}
+    np.testing.assert_array_equal(np.asarray(state["params"]["w"]), _state(4)["params"]["w"])
+    np.testing.assert_array_equal(np.asarray(state["opt_state"]["mu"]), _state(4)["opt_state"]["mu"])
+    moved = tmp_path / checkpointing.UNRESTORABLE_SUBDIR / "6"
+    assert moved.is_dir() and (moved / "WHY.txt").read_text().strip()  # renamed, never deleted
+    assert checkpointing.step_dirs(directory) == [4, 2]
+    assert any("checkpoint step 6 does not restore" in r.getMessage() and str(moved) in r.getMessage()
+               for r in caplog.records)
+    assert all("\n" not in r.getMessage() for r in caplog.records)  # one line each
+    # The run goes on from there: the next save lands and the manager never names the moved step.
+    assert ck.save(5, _state(5), {"batch": 5}, {"model": {}}, {})
+    ck.close()
+    assert checkpointing.step_dirs(directory) == [5, 4, 2]
+    # Readers of the workdir (eval, Detector, figures) skip it the same way without moving anything.
+    _run(tmp_path / "reader", (2, 4))
+    CORRUPTIONS[corruption](str(tmp_path / "reader" / "checkpoints" / "4"))
+    params, _, meta = checkpointing.restore_params_from(str(tmp_path / "reader"))
+    assert (tmp_path / "reader" / "checkpoints" / "4").is_dir()
+    if corruption in READERS_DO_NOT_READ:  # the params, config and meta items are intact: step 4 is fine to read
+        assert meta["step"] == 4
+        return
+    assert meta["step"] == 2
+    with pytest.raises(checkpointing.CheckpointError, match=r"checkpoints/4 does not restore"):
+        checkpointing.restore_params_from(str(tmp_path / "reader" / "checkpoints" / "4"))
+
+
+def test_no_step_restores_one_error_naming_each_and_the_choices(tmp_path):
+    directory = _run(tmp_path, (2, 4))
+    for s in (2, 4):
+        _truncate_largest_array_file(os.path.join(directory, str(s)))
+    with pytest.raises(checkpointing.CheckpointError) as e:
+        _checkpointer(tmp_path).resume(_abstract(_state(0)))
+    message = str(e.value)
+    assert "\n" not in message and "step 4: OUT_OF_RANGE" in message and "step 2: OUT_OF_RANGE" in message
+    assert "--config.checkpoint.restore_step=N" in message and "--workdir" in message
+    assert checkpointing.step_dirs(directory) == [4, 2]  # nothing moved when nothing restores
+
+
+def test_restore_step_resumes_there_and_sets_newer_steps_aside(tmp_path):
+    directory = _run(tmp_path, (2, 4, 6))
+    step, state, _ = _checkpointer(tmp_path, restore_step=4).resume(_abstract(_state(0)))
+    assert step == 4 and int(state["step"]) == 4
+    assert checkpointing.step_dirs(directory) == [4, 2]
+    assert (tmp_path / checkpointing.UNRESTORABLE_SUBDIR / "6" / "params").is_dir()
+    with pytest.raises(checkpointing.CheckpointError, match="has no step 3; it holds steps 4, 2"):
+        _checkpointer(tmp_path, restore_step=3).resume(_abstract(_state(0)))
+
+
+def test_a_different_model_is_not_taken_for_corruption(tmp_path):
+    directory = _run(tmp_path, (2,))
+
+    def refuse(stored):
+        raise ValueError(f"another model: {stored['model']}")
+
+    with pytest.raises(ValueError, match="another model"):
+        _checkpointer(tmp_path).resume(_abstract(_state(0)), check_config=refuse)
+    assert checkpointing.step_dirs(directory) == [2]
+
+
+@pytest.fixture
+def file_size_limit():
+    """Sets RLIMIT_FSIZE for this process (writes past it fail with EFBIG, as on a full disk); restores it after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal that kills
+
+    def limit(nbytes):
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+
+    yield limit
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, previous)
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_a_failing_save_leaves_earlier_checkpoints_intact_and_stops_in_one_line(tmp_path, file_size_limit, async_save):
+    big = 200_000  # float32 values: an 800 KB array file, over the limit below
+    ck = _checkpointer(tmp_path, keep=2, async_save=async_save)
+    for s in (2, 4):
+        ck.save(s, _state(s, big), {"batch": s}, {"model": {}}, {})
+    ck.wait()
+    file_size_limit(100_000)
+    with pytest.raises(checkpointing.CheckpointSaveError) as e:
+        ck.save(6, _state(6, big), {"batch": 6}, {"model": {}}, {})
+        ck.save(8, _state(8, big), {"batch": 8}, {"model": {}}, {})  # an asynchronous failure surfaces here
+    file_size_limit(resource.RLIM_INFINITY)
+    message = str(e.value)
+    assert "\n" not in message and "checkpoint step 6 could not be written" in message
+    assert "File too large" in message and "(steps 2, 4) are intact" in message
+    assert "on_save_error=warn" in message
+    ck.close()
+    # keep=2 must not have deleted step 2 for the step that never landed; no partial step is left.
+    assert sorted(os.listdir(ck.directory)) == ["2", "4"]
+    step, state, data_state = _checkpointer(tmp_path).resume(_abstract(_state(0, big)))
+    assert step == 4 and data_state == {"batch": 4}
+    np.testing.assert_array_equal(np.asarray(state["params"]["w"]), _state(4, big)["params"]["w"])
+    params, _, _ = checkpointing.restore_params(ck.directory, 2)
+    np.testing.assert_array_equal(np.asarray(params["w"]), _state(2, big)["params"]["w"])
+
+
+def test_on_save_error_warn_goes_on_and_the_next_interval_saves(tmp_path, file_size_limit, caplog):
+    big = 200_000
+    ck = _checkpointer(tmp_path, keep=2, on_save_error="warn")
+    ck.save(2, _state(2, big), {"batch": 2}, {"model": {}}, {})
+    ck.wait()
+    file_size_limit(100_000)
+    with caplog.at_level("WARNING", logger="yolos_jax"):
+        ck.save(4, _state(4, big), {"batch": 4}, {"model": {}}, {})
+        assert ck.wait() is False
+    file_size_limit(resource.RLIM_INFINITY)
+    assert any("checkpoint step 4 could not be written" in r.getMessage() and "Training goes on" in r.getMessage()
+               for r in caplog.records)
+    assert ck.save(6, _state(6, big), {"batch": 6}, {"model": {}}, {})
+    ck.close()
+    assert sorted(os.listdir(ck.directory)) == ["2", "6"]
+
+
+def test_describe_error_takes_the_storage_status_line():
+    try:
+        try:
+            raise ValueError('OUT_OF_RANGE: Error reading "a/0" in OCDBT database\nmore lines')
+        except ValueError as inner:
+            raise Exception("Encountered error while reading array index: <bound method spec of TensorStore({") from inner
+    except Exception as e:  # noqa: BLE001
+        assert describe_error(e) == 'OUT_OF_RANGE: Error reading "a/0" in OCDBT database'
+    assert describe_error(FileNotFoundError(2, "No such file")) == "FileNotFoundError: [Errno 2] No such file"
+    cut = describe_error(RuntimeError("head " + "x" * 1000 + " tail"))
+    assert len(cut) <= 300 and cut.startswith("RuntimeError: head") and cut.endswith(" tail") and " ... " in cut

@@ -65,4 +65,5 @@ def test_maybe_initialize_distributed_only_for_several_processes(monkeypatch, en
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     runtime.maybe_initialize_distributed(run_config.default_distributed_config())
-    assert calls == ([{}] if expect else [])
+    # The heartbeat bound (config.distributed.heartbeat_timeout_s) is passed on: a dead peer ends the run.
+    assert calls == ([{"heartbeat_timeout_seconds": 60}] if expect else [])

@@ -9,22 +9,43 @@ A training checkpoint is `WORKDIR/checkpoints/<step>/` with five items:
               `LabelMap.to_dict()` of the dataset). Checkpoints written before it existed have no meta/ item and
               hold both in config/ instead; `restore_params` reads either.
 Orbax writes each step into a temporary directory and renames it when complete, so a crash or SIGKILL in
-the middle of a (possibly asynchronous) save never damages the previous checkpoints: restore always reads
-the latest *finalised* step.
+the middle of a (possibly asynchronous) save never damages the previous checkpoints.
+
+What a long run meets beyond that (README "Faults"):
+* A step that does not restore (a truncated or missing file, broken metadata, no commit marker): resume takes
+  the newest step that does, moves the bad ones to WORKDIR/checkpoints_unrestorable/ (renamed, never deleted)
+  and says so in one line per step; if none restores, one `CheckpointError` lists each step and why.
+  Readers (`restore_params_from`: eval.py, `Detector`, figures) skip bad steps of a workdir the same way
+  without moving anything (a live run may own it), and name the bad step when it was asked for explicitly.
+* A save that fails (disk full, permission, I/O error): the checkpoints already written stay intact and
+  restorable (orbax finalises a step, and only then deletes the oldest), the partial temporary directory is
+  removed, and `checkpoint.on_save_error` decides: 'stop' raises `CheckpointSaveError`, 'warn' logs one line
+  and the next interval tries again.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-from typing import Any, Optional
+import shutil
+import time
+from typing import Any, Callable, Optional
 
+import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from yolos_jax import config as config_lib
+from yolos_jax.errors import UserError, describe_error
+
+log = logging.getLogger("yolos_jax")
 
 CHECKPOINT_SUBDIR = "checkpoints"
+UNRESTORABLE_SUBDIR = "checkpoints_unrestorable"  # beside checkpoints/: steps resume could not read
+COMMIT_MARKER = "commit_success.txt"  # orbax writes it into a step directory just before renaming it into place
+ON_SAVE_ERROR = ("stop", "warn")
 ITEM_NAMES = ("params", "train", "data", "config", "meta")
 META_KEYS = ("label_names", "label_map")  # the run metadata; older checkpoints hold them in config/
 
@@ -35,6 +56,10 @@ def default_checkpoint_config() -> ml_collections.ConfigDict:
             every_steps=1000,  # periodic save interval (also saved at the end and on SIGTERM/SIGINT)
             keep=3,  # keep the last k checkpoints
             async_save=True,  # write in a background thread while training continues
+            # -1: resume from the newest step that restores; N: resume from step N (newer steps are moved to
+            # WORKDIR/checkpoints_unrestorable/, so the run's history stays one line).
+            restore_step=-1,
+            on_save_error="stop",  # a failed save: 'stop' the run (one message) or 'warn' and retry next interval
         )
     )
 
@@ -43,6 +68,67 @@ def validate_checkpoint_config(ckpt_cfg: ml_collections.ConfigDict) -> None:
     """Checks `config.checkpoint`; raises ValueError naming the field."""
     if ckpt_cfg.every_steps <= 0 or ckpt_cfg.keep <= 0:
         raise ValueError("config.checkpoint.every_steps: every_steps and keep must be > 0")
+    if ckpt_cfg.get("on_save_error", "stop") not in ON_SAVE_ERROR:
+        raise ValueError(f"config.checkpoint.on_save_error: {ckpt_cfg.on_save_error!r}; expected one of {ON_SAVE_ERROR}")
+    if int(ckpt_cfg.get("restore_step", -1)) < -1:
+        raise ValueError("config.checkpoint.restore_step: -1 (the newest step that restores) or a step >= 0")
+
+
+class CheckpointError(UserError):
+    """No checkpoint of a workdir restores, or the one asked for does not; the message names each and why."""
+
+
+class CheckpointSaveError(UserError):
+    """Writing a checkpoint failed under on_save_error='stop'; the earlier checkpoints are intact."""
+
+
+def step_dirs(directory: str) -> list[int]:
+    """The steps with a directory in `directory` (a checkpoints/ directory), newest first; orbax's temporary
+    '<step>.orbax-checkpoint-tmp-*' directories are not steps."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted((int(d) for d in os.listdir(directory) if d.isdigit() and os.path.isdir(os.path.join(directory, d))),
+                  reverse=True)
+
+
+def check_committed(step_dir: str) -> None:
+    """Raises CheckpointError if `step_dir` is not a finished orbax step: no commit marker (the save did not
+    finish, or the directory was copied in part) or unreadable step metadata."""
+    if not os.path.isfile(os.path.join(step_dir, COMMIT_MARKER)):
+        raise CheckpointError(f"no {COMMIT_MARKER} (an unfinished save or a partial copy)")
+    metadata = os.path.join(step_dir, "_CHECKPOINT_METADATA")
+    if os.path.exists(metadata):
+        try:
+            with open(metadata) as f:
+                json.load(f)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"_CHECKPOINT_METADATA does not parse ({describe_error(e)})") from None
+
+
+def set_aside(directory: str, step: int, why: str) -> str:
+    """Moves `directory`/`step` to WORKDIR/checkpoints_unrestorable/<step>[.k] with a WHY.txt; returns the new
+    path. Never deletes: a user may still recover what it holds."""
+    target_parent = os.path.join(os.path.dirname(directory), UNRESTORABLE_SUBDIR)
+    os.makedirs(target_parent, exist_ok=True)
+    target, k = os.path.join(target_parent, str(step)), 1
+    while os.path.exists(target):
+        target, k = os.path.join(target_parent, f"{step}.{k}"), k + 1
+    os.rename(os.path.join(directory, str(step)), target)
+    try:
+        with open(os.path.join(target, "WHY.txt"), "w") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}: set aside from {directory}: {why}\n")
+    except OSError:  # the move is what matters; the note is a courtesy
+        pass
+    return target
+
+
+def _all_processes_ok(ok: bool) -> bool:
+    """Whether `ok` holds on every process (one collective), so all processes take the same step."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils  # multi-process runs only
+
+    return bool(np.all(multihost_utils.process_allgather(np.array([ok], np.int32))))
 
 
 def _config_to_json(config: Any) -> dict:
@@ -52,40 +138,103 @@ def _config_to_json(config: Any) -> dict:
 
 
 class Checkpointer:
-    """Periodic, asynchronous, keep-last-k checkpoints of one training run."""
+    """Periodic, asynchronous, keep-last-k checkpoints of one training run, with resume that survives bad steps
+    and saves whose failure is reported in one line (see the module docstring)."""
 
     def __init__(self, workdir: str, ckpt_cfg: ml_collections.ConfigDict):
         self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_SUBDIR))
-        options = ocp.CheckpointManagerOptions(
+        self.on_save_error = str(ckpt_cfg.get("on_save_error", "stop"))
+        self.restore_step = int(ckpt_cfg.get("restore_step", -1))
+        self._options = ocp.CheckpointManagerOptions(
             max_to_keep=int(ckpt_cfg.keep),
             enable_async_checkpointing=bool(ckpt_cfg.async_save),
             create=True,
+            cleanup_tmp_directories=True,  # a save that died (SIGKILL, a failed write) leaves a temporary directory
         )
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=ITEM_NAMES
-        )
+        self.manager = self._new_manager()
+        self._pending: Optional[int] = None  # the step an asynchronous save is writing
+
+    def _new_manager(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(self.directory, options=self._options, item_names=ITEM_NAMES)
+
+    def _reopen(self) -> None:
+        """A fresh manager over what is on disk (after steps were moved aside, or a save failed and the old
+        manager's idea of the step list is no longer the directory's)."""
+        try:
+            self.manager.close()
+        except Exception:  # noqa: BLE001 - it already reported (or is reporting) its own failure
+            pass
+        if jax.process_index() == 0:
+            for name in os.listdir(self.directory):
+                if ".orbax-checkpoint-tmp" in name:  # a failed save's partial step: never a checkpoint
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        self.manager = self._new_manager()
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: dict, data_state: dict, config: Any, meta: Optional[dict] = None) -> None:
-        """Starts saving `state` at `step` (returns before the write ends when async).
+    # ------------------------------------------------------------------ saving
+
+    def save(self, step: int, state: dict, data_state: dict, config: Any, meta: Optional[dict] = None) -> bool:
+        """Starts saving `state` at `step` (returns before the write ends when async); returns False when a save
+        failed under on_save_error='warn' (this one, or the asynchronous one still pending).
 
         data_state: the input iterator's `get_state()`; config: the run config (ConfigDict or JSON dict);
-        meta: the run metadata (`META_KEYS`, JSON-serialisable), {} when None."""
-        self.manager.save(
-            int(step),
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(state["params"]),
-                train=ocp.args.StandardSave(
-                    {"step": state["step"], "opt_state": state["opt_state"], "rng": state["rng"]}
+        meta: the run metadata (`META_KEYS`, JSON-serialisable), {} when None.
+        Raises CheckpointSaveError when a save failed under on_save_error='stop'."""
+        ok = self.wait()
+        try:
+            self.manager.save(
+                int(step),
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(state["params"]),
+                    train=ocp.args.StandardSave(
+                        {"step": state["step"], "opt_state": state["opt_state"], "rng": state["rng"]}
+                    ),
+                    data=ocp.args.JsonSave(data_state),
+                    config=ocp.args.JsonSave(_config_to_json(config)),
+                    meta=ocp.args.JsonSave(dict(meta or {})),
                 ),
-                data=ocp.args.JsonSave(data_state),
-                config=ocp.args.JsonSave(_config_to_json(config)),
-                meta=ocp.args.JsonSave(dict(meta or {})),
-            ),
-            force=True,
-        )
+                force=True,
+            )
+        except Exception as e:  # noqa: BLE001 - a storage failure of any kind: reported by `_save_failed`
+            self._save_failed(int(step), e)
+            return False
+        self._pending = int(step)
+        return ok
+
+    def _save_failed(self, step: int, error: BaseException) -> None:
+        self._pending = None
+        self._reopen()
+        kept = sorted(self.manager.all_steps())
+        where = f"checkpoint step {step} could not be written to {self.directory} ({describe_error(error)})"
+        intact = (f"the checkpoints already there (steps {', '.join(map(str, kept))}) are intact" if kept
+                  else "no earlier checkpoint exists")
+        if self.on_save_error == "warn":
+            log.warning("%s; %s. Training goes on (checkpoint.on_save_error='warn'); the next interval tries again",
+                        where, intact)
+            return
+        raise CheckpointSaveError(
+            f"{where}; {intact}. Free space or fix the storage, then re-run the same command to resume; or set "
+            "--config.checkpoint.on_save_error=warn to keep training and retry at the next interval")
+
+    def wait(self) -> bool:
+        """Waits for a pending asynchronous save; False if it failed under on_save_error='warn'."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - see `save`
+            if self._pending is None:
+                raise
+            self._save_failed(self._pending, e)
+            return False
+        self._pending = None
+        return True
+
+    def close(self) -> None:
+        self.wait()
+        self.manager.close()
+
+    # ------------------------------------------------------------------ resuming
 
     def restore(self, step: int, abstract_state: dict) -> tuple[dict, dict]:
         """Restores (state, data_state) at `step` onto the shardings carried by `abstract_state`."""
@@ -106,12 +255,72 @@ class Checkpointer:
         state = {"params": restored["params"], **restored["train"]}
         return state, restored["data"]
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
+    def _restore_config(self, step: int) -> dict:
+        restored = self.manager.restore(int(step), args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return restored["config"]
 
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+    def resume(self, abstract_state: dict, check_config: Optional[Callable[[dict], None]] = None
+               ) -> Optional[tuple[int, dict, dict]]:
+        """(step, state, data_state) of the step to resume from, None for a fresh workdir.
+
+        The newest step that restores (or `restore_step`): each newer step that does not is moved to
+        WORKDIR/checkpoints_unrestorable/ with one warning line. check_config(stored run config) runs before
+        a step's arrays are read and may raise (a different model is the user's mistake, not corruption).
+        Raises CheckpointError naming each step and why when none restores."""
+        steps = step_dirs(self.directory)
+        if not steps:
+            return None
+        is_main = jax.process_index() == 0
+        if self.restore_step >= 0:
+            if self.restore_step not in steps:
+                raise CheckpointError(f"config.checkpoint.restore_step={self.restore_step}: {self.directory} has no "
+                                      f"step {self.restore_step}; it holds steps {', '.join(map(str, steps))}")
+            newer = [s for s in steps if s > self.restore_step]
+            if newer and is_main:
+                for s in newer:
+                    log.warning("checkpoint step %d moved to %s (newer than checkpoint.restore_step=%d)", s,
+                                set_aside(self.directory, s, f"newer than checkpoint.restore_step={self.restore_step}"),
+                                self.restore_step)
+            steps = [self.restore_step]
+        failures: list[tuple[int, str]] = []
+        for step in steps:
+            why, result = "", None
+            try:
+                check_committed(os.path.join(self.directory, str(step)))
+                stored = self._restore_config(step)
+            except Exception as e:  # noqa: BLE001 - any failure to read is a bad step
+                why = describe_error(e)
+            if not why and check_config is not None:
+                check_config(stored)  # raises for another model: the user's choice to make, nothing is moved
+            if not why:
+                try:
+                    result = (step, *self.restore(step, abstract_state))
+                except Exception as e:  # noqa: BLE001
+                    why = describe_error(e)
+            if _all_processes_ok(not why):
+                break
+            failures.append((step, why or "it does not restore on another process"))
+            result = None
+        if result is None:
+            listed = "; ".join(f"step {s}: {w}" for s, w in failures)
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} restores ({listed}). Nothing was moved. Choices: fix what the "
+                "error names (storage, permissions) and re-run; resume from another step with "
+                "--config.checkpoint.restore_step=N; or start afresh with another --workdir")
+        if failures:
+            if is_main:
+                for s, w in failures:
+                    log.warning("checkpoint step %d does not restore (%s); moved to %s", s, w,
+                                set_aside(self.directory, s, w))
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils  # multi-process runs only
+
+                multihost_utils.sync_global_devices("checkpoints set aside")
+        if failures or self.restore_step >= 0:
+            self._reopen()  # the manager's step list must not name the steps moved away
+        if failures and is_main:
+            log.warning("resuming from step %d, the newest checkpoint that restores", result[0])
+        return result
 
 
 def find_step(path: str) -> Optional[tuple[str, int]]:
@@ -120,8 +329,10 @@ def find_step(path: str) -> Optional[tuple[str, int]]:
     directories are `weights`' to resolve)."""
     path = os.path.abspath(path)
     base = os.path.basename(path.rstrip("/"))
-    if base.isdigit() and os.path.isdir(os.path.join(path, "params")):
-        return os.path.dirname(path), int(base)
+    parent = os.path.dirname(path)
+    if base.isdigit() and os.path.isdir(path) and (os.path.isdir(os.path.join(path, "params"))
+                                                   or os.path.basename(parent) == CHECKPOINT_SUBDIR):
+        return parent, int(base)  # a step directory (one that lost its params/ is a bad step, not no step)
     for directory in (os.path.join(path, CHECKPOINT_SUBDIR), path):
         if os.path.isdir(directory):
             steps = [int(d) for d in os.listdir(directory) if d.isdigit() and os.path.isdir(os.path.join(directory, d, "params"))]
@@ -170,6 +381,35 @@ def restore_params(directory: str, step: int) -> tuple[Any, dict, dict]:
         "dataset": {k: input_cfg.get(k) for k in ("dataset_name", "data_dir", "label_mode", "val_split")},
     }
     return params, model_cfg, meta
+
+
+def restore_params_from(path: str) -> tuple[Any, dict, dict]:
+    """`restore_params` of a training checkpoint path (see `find_step`). For a workdir or its checkpoints/
+    directory: the newest step that restores, with one warning line per newer step that does not (nothing is
+    moved: a live run may own the workdir). For one step directory: that step, or a CheckpointError naming it.
+    """
+    directory, step = _resolve(path)
+    if os.path.basename(os.path.abspath(path).rstrip("/")).isdigit():
+        try:
+            check_committed(os.path.join(directory, str(step)))
+            return restore_params(directory, step)
+        except Exception as e:  # noqa: BLE001 - any failure to read is reported in one line
+            raise CheckpointError(f"checkpoint {os.path.join(directory, str(step))} does not restore "
+                                  f"({describe_error(e)}); give its workdir to read the newest step that does, or "
+                                  "another step directory") from None
+    failures = []
+    for candidate in step_dirs(directory):
+        try:
+            check_committed(os.path.join(directory, str(candidate)))
+            restored = restore_params(directory, candidate)
+        except Exception as e:  # noqa: BLE001
+            failures.append((candidate, describe_error(e)))
+            log.warning("checkpoint step %d of %s does not restore (%s); trying the step before it", candidate,
+                        directory, failures[-1][1])
+            continue
+        return restored
+    raise CheckpointError(f"no checkpoint in {directory} restores ("
+                          + "; ".join(f"step {s}: {w}" for s, w in failures) + ")")
 
 
 def restore_config(path: str) -> dict:

@@ -52,6 +52,9 @@ def default_distributed_config() -> ml_collections.ConfigDict:
             coordinator_address="",
             num_processes=0,
             process_id=-1,
+            # A process that stops answering (died, or its host did) for this long ends the run on every other
+            # process with a message naming it, instead of a hang; re-running the command resumes.
+            heartbeat_timeout_s=60,
         )
     )
 

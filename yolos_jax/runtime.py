@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+import sys
+from typing import Any, NoReturn
 
 
 def setup_host(compilation_cache: bool = True) -> None:
@@ -23,6 +24,8 @@ def setup_host(compilation_cache: bool = True) -> None:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("absl").addFilter(drop_storage_error_records)
+    sys.unraisablehook = _quiet_closed_event_loop(sys.unraisablehook)
     logging.getLogger("yolos_jax").setLevel(logging.INFO)
     try:
         import tensorflow as tf
@@ -37,6 +40,34 @@ def setup_host(compilation_cache: bool = True) -> None:
         cache = os.environ.get("YOLOS_JAX_COMPILATION_CACHE", os.path.expanduser("~/.cache/yolos_jax/xla"))
         jax.config.update("jax_compilation_cache_dir", cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+
+
+def drop_storage_error_records(record: logging.LogRecord) -> bool:
+    """A logging filter: False for orbax's ERROR records (a failed save or restore, logged with a traceback from
+    its background threads). Every such failure also reaches our code as an exception, which the checkpointing
+    module reports in one line with what to do; the storage library's traceback would only bury that line."""
+    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in (record.pathname or ""))
+
+
+def _quiet_closed_event_loop(hook: Any) -> Any:
+    """Wraps sys.unraisablehook to drop asyncio's "Event loop is closed" from a TensorStore callback that fires
+    after orbax closed its event loop following a failed read or write (the failure itself is reported); every
+    other unraisable exception goes to `hook`."""
+
+    def quiet(unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        hook(unraisable)
+
+    return quiet
+
+
+def exit_with_error(error: BaseException) -> NoReturn:
+    """Ends an entry script on a foreseen error (`errors.UserError`): its message in one line on stderr, exit 1."""
+    logging.shutdown()
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 def keep_freed_memory() -> bool:
@@ -79,6 +110,7 @@ def maybe_initialize_distributed(dist_cfg: Any) -> None:
     """
     import jax  # not at module level: setup_host() must run before jax is imported and configured
 
+    heartbeat = int(dist_cfg.get("heartbeat_timeout_s", 60))
     if dist_cfg.coordinator_address:
         try:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -88,6 +120,7 @@ def maybe_initialize_distributed(dist_cfg: Any) -> None:
             coordinator_address=dist_cfg.coordinator_address,
             num_processes=int(dist_cfg.num_processes),
             process_id=int(dist_cfg.process_id),
+            heartbeat_timeout_seconds=heartbeat,
         )
         return
     env_multi = False
@@ -100,4 +133,4 @@ def maybe_initialize_distributed(dist_cfg: Any) -> None:
         else:
             env_multi |= bool(value)
     if env_multi:
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)

@@ -25,24 +25,29 @@ import ml_collections
 import numpy as np
 
 from yolos_jax import (atomic, checkpointing, data, evaluation, init_from, optim, run_config, sharding, train_step,
-                       visualize)
+                       visualize, workdir_lock)
 from yolos_jax import config as config_lib
+from yolos_jax.errors import UserError
 from yolos_jax.weights import RUNTIME_MODEL_FIELDS, expected_param_shapes
 from yolos_jax.yolos import YOLOS
 
 log = logging.getLogger("yolos_jax")
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """Raised when training meets a non-finite loss under `nonfinite_policy='stop'`."""
 
 
-def check_resumable_model(checkpoint_dir: str, model_cfg: ml_collections.ConfigDict) -> None:
+def check_resumable_model(checkpoint_dir: str, model_cfg: ml_collections.ConfigDict,
+                           stored_config: Optional[dict] = None) -> None:
     """Raises, naming the fields, if the workdir's checkpoints hold another model than `model_cfg`: other
     parameter shapes (orbax would fail deep inside the restore) or the same shapes computed differently
     (e.g. FP-DETR's insert block), which would silently switch models mid-run. Only dtype, attention_impl and
-    remat may change on resume."""
-    stored = checkpointing.restore_config(checkpoint_dir).get("model")
+    remat may change on resume. stored_config: the run config saved with the step to resume (default: the
+    latest step's)."""
+    if stored_config is None:
+        stored_config = checkpointing.restore_config(checkpoint_dir)
+    stored = stored_config.get("model")
     if not stored:
         return
     stored = config_lib.sequence_fields_as_tuples(stored)
@@ -193,9 +198,16 @@ class _finish_saves_on_error:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains (resuming from `workdir` if it holds checkpoints), evaluates, returns the final metrics."""
+    """Trains (resuming from `workdir` if it holds checkpoints), evaluates, returns the final metrics.
+
+    Holds WORKDIR/run.lock for the whole run (`workdir_lock`): a second run on the workdir refuses at once."""
     run_config.validate_config(config)
     os.makedirs(workdir, exist_ok=True)
+    with workdir_lock.exclusive_workdir(workdir):
+        return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     config = ml_collections.ConfigDict(config.to_dict())  # a private, unlocked copy
     config.input = data.resolve_input_config(config.input, workdir)
     is_main = jax.process_index() == 0
@@ -235,10 +247,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     abstract, shardings = train_step.abstract_state_and_shardings(model, tx, config.seed, image_hw, mesh, config.mesh)
 
     checkpointer = checkpointing.Checkpointer(workdir, config.checkpoint)
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        check_resumable_model(checkpointer.directory, config.model)
-        state, data_state = checkpointer.restore(latest, abstract)
+    # The newest step that restores (bad ones are moved aside with a warning); another model raises first.
+    resumed = checkpointer.resume(abstract, check_config=lambda stored: check_resumable_model(
+        checkpointer.directory, config.model, stored))
+    if resumed is not None:
+        latest, state, data_state = resumed
         train_iter.set_state(data_state)
         if is_main:
             log.info("resumed from %s at step %d", checkpointer.directory, latest)

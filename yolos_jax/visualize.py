@@ -40,6 +40,7 @@ from ml_collections import config_flags
 from yolos_jax import atomic, coco_eval, data, draw, evaluation, runtime, speed, weights
 from yolos_jax.data import prepared_dataset
 from yolos_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from yolos_jax.errors import UserError
 from yolos_jax.inference import Detector, read_image_rgb
 from yolos_jax.yolos import patch_key_mask
 
@@ -355,10 +356,13 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments: {argv[1:]}")
     runtime.setup_host()
-    written = make_figures(
-        flags_.config, flags_.checkpoint, flags_.out, max_images=flags_.max_images, num_tokens=flags_.num_tokens,
-        attention_images=flags_.attention_images, attention_tokens=flags_.attention_tokens,
-    )
+    try:
+        written = make_figures(
+            flags_.config, flags_.checkpoint, flags_.out, max_images=flags_.max_images, num_tokens=flags_.num_tokens,
+            attention_images=flags_.attention_images, attention_tokens=flags_.attention_tokens,
+        )
+    except UserError as e:  # e.g. a checkpoint that does not restore: one line, no traceback
+        runtime.exit_with_error(e)
     for kind, paths in written.items():
         for p in paths:
             print(f"{kind}: {p}")

@@ -222,8 +222,8 @@ def input_config_for_checkpoint(input_cfg: Any, checkpoint: str, workdir: Option
 
 
 def load_any(path: str, *, require_detector: bool = False) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(params, model_cfg, meta) of any checkpoint: a converted directory, a training workdir (its latest
-    step), its checkpoints/ directory or one checkpoints/<step> directory.
+    """(params, model_cfg, meta) of any checkpoint: a converted directory, a training workdir (its newest
+    step that restores), its checkpoints/ directory or one checkpoints/<step> directory.
 
     params: the Flax 'params' tree (host arrays; a training checkpoint's on the default device).
     model_cfg: `YOLOS` keyword arguments with tuple sizes.
@@ -236,7 +236,7 @@ def load_any(path: str, *, require_detector: bool = False) -> tuple[dict[str, An
     if step is None:
         params, model_cfg, meta = load_params_dir(directory)
     else:
-        params, model_cfg, meta = checkpointing.restore_params(directory, step)
+        params, model_cfg, meta = checkpointing.restore_params_from(path)  # skips a workdir's unrestorable steps
     if require_detector and meta.get("kind") not in (None, "detector"):
         raise ValueError(
             f"{path} holds a {meta.get('kind')!r} checkpoint (no detection heads); a 'detector' one is needed: a "

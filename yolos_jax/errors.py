@@ -1,0 +1,40 @@
+"""`UserError`: a situation the user can fix, reported as one line by the entry scripts (no traceback).
+
+Raised for what a run can foresee: a workdir another run holds, checkpoints that do not restore or cannot be
+written, a non-finite loss. The message says what happened, where (the file, step or field) and what to do.
+`describe_error` turns a storage library's exception (orbax, TensorStore: many lines, often a spec dump)
+into the one line such a message quotes.
+"""
+
+from __future__ import annotations
+
+import re
+
+_STATUS = re.compile(r"^[A-Z][A-Z_]+: ")  # an absl::Status message, e.g. 'OUT_OF_RANGE: Error reading ...'
+
+
+class UserError(Exception):
+    """An error whose message is the whole report: the entry scripts print it in one line and exit 1."""
+
+
+def describe_error(error: BaseException, limit: int = 300) -> str:
+    """One line for `error`: the most specific message of its cause chain (TensorStore's status line when
+    there is one, e.g. 'OUT_OF_RANGE: Error reading "a/0" ...'), its exception type when the message is
+    not self-explaining, at most `limit` characters (the middle of a longer one is cut)."""
+    chain, seen = [], set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    best = next((e for e in reversed(chain) if _STATUS.match(str(e))), None)
+    if best is None:
+        best = next((e for e in chain if str(e).strip()), error)
+    lines = str(best).strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    if not _STATUS.match(text):
+        text = f"{type(best).__name__}: {text}" if text else type(best).__name__
+    if len(text) <= limit:
+        return text
+    half = (limit - 5) // 2  # the head says what failed, the tail why (e.g. 'File too large [os_error_code=27]')
+    return f"{text[:half]} ... {text[-half:]}"
