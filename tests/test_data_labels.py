@@ -1,13 +1,10 @@
-"""LabelMap (category ids <-> labels) and yolos_jax.draw. No TensorFlow here."""
+"""LabelMap (category ids <-> labels). No TensorFlow here."""
 
 import json
-import os
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from yolos_jax import draw
 from yolos_jax.data.labels import LabelMap
 
 # COCO 2017's 80 category ids (gaps at 12, 26, 29, 30, 45, 66, 68, 69, 71, 83).
@@ -74,38 +71,6 @@ def test_unknown_ids_and_labels_raise():
         lm.to_category(2)
     with pytest.raises(KeyError):
         lm.to_categories(np.asarray([0, 2]))
-
-
-def test_draw_boxes_outlines_the_box_and_writes_text():
-    img = np.zeros((60, 80, 3), np.uint8)
-    out = draw.draw_boxes(img, np.asarray([[10, 20, 50, 40]]), None, [(255, 0, 0)], width=1)
-    assert out.dtype == np.uint8 and out.shape == img.shape and not img.any()  # input untouched
-    red = np.all(out == [255, 0, 0], axis=-1)
-    ys, xs = np.nonzero(red)
-    assert (xs.min(), ys.min(), xs.max(), ys.max()) == (10, 20, 50, 40)  # PIL draws x1/y1 inclusive
-    assert red[20, 10:51].all() and red[40, 10:51].all() and red[20:41, 10].all() and red[20:41, 50].all()
-    assert not red[21:40, 11:50].any()  # outline only
-    tagged = draw.draw_boxes(img, np.asarray([[10, 30, 50, 55]]), ["cat 0.93"])
-    assert tagged[:30].any()  # the tag sits above the box
-    assert draw.color_for("cat 0.93") == draw.color_for("cat 0.41") == draw.color_for("cat")
-
-
-def test_draw_boxes_rejects_bad_input():
-    with pytest.raises(ValueError, match="uint8"):
-        draw.draw_boxes(np.zeros((4, 4, 3), np.float32), np.zeros((0, 4)), [])
-    with pytest.raises(ValueError, match="2 boxes but 1 texts"):
-        draw.draw_boxes(np.zeros((4, 4, 3), np.uint8), np.zeros((2, 4)), ["a"])
-
-
-def test_save_png_round_trip_is_atomic(tmp_path):
-    img = np.random.default_rng(0).integers(0, 256, (17, 23, 3)).astype(np.uint8)
-    path = tmp_path / "sub" / "x.png"
-    draw.save_png(path, img)
-    np.testing.assert_array_equal(np.asarray(Image.open(path)), img)
-    assert os.listdir(tmp_path / "sub") == ["x.png"]  # no temp file left behind
-    with pytest.raises(ValueError):
-        draw.save_png(tmp_path / "y.png", img.astype(np.float32))
-    assert os.listdir(tmp_path / "sub") == ["x.png"] and not (tmp_path / "y.png").exists()
 
 
 def test_names_for_a_larger_head_and_label_map_compatibility():
