@@ -1,8 +1,8 @@
-"""Configuration: the model variants of the papers and the default training recipe.
+"""Configuration: the model variants of the papers, as the `config.model` sub-config (`model_config(variant)`).
 
-Every `configs/*.py` file builds on `base_config(variant)`. Each stage reads only its own sub-config:
-`config.model` -> `YOLOS(**config.model)`, `config.input` -> the data pipeline, `config.matcher`,
-`config.loss`, `config.optim`, `config.train`, `config.eval`.
+The run's defaults (`run_config.default_config(variant)`) build on it, and every `configs/*.py` file on those.
+Each stage reads only its own sub-config: `config.model` -> `YOLOS(**config.model)`, `config.input` -> the data
+pipeline, `config.matcher`, `config.loss`, `config.optim`, `config.train`, `config.eval`.
 """
 
 from __future__ import annotations
