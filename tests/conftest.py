@@ -41,3 +41,28 @@ def dense_dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("dense")
     write_dense_coco_folder(root / "src")
     return root, prepare_cli
+
+
+@pytest.fixture
+def file_size_limit():
+    """`with file_size_limit(n_bytes): ...` makes the kernel refuse to grow any file of this process past n_bytes:
+    write() fails with EFBIG ('File too large') once a file reaches the limit, as it fails with ENOSPC on a full disk
+    (the bytes before the limit are written, so the failure happens in the middle of the output). The limit applies
+    to every file the process writes in the block (pytest's capture files too: keep the block short and quiet)."""
+    import contextlib
+
+    resource = pytest.importorskip("resource")
+    import signal
+
+    @contextlib.contextmanager
+    def limit(n_bytes: int):
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel's SIGXFSZ kills the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes if hard == resource.RLIM_INFINITY else min(n_bytes, hard), hard))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, old)
+
+    return limit

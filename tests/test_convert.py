@@ -282,6 +282,63 @@ def test_overwrite_and_atomic_writes(hf_ti, tmp_path, monkeypatch):
     weights.load_params_dir(str(out))
 
 
+def _tree_bytes(root):
+    """{relative path: bytes} of every file under root."""
+    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(root) for f in files}
+
+
+# orbax's failed background save may later call back into its closed event loop ("Event loop is closed"): its noise
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_write_failure_mid_conversion_leaves_no_partial_checkpoint(hf_ti, tmp_path, file_size_limit, monkeypatch):
+    """A full disk or I/O error after part of the converted checkpoint was written (the kernel refusing the big
+    parameter file half-way, after orbax's small metadata files; a full disk half-way through yolos_jax.json, after
+    the whole parameter tree): the error propagates, an existing checkpoint stays byte for byte, a new one is never
+    created, and no temporary folder is left beside either."""
+    import errno
+    import json
+
+    _, folder = hf_ti
+    out = tmp_path / "ckpt"
+    convert.convert(folder, str(out))
+    before = _tree_bytes(out)
+    sizes = sorted(len(b) for b in before.values())
+    limit = 100_000  # above every metadata file, below the parameter data file
+    assert sizes[-2] < limit < sizes[-1], sizes
+
+    def fails_mid_params(output, **kwargs):
+        with pytest.raises(Exception, match="File too large") as e, file_size_limit(limit):
+            convert.convert(folder, output, **kwargs)
+        return e
+
+    real_dump = json.dump
+
+    def dump(obj, f, **kwargs):  # yolos_jax.json: half of it, then the disk is full
+        if not (isinstance(obj, dict) and obj.get("format") == weights.FORMAT):
+            return real_dump(obj, f, **kwargs)
+        text = json.dumps(obj, **kwargs)
+        f.write(text[: len(text) // 2])
+        f.flush()
+        raise OSError(errno.ENOSPC, "No space left on device", f.name)
+
+    def fails_mid_meta(output, **kwargs):
+        monkeypatch.setattr(json, "dump", dump)
+        try:
+            with pytest.raises(OSError, match="No space left on device"):
+                convert.convert(folder, output, **kwargs)
+        finally:
+            monkeypatch.undo()
+
+    for fail in (fails_mid_params, fails_mid_meta):
+        fail(str(out), overwrite=True)
+        assert _tree_bytes(out) == before, fail.__name__
+        fail(str(tmp_path / "fresh"))
+        assert not (tmp_path / "fresh").exists(), fail.__name__
+        assert sorted(os.listdir(tmp_path)) == ["ckpt"], fail.__name__  # no .ckpt.tmp-*, .ckpt.old-*, .fresh.tmp-*
+    convert.convert(folder, str(tmp_path / "fresh"))  # and once the disk has room, the same call succeeds
+    _assert_same_params(weights.load_params_dir(str(out))[0], weights.load_params_dir(str(tmp_path / "fresh"))[0])
+
+
 def test_overwrite_never_replaces_the_source_or_an_unrelated_folder(hf_ti, tmp_path):
     _, folder = hf_ti
     source_files = sorted(os.listdir(folder))

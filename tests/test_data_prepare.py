@@ -1,11 +1,15 @@
 """The prepare command (`python -m yolos_jax.data.prepare`): reuses an unchanged preparation, refuses a
-changed source without --force, and --force replaces the dataset only once the new one is complete; it reports
-dense scenes (images with more boxes than each input.max_boxes limit)."""
+changed source without --force, and --force replaces the dataset only once the new one is complete (a write failure
+half-way leaves no partial dataset, and the previous one as it was); it reports dense scenes (images with more boxes
+than each input.max_boxes limit)."""
 
+import errno
 import json
 import os
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from eval_fixtures import DENSE_TRAIN_COUNTS as TRAIN_COUNTS
 from yolos_jax.data import prepared_dataset, synthetic, tfds_builder
@@ -65,6 +69,74 @@ def test_prepare_notices_a_changed_source_and_force_prepares_again(tmp_path, cap
 
     shutil.rmtree(src)
     assert prepared_dataset.load(str(data), "fix").source_changes() == []
+
+
+def _tree_bytes(root):
+    """{relative path: bytes} of every file under root."""
+    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(root) for f in files}
+
+
+def test_a_write_failure_while_preparing_leaves_no_partial_dataset(tmp_path, file_size_limit, monkeypatch):
+    """A full disk or I/O error half-way through preparing (the kernel refusing val's record file after train's
+    record, index and ground-truth files and val's side files were written; a full disk half-way through val's
+    cleaned instances JSON): the error propagates, no prepared dataset appears (first preparation) or the previous
+    one stays byte for byte (--force), and no tfds incomplete.* folder, scratch folder or temporary file is left."""
+    from yolos_jax.data import prepare as prepare_cli
+
+    src, data = tmp_path / "src", tmp_path / "tfds"
+    synthetic.generate(str(src), 2, 5, seed=1, image_size=[(192, 256)], num_classes=2)
+    rng = np.random.default_rng(0)
+    for name in os.listdir(src / "val"):  # incompressible val images: val's record file (~290 KB) outgrows the limit
+        Image.fromarray(rng.integers(0, 256, (192, 256, 3), dtype=np.uint8)).save(src / "val" / name, format="JPEG",
+                                                                                 quality=95)
+    limit = 200_000  # above train's record file and every JSON file, below val's record file
+    args = [f"--data_dir={data}", "--name=fail", f"--coco_dir={src}", "--no_verify"]
+    done = []  # the splits whose index and ground truth were written before the failure
+    real_write = tfds_builder.SplitRecord.write
+    monkeypatch.setattr(tfds_builder.SplitRecord, "write",
+                        lambda self, out, split, cats: done.append(split) or real_write(self, out, split, cats))
+
+    def leftovers():
+        return [os.path.join(d, n) for d, dirs, files in os.walk(data) for n in dirs + files
+                if "incomplete" in n or n.startswith((".yolos_", ".tmp_"))]
+
+    with pytest.raises(Exception, match="File too large") as e, file_size_limit(limit):
+        prepare_cli.main(args)
+    assert "coco_folder-val.array_record" in str(e.value) and done == ["train", "val"]
+    assert [f for _, _, files in os.walk(data) for f in files] == [] and leftovers() == []
+    with pytest.raises(prepared_dataset.DataError, match="not prepared"):
+        prepared_dataset.load(str(data), "fail")
+
+    prepare_cli.main(args)  # once the disk has room, the same command prepares it
+    path = prepared_dataset.load(str(data), "fail").path
+    before = _tree_bytes(path)
+    assert max(len(b) for n, b in before.items() if "val.array_record" not in n) < limit < \
+        len(next(b for n, b in before.items() if "val.array_record" in n))
+
+    # --force: the new version fails half-way; the previous one never left its place.
+    done.clear()
+    with pytest.raises(Exception, match="File too large"), file_size_limit(limit):
+        prepare_cli.main(args + ["--force"])
+    assert done == ["train", "val"] and _tree_bytes(path) == before and leftovers() == []
+
+    val_ids = {im["id"] for im in json.loads((src / "annotations" / "instances_val.json").read_text())["images"]}
+    real_dump = json.dump
+
+    def dump(obj, f, **kwargs):  # val's cleaned instances JSON: half of it, then the disk is full
+        if not (isinstance(obj, dict) and "annotations" in obj and {im["id"] for im in obj["images"]} == val_ids):
+            return real_dump(obj, f, **kwargs)
+        text = json.dumps(obj, **kwargs)
+        f.write(text[: len(text) // 2])
+        f.flush()
+        raise OSError(errno.ENOSPC, "No space left on device", f.name)
+
+    monkeypatch.setattr(json, "dump", dump)
+    with pytest.raises(OSError, match="No space left on device"):
+        prepare_cli.main(args + ["--force"])
+    monkeypatch.undo()
+    assert _tree_bytes(path) == before and leftovers() == []
+    assert len(prepared_dataset.load(str(data), "fail").index("val")) == 5
 
 
 def test_prepare_reports_images_over_each_box_limit(dense_dataset, capsys):

@@ -205,6 +205,108 @@ def test_two_processes_equal_one(synth, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
+# A write failure (full disk, I/O error) leaves the previous outputs as they were, and no temporaries
+# --------------------------------------------------------------------------------------------------
+
+
+def _files(folder):
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+def _fail_json_dump_of(monkeypatch, predicate):
+    """json.dump of an object matching `predicate` writes half of its text, then fails with ENOSPC (a full disk)."""
+    import errno
+
+    real = json.dump
+
+    def dump(obj, f, **kwargs):
+        if not predicate(obj):
+            return real(obj, f, **kwargs)
+        text = json.dumps(obj, **kwargs)
+        f.write(text[: len(text) // 2])
+        f.flush()
+        raise OSError(errno.ENOSPC, "No space left on device", getattr(f, "name", None))
+
+    monkeypatch.setattr(json, "dump", dump)
+
+
+def test_a_write_failure_keeps_the_previous_metrics_and_detections(synth, tmp_path, file_size_limit, monkeypatch):
+    """metrics.json and detections.json are one evaluation's pair: a failure while writing either (here: the
+    kernel refusing detections.json half-way; then a full disk half-way through metrics.json, after detections.json
+    was written whole) leaves the previous pair byte for byte, and nothing else in the folder."""
+    import errno
+
+    cfg, model, params = synth
+    out = tmp_path / "eval"
+    ev = evaluation.Evaluator(evaluation.default_eval_config(), cfg, model)
+    ev.run(params, str(out), verbose=False)
+    before = _files(out)
+    assert sorted(before) == [coco_eval.DETECTIONS_FILE, coco_eval.METRICS_FILE]
+    other = jax.tree.map(lambda x: x * 0.7, params)  # another model: different detections
+
+    # detections.json (~7 KB) grows past the limit half-way; metrics.json (<1 KB) would fit.
+    limit = len(before[coco_eval.DETECTIONS_FILE]) // 2
+    assert limit > 2 * len(before[coco_eval.METRICS_FILE])
+    with pytest.raises(OSError) as e, file_size_limit(limit):
+        ev.run(other, str(out), verbose=False)
+    assert e.value.errno == errno.EFBIG
+    assert _files(out) == before
+
+    # detections.json written whole, then the disk fills up while metrics.json is written.
+    _fail_json_dump_of(monkeypatch, lambda obj: isinstance(obj, dict) and "AP" in obj)
+    with pytest.raises(OSError, match="No space left on device"):
+        ev.run(other, str(out), verbose=False)
+    assert _files(out) == before  # not the new detections.json beside the old metrics.json
+    monkeypatch.undo()
+
+    metrics = ev.run(other, str(out), verbose=False)  # and the same call, once it can write, replaces both
+    after = _files(out)
+    assert sorted(after) == sorted(before)
+    assert after[coco_eval.DETECTIONS_FILE] != before[coco_eval.DETECTIONS_FILE]  # (so the checks above can tell)
+    assert json.loads(after[coco_eval.METRICS_FILE]) == metrics
+
+
+def test_a_write_failure_leaves_each_annotated_image_whole_or_absent(synth, tmp_path, monkeypatch):
+    """The annotated val images (written at the end of training) are written one by one, each atomically: a full
+    disk while the third PNG is written leaves the first two whole, no third, and no temporary file."""
+    import errno
+    import io
+
+    from PIL import Image
+
+    from yolos_jax import visualize
+
+    cfg, model, params = synth
+    model_cfg = {f: getattr(model, f) for f in model_config("s").keys()}
+    real_save = Image.Image.save
+    saves = []
+
+    def save(self, fp, format=None, **kwargs):
+        saves.append(fp)
+        if len(saves) != 3:
+            return real_save(self, fp, format, **kwargs)
+        buf = io.BytesIO()
+        real_save(self, buf, format, **kwargs)
+        with open(fp, "wb") as f:
+            f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device", fp)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    out = tmp_path / "images"
+    with pytest.raises(OSError, match="No space left on device"):
+        visualize.write_annotated_val_images(jax.device_get(params), model_cfg, cfg, str(out), num_images=4)
+    monkeypatch.undo()
+    assert len(saves) == 3
+    written = sorted(os.listdir(out))
+    assert len(written) == 2 and all(name.endswith(".png") and not name.startswith(".") for name in written)
+    for name in written:
+        with Image.open(out / name) as im:
+            im.load()  # whole PNGs: they decode
+    paths = visualize.write_annotated_val_images(jax.device_get(params), model_cfg, cfg, str(out), num_images=4)
+    assert sorted(os.listdir(out)) == sorted(os.path.basename(p) for p in paths) and len(paths) == 4
+
+
+# --------------------------------------------------------------------------------------------------
 # eval.py on a converted HF checkpoint == HF on each image alone (batch-invariance, issue 14)
 # --------------------------------------------------------------------------------------------------
 

@@ -3,6 +3,8 @@
 Every writer in the package (metrics and detections JSON, PNGs, figures, converted checkpoints, the
 synthetic dataset, tfds metadata) goes through one of these: write beside the target on the same
 filesystem, then `os.replace` / `os.rename` it into place; on any exception the temporary is removed.
+Files that belong together (an evaluation's metrics.json and detections.json) go through `atomic_files`: none
+replaces its target unless all of them were written.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 
 def default_file_mode() -> int:
@@ -40,6 +42,18 @@ def atomic_file(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_files(paths: Sequence[str | os.PathLike], suffix: str = "") -> Iterator[list[str]]:
+    """`atomic_file` for several files that belong together: yields a temporary path beside each of `paths`. Only
+    when the block ends normally do they replace their targets (in the order given); when it raises, e.g. while
+    the last one is written, every target is left as it was and every temporary is removed."""
+    with contextlib.ExitStack() as stack:
+        # Exits run last-in first-out: entered in reverse, the files replace their targets in the order given (and
+        # if one replace fails, the later ones see the exception and remove their temporaries).
+        tmps = [stack.enter_context(atomic_file(p, suffix=suffix)) for p in reversed(list(paths))]
+        yield tmps[::-1]
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: Optional[int] = None) -> None:

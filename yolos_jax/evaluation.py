@@ -250,20 +250,25 @@ class Evaluator:
     # -- scoring --------------------------------------------------------------------------------------
 
     def score(self, pred: Predictions, out_dir: Optional[str] = None, *, verbose: bool = True) -> dict:
-        """COCO metrics of `pred`; writes metrics.json (and detections.json) into `out_dir` if given.
+        """COCO metrics of `pred`; writes metrics.json (and detections.json) into `out_dir` if given, together: a
+        failure while writing either leaves the files of the previous evaluation there as they were.
 
         Call on process 0 (it reads the ground truth). Returns {METRIC_NAMES..., 'num_images',
         'num_detections'}.
         """
         dets = detections_to_coco(pred["image_id"], pred["scores"], pred["labels"], pred["boxes"], self.label_map)
-        if out_dir and bool(self.eval_cfg.write_detections):
-            atomic.write_json_atomic(os.path.join(out_dir, DETECTIONS_FILE), dets)
         metrics, table = coco_evaluate(self.coco_gt, dets, image_ids=pred["image_id"])
         metrics.update(num_images=int(pred.num_images), num_detections=len(dets))
         if verbose:
             print(table, end="", flush=True)
-        if out_dir:
-            atomic.write_json_atomic(os.path.join(out_dir, METRICS_FILE), metrics, indent=2)
+        if out_dir:  # the two files together: a failure writing either leaves the previous pair as it was
+            outputs = [(METRICS_FILE, metrics, 2)]
+            if bool(self.eval_cfg.write_detections):
+                outputs.insert(0, (DETECTIONS_FILE, dets, None))
+            with atomic.atomic_files([os.path.join(out_dir, name) for name, _, _ in outputs], suffix=".json") as tmps:
+                for tmp, (_, obj, indent) in zip(tmps, outputs):
+                    with open(tmp, "w") as f:
+                        json.dump(obj, f, indent=indent)
         return metrics
 
     def run(self, params: Any, out_dir: Optional[str] = None, *, image_fn: Optional[Callable] = None,
