@@ -3,14 +3,21 @@
 * train (with a periodic eval midway) -> checkpoint -> restore -> eval -> annotated image, and the loss goes down;
 * SIGKILL midway, SIGTERM (preemption) on the resumed run, Ctrl-C (SIGINT) on the next, resume again:
   parameters bit-identical to an uninterrupted run of the same length;
-* an injected NaN stops the run naming the step, and the last checkpoint stays loadable.
+* an injected NaN stops the run naming the step, and the last checkpoint stays loadable;
+* the faults of README "Faults": a corrupt latest checkpoint (resume from the one before, bit-identical to an
+  uninterrupted run), none restorable, a workdir held by a live run, a lock left by a killed run, a save that
+  fails (a file-size limit: EFBIG, as on a full disk), a process of a two-process run killed.
 All runs share one persistent compilation cache so that only the first one pays for XLA compilation.
 """
 
+import glob
 import json
 import os
 import re
+import resource
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -146,10 +153,20 @@ def _wait_for(predicate, proc, what, timeout=TIMEOUT):
         time.sleep(0.2)
 
 
-def test_sigkill_sigterm_ctrl_c_resume_bit_identical(tmp_path, env, data_root):
-    overrides = ("--config.train.eval_at_end=False", "--config.checkpoint.every_steps=4")
-    reference = tmp_path / "uninterrupted"
-    _train(reference, data_root, env, *overrides)
+RESUME_OVERRIDES = ("--config.train.eval_at_end=False", "--config.checkpoint.every_steps=4")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, env, data_root):
+    """16 steps without interruption, checkpoints at 8, 12 and 16 (keep 3): the reference of the resume tests."""
+    workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    _train(workdir, data_root, env, *RESUME_OVERRIDES)
+    return workdir
+
+
+def test_sigkill_sigterm_ctrl_c_resume_bit_identical(tmp_path, env, data_root, uninterrupted):
+    overrides = RESUME_OVERRIDES
+    reference = uninterrupted
 
     workdir = tmp_path / "interrupted"
     # 1) SIGKILL as soon as the step-4 checkpoint is finalised (orbax renames it into place when complete).
@@ -199,3 +216,159 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, env, data_root):
                      "--config.train.nonfinite_policy=skip", "--config.train.eval_at_end=False")
     assert "skipping update" in skipped.stderr + skipped.stdout
     assert all(np.isfinite(v).all() for v in _final_params(tmp_path / "skip").values())
+
+
+# --------------------------------------------------------------------------------------------------
+# Faults (README "Faults")
+# --------------------------------------------------------------------------------------------------
+
+HOLD_THEN_DIE = """
+import sys, time
+from yolos_jax.workdir_lock import WorkdirLock
+WorkdirLock(sys.argv[1]).acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def _truncate_latest_params(step_dir):
+    files = glob.glob(os.path.join(step_dir, "params", "**", "d", "*"), recursive=True)
+    largest = max(files, key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.truncate(os.path.getsize(largest) // 2)
+
+
+def _steps(workdir):
+    return sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+
+
+def _one_line_error(proc):
+    """The run ended with exit code 1 and one 'error: ...' line, without any traceback."""
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-4000:]
+    assert "Traceback" not in output, output[-6000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-4000:]
+    return errors[0]
+
+
+def test_a_corrupt_latest_checkpoint_and_a_stale_lock_resume_from_the_step_before(tmp_path, env, data_root,
+                                                                               uninterrupted):
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted, workdir)
+    _truncate_latest_params(workdir / "checkpoints" / "16")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THEN_DIE, str(workdir)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.send_signal(signal.SIGKILL)  # its lock stays behind
+    holder.wait()
+    # Readers of the workdir skip the bad step (nothing moved); an explicit bad step is refused in one line.
+    from yolos_jax import weights
+
+    assert weights.load_any(str(workdir))[2]["step"] == 12
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--config",
+                           os.path.join(ROOT, "configs/demo.py:smoke"), "--checkpoint", str(workdir / "checkpoints" / "16"),
+                           "--out", str(tmp_path / "eval"), f"--config.input.source_dir={data_root}/synthetic",
+                           f"--config.input.data_dir={data_root}/tfds"], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    assert "checkpoints/16 does not restore (OUT_OF_RANGE" in _one_line_error(proc)
+
+    proc = _train(workdir, data_root, env, *RESUME_OVERRIDES)
+    output = proc.stdout + proc.stderr
+    assert "Traceback" not in output, output[-6000:]
+    assert f"process {holder.pid} is gone" in output  # the stale lock was taken over, with a message
+    assert re.search(r"checkpoint step 16 does not restore \(OUT_OF_RANGE[^\n]*moved to \S*checkpoints_unrestorable/16",
+                     output), output[-4000:]
+    assert "resuming from step 12" in output
+    assert (workdir / "checkpoints_unrestorable" / "16" / "params").is_dir()  # set aside, never deleted
+    assert not (workdir / "run.lock").exists()  # released at the end
+    ours, ref = _final_params(workdir), _final_params(uninterrupted)
+    for k in ref:  # 12 -> 16 again: the same parameters as the run that never broke
+        np.testing.assert_array_equal(ours[k], ref[k], err_msg=k)
+
+
+def test_no_restorable_checkpoint_and_a_held_workdir_end_in_one_line(tmp_path, env, data_root, uninterrupted):
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted, workdir)
+    for step in _steps(workdir):
+        _truncate_latest_params(workdir / "checkpoints" / str(step))
+    line = _one_line_error(_train(workdir, data_root, env, *RESUME_OVERRIDES, check=False))
+    assert "no checkpoint in" in line and "step 8: OUT_OF_RANGE" in line
+    assert "--config.checkpoint.restore_step=N" in line and "--workdir" in line
+    assert _steps(workdir) == [8, 12, 16]  # nothing moved when nothing restores
+
+    from yolos_jax.workdir_lock import WorkdirLock
+
+    with WorkdirLock(str(workdir)):  # this test process is the live run holding it
+        line = _one_line_error(_train(workdir, data_root, env, *RESUME_OVERRIDES, check=False))
+    assert f"is in use by another training run: pid {os.getpid()} on host {socket.gethostname()}" in line
+
+
+def _limit_file_size(nbytes):
+    def limit():  # in the child, before exec: writes past nbytes fail with EFBIG (SIGXFSZ ignored)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    return limit
+
+
+def test_a_failing_save_keeps_the_previous_checkpoints_and_stops_in_one_line(tmp_path, env, data_root, uninterrupted):
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted, workdir)
+    proc = subprocess.run(_cmd(workdir, data_root, *RESUME_OVERRIDES, "--config.train.num_steps=24"), env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
+                          preexec_fn=_limit_file_size(40_000))  # the step-20 checkpoint's array files are larger
+    line = _one_line_error(proc)
+    assert "checkpoint step 20 could not be written" in line and "File too large" in line, line
+    assert "(steps 8, 12, 16) are intact" in line and "on_save_error=warn" in line
+    assert _steps(workdir) == [8, 12, 16]
+    assert not [d for d in os.listdir(workdir / "checkpoints") if "tmp" in d]  # no partial step left
+    ours, ref = _final_params(workdir), _final_params(uninterrupted)  # step 16 restores as it was written
+    for k in ref:
+        np.testing.assert_array_equal(ours[k], ref[k], err_msg=k)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_killed_process_ends_the_other_within_the_bound_and_the_rerun_resumes(tmp_path, env, data_root,
+                                                                              uninterrupted):
+    del uninterrupted  # (its run prepared the shared dataset: a multi-process run needs it prepared)
+    workdir = tmp_path / "two"
+    bound = 20  # config.distributed.heartbeat_timeout_s: the watchdog gives up on a silent peer after half of it
+
+    def launch(port, attempt):
+        procs = []
+        for i in range(2):
+            with open(tmp_path / f"log_{attempt}_{i}.txt", "w") as log:  # files, not pipes: nobody reads them live
+                procs.append(subprocess.Popen(
+                    _cmd(workdir, data_root, *RESUME_OVERRIDES, "--config.train.num_steps=24",
+                         f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                         "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+                         f"--config.distributed.heartbeat_timeout_s={bound}"),
+                    env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+        return procs
+
+    def output(attempt, i):
+        return (tmp_path / f"log_{attempt}_{i}.txt").read_text()
+
+    first, second = launch(_free_port(), 0)
+    _wait_for(lambda: (workdir / "checkpoints" / "4").is_dir(), first, "checkpoint 4")
+    second.send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    first.wait(timeout=TIMEOUT)
+    waited = time.time() - killed_at
+    second.wait()
+    assert first.returncode == 1, output(0, 0)[-4000:]
+    assert waited < bound + 30, waited  # bounded: the heartbeat, not a hang
+    assert "error: process 1 of this 2-process run stopped responding" in output(0, 0), output(0, 0)[-4000:]
+    assert "Re-run the same command on every host" in output(0, 0)
+
+    procs = launch(_free_port(), 1)  # the same command on both "hosts": resumes and finishes
+    for i, p in enumerate(procs):
+        p.wait(timeout=TIMEOUT)
+        assert p.returncode == 0, output(1, i)[-4000:]
+    assert "resumed from" in output(1, 0)
+    assert _steps(workdir)[-1] == 24

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Optional
 
 
 def setup_host(compilation_cache: bool = True) -> None:
@@ -24,8 +24,9 @@ def setup_host(compilation_cache: bool = True) -> None:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)
-    logging.getLogger("absl").addFilter(drop_storage_error_records)
-    sys.unraisablehook = _quiet_closed_event_loop(sys.unraisablehook)
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(drop_storage_error_records)
+    sys.unraisablehook = _quiet_storage_leftovers(sys.unraisablehook)
     logging.getLogger("yolos_jax").setLevel(logging.INFO)
     try:
         import tensorflow as tf
@@ -42,23 +43,44 @@ def setup_host(compilation_cache: bool = True) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
 
 
+def _from_storage(tb: Any) -> bool:
+    """Whether a traceback passes through orbax (a checkpoint read or write)."""
+    while tb is not None:
+        if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def drop_storage_error_records(record: logging.LogRecord) -> bool:
-    """A logging filter: False for orbax's ERROR records (a failed save or restore, logged with a traceback from
-    its background threads). Every such failure also reaches our code as an exception, which the checkpointing
-    module reports in one line with what to do; the storage library's traceback would only bury that line."""
-    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in (record.pathname or ""))
+    """A logging filter (on the 'absl' and 'asyncio' loggers): False for the ERROR records of a failed orbax save
+    or restore — orbax's own, logged with a traceback from its background threads, and asyncio's "Task exception
+    was never retrieved" for its other writes still in flight. Every such failure also reaches our code as an
+    exception, which the checkpointing module reports in one line with what to do; the storage library's
+    tracebacks would only bury that line."""
+    if record.levelno < logging.ERROR:
+        return True
+    if f"{os.sep}orbax{os.sep}" in (record.pathname or ""):
+        return False
+    return not (record.exc_info and _from_storage(record.exc_info[2]))
 
 
-def _quiet_closed_event_loop(hook: Any) -> Any:
-    """Wraps sys.unraisablehook to drop asyncio's "Event loop is closed" from a TensorStore callback that fires
-    after orbax closed its event loop following a failed read or write (the failure itself is reported); every
-    other unraisable exception goes to `hook`."""
+def _quiet_storage_leftovers(hook: Any) -> Any:
+    """Wraps sys.unraisablehook to drop what a failed orbax read or write leaves behind: the other reads of the
+    same restore still in flight ("Exception ignored in: <coroutine ...>" with a TensorStore spec dump) and a
+    TensorStore callback that fires after orbax closed its event loop ("Event loop is closed"). The failure
+    itself reaches our code as an exception and is reported in one line; every other unraisable exception goes
+    to `hook`."""
 
-    def quiet(unraisable: Any) -> None:
+    def from_storage(unraisable: Any) -> bool:
         exc = unraisable.exc_value
         if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
-            return
-        hook(unraisable)
+            return True
+        return _from_storage(unraisable.exc_traceback)
+
+    def quiet(unraisable: Any) -> None:
+        if not from_storage(unraisable):
+            hook(unraisable)
 
     return quiet
 
@@ -122,6 +144,7 @@ def maybe_initialize_distributed(dist_cfg: Any) -> None:
             process_id=int(dist_cfg.process_id),
             heartbeat_timeout_seconds=heartbeat,
         )
+        start_peer_watchdog(heartbeat)
         return
     env_multi = False
     for var in MULTIPROCESS_ENV:
@@ -134,3 +157,65 @@ def maybe_initialize_distributed(dist_cfg: Any) -> None:
             env_multi |= bool(value)
     if env_multi:
         jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
+        start_peer_watchdog(heartbeat)
+
+
+def start_peer_watchdog(timeout_s: float) -> bool:
+    """In a multi-process run, a daemon thread that ends this process in one line when another one is lost.
+
+    jax's coordination service already ends every process `timeout_s` after one stops sending heartbeats, but
+    with an abort and a C++ and Python stack dump in which the one line that names the lost process is easy to
+    miss. So each process also bumps its own counter in jax.distributed's key-value store every `timeout_s`/8 s
+    and watches the others' counters (counters, not clocks: hosts' clocks may differ). A counter that stands
+    still for `timeout_s`/2, or a store that no longer answers (process 0, which runs it, is gone), ends this
+    process with exit code 1 and a message naming the lost process, before jax's abort. Returns whether the
+    watchdog started (it needs jax's distributed client).
+    """
+    import threading
+    import time
+
+    import jax
+    from jax._src import distributed  # jax's client of the coordination service: no public handle exists
+
+    client = distributed.global_state.client
+    if client is None or jax.process_count() < 2:
+        return False
+    me, count = jax.process_index(), jax.process_count()
+    interval, patience = max(timeout_s / 8.0, 0.25), timeout_s / 2.0
+
+    def lost(who: str, why: str) -> None:
+        print(f"error: {who} of this {count}-process run {why}; it died or lost its host, so process {me} stops "
+              "too. Re-run the same command on every host to resume from the last checkpoint.",
+              file=sys.stderr, flush=True)
+        os._exit(1)  # the run cannot go on: collectives with the lost process would only hang or abort
+
+    def peer_counter(j: int) -> Optional[str]:
+        try:
+            return client.key_value_try_get(f"yolos_jax/alive/{j}")
+        except Exception as e:  # noqa: BLE001 - NOT_FOUND: process j has not beaten yet (counts as a value)
+            if "NOT_FOUND" not in str(e):
+                raise
+            return None
+
+    def watch() -> None:
+        seen: dict[int, tuple[Optional[str], float]] = {}
+        beat = 0
+        while True:
+            beat += 1
+            try:
+                client.key_value_set(f"yolos_jax/alive/{me}", str(beat), allow_overwrite=True)
+                values = {j: peer_counter(j) for j in range(count) if j != me}
+            except Exception as e:  # noqa: BLE001 - the store lives in process 0
+                if me != 0:
+                    lost("process 0", f"stopped answering ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})")
+                values = {}
+            now = time.monotonic()
+            for j, value in values.items():
+                if j not in seen or seen[j][0] != value:
+                    seen[j] = (value, now)
+                elif now - seen[j][1] > patience:
+                    lost(f"process {j}", f"stopped responding {now - seen[j][1]:.0f} s ago")
+            time.sleep(interval)
+
+    threading.Thread(target=watch, name="peer-watchdog", daemon=True).start()
+    return True
