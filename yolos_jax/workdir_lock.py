@@ -26,6 +26,10 @@ import threading
 import time
 from typing import Any, Iterator, Optional
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
 from yolos_jax import atomic
 from yolos_jax.errors import UserError
 
@@ -204,7 +208,6 @@ class WorkdirLock:
 def exclusive_workdir(workdir: str, heartbeat_s: float = 30.0, stale_after_s: float = 300.0) -> Iterator[None]:
     """Holds `workdir` for one run: process 0 takes the `WorkdirLock`, and every process of a multi-host run
     learns whether it did (one collective), so all of them refuse together instead of waiting on process 0."""
-    import jax  # noqa: PLC0415 - only the training run needs jax here; the lock itself is plain files
 
     lock = WorkdirLock(workdir, heartbeat_s, stale_after_s) if jax.process_index() == 0 else None
     refused: Optional[WorkdirLockedError] = None
@@ -214,9 +217,6 @@ def exclusive_workdir(workdir: str, heartbeat_s: float = 30.0, stale_after_s: fl
         except WorkdirLockedError as e:
             refused = e
     if jax.process_count() > 1:
-        import numpy as np
-        from jax.experimental import multihost_utils
-
         if not bool(multihost_utils.broadcast_one_to_all(np.int32(refused is None))) and refused is None:
             raise WorkdirLockedError(f"process 0 could not take {os.path.join(workdir, LOCK_FILE)}; its log says why")
     if refused is not None:
