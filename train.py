@@ -29,6 +29,9 @@ def main(argv):
         trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except UserError as e:  # foreseen (a held workdir, bad checkpoints, a failed save, NaN): one line, no traceback
         runtime.exit_with_error(e)
+    except Exception:  # a collective failing because a process died: let the watchdog name it first
+        runtime.await_lost_peer_verdict()
+        raise
 
 
 if __name__ == "__main__":

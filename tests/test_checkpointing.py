@@ -1,13 +1,20 @@
 """Training checkpoints (`yolos_jax.checkpointing`): the run metadata (label names, label map) is a checkpoint item of
-its own, and checkpoints written before it (metadata inside the config item) still give the same meta."""
+its own, and checkpoints written before it (metadata inside the config item) still give the same meta; steps that do
+not restore are skipped and set aside, restore_step, storage failures and failing saves (README "Faults")."""
+
+import glob
+import os
+import shutil
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from eval_fixtures import random_params
 from yolos_jax import checkpointing
+from yolos_jax.errors import describe_error
 from yolos_jax.config import model_config
 from yolos_jax.yolos import YOLOS
 
@@ -43,15 +50,6 @@ def test_run_metadata_is_stored_beside_the_config_and_read_from_either_place(tmp
 # Faults: steps that do not restore, saves that fail (README "Faults")
 # --------------------------------------------------------------------------------------------------
 
-import glob  # noqa: E402
-import os  # noqa: E402
-import resource  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-
-import pytest  # noqa: E402
-
-from yolos_jax.errors import describe_error  # noqa: E402
 
 
 def _state(step, size=64):
@@ -150,14 +148,36 @@ def test_no_step_restores_one_error_naming_each_and_the_choices(tmp_path):
     assert checkpointing.step_dirs(directory) == [4, 2]  # nothing moved when nothing restores
 
 
-def test_restore_step_resumes_there_and_sets_newer_steps_aside(tmp_path):
+def test_restore_step_resumes_there_once_and_sets_newer_steps_aside(tmp_path):
     directory = _run(tmp_path, (2, 4, 6))
-    step, state, _ = _checkpointer(tmp_path, restore_step=4).resume(_abstract(_state(0)))
+    with pytest.raises(checkpointing.CheckpointError, match="has no step 3; it holds steps 6, 4, 2"):
+        _checkpointer(tmp_path, restore_step=3).resume(_abstract(_state(0)))
+    assert checkpointing.step_dirs(directory) == [6, 4, 2]  # refused before anything moved
+    ck = _checkpointer(tmp_path, restore_step=4)
+    step, state, _ = ck.resume(_abstract(_state(0)))
     assert step == 4 and int(state["step"]) == 4
     assert checkpointing.step_dirs(directory) == [4, 2]
-    assert (tmp_path / checkpointing.UNRESTORABLE_SUBDIR / "6" / "params").is_dir()
-    with pytest.raises(checkpointing.CheckpointError, match="has no step 3; it holds steps 4, 2"):
-        _checkpointer(tmp_path, restore_step=3).resume(_abstract(_state(0)))
+    assert (tmp_path / checkpointing.SUPERSEDED_SUBDIR / "6" / "params").is_dir()  # moved, never deleted
+    ck.save(5, _state(5), {"batch": 5}, {"model": {}}, {})
+    ck.close()
+    # Re-running the same command (restore_step still 4) resumes from the newest step instead of rewinding again.
+    step, _, _ = _checkpointer(tmp_path, restore_step=4).resume(_abstract(_state(0)))
+    assert step == 5 and checkpointing.step_dirs(directory) == [5, 4, 2]
+    with pytest.raises(checkpointing.CheckpointError, match="has no step 4; it holds none"):
+        _checkpointer(tmp_path / "empty", restore_step=4).resume(_abstract(_state(0)))
+
+
+def test_a_storage_failure_is_not_taken_for_a_bad_checkpoint(tmp_path, monkeypatch):
+    directory = _run(tmp_path, (2, 4))
+    ck = _checkpointer(tmp_path)
+
+    def unreadable(step, abstract_state):
+        raise OSError(13, "Permission denied")
+
+    monkeypatch.setattr(ck, "restore", unreadable)
+    with pytest.raises(checkpointing.CheckpointError, match="step 4 .* Permission denied.*nothing was moved"):
+        ck.resume(_abstract(_state(0)))
+    assert checkpointing.step_dirs(directory) == [4, 2]
 
 
 def test_a_different_model_is_not_taken_for_corruption(tmp_path):
@@ -171,20 +191,6 @@ def test_a_different_model_is_not_taken_for_corruption(tmp_path):
     assert checkpointing.step_dirs(directory) == [2]
 
 
-@pytest.fixture
-def file_size_limit():
-    """Sets RLIMIT_FSIZE for this process (writes past it fail with EFBIG, as on a full disk); restores it after."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal that kills
-
-    def limit(nbytes):
-        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
-
-    yield limit
-    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    signal.signal(signal.SIGXFSZ, previous)
-
-
 @pytest.mark.parametrize("async_save", [True, False])
 def test_a_failing_save_leaves_earlier_checkpoints_intact_and_stops_in_one_line(tmp_path, file_size_limit, async_save):
     big = 200_000  # float32 values: an 800 KB array file, over the limit below
@@ -192,11 +198,9 @@ def test_a_failing_save_leaves_earlier_checkpoints_intact_and_stops_in_one_line(
     for s in (2, 4):
         ck.save(s, _state(s, big), {"batch": s}, {"model": {}}, {})
     ck.wait()
-    file_size_limit(100_000)
-    with pytest.raises(checkpointing.CheckpointSaveError) as e:
+    with file_size_limit(100_000), pytest.raises(checkpointing.CheckpointSaveError) as e:  # (conftest.py)
         ck.save(6, _state(6, big), {"batch": 6}, {"model": {}}, {})
         ck.save(8, _state(8, big), {"batch": 8}, {"model": {}}, {})  # an asynchronous failure surfaces here
-    file_size_limit(resource.RLIM_INFINITY)
     message = str(e.value)
     assert "\n" not in message and "checkpoint step 6 could not be written" in message
     assert "File too large" in message and "(steps 2, 4) are intact" in message
@@ -216,14 +220,15 @@ def test_on_save_error_warn_goes_on_and_the_next_interval_saves(tmp_path, file_s
     ck = _checkpointer(tmp_path, keep=2, on_save_error="warn")
     ck.save(2, _state(2, big), {"batch": 2}, {"model": {}}, {})
     ck.wait()
-    file_size_limit(100_000)
-    with caplog.at_level("WARNING", logger="yolos_jax"):
+    with file_size_limit(100_000), caplog.at_level("WARNING", logger="yolos_jax"):
         ck.save(4, _state(4, big), {"batch": 4}, {"model": {}}, {})
         assert ck.wait() is False
-    file_size_limit(resource.RLIM_INFINITY)
     assert any("checkpoint step 4 could not be written" in r.getMessage() and "Training goes on" in r.getMessage()
                for r in caplog.records)
-    assert ck.save(6, _state(6, big), {"batch": 6}, {"model": {}}, {})
+    assert ck.save(6, _state(6, big), {"batch": 6}, {"model": {}}, {}) and ck.wait()  # landed
+    # The last save of a run (must_land) has nothing after it to retry: it raises whatever the policy.
+    with file_size_limit(100_000), pytest.raises(checkpointing.CheckpointSaveError, match="step 8 could not.*File too large"):
+        ck.save(8, _state(8, big), {"batch": 8}, {"model": {}}, {}, must_land=True)
     ck.close()
     assert sorted(os.listdir(ck.directory)) == ["2", "6"]
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from typing import Any, Callable, Optional
@@ -36,6 +37,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from yolos_jax import config as config_lib
 from yolos_jax.errors import UserError, describe_error
@@ -44,6 +46,11 @@ log = logging.getLogger("yolos_jax")
 
 CHECKPOINT_SUBDIR = "checkpoints"
 UNRESTORABLE_SUBDIR = "checkpoints_unrestorable"  # beside checkpoints/: steps resume could not read
+SUPERSEDED_SUBDIR = "checkpoints_superseded"  # beside checkpoints/: steps newer than an explicit restore_step
+RESTORED_MARKER = "restore_step_applied.json"  # in checkpoints/: restore_step=N was applied (so a re-run resumes)
+# Failures of the storage, not of the checkpoint: never a reason to move a step aside (it may read fine later).
+_STORAGE_TROUBLE = re.compile(r"PERMISSION_DENIED|UNAVAILABLE|DEADLINE_EXCEEDED|ABORTED|RESOURCE_EXHAUSTED|"
+                              r"Permission denied|Input/output error|Stale file handle|Connection")
 COMMIT_MARKER = "commit_success.txt"  # orbax writes it into a step directory just before renaming it into place
 ON_SAVE_ERROR = ("stop", "warn")
 ITEM_NAMES = ("params", "train", "data", "config", "meta")
@@ -105,10 +112,10 @@ def check_committed(step_dir: str) -> None:
             raise CheckpointError(f"_CHECKPOINT_METADATA does not parse ({describe_error(e)})") from None
 
 
-def set_aside(directory: str, step: int, why: str) -> str:
-    """Moves `directory`/`step` to WORKDIR/checkpoints_unrestorable/<step>[.k] with a WHY.txt; returns the new
-    path. Never deletes: a user may still recover what it holds."""
-    target_parent = os.path.join(os.path.dirname(directory), UNRESTORABLE_SUBDIR)
+def set_aside(directory: str, step: int, why: str, subdir: str = UNRESTORABLE_SUBDIR) -> str:
+    """Moves `directory`/`step` to WORKDIR/<subdir>/<step>[.k] with a WHY.txt; returns the new path. Never
+    deletes: a user may still recover what it holds."""
+    target_parent = os.path.join(os.path.dirname(directory), subdir)
     os.makedirs(target_parent, exist_ok=True)
     target, k = os.path.join(target_parent, str(step)), 1
     while os.path.exists(target):
@@ -126,9 +133,18 @@ def _all_processes_ok(ok: bool) -> bool:
     """Whether `ok` holds on every process (one collective), so all processes take the same step."""
     if jax.process_count() == 1:
         return ok
-    from jax.experimental import multihost_utils  # multi-process runs only
-
     return bool(np.all(multihost_utils.process_allgather(np.array([ok], np.int32))))
+
+
+def _steps_seen_by_process_0(directory: str) -> list[int]:
+    """`step_dirs` as process 0 lists them, on every process: directory caches of a shared filesystem may
+    differ between hosts for a moment, and every process must try the same steps in the same order."""
+    steps = step_dirs(directory)
+    if jax.process_count() == 1:
+        return steps
+    padded = np.full(1024, -1, np.int64)
+    padded[: min(len(steps), 1024)] = steps[:1024]
+    return [int(s) for s in multihost_utils.broadcast_one_to_all(padded) if s >= 0]
 
 
 def _config_to_json(config: Any) -> dict:
@@ -149,25 +165,38 @@ class Checkpointer:
             max_to_keep=int(ckpt_cfg.keep),
             enable_async_checkpointing=bool(ckpt_cfg.async_save),
             create=True,
-            cleanup_tmp_directories=True,  # a save that died (SIGKILL, a failed write) leaves a temporary directory
         )
+        if self.on_save_error == "warn" and jax.process_count() > 1:
+            raise ValueError("config.checkpoint.on_save_error='warn' needs a single-process run: with several "
+                             "processes a save that fails on one of them would split the run; use 'stop'")
+        self.manager = None
+        if os.path.isdir(self.directory):  # a save that died (SIGKILL, a failed write) left a partial step
+            self._remove_partial_steps()
         self.manager = self._new_manager()
         self._pending: Optional[int] = None  # the step an asynchronous save is writing
 
     def _new_manager(self) -> ocp.CheckpointManager:
         return ocp.CheckpointManager(self.directory, options=self._options, item_names=ITEM_NAMES)
 
-    def _reopen(self) -> None:
-        """A fresh manager over what is on disk (after steps were moved aside, or a save failed and the old
-        manager's idea of the step list is no longer the directory's)."""
-        try:
-            self.manager.close()
-        except Exception:  # noqa: BLE001 - it already reported (or is reporting) its own failure
+    def _remove_partial_steps(self) -> None:
+        try:  # let orbax's other writes of a failed save end first, or they would recreate what is removed
+            if self.manager is not None:
+                self.manager.wait_until_finished()
+        except Exception:  # noqa: BLE001 - the failure is being reported already
             pass
         if jax.process_index() == 0:
             for name in os.listdir(self.directory):
                 if ".orbax-checkpoint-tmp" in name:  # a failed save's partial step: never a checkpoint
                     shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+    def _reopen(self) -> None:
+        """A fresh manager over what is on disk (after steps were moved aside, or a save failed and the old
+        manager's idea of the step list is no longer the directory's). Collective in a multi-process run."""
+        try:
+            self.manager.close()
+        except Exception:  # noqa: BLE001 - it already reported (or is reporting) its own failure
+            pass
+        self._remove_partial_steps()
         self.manager = self._new_manager()
 
     def latest_step(self) -> Optional[int]:
@@ -175,14 +204,27 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ saving
 
-    def save(self, step: int, state: dict, data_state: dict, config: Any, meta: Optional[dict] = None) -> bool:
+    def save(self, step: int, state: dict, data_state: dict, config: Any, meta: Optional[dict] = None,
+             must_land: bool = False) -> bool:
         """Starts saving `state` at `step` (returns before the write ends when async); returns False when a save
         failed under on_save_error='warn' (this one, or the asynchronous one still pending).
 
         data_state: the input iterator's `get_state()`; config: the run config (ConfigDict or JSON dict);
         meta: the run metadata (`META_KEYS`, JSON-serialisable), {} when None.
-        Raises CheckpointSaveError when a save failed under on_save_error='stop'."""
+        must_land: wait for this save and raise if it fails whatever on_save_error says (the last save of a
+        run, or the one before a preemption: nothing comes after it to retry).
+        Raises CheckpointSaveError when a save failed under on_save_error='stop' (or with must_land)."""
         ok = self.wait()
+        policy = self.on_save_error
+        if must_land:
+            self.on_save_error = "stop"
+        try:
+            return self._save(step, state, data_state, config, meta, must_land) and ok
+        finally:
+            self.on_save_error = policy
+
+    def _save(self, step: int, state: dict, data_state: dict, config: Any, meta: Optional[dict],
+              must_land: bool) -> bool:
         try:
             self.manager.save(
                 int(step),
@@ -201,19 +243,20 @@ class Checkpointer:
             self._save_failed(int(step), e)
             return False
         self._pending = int(step)
-        return ok
+        return self.wait() if must_land else True
 
     def _save_failed(self, step: int, error: BaseException) -> None:
         self._pending = None
-        self._reopen()
-        kept = sorted(self.manager.all_steps())
+        kept = sorted(step_dirs(self.directory))  # a listing, not the manager: no collective on this path
         where = f"checkpoint step {step} could not be written to {self.directory} ({describe_error(error)})"
         intact = (f"the checkpoints already there (steps {', '.join(map(str, kept))}) are intact" if kept
                   else "no earlier checkpoint exists")
-        if self.on_save_error == "warn":
+        if self.on_save_error == "warn":  # single-process (checked in __init__): reopening is safe
+            self._reopen()
             log.warning("%s; %s. Training goes on (checkpoint.on_save_error='warn'); the next interval tries again",
                         where, intact)
             return
+        self._remove_partial_steps()
         raise CheckpointSaveError(
             f"{where}; {intact}. Free space or fix the storage, then re-run the same command to resume; or set "
             "--config.checkpoint.on_save_error=warn to keep training and retry at the next interval")
@@ -259,36 +302,59 @@ class Checkpointer:
         restored = self.manager.restore(int(step), args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         return restored["config"]
 
+    def _restore_step_to_apply(self, steps: list[int]) -> Optional[int]:
+        """`restore_step`, unless there is none (-1) or an earlier run of this command already applied it (the
+        marker): re-running the command after a stop must resume, not rewind again."""
+        if self.restore_step < 0:
+            return None
+        marker = os.path.join(self.directory, RESTORED_MARKER)
+        try:
+            with open(marker) as f:
+                applied = json.load(f).get("restore_step")
+        except (OSError, ValueError):
+            applied = None
+        if applied == self.restore_step and any(s > self.restore_step for s in steps):
+            if jax.process_index() == 0:
+                log.info("checkpoint.restore_step=%d was applied by an earlier run of this command (%s): resuming "
+                         "from the newest step", self.restore_step, marker)
+            return None
+        if self.restore_step not in steps:
+            raise CheckpointError(
+                f"config.checkpoint.restore_step={self.restore_step}: {self.directory} has no step "
+                f"{self.restore_step}; it holds " + (f"steps {', '.join(map(str, steps))}" if steps else "none"))
+        return self.restore_step
+
     def resume(self, abstract_state: dict, check_config: Optional[Callable[[dict], None]] = None
                ) -> Optional[tuple[int, dict, dict]]:
         """(step, state, data_state) of the step to resume from, None for a fresh workdir.
 
-        The newest step that restores (or `restore_step`): each newer step that does not is moved to
-        WORKDIR/checkpoints_unrestorable/ with one warning line. check_config(stored run config) runs before
-        a step's arrays are read and may raise (a different model is the user's mistake, not corruption).
-        Raises CheckpointError naming each step and why when none restores."""
-        steps = step_dirs(self.directory)
+        The newest step that restores, or `restore_step` (newer steps then move to checkpoints_superseded/, once:
+        a re-run of the same command resumes). Each newer step that does not restore is moved to
+        WORKDIR/checkpoints_unrestorable/ with one warning line. check_config(stored run config) runs before a
+        step's arrays are read and may raise (a different model is the user's mistake, not damage).
+        Raises CheckpointError: naming each step and why when none restores; at once when the storage (not the
+        checkpoint) fails, as a permission or I/O error, since such a step may read fine later.
+        Multi-process: every process tries the same steps (process 0's listing) and agrees on each one before
+        orbax reads it; a step that reads on some processes and not others costs orbax's barrier timeout.
+        """
+        steps = _steps_seen_by_process_0(self.directory)
+        restore_step = self._restore_step_to_apply(steps)
         if not steps:
             return None
-        is_main = jax.process_index() == 0
-        if self.restore_step >= 0:
-            if self.restore_step not in steps:
-                raise CheckpointError(f"config.checkpoint.restore_step={self.restore_step}: {self.directory} has no "
-                                      f"step {self.restore_step}; it holds steps {', '.join(map(str, steps))}")
-            newer = [s for s in steps if s > self.restore_step]
-            if newer and is_main:
-                for s in newer:
-                    log.warning("checkpoint step %d moved to %s (newer than checkpoint.restore_step=%d)", s,
-                                set_aside(self.directory, s, f"newer than checkpoint.restore_step={self.restore_step}"),
-                                self.restore_step)
-            steps = [self.restore_step]
         failures: list[tuple[int, str]] = []
-        for step in steps:
-            why, result = "", None
+        result = None
+        for step in [restore_step] if restore_step is not None else steps:
+            why = ""
             try:
                 check_committed(os.path.join(self.directory, str(step)))
+            except CheckpointError as e:
+                why = str(e)
+            if not _all_processes_ok(not why):  # agreed before any orbax call: its restore ends in a barrier
+                failures.append((step, why or "not committed as seen from another process"))
+                continue
+            try:
                 stored = self._restore_config(step)
-            except Exception as e:  # noqa: BLE001 - any failure to read is a bad step
+            except Exception as e:  # noqa: BLE001 - any failure to read is reported below
                 why = describe_error(e)
             if not why and check_config is not None:
                 check_config(stored)  # raises for another model: the user's choice to make, nothing is moved
@@ -297,6 +363,10 @@ class Checkpointer:
                     result = (step, *self.restore(step, abstract_state))
                 except Exception as e:  # noqa: BLE001
                     why = describe_error(e)
+            if _STORAGE_TROUBLE.search(why):
+                raise CheckpointError(
+                    f"checkpoint step {step} in {self.directory} could not be read ({why}): the storage failed, not "
+                    "necessarily the checkpoint, so nothing was moved. Fix the storage and re-run")
             if _all_processes_ok(not why):
                 break
             failures.append((step, why or "it does not restore on another process"))
@@ -305,20 +375,24 @@ class Checkpointer:
             listed = "; ".join(f"step {s}: {w}" for s, w in failures)
             raise CheckpointError(
                 f"no checkpoint in {self.directory} restores ({listed}). Nothing was moved. Choices: fix what the "
-                "error names (storage, permissions) and re-run; resume from another step with "
-                "--config.checkpoint.restore_step=N; or start afresh with another --workdir")
-        if failures:
-            if is_main:
-                for s, w in failures:
-                    log.warning("checkpoint step %d does not restore (%s); moved to %s", s, w,
-                                set_aside(self.directory, s, w))
+                "error names and re-run; resume from another step with --config.checkpoint.restore_step=N; or "
+                "start afresh with another --workdir")
+        if jax.process_index() == 0:
+            for s, w in failures:
+                log.warning("checkpoint step %d does not restore (%s); moved to %s", s, w,
+                            set_aside(self.directory, s, w))
+            if restore_step is not None:
+                for s in (s for s in steps if s > restore_step):
+                    why = f"newer than checkpoint.restore_step={restore_step}"
+                    log.warning("checkpoint step %d moved to %s (%s)", s,
+                                set_aside(self.directory, s, why, SUPERSEDED_SUBDIR), why)
+                with open(os.path.join(self.directory, RESTORED_MARKER), "w") as f:
+                    json.dump({"restore_step": restore_step, "time": time.time()}, f)
+        if failures or restore_step is not None:
             if jax.process_count() > 1:
-                from jax.experimental import multihost_utils  # multi-process runs only
-
                 multihost_utils.sync_global_devices("checkpoints set aside")
-        if failures or self.restore_step >= 0:
             self._reopen()  # the manager's step list must not name the steps moved away
-        if failures and is_main:
+        if failures and jax.process_index() == 0:
             log.warning("resuming from step %d, the newest checkpoint that restores", result[0])
         return result
 
@@ -361,8 +435,10 @@ def restore_params(directory: str, step: int) -> tuple[Any, dict, dict]:
     items = dict(params=ocp.args.StandardRestore(), config=ocp.args.JsonRestore())
     if os.path.isdir(os.path.join(directory, str(step), "meta")):
         items["meta"] = ocp.args.JsonRestore()
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
-    manager.close()
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+    finally:
+        manager.close()
     params = restored["params"]
     config = restored["config"]
     run_meta = restored["meta"] if "meta" in items else {k: config.get(k) for k in META_KEYS}

@@ -86,10 +86,27 @@ def _quiet_storage_leftovers(hook: Any) -> Any:
 
 
 def exit_with_error(error: BaseException) -> NoReturn:
-    """Ends an entry script on a foreseen error (`errors.UserError`): its message in one line on stderr, exit 1."""
+    """Ends an entry script on a foreseen error (`errors.UserError`): its message in one line on stderr, exit 1.
+
+    In a multi-process run the error may be the first sign of a lost process (a collective inside a checkpoint
+    save fails before the heartbeat says why): the watchdog gets the chance to name it first, and the process
+    ends without jax's shutdown barrier, which would wait for the lost process and then abort."""
+    await_lost_peer_verdict()
     logging.shutdown()
     print(f"error: {error}", file=sys.stderr, flush=True)
+    if WATCHDOG_PATIENCE_S:
+        sys.stdout.flush()
+        os._exit(1)
     sys.exit(1)
+
+
+def await_lost_peer_verdict() -> None:
+    """In a multi-process run with the peer watchdog: waits as long as the watchdog needs to find a silent process
+    (it then ends this process naming it); returns when every process still answers. No-op otherwise."""
+    if WATCHDOG_PATIENCE_S:
+        import time
+
+        time.sleep(WATCHDOG_PATIENCE_S * 1.5)
 
 
 def keep_freed_memory() -> bool:
@@ -160,6 +177,10 @@ def maybe_initialize_distributed(dist_cfg: Any) -> None:
         start_peer_watchdog(heartbeat)
 
 
+ABANDON_HOOKS: list = []  # callables run before the watchdog ends the process (`workdir_lock` adds its release)
+WATCHDOG_PATIENCE_S = 0.0  # > 0 while the peer watchdog runs: how long a process may stay silent
+
+
 def start_peer_watchdog(timeout_s: float) -> bool:
     """In a multi-process run, a daemon thread that ends this process in one line when another one is lost.
 
@@ -171,19 +192,35 @@ def start_peer_watchdog(timeout_s: float) -> bool:
     process with exit code 1 and a message naming the lost process, before jax's abort. Returns whether the
     watchdog started (it needs jax's distributed client).
     """
+    import atexit
     import threading
     import time
 
     import jax
-    from jax._src import distributed  # jax's client of the coordination service: no public handle exists
 
-    client = distributed.global_state.client
+    try:
+        from jax._src import distributed  # jax's client of the coordination service: no public handle exists
+
+        client = distributed.global_state.client
+    except (ImportError, AttributeError):  # another jax layout: jax's own heartbeat abort still bounds the wait
+        return False
     if client is None or jax.process_count() < 2:
         return False
+    done = threading.Event()
+    # atexit runs last-registered first: this runs before jax's own clean-up shuts its client down, so a normal
+    # exit never looks like a lost coordinator.
+    atexit.register(done.set)
     me, count = jax.process_index(), jax.process_count()
     interval, patience = max(timeout_s / 8.0, 0.25), timeout_s / 2.0
 
     def lost(who: str, why: str) -> None:
+        if done.is_set():
+            return
+        for hook in list(ABANDON_HOOKS):  # e.g. release the workdir lock, so that the re-run can take it at once
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - exiting anyway
+                pass
         print(f"error: {who} of this {count}-process run {why}; it died or lost its host, so process {me} stops "
               "too. Re-run the same command on every host to resume from the last checkpoint.",
               file=sys.stderr, flush=True)
@@ -199,17 +236,20 @@ def start_peer_watchdog(timeout_s: float) -> bool:
 
     def watch() -> None:
         seen: dict[int, tuple[Optional[str], float]] = {}
-        beat = 0
-        while True:
+        beat, store_failing_since = 0, None
+        while not done.is_set():
             beat += 1
+            now = time.monotonic()
             try:
                 client.key_value_set(f"yolos_jax/alive/{me}", str(beat), allow_overwrite=True)
                 values = {j: peer_counter(j) for j in range(count) if j != me}
-            except Exception as e:  # noqa: BLE001 - the store lives in process 0
-                if me != 0:
-                    lost("process 0", f"stopped answering ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})")
+                store_failing_since = None
+            except Exception as e:  # noqa: BLE001 - the store lives in process 0; one failed call may be a blip
+                store_failing_since = store_failing_since or now
+                if me != 0 and now - store_failing_since > patience and not done.is_set():
+                    lost("process 0", f"stopped answering for {now - store_failing_since:.0f} s "
+                         f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})")
                 values = {}
-            now = time.monotonic()
             for j, value in values.items():
                 if j not in seen or seen[j][0] != value:
                     seen[j] = (value, now)
@@ -217,5 +257,7 @@ def start_peer_watchdog(timeout_s: float) -> bool:
                     lost(f"process {j}", f"stopped responding {now - seen[j][1]:.0f} s ago")
             time.sleep(interval)
 
+    global WATCHDOG_PATIENCE_S
+    WATCHDOG_PATIENCE_S = patience
     threading.Thread(target=watch, name="peer-watchdog", daemon=True).start()
     return True

@@ -329,7 +329,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                     writer.flush()
             if step % config.checkpoint.every_steps == 0 or step == total_steps:
                 _check_finite(metrics, step, policy)
-                checkpointer.save(step, state, train_iter.get_state(), config, run_meta)
+                checkpointer.save(step, state, train_iter.get_state(), config, run_meta, must_land=step == total_steps)
                 last_saved = step
             if config.train.eval_every and step % config.train.eval_every == 0 and step < total_steps:
                 eval_metrics = evaluate(step)
@@ -337,7 +337,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
             if previous is not None:
                 _check_finite(previous[1], previous[0], policy)
             if last_saved != step:
-                checkpointer.save(step, state, train_iter.get_state(), config, run_meta)
+                checkpointer.save(step, state, train_iter.get_state(), config, run_meta, must_land=True)
             checkpointer.close()
             if is_main:
                 print(f"{stop.signal_name}: saved a checkpoint at step {step}; re-run the same command to resume.",

@@ -8,8 +8,9 @@ A lock whose holder died without releasing it (SIGKILL, a crash of the machine) 
 with a warning. Stale means:
 * the holder ran on this host, and the host has rebooted since (another /proc boot id), or its pid is gone, or
   the pid now belongs to a later process (another start time);
-* the holder ran on another host (a shared filesystem) and has not refreshed its heartbeat (the lock file's
-  'heartbeat' time, rewritten every `heartbeat_s` by a daemon thread) for `stale_after_s`.
+* the holder ran on another host (a shared filesystem), or in another pid namespace (a container with this
+  host's name), and has not refreshed its heartbeat (the lock file's 'heartbeat' time, rewritten every
+  `heartbeat_s` by a daemon thread) for `stale_after_s` (hosts' clocks are assumed to agree within minutes).
 Checking and taking over happen under a POSIX record lock on WORKDIR/run.lock.guard (held for milliseconds),
 so two runs that start together cannot both take a stale lock.
 """
@@ -30,7 +31,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from yolos_jax import atomic
+from yolos_jax import atomic, runtime
 from yolos_jax.errors import UserError
 
 log = logging.getLogger("yolos_jax")
@@ -63,6 +64,14 @@ def process_start_ticks(pid: int) -> Optional[int]:
     return int(stat.rsplit(")", 1)[1].split()[19])
 
 
+def _pid_namespace() -> str:
+    """This process's pid namespace (containers sharing a hostname may each have their own)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -76,7 +85,7 @@ def _pid_alive(pid: int) -> bool:
 def this_process() -> dict[str, Any]:
     """What the lock file records about the run holding it."""
     now = time.time()
-    return {"host": socket.gethostname(), "pid": os.getpid(), "boot_id": _boot_id(),
+    return {"host": socket.gethostname(), "pid": os.getpid(), "boot_id": _boot_id(), "pid_ns": _pid_namespace(),
             "start_ticks": process_start_ticks(os.getpid()), "started": now, "heartbeat": now}
 
 
@@ -84,7 +93,8 @@ def stale_reason(holder: dict[str, Any], stale_after_s: float, now: Optional[flo
     """Why the run recorded in `holder` (a lock file's content) no longer holds the lock; None if it may be alive."""
     now = time.time() if now is None else now
     pid = int(holder.get("pid", -1))
-    if holder.get("host") == socket.gethostname():
+    same_pids = holder.get("pid_ns", "") == _pid_namespace()  # another container's pids mean nothing here
+    if holder.get("host") == socket.gethostname() and same_pids:
         if holder.get("boot_id") and _boot_id() and holder["boot_id"] != _boot_id():
             return "this machine has rebooted since"
         if pid <= 0 or not _pid_alive(pid):
@@ -175,7 +185,7 @@ class WorkdirLock:
                         return
                     self._mine["heartbeat"] = time.time()
                     atomic.write_json_atomic(self.path, self._mine, indent=1)
-            except OSError as e:  # a storage hiccup: the next beat tries again
+            except Exception as e:  # noqa: BLE001 - a storage hiccup: the next beat tries again (never die silently)
                 log.warning("could not refresh %s: %s", self.path, e)
 
     def release(self) -> None:
@@ -221,8 +231,11 @@ def exclusive_workdir(workdir: str, heartbeat_s: float = 30.0, stale_after_s: fl
             raise WorkdirLockedError(f"process 0 could not take {os.path.join(workdir, LOCK_FILE)}; its log says why")
     if refused is not None:
         raise refused
+    if lock is not None:
+        runtime.ABANDON_HOOKS.append(lock.release)  # a peer died: the watchdog releases it before exiting
     try:
         yield
     finally:
         if lock is not None:
+            runtime.ABANDON_HOOKS.remove(lock.release)
             lock.release()
