@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from eval_fixtures import random_params
-from yolos_jax import checkpointing
+from yolos_jax import checkpoint_reading, checkpointing
 from yolos_jax.errors import describe_error
 from yolos_jax.config import model_config
 from yolos_jax.yolos import YOLOS
@@ -31,9 +31,9 @@ def test_run_metadata_is_stored_beside_the_config_and_read_from_either_place(tmp
     ck = checkpointing.Checkpointer(str(tmp_path / "new"), ckpt_cfg)
     ck.save(3, state, {"epoch": 0, "batch": 3}, ml_collections.ConfigDict({"model": cfg.to_dict()}), run_meta)
     ck.close()
-    _, _, meta = checkpointing.restore_params(ck.directory, 3)
+    _, _, meta = checkpoint_reading.restore_params(ck.directory, 3)
     assert (meta["label_names"], meta["label_map"]) == (run_meta["label_names"], label_map)
-    assert "label_names" not in checkpointing.restore_config(str(tmp_path / "new"))  # not in the config
+    assert "label_names" not in checkpoint_reading.restore_config(str(tmp_path / "new"))  # not in the config
     # The layout before the meta item: the same values inside the config.
     old = checkpointing.Checkpointer(str(tmp_path / "old"), ckpt_cfg)
     old.manager.save(3, args=ocp.args.Composite(
@@ -42,7 +42,7 @@ def test_run_metadata_is_stored_beside_the_config_and_read_from_either_place(tmp
         data=ocp.args.JsonSave({"epoch": 0, "batch": 3}),
         config=ocp.args.JsonSave({"model": cfg.to_dict(), **run_meta})), force=True)
     old.close()
-    _, _, meta = checkpointing.restore_params(old.directory, 3)
+    _, _, meta = checkpoint_reading.restore_params(old.directory, 3)
     assert (meta["label_names"], meta["label_map"]) == (run_meta["label_names"], label_map)
 
 
@@ -126,14 +126,14 @@ def test_resume_falls_back_to_the_newest_step_that_restores_and_sets_the_bad_one
     # Readers of the workdir (eval, Detector, figures) skip it the same way without moving anything.
     _run(tmp_path / "reader", (2, 4))
     CORRUPTIONS[corruption](str(tmp_path / "reader" / "checkpoints" / "4"))
-    params, _, meta = checkpointing.restore_params_from(str(tmp_path / "reader"))
+    params, _, meta = checkpoint_reading.restore_params_from(str(tmp_path / "reader"))
     assert (tmp_path / "reader" / "checkpoints" / "4").is_dir()
     if corruption in READERS_DO_NOT_READ:  # the params, config and meta items are intact: step 4 is fine to read
         assert meta["step"] == 4
         return
     assert meta["step"] == 2
     with pytest.raises(checkpointing.CheckpointError, match=r"checkpoints/4 does not restore"):
-        checkpointing.restore_params_from(str(tmp_path / "reader" / "checkpoints" / "4"))
+        checkpoint_reading.restore_params_from(str(tmp_path / "reader" / "checkpoints" / "4"))
 
 
 def test_no_step_restores_one_error_naming_each_and_the_choices(tmp_path):
@@ -206,12 +206,16 @@ def test_a_failing_save_leaves_earlier_checkpoints_intact_and_stops_in_one_line(
     assert "File too large" in message and "(steps 2, 4) are intact" in message
     assert "on_save_error=warn" in message
     ck.close()
-    # keep=2 must not have deleted step 2 for the step that never landed; no partial step is left.
+    # keep=2 must not have deleted step 2 for the step that never landed; a partial step can only be orbax's
+    # temporary directory (never read as a step), which the next start removes.
+    assert checkpointing.step_dirs(ck.directory) == [4, 2]
+    assert all(d.isdigit() or ".orbax-checkpoint-tmp" in d for d in os.listdir(ck.directory))
+    _checkpointer(tmp_path).close()
     assert sorted(os.listdir(ck.directory)) == ["2", "4"]
     step, state, data_state = _checkpointer(tmp_path).resume(_abstract(_state(0, big)))
     assert step == 4 and data_state == {"batch": 4}
     np.testing.assert_array_equal(np.asarray(state["params"]["w"]), _state(4, big)["params"]["w"])
-    params, _, _ = checkpointing.restore_params(ck.directory, 2)
+    params, _, _ = checkpoint_reading.restore_params(ck.directory, 2)
     np.testing.assert_array_equal(np.asarray(params["w"]), _state(2, big)["params"]["w"])
 
 
@@ -230,7 +234,7 @@ def test_on_save_error_warn_goes_on_and_the_next_interval_saves(tmp_path, file_s
     with file_size_limit(100_000), pytest.raises(checkpointing.CheckpointSaveError, match="step 8 could not.*File too large"):
         ck.save(8, _state(8, big), {"batch": 8}, {"model": {}}, {}, must_land=True)
     ck.close()
-    assert sorted(os.listdir(ck.directory)) == ["2", "6"]
+    assert checkpointing.step_dirs(ck.directory) == [6, 2]
 
 
 def test_describe_error_takes_the_storage_status_line():

@@ -377,3 +377,29 @@ def test_a_killed_process_ends_the_other_within_the_bound_and_the_rerun_resumes(
         assert p.returncode == 0, output(1, i)[-4000:]
     assert "resumed from" in output(1, 0)
     assert _steps(workdir)[-1] == 24
+
+
+# --------------------------------------------------------------------------------------------------
+# Training options (issue 17): EMA, gradient accumulation, profiling, through the CLI
+# --------------------------------------------------------------------------------------------------
+
+
+def test_ema_grad_accumulation_and_a_profile_through_the_cli(tmp_path, env, data_root):
+    workdir = tmp_path / "options"
+    proc = _train(workdir, data_root, env, "--config.optim.ema_decay=0.99", "--config.train.grad_accum_steps=2",
+                  "--config.train.profile_steps=2:3", "--config.checkpoint.keep_best_by=AP",
+                  "--config.train.num_steps=8", "--config.checkpoint.every_steps=4")
+    output = proc.stdout + proc.stderr
+    assert "evaluating the EMA of the parameters" in output
+    traces = [os.path.join(r, f) for r, _, fs in os.walk(workdir / "profile") for f in fs]
+    assert traces and all(os.path.getsize(t) > 0 for t in traces), traces  # TensorBoard's xplane.pb
+    assert any(t.endswith(".xplane.pb") for t in traces)
+    metrics = json.load(open(workdir / "eval" / "step_8" / "metrics.json"))
+    assert metrics["weights"] == "ema"
+    from yolos_jax import Detector, weights
+
+    assert weights.load_any(str(workdir))[2]["weights"] == "ema"  # the run's weights are its EMA
+    best = weights.load_any(str(workdir / "checkpoints" / "best"))[2]
+    assert best["best"]["metric"] == "AP" and best["best"]["step"] == 8
+    assert Detector.from_checkpoint(str(workdir / "checkpoints" / "best")).label_names[:3] == [
+        "circle", "square", "triangle"]

@@ -16,11 +16,11 @@ from yolos_jax import data, sharding, train_step
 HERE = os.path.dirname(__file__)
 
 
-def _run(devices, fsdp=1, steps=3, nan_at=None, policy="stop"):
-    state, step, mesh = tf_.build_step(devices, fsdp=fsdp, policy=policy)
+def _run(devices, fsdp=1, steps=3, nan_at=None, policy="stop", batch_size=8, **step_options):
+    state, step, mesh = tf_.build_step(devices, fsdp=fsdp, policy=policy, global_batch=batch_size, **step_options)
     history = []
     for i in range(steps):
-        host = tf_.fake_batch(8, seed=i)
+        host = tf_.fake_batch(batch_size, seed=i)
         if nan_at == i:
             host["image"][0, 0, 0, 0] = np.nan
         batch = data.to_global_batch(train_step.select_train_batch(host), sharding.batch_sharding(mesh))
@@ -107,3 +107,48 @@ def test_two_processes_equal_one(tmp_path, single_device_run):
     for k, v in flat1.items():
         np.testing.assert_allclose(multi[k], v, rtol=0, atol=1e-5, err_msg=k)
     np.testing.assert_allclose(multi["loss"], hist1[-1]["loss"], rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Gradient accumulation and the EMA of the parameters (issue 17)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ce_normalization, k, num_devices", [("batch", 4, 1), ("per_image", 2, 4)])
+def test_accumulated_steps_equal_the_whole_batch_step(ce_normalization, k, num_devices):
+    from yolos_jax import losses
+
+    loss_cfg = losses.default_loss_config()
+    loss_cfg.ce_normalization = ce_normalization
+    whole, whole_hist = _run(jax.devices()[:1], loss_cfg=loss_cfg, steps=2)
+    for devices in (jax.devices()[:num_devices],):  # with several devices, each keeps its rows (no data moves)
+        acc, acc_hist = _run(devices, grad_accum_steps=k, loss_cfg=loss_cfg, steps=2)
+        _assert_close(acc["params"], whole["params"], atol=1e-6)  # fp32: one update from the same gradient
+        _assert_close(acc["opt_state"], whole["opt_state"], atol=1e-6)
+        for mw, ma in zip(whole_hist, acc_hist):
+            for term in ("loss", "loss_ce", "loss_bbox", "loss_giou", "num_boxes"):
+                np.testing.assert_allclose(ma[term], mw[term], rtol=2e-6, err_msg=f"k={k} {term}")
+    # The micro-batches really differ from the whole batch: a k that does not divide a device's rows is refused.
+    with pytest.raises(ValueError, match="grad_accum_steps=3 must divide"):
+        _run(jax.devices()[:1], grad_accum_steps=3, steps=1)
+
+
+def test_ema_follows_the_numpy_reference_with_warm_up():
+    decay = 0.9
+    state, step, mesh = tf_.build_step(jax.devices()[:1], ema_decay=decay)
+    params = [_flat(jax.device_get(state["params"]))]
+    emas = []
+    for i in range(4):
+        batch = data.to_global_batch(train_step.select_train_batch(tf_.fake_batch(8, seed=i)),
+                                     sharding.batch_sharding(mesh))
+        state, _ = step(state, batch)
+        params.append(_flat(jax.device_get(state["params"])))
+        emas.append(_flat(jax.device_get(state["ema_params"])))
+    expected = {k: v.astype(np.float64) for k, v in params[0].items()}  # the average starts at the init
+    for t in range(1, 5):
+        d = min(decay, (1 + t) / (10 + t))  # t-th update: warm-up (1+t)/(10+t) until it reaches `decay`
+        expected = {k: d * expected[k] + (1 - d) * params[t][k] for k in expected}
+        for k in expected:
+            np.testing.assert_allclose(emas[t - 1][k], expected[k], rtol=0, atol=1e-6, err_msg=f"update {t} {k}")
+    moved = max(float(np.max(np.abs(emas[-1][k] - params[-1][k]))) for k in expected)
+    assert moved > 1e-4  # the average lags the parameters: it is not a copy

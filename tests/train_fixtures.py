@@ -39,7 +39,8 @@ def fake_batch(batch_size: int, seed: int) -> dict:
     return {"image": image, "pixel_mask": pixel_mask, "boxes": boxes, "labels": labels, "box_mask": box_mask}
 
 
-def build_step(mesh_devices, fsdp: int = 1, total_steps: int = 10, global_batch: int = 8, policy: str = "stop"):
+def build_step(mesh_devices, fsdp: int = 1, total_steps: int = 10, global_batch: int = 8, policy: str = "stop",
+               grad_accum_steps: int = 1, ema_decay: float = 0.0, loss_cfg=None):
     """(initial state, jitted step, mesh) for a mesh over `mesh_devices`."""
     model = tiny_model()
     mesh_cfg = sharding.default_mesh_config()
@@ -53,9 +54,11 @@ def build_step(mesh_devices, fsdp: int = 1, total_steps: int = 10, global_batch:
         lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, *IMAGE_HW, 3), np.float32))
     )["params"]
     tx, schedule = optim.make_optimizer(optim_cfg, abstract_params, global_batch, total_steps)
-    _, shardings = train_step.abstract_state_and_shardings(model, tx, 0, IMAGE_HW, mesh, mesh_cfg)
-    state = jax.jit(lambda: train_step.init_state(model, tx, 0, IMAGE_HW), out_shardings=shardings)()
+    ema = ema_decay > 0
+    _, shardings = train_step.abstract_state_and_shardings(model, tx, 0, IMAGE_HW, mesh, mesh_cfg, ema)
+    state = jax.jit(lambda: train_step.init_state(model, tx, 0, IMAGE_HW, ema), out_shardings=shardings)()
     step = train_step.make_train_step(
-        model, tx, schedule, losses.default_loss_config(), matcher.default_matcher_config(), mesh, shardings, policy
+        model, tx, schedule, loss_cfg or losses.default_loss_config(), matcher.default_matcher_config(), mesh,
+        shardings, policy, grad_accum_steps=grad_accum_steps, ema_decay=ema_decay,
     )
     return state, step, mesh

@@ -53,7 +53,8 @@ _STORAGE_TROUBLE = re.compile(r"PERMISSION_DENIED|UNAVAILABLE|DEADLINE_EXCEEDED|
                               r"Permission denied|Input/output error|Stale file handle|Connection")
 COMMIT_MARKER = "commit_success.txt"  # orbax writes it into a step directory just before renaming it into place
 ON_SAVE_ERROR = ("stop", "warn")
-ITEM_NAMES = ("params", "train", "data", "config", "meta")
+ITEM_NAMES = ("params", "train", "data", "config", "meta", "ema")
+BEST_DIR = "best"  # checkpoints/best: the evaluated step with the best `checkpoint.keep_best_by` metric
 META_KEYS = ("label_names", "label_map")  # the run metadata; older checkpoints hold them in config/
 
 
@@ -67,6 +68,10 @@ def default_checkpoint_config() -> ml_collections.ConfigDict:
             # WORKDIR/checkpoints_unrestorable/, so the run's history stays one line).
             restore_step=-1,
             on_save_error="stop",  # a failed save: 'stop' the run (one message) or 'warn' and retry next interval
+            # A metric of metrics.json (e.g. 'AP'): checkpoints/best keeps the evaluated weights where it was best
+            # (besides the last `keep`); '' = off. best_mode: 'max' (AP, AR) or 'min' (a loss).
+            keep_best_by="",
+            best_mode="max",
         )
     )
 
@@ -77,6 +82,8 @@ def validate_checkpoint_config(ckpt_cfg: ml_collections.ConfigDict) -> None:
         raise ValueError("config.checkpoint.every_steps: every_steps and keep must be > 0")
     if ckpt_cfg.get("on_save_error", "stop") not in ON_SAVE_ERROR:
         raise ValueError(f"config.checkpoint.on_save_error: {ckpt_cfg.on_save_error!r}; expected one of {ON_SAVE_ERROR}")
+    if ckpt_cfg.get("best_mode", "max") not in ("max", "min"):
+        raise ValueError(f"config.checkpoint.best_mode: 'max' or 'min', got {ckpt_cfg.best_mode!r}")
     if int(ckpt_cfg.get("restore_step", -1)) < -1:
         raise ValueError("config.checkpoint.restore_step: -1 (the newest step that restores) or a step >= 0")
 
@@ -236,6 +243,7 @@ class Checkpointer:
                     data=ocp.args.JsonSave(data_state),
                     config=ocp.args.JsonSave(_config_to_json(config)),
                     meta=ocp.args.JsonSave(dict(meta or {})),
+                    **({"ema": ocp.args.StandardSave(state["ema_params"])} if "ema_params" in state else {}),
                 ),
                 force=True,
             )
@@ -280,7 +288,10 @@ class Checkpointer:
     # ------------------------------------------------------------------ resuming
 
     def restore(self, step: int, abstract_state: dict) -> tuple[dict, dict]:
-        """Restores (state, data_state) at `step` onto the shardings carried by `abstract_state`."""
+        """Restores (state, data_state) at `step` onto the shardings carried by `abstract_state`. An
+        'ema_params' the step lacks (EMA switched on mid-run) starts as a copy of the parameters."""
+        wants_ema = "ema_params" in abstract_state
+        has_ema = os.path.isdir(os.path.join(self.directory, str(step), "ema"))
         restored = self.manager.restore(
             int(step),
             args=ocp.args.Composite(
@@ -293,10 +304,51 @@ class Checkpointer:
                     }
                 ),
                 data=ocp.args.JsonRestore(),
+                **({"ema": ocp.args.StandardRestore(abstract_state["ema_params"])} if wants_ema and has_ema else {}),
             ),
         )
         state = {"params": restored["params"], **restored["train"]}
+        if wants_ema:
+            if not has_ema and jax.process_index() == 0:
+                log.warning("checkpoint step %d has no EMA of the parameters: it starts from them", step)
+            state["ema_params"] = restored["ema"] if has_ema else jax.tree.map(lambda p: p.copy(), restored["params"])
         return state, restored["data"]
+
+    def save_best(self, step: int, params: Any, config: Any, meta: dict, metric: str, value: float) -> str:
+        """Writes the evaluated `params` of `step` to checkpoints/best (params, config, meta with
+        meta['best'] = {metric, value, step}), replacing the previous best only once the new one is complete;
+        returns its path. Collective in a multi-process run."""
+        best = os.path.join(self.directory, BEST_DIR)
+        staging = os.path.join(self.directory, f".{BEST_DIR}.new")
+        old = os.path.join(self.directory, f".{BEST_DIR}.old")
+        if jax.process_index() == 0:
+            for leftover in (staging, old):
+                shutil.rmtree(leftover, ignore_errors=True)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("best checkpoint: staging cleared")
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            checkpointer.save(staging, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params),
+                config=ocp.args.JsonSave(_config_to_json(config)),
+                meta=ocp.args.JsonSave({**meta, "best": {"metric": metric, "value": float(value), "step": int(step)}}),
+            ))
+        if jax.process_index() == 0:
+            if os.path.isdir(best):
+                os.rename(best, old)
+            os.rename(staging, best)
+            shutil.rmtree(old, ignore_errors=True)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("best checkpoint: in place")
+        return best
+
+    def best_so_far(self) -> Optional[dict]:
+        """checkpoints/best's {'metric', 'value', 'step'}, None when there is none (or it does not read)."""
+        path = os.path.join(self.directory, BEST_DIR, "meta", "metadata")
+        try:
+            with open(path) as f:
+                return json.load(f).get("best")
+        except (OSError, ValueError, AttributeError):
+            return None
 
     def _restore_config(self, step: int) -> dict:
         restored = self.manager.restore(int(step), args=ocp.args.Composite(config=ocp.args.JsonRestore()))
@@ -395,103 +447,3 @@ class Checkpointer:
         if failures and jax.process_index() == 0:
             log.warning("resuming from step %d, the newest checkpoint that restores", result[0])
         return result
-
-
-def find_step(path: str) -> Optional[tuple[str, int]]:
-    """(checkpoints directory, step) of a training checkpoint path: a workdir (its latest finalised step), its
-    `checkpoints/` directory or one `checkpoints/<step>` directory; None if `path` holds none (converted
-    directories are `weights`' to resolve)."""
-    path = os.path.abspath(path)
-    base = os.path.basename(path.rstrip("/"))
-    parent = os.path.dirname(path)
-    if base.isdigit() and os.path.isdir(path) and (os.path.isdir(os.path.join(path, "params"))
-                                                   or os.path.basename(parent) == CHECKPOINT_SUBDIR):
-        return parent, int(base)  # a step directory (one that lost its params/ is a bad step, not no step)
-    for directory in (os.path.join(path, CHECKPOINT_SUBDIR), path):
-        if os.path.isdir(directory):
-            steps = [int(d) for d in os.listdir(directory) if d.isdigit() and os.path.isdir(os.path.join(directory, d, "params"))]
-            if steps:
-                return directory, max(steps)
-    return None
-
-
-def _resolve(path: str) -> tuple[str, int]:
-    found = find_step(path)
-    if found is None:
-        raise FileNotFoundError(f"no training checkpoint at {path}: expected a workdir (with {CHECKPOINT_SUBDIR}/<step>/), "
-                                "its checkpoints/ directory or one checkpoint step directory")
-    return found
-
-
-def restore_params(directory: str, step: int) -> tuple[Any, dict, dict]:
-    """(params, model_config, meta) of the training checkpoint `directory`/`step` (see `find_step`); only the
-    parameters and the run config are read (not the optimiser state), the arrays land on the default device.
-
-    meta: 'kind' ('detector'), 'step', 'eval_size', 'max_size' (None when uncapped), 'label_names', 'label_map'
-    (a `LabelMap.to_dict()`, None before it was recorded; from the meta/ item, or config/ in older checkpoints) and 'dataset' (the run's input.dataset_name,
-    data_dir, label_mode, val_split). `weights.load_any` is the loader of every checkpoint kind.
-    """
-    manager = ocp.CheckpointManager(directory, item_names=ITEM_NAMES)
-    items = dict(params=ocp.args.StandardRestore(), config=ocp.args.JsonRestore())
-    if os.path.isdir(os.path.join(directory, str(step), "meta")):
-        items["meta"] = ocp.args.JsonRestore()
-    try:
-        restored = manager.restore(step, args=ocp.args.Composite(**items))
-    finally:
-        manager.close()
-    params = restored["params"]
-    config = restored["config"]
-    run_meta = restored["meta"] if "meta" in items else {k: config.get(k) for k in META_KEYS}
-    if "model" not in config:
-        raise ValueError(f"checkpoint {directory}/{step} holds no model config (config/model missing)")
-    model_cfg = config_lib.sequence_fields_as_tuples(config["model"])  # JSON turned tuples into lists
-    input_cfg = config.get("input", {})
-    eval_max = input_cfg.get("eval_max_size", -1)
-    meta = {
-        "kind": "detector",
-        "step": step,
-        "eval_size": input_cfg.get("eval_size"),
-        "max_size": eval_max if eval_max and eval_max > 0 else None,
-        "label_names": run_meta.get("label_names"),
-        "label_map": run_meta.get("label_map"),
-        "dataset": {k: input_cfg.get(k) for k in ("dataset_name", "data_dir", "label_mode", "val_split")},
-    }
-    return params, model_cfg, meta
-
-
-def restore_params_from(path: str) -> tuple[Any, dict, dict]:
-    """`restore_params` of a training checkpoint path (see `find_step`). For a workdir or its checkpoints/
-    directory: the newest step that restores, with one warning line per newer step that does not (nothing is
-    moved: a live run may own the workdir). For one step directory: that step, or a CheckpointError naming it.
-    """
-    directory, step = _resolve(path)
-    if os.path.basename(os.path.abspath(path).rstrip("/")).isdigit():
-        try:
-            check_committed(os.path.join(directory, str(step)))
-            return restore_params(directory, step)
-        except Exception as e:  # noqa: BLE001 - any failure to read is reported in one line
-            raise CheckpointError(f"checkpoint {os.path.join(directory, str(step))} does not restore "
-                                  f"({describe_error(e)}); give its workdir to read the newest step that does, or "
-                                  "another step directory") from None
-    failures = []
-    for candidate in step_dirs(directory):
-        try:
-            check_committed(os.path.join(directory, str(candidate)))
-            restored = restore_params(directory, candidate)
-        except Exception as e:  # noqa: BLE001
-            failures.append((candidate, describe_error(e)))
-            log.warning("checkpoint step %d of %s does not restore (%s); trying the step before it", candidate,
-                        directory, failures[-1][1])
-            continue
-        return restored
-    raise CheckpointError(f"no checkpoint in {directory} restores ("
-                          + "; ".join(f"step {s}: {w}" for s, w in failures) + ")")
-
-
-def restore_config(path: str) -> dict:
-    """The run config (JSON) saved with a training checkpoint: workdir, checkpoints/ or checkpoints/<step>."""
-    directory, step = _resolve(path)
-    manager = ocp.CheckpointManager(directory, item_names=ITEM_NAMES)
-    restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    manager.close()
-    return restored["config"]

@@ -75,9 +75,29 @@ def validate_loss_config(cfg: Mapping[str, Any]) -> None:
             f"got {cfg['ce_normalization']!r}")
 
 
+def global_normalizers(targets: Mapping[str, jax.Array], num_queries: int, eos_coef: float) -> dict[str, jax.Array]:
+    """The denominators of `set_loss` for a whole (global) batch, computed from its targets alone, so that a batch
+    cut into micro-batches (gradient accumulation) gives the same loss and gradient as the whole one: the sum of
+    the micro-batches' losses, each normalised by these, is the whole batch's loss.
+
+    targets: as in `set_loss` ('box_mask' bool [B, M], optional 'valid' bool [B]).
+    Returns float32 scalars: 'num_boxes' (target boxes, clamped at 1: DETR's all-reduced num_boxes),
+    'ce_weight_sum' (the sum of the class term's weights over every query: each of an image's n boxes is matched
+    to one query of weight 1, its Q - n other queries weigh eos_coef) and 'num_images' (real images).
+    """
+    box_mask = jnp.asarray(targets["box_mask"], bool)
+    valid = targets.get("valid")
+    image_weight = jnp.ones(box_mask.shape[:1], jnp.float32) if valid is None else jnp.asarray(valid, jnp.float32)
+    n = jnp.sum(box_mask.astype(jnp.float32), axis=1) * image_weight  # [B]
+    ce_weight_sum = jnp.sum(image_weight * (num_queries - n) * eos_coef + n)
+    return {"num_boxes": jnp.maximum(jnp.sum(n), 1.0), "ce_weight_sum": ce_weight_sum,
+            "num_images": jnp.sum(image_weight)}
+
+
 def set_loss(outputs: Mapping[str, Any], targets: Mapping[str, jax.Array], loss_cfg: Mapping[str, Any],
              matcher_cfg: Mapping[str, Any], *, mesh: Optional[jax.sharding.Mesh] = None,
-             batch_axes: Optional[Sequence[str]] = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+             batch_axes: Optional[Sequence[str]] = None,
+             normalizers: Optional[Mapping[str, jax.Array]] = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The YOLOS training loss of a (global) batch. Jittable.
 
     outputs: the model's {'logits': [B, Q, C+1], 'boxes': [B, Q, 4] cxcywh relative, optional
@@ -87,6 +107,8 @@ def set_loss(outputs: Mapping[str, Any], targets: Mapping[str, jax.Array], loss_
       keys are ignored). M <= Q: a target slot beyond the queries could never be matched.
     loss_cfg: `config.loss` (see `default_loss_config`); matcher_cfg: `config.matcher`.
     mesh, batch_axes: passed to the matcher so that matching runs per device shard (see `matcher.match`).
+    normalizers: `global_normalizers` of the global batch this batch is a micro-batch of; None: this batch's own
+      (the loss of the batch alone). With them, the micro-batches' losses (and gradients) sum to the global one.
     Returns (total scalar float32, metrics): loss_ce, loss_bbox, loss_giou (unweighted, as HF reports
       them), cardinality_error, matched_iou, num_boxes, and for aux output k: loss_ce_k, loss_bbox_k,
       loss_giou_k, cardinality_error_k, matched_iou_k.
@@ -117,6 +139,8 @@ def set_loss(outputs: Mapping[str, Any], targets: Mapping[str, jax.Array], loss_
         image_weight = valid.astype(jnp.float32)
     # Global count of target boxes, as DETR's all-reduced num_boxes, clamped at 1.
     num_boxes = jnp.maximum(jnp.sum(box_mask.astype(jnp.float32)), 1.0)
+    if normalizers is not None:
+        num_boxes = jnp.asarray(normalizers["num_boxes"], jnp.float32)
     match_targets = dict(labels=labels, boxes=target_boxes, box_mask=box_mask)
 
     heads = [("", outputs)]
@@ -128,7 +152,8 @@ def set_loss(outputs: Mapping[str, Any], targets: Mapping[str, jax.Array], loss_
         pred_index = matcher_lib.match(head["logits"], head["boxes"], match_targets, matcher_cfg,
                                        mesh=mesh, batch_axes=batch_axes)
         terms = _terms(head["logits"], head["boxes"], labels, target_boxes, box_mask, pred_index,
-                       num_boxes, float(loss_cfg["eos_coef"]), str(loss_cfg["ce_normalization"]), image_weight)
+                       num_boxes, float(loss_cfg["eos_coef"]), str(loss_cfg["ce_normalization"]), image_weight,
+                       normalizers)
         total = total + (loss_cfg["ce_weight"] * terms["loss_ce"]
                          + loss_cfg["bbox_weight"] * terms["loss_bbox"]
                          + loss_cfg["giou_weight"] * terms["loss_giou"])
@@ -137,9 +162,9 @@ def set_loss(outputs: Mapping[str, Any], targets: Mapping[str, jax.Array], loss_
 
 
 def _terms(logits, boxes, labels, target_boxes, box_mask, pred_index, num_boxes, eos_coef, ce_normalization,
-           image_weight):
+           image_weight, normalizers=None):
     """Loss terms of one head given the matching. Shapes as in `set_loss`; pred_index int32 [B, M];
-    image_weight: float32 [B] (1 real image, 0 filler) or None (all real)."""
+    image_weight: float32 [B] (1 real image, 0 filler) or None (all real); normalizers: see `set_loss`."""
     logits = jnp.asarray(logits, jnp.float32)
     boxes = jnp.asarray(boxes, jnp.float32)
     q, c1 = logits.shape[1:]
@@ -158,10 +183,14 @@ def _terms(logits, boxes, labels, target_boxes, box_mask, pred_index, num_boxes,
     if image_weight is not None:
         weight = weight * image_weight[:, None]
     if ce_normalization == "batch":
-        loss_ce = _safe_div(jnp.sum(weight * nll), jnp.sum(weight))
+        denominator = jnp.sum(weight) if normalizers is None else normalizers["ce_weight_sum"]
+        loss_ce = _safe_div(jnp.sum(weight * nll), denominator)
     else:  # 'per_image': each image's own weighted mean (its sum_q w >= eos_coef * Q > 0 when real)
         per_image = _safe_div(jnp.sum(weight * nll, axis=1), jnp.sum(weight, axis=1))  # [B]
-        if image_weight is None:
+        if normalizers is not None:  # a micro-batch's share of the global mean over images
+            iw = jnp.ones_like(per_image) if image_weight is None else image_weight
+            loss_ce = _safe_div(jnp.sum(iw * per_image), normalizers["num_images"])
+        elif image_weight is None:
             loss_ce = jnp.mean(per_image)
         else:
             loss_ce = _safe_div(jnp.sum(image_weight * per_image), jnp.sum(image_weight))

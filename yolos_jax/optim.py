@@ -20,6 +20,7 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -46,6 +47,9 @@ def default_optim_config() -> ml_collections.ConfigDict:
             min_lr=1e-7,  # cosine floor (the original's CosineAnnealingLR eta_min)
             backbone_lr_mult=1.0,  # lr multiplier for everything outside the heads
             decay_mid_pos_embed=True,  # the original decays mid_pos_embed (not in its skip list)
+            # Exponential moving average of the parameters (0 = off): kept in the train state, saved with each
+            # checkpoint, and what evaluation, eval.py and Detector use for such a run. See `ema_decay_at`.
+            ema_decay=0.0,
         )
     )
 
@@ -58,6 +62,23 @@ def validate_optim_config(optim_cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.optim.lr_scaling: must be 'linear', 'sqrt' or 'none', got {optim_cfg.lr_scaling!r}")
     if optim_cfg.schedule not in ("cosine", "constant"):
         raise ValueError(f"config.optim.schedule: must be 'cosine' or 'constant', got {optim_cfg.schedule!r}")
+    if not 0.0 <= float(optim_cfg.get("ema_decay", 0.0)) < 1.0:
+        raise ValueError(f"config.optim.ema_decay: 0 (off) or in (0, 1), e.g. 0.9998; got {optim_cfg.ema_decay}")
+
+
+def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
+    """The EMA decay used after `step` updates (int32 []; the first update is step 1): min(decay,
+    (1 + step) / (10 + step)), the warm-up of TF's ExponentialMovingAverage(num_updates) and timm's ModelEmaV2,
+    so that the average is not dominated by the random initialisation in the first thousands of steps."""
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
+
+
+def ema_update(ema_params: Any, params: Any, step: jax.Array, decay: float) -> Any:
+    """ema <- d * ema + (1 - d) * params with d = `ema_decay_at(step, decay)`, in each leaf's dtype (float32
+    params keep a float32 average)."""
+    d = ema_decay_at(step, decay)
+    return jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), ema_params, params)
 
 
 def peak_learning_rate(optim_cfg: ml_collections.ConfigDict, global_batch_size: int) -> float:

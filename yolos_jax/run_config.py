@@ -40,6 +40,10 @@ def default_train_config() -> ml_collections.ConfigDict:
             eval_every=0,  # steps between evaluations on the val split (0: only at the end if eval_at_end)
             eval_at_end=True,
             inject_nan_at_step=-1,  # fault injection for tests: poison this step's images with NaN
+            # k micro-batches per optimiser update: input.batch_size stays the effective batch (the learning rate
+            # follows it); memory follows batch_size / k. One accumulated step equals the whole-batch step.
+            grad_accum_steps=1,
+            profile_steps="",  # 'A:B': a jax.profiler trace of steps A..B into WORKDIR/profile ('' = off)
         )
     )
 
@@ -182,6 +186,24 @@ def validate_train_config(train_cfg: ml_collections.ConfigDict) -> None:
         _fail("train.num_steps", "set num_steps > 0 or num_epochs > 0")
     if train_cfg.log_every <= 0:
         _fail("train.log_every", f"must be > 0, got {train_cfg.log_every}")
+    if int(train_cfg.get("grad_accum_steps", 1)) < 1:
+        _fail("train.grad_accum_steps", f"must be >= 1, got {train_cfg.grad_accum_steps}")
+    profile_range(train_cfg)
+
+
+def profile_range(train_cfg: ml_collections.ConfigDict) -> Optional[tuple[int, int]]:
+    """(A, B) of `train.profile_steps='A:B'` (1 <= A <= B, steps counted from 1), None when off; raises naming
+    the field when malformed."""
+    text = str(train_cfg.get("profile_steps", "") or "").strip()
+    if not text:
+        return None
+    try:
+        first, last = (int(v) for v in text.split(":"))
+    except ValueError:
+        first = last = -1
+    if not 1 <= first <= last:
+        _fail("train.profile_steps", f"expected 'A:B' with 1 <= A <= B (e.g. '10:15'), got {text!r}")
+    return first, last
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int] = None) -> None:
@@ -205,6 +227,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
     num_devices = num_devices or jax.device_count()
     if batch % num_devices:
         _fail("input.batch_size", f"global batch {batch} must be a multiple of the device count {num_devices}")
+    accum = int(config.train.get("grad_accum_steps", 1))
+    if (batch // num_devices) % max(accum, 1):
+        _fail("train.grad_accum_steps", f"{accum} must divide each device's share of input.batch_size ({batch} "
+                                        f"over {num_devices} devices: {batch // num_devices} each)")
     optim.validate_optim_config(config.optim)
     validate_train_config(config.train)
     checkpointing.validate_checkpoint_config(config.checkpoint)

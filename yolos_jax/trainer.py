@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from yolos_jax import (atomic, checkpointing, data, evaluation, init_from, optim, run_config, sharding, train_step,
-                       visualize, workdir_lock)
+from yolos_jax import (atomic, checkpoint_reading, checkpointing, data, evaluation, init_from, optim, run_config,
+                       sharding, train_step, visualize, workdir_lock)
 from yolos_jax import config as config_lib
 from yolos_jax.errors import UserError
 from yolos_jax.weights import RUNTIME_MODEL_FIELDS, expected_param_shapes
@@ -46,7 +46,7 @@ def check_resumable_model(checkpoint_dir: str, model_cfg: ml_collections.ConfigD
     remat may change on resume. stored_config: the run config saved with the step to resume (default: the
     latest step's)."""
     if stored_config is None:
-        stored_config = checkpointing.restore_config(checkpoint_dir)
+        stored_config = checkpoint_reading.restore_config(checkpoint_dir)
     stored = stored_config.get("model")
     if not stored:
         return
@@ -244,7 +244,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     image_hw = (2 * config.model.patch_size, 2 * config.model.patch_size)  # param shapes do not depend on it
     abstract_params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_hw, 3))))["params"]
     tx, schedule = optim.make_optimizer(config.optim, abstract_params, global_batch, total_steps)
-    abstract, shardings = train_step.abstract_state_and_shardings(model, tx, config.seed, image_hw, mesh, config.mesh)
+    ema_decay = float(config.optim.get("ema_decay", 0.0))
+    abstract, shardings = train_step.abstract_state_and_shardings(model, tx, config.seed, image_hw, mesh, config.mesh,
+                                                                  ema=ema_decay > 0)
 
     checkpointer = checkpointing.Checkpointer(workdir, config.checkpoint)
     # The newest step that restores (bad ones are moved aside with a warning); another model raises first.
@@ -257,16 +259,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
             log.info("resumed from %s at step %d", checkpointer.directory, latest)
     else:
         state = jax.jit(
-            lambda: train_step.init_state(model, tx, config.seed, image_hw), out_shardings=shardings
+            lambda: train_step.init_state(model, tx, config.seed, image_hw, ema_decay > 0), out_shardings=shardings
         )()
         if config.init_from:
             state["params"] = init_from.init_from_converted(
                 config.init_from, model, config.model, config.seed, image_hw, shardings["params"]
             )
+            if "ema_params" in state:  # the average starts from the weights training starts from
+                state["ema_params"] = jax.tree.map(lambda p: p.copy(), state["params"])
     batch_sharding = sharding.batch_sharding(mesh)
     step_fn = train_step.make_train_step(
-        model, tx, schedule, config.loss, config.matcher, mesh, shardings, config.train.nonfinite_policy
+        model, tx, schedule, config.loss, config.matcher, mesh, shardings, config.train.nonfinite_policy,
+        grad_accum_steps=int(config.train.get("grad_accum_steps", 1)), ema_decay=ema_decay,
     )
+    profile = run_config.profile_range(config.train)
 
     writer = None
     if is_main:
@@ -278,19 +284,46 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                  steps_per_epoch, global_batch, jax.device_count())
 
     evaluator = None
+    weights_name = "ema" if ema_decay > 0 else "params"
+    keep_best_by = str(config.checkpoint.get("keep_best_by", "") or "")
+    best = checkpointer.best_so_far() if keep_best_by else None
 
     def evaluate(step: int) -> dict:
-        nonlocal evaluator
+        """Evaluates the run's weights (the EMA when on) at `step`; keeps checkpoints/best up to date."""
+        nonlocal evaluator, best
         if evaluator is None:
             evaluator = evaluation.Evaluator(config.eval, config.input, model, mesh=mesh)
         out_dir = os.path.join(workdir, "eval", f"step_{step}")
-        metrics = evaluator.run(state["params"], out_dir)
+        if is_main and ema_decay > 0:
+            log.info("evaluating the EMA of the parameters (optim.ema_decay=%g) at step %d", ema_decay, step)
+        metrics = evaluator.run(state["ema_params" if ema_decay > 0 else "params"], out_dir)
+        if is_main and metrics:  # say which weights were scored, in the file a reader keeps
+            metrics["weights"] = weights_name
+            atomic.write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics, indent=2)
         if writer is not None and metrics:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
                     writer.scalar(f"eval/{k}", v, step)
             writer.flush()
+        if keep_best_by and metrics:
+            best = keep_if_best(step, metrics, best)
         return metrics
+
+    def keep_if_best(step: int, metrics: dict, best: Optional[dict]) -> Optional[dict]:
+        value = metrics.get(keep_best_by)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            if is_main:
+                log.warning("checkpoint.keep_best_by=%r: not a number in this evaluation's metrics (%s)", keep_best_by,
+                            ", ".join(sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))))
+            return best
+        sign = 1.0 if config.checkpoint.get("best_mode", "max") == "max" else -1.0
+        if best is not None and sign * value <= sign * float(best["value"]):
+            return best
+        path = checkpointer.save_best(step, state["ema_params" if ema_decay > 0 else "params"], config, run_meta,
+                                      keep_best_by, value)
+        if is_main:
+            log.info("new best %s=%.4f at step %d -> %s", keep_best_by, value, step, path)
+        return {"metric": keep_best_by, "value": float(value), "step": int(step)}
 
     step = int(jax.device_get(state["step"]))
     progress = _Progress(total_steps, global_batch, step)
@@ -300,10 +333,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     eval_metrics: dict[str, Any] = {}
     policy = config.train.nonfinite_policy
     last_saved = step
+    tracing = False
     with _StopRequest() as stop, _finish_saves_on_error(checkpointer):
         while step < total_steps:
             if stop.requested:
                 break
+            if profile and step + 1 == profile[0]:  # the trace covers steps A..B (counted from 1)
+                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                tracing = True
             host_batch = next(train_iter)
             if step == config.train.inject_nan_at_step:
                 host_batch = data.with_host_image(host_batch)  # (a test hook: a NaN image)
@@ -311,6 +348,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
             batch = data.to_global_batch(train_step.select_train_batch(host_batch), batch_sharding)
             state, metrics = step_fn(state, batch)
             step += 1
+            if tracing and step == profile[1]:
+                jax.block_until_ready(metrics)  # the trace must hold the whole of step B
+                jax.profiler.stop_trace()
+                tracing = False
+                if is_main:
+                    log.info("profile of steps %d..%d: %s (TensorBoard's profile plugin or ui.perfetto.dev)",
+                             profile[0], profile[1], os.path.join(workdir, "profile"))
             # Check the previous step while this one runs: no stall, and a bad update was never applied.
             if previous is not None:
                 _check_finite(previous[1], previous[0], policy)
@@ -333,6 +377,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                 last_saved = step
             if config.train.eval_every and step % config.train.eval_every == 0 and step < total_steps:
                 eval_metrics = evaluate(step)
+        if tracing:  # stopped (or ended) inside the profiled range: keep what was traced
+            jax.profiler.stop_trace()
         if stop.requested and step < total_steps:
             if previous is not None:
                 _check_finite(previous[1], previous[0], policy)
@@ -348,8 +394,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         eval_metrics = evaluate(step)
         if is_main:
             images_dir = os.path.join(workdir, "eval", f"step_{step}", "images")
-            paths = visualize.write_annotated_val_images(jax.device_get(state["params"]), config.model.to_dict(), config.input,
-                                               images_dir, threshold=config.eval.get("draw_threshold", 0.5))
+            eval_params = jax.device_get(state["ema_params" if ema_decay > 0 else "params"])
+            paths = visualize.write_annotated_val_images(eval_params, config.model.to_dict(), config.input,
+                                                         images_dir, threshold=config.eval.get("draw_threshold", 0.5))
             print(f"annotated val images: {images_dir} ({len(paths)} images)", flush=True)
     if writer is not None:
         writer.close()

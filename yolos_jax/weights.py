@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from yolos_jax import atomic, checkpointing
+from yolos_jax import atomic, checkpoint_reading, checkpointing
 from yolos_jax import config as config_lib
 from yolos_jax.data import workdir_paths
 from yolos_jax.yolos import YOLOS
@@ -185,7 +185,7 @@ def find_checkpoint(path: str) -> tuple[str, Optional[int]]:
     path = os.path.abspath(path)
     if is_converted_dir(path):
         return path, None
-    found = checkpointing.find_step(path)
+    found = checkpoint_reading.find_step(path)
     if found is not None:
         return found
     missing = "" if os.path.exists(path) else " (the path does not exist)"
@@ -228,7 +228,7 @@ def load_any(path: str, *, require_detector: bool = False) -> tuple[dict[str, An
     params: the Flax 'params' tree (host arrays; a training checkpoint's on the default device).
     model_cfg: `YOLOS` keyword arguments with tuple sizes.
     meta: a converted directory's yolos_jax.json (kind, eval_size, label_names, variant, ...), or what a
-      training run recorded (`checkpointing.restore_params`: kind 'detector', step, eval_size, max_size,
+      training run recorded (`checkpoint_reading.restore_params`: kind 'detector', step, eval_size, max_size,
       label_names, label_map, dataset).
     require_detector: raise ValueError for a 'backbone' checkpoint (no detection heads).
     """
@@ -236,7 +236,7 @@ def load_any(path: str, *, require_detector: bool = False) -> tuple[dict[str, An
     if step is None:
         params, model_cfg, meta = load_params_dir(directory)
     else:
-        params, model_cfg, meta = checkpointing.restore_params_from(path)  # skips a workdir's unrestorable steps
+        params, model_cfg, meta = checkpoint_reading.restore_params_from(path)  # skips a workdir's unrestorable steps
     if require_detector and meta.get("kind") not in (None, "detector"):
         raise ValueError(
             f"{path} holds a {meta.get('kind')!r} checkpoint (no detection heads); a 'detector' one is needed: a "
