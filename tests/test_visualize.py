@@ -150,3 +150,34 @@ def test_make_figures_on_a_tiny_model(tmp_path_factory, tmp_path):
             for c in label_map.category_ids]
     assert dist["gt"] == want
     assert np.all(np.sum(dist["per_token"], axis=1) == len(gt["images"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Annotated val images (the end of training)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_write_annotated_val_images_are_readable_and_thresholded(synth, tmp_path):
+    """Each val image enlarged to a readable size (short side >= 480 px, the aspect kept); nothing is drawn for a
+    threshold no score passes without faint top-k, and the boxes appear once the threshold lets them."""
+    from yolos_jax.data import prepared_dataset
+    from yolos_jax.inference import read_image_rgb
+
+    cfg, model, params = synth
+    model_cfg = {f: getattr(model, f) for f in model_config("s").keys()}
+    host = jax.device_get(params)
+    none = visualize.write_annotated_val_images(host, model_cfg, cfg, str(tmp_path / "none"), num_images=2,
+                                                threshold=1.0, top_k=0)
+    every = visualize.write_annotated_val_images(host, model_cfg, cfg, str(tmp_path / "all"), num_images=2,
+                                                 threshold=0.0)
+    source = prepared_dataset.open_dataset(cfg).source_for(cfg.val_split)
+    assert len(none) == len(every) == 2
+    for i, (p_none, p_all) in enumerate(zip(none, every)):
+        image = read_image_rgb(source[i]["image"])
+        h, w = image.shape[:2]
+        assert p_none.endswith(f"{int(source[i]['image/id'])}.png")
+        plain, drawn = (np.asarray(Image.open(p).convert("RGB")) for p in (p_none, p_all))
+        k = plain.shape[0] // h
+        assert min(plain.shape[:2]) >= 480 and plain.shape[:2] == (k * h, k * w) == drawn.shape[:2]
+        np.testing.assert_array_equal(plain, np.repeat(np.repeat(image, k, 0), k, 1))  # nothing above 1.0
+        assert (drawn != plain).any(axis=-1).mean() > 0.01  # every prediction is drawn at threshold 0

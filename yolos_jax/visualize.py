@@ -21,7 +21,8 @@ last block's attention (the output of its first LayerNorm), and the softmax(q k^
 recomputed from the block's fused qkv parameters with the same key mask. No change to the model is
 needed; `attention_weights` is tested against HF's `output_attentions`.
 
-Also here: `write_annotated_val_images`, the predictions drawn on val images at the end of training. The logic
+Also here: `write_annotated_val_images`, the predictions drawn on val images at the end of training (readable
+size, threshold, faint top-k: `run_plots`, which also owns the contact sheet and the learning curve). The logic
 of `infer.py` (image files in -> annotated PNGs + detections JSON) is `inference.run_inference`.
 """
 
@@ -37,37 +38,15 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from yolos_jax import atomic, coco_eval, data, draw, evaluation, runtime, speed, weights
-from yolos_jax.data import prepared_dataset
+from yolos_jax import atomic, coco_eval, data, draw, evaluation, run_plots, runtime, speed, weights
 from yolos_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from yolos_jax.errors import UserError
-from yolos_jax.inference import Detector, read_image_rgb
 from yolos_jax.yolos import patch_key_mask
 
 # COCO's object size ranges (pixels^2), as the original visualisation script.
 SMALL_AREA = 32 * 32
 LARGE_AREA = 96 * 96
 SIZE_COLORS = ("tab:blue", "tab:green", "tab:red")  # small, medium, large
-
-
-def _plt():
-    # Imported here: matplotlib is heavy and only the figures need it (the trainer imports this module for
-    # `write_annotated_val_images`), and the Agg backend must be chosen before pyplot is first imported.
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save_fig(fig, path: str) -> None:
-    """Saves a matplotlib figure atomically (temp file next to `path`, then rename)."""
-    try:
-        with atomic.atomic_file(path, suffix=".png") as tmp:
-            fig.savefig(tmp, format="png", dpi=100, facecolor="white")
-    finally:
-        _plt().close(fig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -98,7 +77,7 @@ def token_centers(rel_boxes: np.ndarray, orig_size: np.ndarray) -> tuple[np.ndar
 
 def plot_token_centers(rel_boxes: np.ndarray, orig_size: np.ndarray, path: str, num_tokens: int = 10) -> None:
     """Fig. 2 as a PNG: one square panel per [DET] token (the first `num_tokens`)."""
-    plt = _plt()
+    plt = draw.pyplot()
     centers, classes = token_centers(rel_boxes, orig_size)
     k = min(int(num_tokens), centers.shape[0])
     fig, axes = plt.subplots(1, k, figsize=(2.2 * k, 2.6), squeeze=False)
@@ -113,7 +92,7 @@ def plot_token_centers(rel_boxes: np.ndarray, orig_size: np.ndarray, path: str, 
         ax.set_title(f"[DET] #{t}", fontsize=9)
     fig.suptitle("box centres per [DET] token (blue small, green medium, red large)", fontsize=9)
     fig.tight_layout()
-    _save_fig(fig, path)
+    draw.save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,7 +136,7 @@ def category_distribution(labels: np.ndarray, gt_category_ids: Sequence[int], la
 
 def plot_category_distribution(dist: Mapping[str, Any], path: str) -> None:
     """Fig. 3 as a PNG (counts + 1 on a log axis, as the original)."""
-    plt = _plt()
+    plt = draw.pyplot()
     names = [c["name"] for c in dist["categories"]]
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(names) + 2), 4.5))
@@ -171,7 +150,7 @@ def plot_category_distribution(dist: Mapping[str, Any], path: str) -> None:
     ax.set_ylabel("#objects + 1")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save_fig(fig, path)
+    draw.save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,7 +219,7 @@ def plot_token_attention(image_uint8: np.ndarray, maps: np.ndarray, box_xyxy: Op
                          path: str) -> None:
     """One [DET] token: the image with its box, then its attention over the image for each head and
     their mean. maps: [heads, gh, gw] (over the un-padded grid); image: [h, w, 3] uint8."""
-    plt = _plt()
+    plt = draw.pyplot()
     heads = maps.shape[0]
     h, w = image_uint8.shape[:2]
     panels = heads + 2
@@ -261,7 +240,7 @@ def plot_token_attention(image_uint8: np.ndarray, maps: np.ndarray, box_xyxy: Op
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    _save_fig(fig, path)
+    draw.save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,26 +249,16 @@ def plot_token_attention(image_uint8: np.ndarray, maps: np.ndarray, box_xyxy: Op
 
 
 def write_annotated_val_images(params: Any, model_cfg: dict, input_cfg: Any, out_dir: str,
-                               num_images: int = 8, threshold: float = 0.5) -> list[str]:
-    """Draws the detector's predictions (score > threshold) on the first `num_images` val images of `input_cfg`
-    (a resolved `config.input`) as out_dir/<image id>.png; returns the PNG paths."""
-    dataset = prepared_dataset.open_dataset(input_cfg)
-    label_map = prepared_dataset.dataset_info(input_cfg).label_map
-    source = dataset.source_for(input_cfg.val_split)
-    max_size = int(input_cfg.eval_max_size) if input_cfg.eval_max_size > 0 else None
-    names = label_map.names_for(int(dict(model_cfg)["num_classes"]))
-    detector = Detector(params, model_cfg, eval_size=int(input_cfg.eval_size), max_size=max_size, label_names=names)
-    os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    for i in range(min(num_images, len(source))):
-        record = source[i]
-        image = read_image_rgb(record["image"])
-        (pred,) = detector.predict([image], threshold=threshold)
-        texts = [f"{names[int(l)]} {float(s):.2f}" for l, s in zip(pred["labels"], pred["scores"])]
-        path = os.path.join(out_dir, f"{int(record['image/id'])}.png")
-        draw.save_png(path, draw.draw_boxes(image, np.asarray(pred["boxes"]), texts))
-        paths.append(path)
-    return paths
+                               num_images: int = 8, threshold: float = 0.5, top_k: int = 5) -> list[str]:
+    """Draws the detector's predictions on the first `num_images` val images of `input_cfg` (a resolved
+    `config.input`) as out_dir/<image id>.png at a readable size (short side >= 480 px): score > threshold solid,
+    the next `top_k` faint, tags that never cover each other. Returns the PNG paths.
+
+    The same as `run_plots.write_annotated_images(run_plots.val_rows(...))`; `run_plots.write_eval_pictures`
+    also writes the contact sheet from the same predictions.
+    """
+    rows = run_plots.val_rows(params, model_cfg, input_cfg, num_images)
+    return run_plots.write_annotated_images(rows, out_dir, threshold=threshold, top_k=top_k)
 
 
 # --------------------------------------------------------------------------------------------------
