@@ -71,7 +71,7 @@ def test_training_warns_at_start_with_the_numbers_and_the_fix(dense_dataset, mon
 def test_best_checkpoint_keeps_the_best_evaluated_weights_of_a_metric_that_rises_then_falls(tmp_path, monkeypatch):
     """checkpoint.keep_best_by='AP' over evaluations whose AP goes 0.1, 0.3, 0.2: checkpoints/best holds the
     weights evaluated at the second one (the EMA: optim.ema_decay is on), besides the last `keep` steps, and the
-    loaders read it as a detector checkpoint."""
+    loaders read it as a detector checkpoint; the learning curve has every point."""
     import json
 
     from yolos_jax import checkpoint_reading, data, evaluation, weights
@@ -97,7 +97,7 @@ def test_best_checkpoint_keeps_the_best_evaluated_weights_of_a_metric_that_rises
         return metrics
 
     monkeypatch.setattr(evaluation.Evaluator, "run", fake_run)
-    monkeypatch.setattr(trainer.visualize, "write_annotated_val_images", lambda *a, **k: [])
+    monkeypatch.setattr(trainer.run_plots, "write_eval_pictures", lambda *a, **k: {"images": [], "contact_sheet": None})
     workdir = tmp_path / "work"
     trainer.train_and_evaluate(config, str(workdir))
 
@@ -114,3 +114,8 @@ def test_best_checkpoint_keeps_the_best_evaluated_weights_of_a_metric_that_rises
     raw = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(raw)[0]}
     assert any(not np.array_equal(raw[k], seen[-1][k]) for k in raw)
     assert json.load(open(workdir / "eval" / "step_4" / "metrics.json"))["weights"] == "ema"
+    # The learning curve is refreshed at each evaluation, from the logged losses and the evaluations' AP.
+    assert (workdir / "learning_curve.png").stat().st_size > 0
+    history = json.load(open(workdir / "learning_curve.json"))
+    assert [p["AP"] for p in history if "AP" in p] == [0.1, 0.3, 0.2]
+    assert [p["step"] for p in history if "loss" in p] == [2, 4, 6]

@@ -5,7 +5,7 @@ Device work lives in `train_step.py`; this module does what only the host can: d
 preemption and periodic evaluation. The run's defaults and validation are `run_config`'s, multi-process start-up
 is `runtime.maybe_initialize_distributed` (train.py calls it first), '{workdir}' paths and the synthetic dataset
 are `data.resolve_input_config`'s, `config.init_from` is `init_from.init_from_converted`, and the annotated val
-images at the end are `visualize.write_annotated_val_images`.
+images, contact sheet and learning curve of each evaluation are `run_plots`'.
 It is the top of the import chain (config -> input -> model -> matcher -> loss -> step -> checkpoint -> eval).
 """
 
@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from yolos_jax import (atomic, checkpoint_reading, checkpointing, data, evaluation, init_from, optim, run_config,
-                       sharding, train_step, visualize, workdir_lock)
+                       run_plots, sharding, train_step, workdir_lock)
 from yolos_jax import config as config_lib
 from yolos_jax.errors import UserError
 from yolos_jax.weights import RUNTIME_MODEL_FIELDS, expected_param_shapes
@@ -307,7 +307,22 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
             writer.flush()
         if keep_best_by and metrics:
             best = keep_if_best(step, metrics, best)
+        if is_main and metrics:
+            pictures(step, metrics, out_dir)
         return metrics
+
+    def pictures(step: int, metrics: dict, out_dir: str) -> None:
+        """The learning curve (refreshed), and the evaluated weights' annotated val images and contact sheet."""
+        history = run_plots.append_history(curve_history, [{"step": step, **{k: metrics[k] for k in ("AP", "AP50")
+                                                                              if k in metrics}}])
+        run_plots.write_learning_curve(history, os.path.join(workdir, "learning_curve.png"))
+        if jax.process_count() > 1:  # the weights would have to be gathered onto process 0 first
+            return
+        written = run_plots.write_eval_pictures(
+            jax.device_get(state["ema_params" if ema_decay > 0 else "params"]), config.model.to_dict(),
+            config.input, out_dir, threshold=float(config.eval.get("draw_threshold", 0.5)))
+        print(f"annotated val images: {os.path.join(out_dir, run_plots.IMAGES_DIR)} ({len(written['images'])} "
+              f"images), contact sheet: {written['contact_sheet']}", flush=True)
 
     def keep_if_best(step: int, metrics: dict, best: Optional[dict]) -> Optional[dict]:
         value = metrics.get(keep_best_by)
@@ -327,6 +342,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
     step = int(jax.device_get(state["step"]))
     progress = _Progress(total_steps, global_batch, step)
+    curve_history = os.path.join(workdir, "learning_curve.json")  # the points of learning_curve.png
+    if is_main:  # a resumed run forgets the points logged after its checkpoint (they will be logged again)
+        run_plots.append_history(curve_history, [], drop_after=step)
     history: list[dict] = []
     previous: Optional[tuple[int, dict]] = None
     last_scalars: dict[str, float] = {}
@@ -367,6 +385,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                 text, images_per_s = progress.line(step, last_scalars)
                 if is_main:
                     print(text, flush=True)
+                    run_plots.append_history(curve_history, [{"step": step, **{
+                        k: last_scalars[k] for k in ("loss", "loss_ce", "loss_bbox", "loss_giou") if k in last_scalars}}])
                     for k, v in last_scalars.items():
                         writer.scalar(f"train/{k}", v, step)
                     writer.scalar("train/images_per_second", images_per_s, step)
@@ -392,12 +412,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     checkpointer.close()
     if config.train.eval_at_end:
         eval_metrics = evaluate(step)
-        if is_main:
-            images_dir = os.path.join(workdir, "eval", f"step_{step}", "images")
-            eval_params = jax.device_get(state["ema_params" if ema_decay > 0 else "params"])
-            paths = visualize.write_annotated_val_images(eval_params, config.model.to_dict(), config.input,
-                                                         images_dir, threshold=config.eval.get("draw_threshold", 0.5))
-            print(f"annotated val images: {images_dir} ({len(paths)} images)", flush=True)
     if writer is not None:
         writer.close()
     result = {"step": step, **last_scalars, **{f"eval_{k}": v for k, v in (eval_metrics or {}).items()
