@@ -27,6 +27,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 900
+# Under `pytest -n 2 --dist loadgroup` (README, .ci/run) these tests share one worker, so the module's fixtures
+# (the prepared dataset, the uninterrupted reference run) are made once rather than once per worker.
+pytestmark = pytest.mark.xdist_group("train_e2e")
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +64,22 @@ def _train(workdir, data_root, env, *overrides, check=True):
 
 
 def _final_params(workdir):
-    from yolos_jax import weights
-
-    params, _, _ = weights.load_any(str(workdir))
+    """The newest checkpoint's weights as loaders see them (the EMA when the run keeps one), and then also its
+    raw parameters (keys prefixed 'raw')."""
     import jax
+    import orbax.checkpoint as ocp
 
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    from yolos_jax import checkpoint_reading, weights
+
+    def flat(tree, prefix=""):
+        return {prefix + jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    params, _, meta = weights.load_any(str(workdir))
+    out = flat(params)
+    if meta.get("weights") == "ema":
+        step_dir = os.path.join(str(workdir), "checkpoints", str(meta["step"]))
+        out.update(flat(checkpoint_reading.read_items(step_dir, params=ocp.args.StandardRestore())["params"], "raw"))
+    return out
 
 
 def _losses(stdout):
@@ -153,7 +166,10 @@ def _wait_for(predicate, proc, what, timeout=TIMEOUT):
         time.sleep(0.2)
 
 
-RESUME_OVERRIDES = ("--config.train.eval_at_end=False", "--config.checkpoint.every_steps=4")
+# With an EMA of the parameters (issue 17): resume restores it bit-identically too (`_final_params` reads the EMA,
+# the run's weights).
+RESUME_OVERRIDES = ("--config.train.eval_at_end=False", "--config.checkpoint.every_steps=4",
+                    "--config.optim.ema_decay=0.9")
 
 
 @pytest.fixture(scope="module")
@@ -232,10 +248,13 @@ time.sleep(600)
 
 
 def _truncate_latest_params(step_dir):
-    files = glob.glob(os.path.join(step_dir, "params", "**", "d", "*"), recursive=True)
-    largest = max(files, key=os.path.getsize)
-    with open(largest, "r+b") as f:
-        f.truncate(os.path.getsize(largest) // 2)
+    """Truncates the largest array file of the step's parameters and of their EMA (what readers load)."""
+    for item in ("params", "ema"):
+        files = glob.glob(os.path.join(step_dir, item, "**", "d", "*"), recursive=True)
+        if files:
+            largest = max(files, key=os.path.getsize)
+            with open(largest, "r+b") as f:
+                f.truncate(os.path.getsize(largest) // 2)
 
 
 def _steps(workdir):

@@ -114,15 +114,15 @@ def test_two_processes_equal_one(tmp_path, single_device_run):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("ce_normalization, k, num_devices", [("batch", 4, 1), ("per_image", 2, 4)])
-def test_accumulated_steps_equal_the_whole_batch_step(ce_normalization, k, num_devices):
+@pytest.mark.parametrize("ce_normalization, k, num_devices, fsdp", [("batch", 4, 1, 1), ("per_image", 2, 4, 2)])
+def test_accumulated_steps_equal_the_whole_batch_step(ce_normalization, k, num_devices, fsdp):
     from yolos_jax import losses
 
     loss_cfg = losses.default_loss_config()
     loss_cfg.ce_normalization = ce_normalization
     whole, whole_hist = _run(jax.devices()[:1], loss_cfg=loss_cfg, steps=2)
-    for devices in (jax.devices()[:num_devices],):  # with several devices, each keeps its rows (no data moves)
-        acc, acc_hist = _run(devices, grad_accum_steps=k, loss_cfg=loss_cfg, steps=2)
+    for devices in (jax.devices()[:num_devices],):  # several devices (FSDP too): each keeps its rows
+        acc, acc_hist = _run(devices, fsdp=fsdp, grad_accum_steps=k, loss_cfg=loss_cfg, steps=2)
         _assert_close(acc["params"], whole["params"], atol=1e-6)  # fp32: one update from the same gradient
         _assert_close(acc["opt_state"], whole["opt_state"], atol=1e-6)
         for mw, ma in zip(whole_hist, acc_hist):
