@@ -248,3 +248,17 @@ def test_describe_error_takes_the_storage_status_line():
     assert describe_error(FileNotFoundError(2, "No such file")) == "FileNotFoundError: [Errno 2] No such file"
     cut = describe_error(RuntimeError("head " + "x" * 1000 + " tail"))
     assert len(cut) <= 300 and cut.startswith("RuntimeError: head") and cut.endswith(" tail") and " ... " in cut
+
+
+def test_best_checkpoint_survives_an_interrupted_replacement_and_a_changed_rule(tmp_path):
+    ck = _checkpointer(tmp_path)
+    path = ck.save_best(3, _state(3)["params"], {"model": {"hidden_size": 8}}, {}, "AP", 0.25, "max", "params")
+    assert ck.best_so_far("AP", "max") == {"metric": "AP", "value": 0.25, "step": 3, "mode": "max",
+                                           "weights": "params"}
+    os.rename(path, os.path.join(ck.directory, ".best.old"))  # killed between save_best's two renames
+    assert ck.best_so_far("AP", "max")["step"] == 3 and os.path.isdir(path)  # put back, not forgotten
+    assert ck.best_so_far("AP50", "max") is None and ck.best_so_far("AP", "min") is None  # another rule: afresh
+    params, _, meta = checkpoint_reading.restore_params_from(path)
+    np.testing.assert_array_equal(np.asarray(params["w"]), _state(3)["params"]["w"])
+    assert meta["best"]["value"] == 0.25 and checkpointing.step_dirs(ck.directory) == []  # never a step
+    ck.close()

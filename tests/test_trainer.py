@@ -103,7 +103,8 @@ def test_best_checkpoint_keeps_the_best_evaluated_weights_of_a_metric_that_rises
 
     assert sorted(os.listdir(workdir / "checkpoints")) == ["6", "best"]  # keep=1, plus the best
     params, _, meta = weights.load_any(str(workdir / "checkpoints" / "best"), require_detector=True)
-    assert meta["best"] == {"metric": "AP", "value": 0.3, "step": 4} and meta["step"] == 4
+    assert meta["best"] == {"metric": "AP", "value": 0.3, "step": 4, "mode": "max", "weights": "ema"}
+    assert meta["step"] == 4 and meta["weights"] == "ema"
     flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
     for k, v in seen[1].items():  # exactly the weights evaluated at step 4
         np.testing.assert_array_equal(flat[k], v, err_msg=k)

@@ -89,7 +89,7 @@ def restore_params(directory: str, step: Step) -> tuple[Any, dict, dict]:
     meta = {
         "kind": "detector",
         "step": best["step"] if best else step,
-        "weights": "ema" if ema else "params",
+        "weights": (best or {}).get("weights") or ("ema" if ema else "params"),
         "eval_size": input_cfg.get("eval_size"),
         "max_size": eval_max if eval_max and eval_max > 0 else None,
         "label_names": run_meta.get("label_names"),

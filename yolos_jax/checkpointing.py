@@ -314,13 +314,17 @@ class Checkpointer:
             state["ema_params"] = restored["ema"] if has_ema else jax.tree.map(lambda p: p.copy(), restored["params"])
         return state, restored["data"]
 
-    def save_best(self, step: int, params: Any, config: Any, meta: dict, metric: str, value: float) -> str:
+    def _best_paths(self) -> tuple[str, str, str]:
+        return tuple(os.path.join(self.directory, name) for name in (BEST_DIR, f".{BEST_DIR}.new", f".{BEST_DIR}.old"))
+
+    def save_best(self, step: int, params: Any, config: Any, meta: dict, metric: str, value: float,
+                  mode: str = "max", weights: str = "params") -> str:
         """Writes the evaluated `params` of `step` to checkpoints/best (params, config, meta with
-        meta['best'] = {metric, value, step}), replacing the previous best only once the new one is complete;
-        returns its path. Collective in a multi-process run."""
-        best = os.path.join(self.directory, BEST_DIR)
-        staging = os.path.join(self.directory, f".{BEST_DIR}.new")
-        old = os.path.join(self.directory, f".{BEST_DIR}.old")
+        meta['best'] = {metric, value, step, mode, weights}: 'weights' says whether they are the run's EMA),
+        replacing the previous best only once the new one is complete; returns its path. Collective in a
+        multi-process run."""
+        best, staging, old = self._best_paths()
+        self.recover_best()
         if jax.process_index() == 0:
             for leftover in (staging, old):
                 shutil.rmtree(leftover, ignore_errors=True)
@@ -330,7 +334,8 @@ class Checkpointer:
             checkpointer.save(staging, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(params),
                 config=ocp.args.JsonSave(_config_to_json(config)),
-                meta=ocp.args.JsonSave({**meta, "best": {"metric": metric, "value": float(value), "step": int(step)}}),
+                meta=ocp.args.JsonSave({**meta, "best": {"metric": metric, "value": float(value), "step": int(step),
+                                                         "mode": mode, "weights": weights}}),
             ))
         if jax.process_index() == 0:
             if os.path.isdir(best):
@@ -341,14 +346,28 @@ class Checkpointer:
             multihost_utils.sync_global_devices("best checkpoint: in place")
         return best
 
-    def best_so_far(self) -> Optional[dict]:
-        """checkpoints/best's {'metric', 'value', 'step'}, None when there is none (or it does not read)."""
+    def recover_best(self) -> None:
+        """A run killed between `save_best`'s two renames left the previous best at .best.old: put it back."""
+        best, _, old = self._best_paths()
+        if jax.process_index() == 0 and not os.path.isdir(best) and os.path.isdir(old):
+            os.rename(old, best)
+            log.warning("restored %s from %s (a replacement of the best checkpoint was interrupted)", best, old)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("best checkpoint: recovered")
+
+    def best_so_far(self, metric: str, mode: str) -> Optional[dict]:
+        """checkpoints/best's {'metric', 'value', 'step', ...} when it was kept by `metric` in `mode`; None when
+        there is none, it does not read, or it was kept by another rule (a changed keep_best_by starts afresh)."""
+        self.recover_best()
         path = os.path.join(self.directory, BEST_DIR, "meta", "metadata")
         try:
             with open(path) as f:
-                return json.load(f).get("best")
+                best = json.load(f).get("best")
         except (OSError, ValueError, AttributeError):
             return None
+        if not best or best.get("metric") != metric or best.get("mode", "max") != mode:
+            return None
+        return best
 
     def _restore_config(self, step: int) -> dict:
         restored = self.manager.restore(int(step), args=ocp.args.Composite(config=ocp.args.JsonRestore()))

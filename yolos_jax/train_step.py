@@ -14,6 +14,8 @@ Gradient accumulation (train.grad_accum_steps = k) cuts the global batch into k 
 every device as the whole batch is, and scans over them: memory follows the micro-batch, and one optimiser
 update follows the k gradients' sum. Each micro-batch's loss is normalised by the whole batch's denominators
 (`losses.global_normalizers`), so the sum is the whole batch's loss and gradient (matching is per image anyway).
+Random draws (drop path, dropout, MIMDet's kept patches) use one key per micro-batch, so with those on an
+accumulated step is the whole-batch step in distribution, not draw for draw.
 """
 
 from __future__ import annotations
@@ -136,16 +138,20 @@ def make_train_step(
         (_, terms_shape), grads_shape = jax.eval_shape(lambda: loss_and_grads(params, first, rng, normalizers))
         zeros = lambda tree: jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), tree)  # noqa: E731
 
+        # The running sum is sharded as the parameters are (FSDP: each device holds its slice, not a full copy).
+        like_params = lambda tree: jax.lax.with_sharding_constraint(tree, state_shardings["params"])  # noqa: E731
+
         def body(carry, xs):
             grad_sum, loss_sum, term_sum = carry
             mb, j = xs
             (loss, terms), grads = loss_and_grads(params, mb, jax.random.fold_in(rng, j), normalizers)
-            grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
+            grad_sum = like_params(jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads))
             term_sum = jax.tree.map(lambda a, t: a + t.astype(jnp.float32), term_sum, terms)
             return (grad_sum, loss_sum + loss, term_sum), None
 
         (grad_sum, loss, term_sum), _ = jax.lax.scan(
-            body, (zeros(grads_shape), jnp.zeros((), jnp.float32), zeros(terms_shape)), (micro, jnp.arange(k)))
+            body, (like_params(zeros(grads_shape)), jnp.zeros((), jnp.float32), zeros(terms_shape)),
+            (micro, jnp.arange(k)))
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grad_sum, params)
         # Loss terms are shares of the whole batch's (summed); the logged ratios are averaged over micro-batches.
         terms = {name: v if name.startswith("loss") else v / k for name, v in term_sum.items()}

@@ -286,7 +286,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     evaluator = None
     weights_name = "ema" if ema_decay > 0 else "params"
     keep_best_by = str(config.checkpoint.get("keep_best_by", "") or "")
-    best = checkpointer.best_so_far() if keep_best_by else None
+    best_mode = str(config.checkpoint.get("best_mode", "max"))
+    best = checkpointer.best_so_far(keep_best_by, best_mode) if keep_best_by else None
 
     def evaluate(step: int) -> dict:
         """Evaluates the run's weights (the EMA when on) at `step`; keeps checkpoints/best up to date."""
@@ -317,10 +318,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                                                                               if k in metrics}}])
         run_plots.write_learning_curve(history, os.path.join(workdir, "learning_curve.png"))
         if jax.process_count() > 1:  # the weights would have to be gathered onto process 0 first
+            log.warning("annotated val images and the contact sheet are drawn in single-process runs only; "
+                        "draw them afterwards with `python -m yolos_jax.visualize` on a checkpoint")
             return
-        written = run_plots.write_eval_pictures(
-            jax.device_get(state["ema_params" if ema_decay > 0 else "params"]), config.model.to_dict(),
-            config.input, out_dir, threshold=float(config.eval.get("draw_threshold", 0.5)))
+        try:  # pictures must never end a long run
+            written = run_plots.write_eval_pictures(
+                jax.device_get(state["ema_params" if ema_decay > 0 else "params"]), config.model.to_dict(),
+                config.input, out_dir, threshold=float(config.eval.get("draw_threshold", 0.5)))
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not draw the val images of step %d: %s", step, e)
+            return
         print(f"annotated val images: {os.path.join(out_dir, run_plots.IMAGES_DIR)} ({len(written['images'])} "
               f"images), contact sheet: {written['contact_sheet']}", flush=True)
 
@@ -331,11 +338,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                 log.warning("checkpoint.keep_best_by=%r: not a number in this evaluation's metrics (%s)", keep_best_by,
                             ", ".join(sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))))
             return best
-        sign = 1.0 if config.checkpoint.get("best_mode", "max") == "max" else -1.0
+        sign = 1.0 if best_mode == "max" else -1.0
         if best is not None and sign * value <= sign * float(best["value"]):
             return best
         path = checkpointer.save_best(step, state["ema_params" if ema_decay > 0 else "params"], config, run_meta,
-                                      keep_best_by, value)
+                                      keep_best_by, value, best_mode, weights_name)
         if is_main:
             log.info("new best %s=%.4f at step %d -> %s", keep_best_by, value, step, path)
         return {"metric": keep_best_by, "value": float(value), "step": int(step)}
@@ -351,14 +358,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     eval_metrics: dict[str, Any] = {}
     policy = config.train.nonfinite_policy
     last_saved = step
-    tracing = False
+    tracing = traced = False
     with _StopRequest() as stop, _finish_saves_on_error(checkpointer):
         while step < total_steps:
             if stop.requested:
                 break
-            if profile and step + 1 == profile[0]:  # the trace covers steps A..B (counted from 1)
-                jax.profiler.start_trace(os.path.join(workdir, "profile"))
-                tracing = True
+            if profile and not traced and profile[0] <= step + 1 <= profile[1]:  # steps A..B (from 1), once
+                jax.profiler.start_trace(os.path.join(workdir, "profile", f"process_{jax.process_index()}"))
+                tracing = traced = True
             host_batch = next(train_iter)
             if step == config.train.inject_nan_at_step:
                 host_batch = data.with_host_image(host_batch)  # (a test hook: a NaN image)
@@ -397,7 +404,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                 last_saved = step
             if config.train.eval_every and step % config.train.eval_every == 0 and step < total_steps:
                 eval_metrics = evaluate(step)
-        if tracing:  # stopped (or ended) inside the profiled range: keep what was traced
+        if tracing:  # a stop inside the profiled range (or B past the end): keep what was traced
             jax.profiler.stop_trace()
         if stop.requested and step < total_steps:
             if previous is not None:

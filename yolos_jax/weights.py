@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -178,7 +178,7 @@ def load_params_dir(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str
 # --------------------------------------------------------------------------------------------------
 
 
-def find_checkpoint(path: str) -> tuple[str, Optional[int]]:
+def find_checkpoint(path: str) -> tuple[str, Optional[Union[int, str]]]:
     """Resolves `path` to (directory, None) for a converted directory or (checkpoints directory, step) for a
     training checkpoint: a workdir (its latest step), its `checkpoints/` directory or one `checkpoints/<step>`.
     Raises FileNotFoundError naming what was expected."""
