@@ -3,9 +3,13 @@ multi-process start-up (`maybe_initialize_distributed`)."""
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import logging
 import os
 import sys
+import threading
+import time
 from typing import Any, NoReturn, Optional
 
 
@@ -104,8 +108,6 @@ def await_lost_peer_verdict() -> None:
     """In a multi-process run with the peer watchdog: waits as long as the watchdog needs to find a silent process
     (it then ends this process naming it); returns when every process still answers. No-op otherwise."""
     if WATCHDOG_PATIENCE_S:
-        import time
-
         time.sleep(WATCHDOG_PATIENCE_S * 1.5)
 
 
@@ -126,8 +128,6 @@ def keep_freed_memory() -> bool:
     if os.environ.get("YOLOS_JAX_KEEP_FREED_MEMORY", "1") == "0":
         return False
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # not glibc (macOS, musl, Windows)
@@ -192,11 +192,7 @@ def start_peer_watchdog(timeout_s: float) -> bool:
     process with exit code 1 and a message naming the lost process, before jax's abort. Returns whether the
     watchdog started (it needs jax's distributed client).
     """
-    import atexit
-    import threading
-    import time
-
-    import jax
+    import jax  # not at module level: setup_host() must run before jax is imported and configured
 
     try:
         from jax._src import distributed  # jax's client of the coordination service: no public handle exists
