@@ -69,3 +69,25 @@ def test_atomic_files_replace_all_their_targets_or_none(tmp_path, file_size_limi
     assert (first.read_text(), second.read_text()) == ("new first", "new second")
     assert sorted(os.listdir(tmp_path)) == ["detections.json", "metrics.json"]
     assert oct(second.stat().st_mode & 0o777) == oct(atomic.default_file_mode())  # not mkstemp's 0o600
+
+
+def test_remove_tree_outlasts_a_late_writer(tmp_path):
+    """A failed storage write may still have writers in flight that recreate files in its temporary directory:
+    remove_tree keeps removing until the directory stays gone."""
+    import threading
+    import time
+
+    target = tmp_path / ".out.tmp-1234"
+
+    def late_writer():
+        for i in range(5):
+            time.sleep(0.04)
+            os.makedirs(target / "d", exist_ok=True)
+            (target / "d" / f"chunk{i}").write_bytes(b"x")
+
+    os.makedirs(target)
+    thread = threading.Thread(target=late_writer)
+    thread.start()
+    atomic.remove_tree(str(target), settle_s=0.3)
+    thread.join()
+    assert not target.exists()

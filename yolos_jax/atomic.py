@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -63,6 +64,23 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: Optional[int
             json.dump(obj, f, indent=indent)
 
 
+def remove_tree(path: str, settle_s: float = 0.3, limit_s: float = 10.0) -> None:
+    """Removes the directory `path` and keeps removing it until it has stayed absent for `settle_s`: a storage
+    library whose write just failed (orbax, TensorStore) may still have background writes in flight that
+    recreate files in it. Gives up after `limit_s` (what is left is a temporary name no reader looks at)."""
+    deadline = time.monotonic() + limit_s
+    absent_since = None
+    while time.monotonic() < deadline:
+        if os.path.lexists(path):
+            absent_since = None
+            shutil.rmtree(path, ignore_errors=True)
+        elif absent_since is None:
+            absent_since = time.monotonic()
+        elif time.monotonic() - absent_since >= settle_s:
+            return
+        time.sleep(0.05)
+
+
 def atomic_directory(output: str, build: Callable[[str], Any], *, overwrite: bool = False) -> Any:
     """Runs `build(tmp_dir)` on a fresh directory beside `output`, then renames it to `output` and
     returns build's result. An existing `output` is replaced only with overwrite=True, and only after
@@ -87,6 +105,6 @@ def atomic_directory(output: str, build: Callable[[str], Any], *, overwrite: boo
         else:
             os.rename(tmp, output)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         raise
     return result

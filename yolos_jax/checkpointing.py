@@ -39,6 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from yolos_jax import atomic
 from yolos_jax import config as config_lib
 from yolos_jax.errors import UserError, describe_error
 
@@ -194,7 +195,7 @@ class Checkpointer:
         if jax.process_index() == 0:
             for name in os.listdir(self.directory):
                 if ".orbax-checkpoint-tmp" in name:  # a failed save's partial step: never a checkpoint
-                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+                    atomic.remove_tree(os.path.join(self.directory, name))
 
     def _reopen(self) -> None:
         """A fresh manager over what is on disk (after steps were moved aside, or a save failed and the old

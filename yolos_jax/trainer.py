@@ -319,7 +319,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         run_plots.write_learning_curve(history, os.path.join(workdir, "learning_curve.png"))
         if jax.process_count() > 1:  # the weights would have to be gathered onto process 0 first
             log.warning("annotated val images and the contact sheet are drawn in single-process runs only; "
-                        "draw them afterwards with `python -m yolos_jax.visualize` on a checkpoint")
+                        "draw them afterwards with infer.py --checkpoint=WORKDIR on the val images")
             return
         try:  # pictures must never end a long run
             written = run_plots.write_eval_pictures(

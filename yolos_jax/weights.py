@@ -131,8 +131,11 @@ def save_params_dir(
 
     def build(tmp: str) -> None:
         ckptr = ocp.StandardCheckpointer()
-        ckptr.save(os.path.join(tmp, PARAMS_DIR), unflatten_params(flat))
-        ckptr.wait_until_finished()
+        try:
+            ckptr.save(os.path.join(tmp, PARAMS_DIR), unflatten_params(flat))
+            ckptr.wait_until_finished()
+        finally:
+            ckptr.close()  # on a failed write too: its background writes end before the directory is removed
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump(info, f, indent=2, sort_keys=True)
 
