@@ -118,7 +118,7 @@ def test_resume_falls_back_to_the_newest_step_that_restores_and_sets_the_bad_one
     assert checkpointing.step_dirs(directory) == [4, 2]
     assert any("checkpoint step 6 does not restore" in r.getMessage() and str(moved) in r.getMessage()
                for r in caplog.records)
-    assert all("\n" not in r.getMessage() for r in caplog.records)  # one line each
+    assert all("\n" not in r.getMessage() for r in caplog.records if r.name == "yolos_jax")  # one line each
     # The run goes on from there: the next save lands and the manager never names the moved step.
     assert ck.save(5, _state(5), {"batch": 5}, {"model": {}}, {})
     ck.close()
