@@ -66,7 +66,7 @@ def default_checkpoint_config() -> ml_collections.ConfigDict:
             keep=3,  # keep the last k checkpoints
             async_save=True,  # write in a background thread while training continues
             # -1: resume from the newest step that restores; N: resume from step N (newer steps are moved to
-            # WORKDIR/checkpoints_unrestorable/, so the run's history stays one line).
+            # WORKDIR/checkpoints_superseded/, once: a re-run of the same command resumes from the newest step).
             restore_step=-1,
             on_save_error="stop",  # a failed save: 'stop' the run (one message) or 'warn' and retry next interval
             # A metric of metrics.json (e.g. 'AP'): checkpoints/best keeps the evaluated weights where it was best
