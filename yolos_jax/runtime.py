@@ -205,7 +205,14 @@ def start_peer_watchdog(timeout_s: float) -> bool:
     done = threading.Event()
     # atexit runs last-registered first: this runs before jax's own clean-up shuts its client down, so a normal
     # exit never looks like a lost coordinator.
-    atexit.register(done.set)
+    def finished() -> None:  # a normal exit: peers still finishing must not take this process for lost
+        done.set()
+        try:
+            client.key_value_set(f"yolos_jax/done/{jax.process_index()}", "1", allow_overwrite=True)
+        except Exception:  # noqa: BLE001 - the store may be gone already
+            pass
+
+    atexit.register(finished)
     me, count = jax.process_index(), jax.process_count()
     interval, patience = max(timeout_s / 8.0, 0.25), timeout_s / 2.0
 
@@ -230,6 +237,12 @@ def start_peer_watchdog(timeout_s: float) -> bool:
                 raise
             return None
 
+    def peer_counter_done(j: int) -> Optional[str]:
+        try:
+            return client.key_value_try_get(f"yolos_jax/done/{j}")
+        except Exception:  # noqa: BLE001 - NOT_FOUND: still running (or died)
+            return None
+
     def watch() -> None:
         seen: dict[int, tuple[Optional[str], float]] = {}
         beat, store_failing_since = 0, None
@@ -249,7 +262,7 @@ def start_peer_watchdog(timeout_s: float) -> bool:
             for j, value in values.items():
                 if j not in seen or seen[j][0] != value:
                     seen[j] = (value, now)
-                elif now - seen[j][1] > patience:
+                elif now - seen[j][1] > patience and peer_counter_done(j) is None:
                     lost(f"process {j}", f"stopped responding {now - seen[j][1]:.0f} s ago")
             time.sleep(interval)
 
