@@ -20,9 +20,16 @@ INSTALL_REQUIRES = [
     "tensorboard",
 ]
 
+# export.py --format=onnx. jax2onnx 0.13 and later pin orbax-checkpoint<0.11.37, below ours (0.12 here); 0.12.x
+# converts our model (jax 0.10, flax 0.12) and leaves jax, flax and orbax as they are. onnxruntime runs and
+# verifies the artifact.
+EXPORT = ["jax2onnx>=0.12.5,<0.13", "onnxruntime>=1.20"]
+
 EXTRAS = {
-    # Reference implementations for the numerical tests. torch is pinned so pip picks the CPU wheel.
-    "test": ["pytest", "pytest-xdist", "torch==2.13.0", "transformers"],
+    # Reference implementations for the numerical tests (and the export runtimes they compare). torch is pinned
+    # so pip picks the CPU wheel.
+    "test": ["pytest", "pytest-xdist", "torch==2.13.0", "transformers"] + EXPORT,
+    "export": EXPORT,
     # .pth conversion needs torch at conversion time only.
     "torch": ["torch"],
 }

@@ -50,22 +50,31 @@ def _cfg_key(model_cfg: Mapping[str, Any]) -> str:
     return json.dumps(weights.model_cfg_json(model_cfg), sort_keys=True)
 
 
+def detector_outputs(model: YOLOS, params: Any, pixel_values: jax.Array,
+                     pixel_mask: Optional[jax.Array]) -> dict[str, jax.Array]:
+    """The detector's outputs with the original's post-processing (traceable; `Detector.forward` and every
+    exported artifact compute exactly this).
+
+    pixel_values: [B, H, W, 3] float32 ImageNet-normalised; pixel_mask: [B, H, W] bool or None.
+    Returns 'logits' [B, Q, C + 1], 'boxes' [B, Q, 4] (cx, cy, w, h) in [0, 1] of the un-padded image,
+    'scores' [B, Q] float32 and 'labels' [B, Q] int32: softmax over the C + 1 logits, then max / argmax over
+    the C real classes ("no object" excluded).
+    """
+    out = model.apply({"params": params}, pixel_values, pixel_mask)
+    probs = jax.nn.softmax(out["logits"].astype(jnp.float32), axis=-1)[..., :-1]
+    return {
+        "logits": out["logits"],
+        "boxes": out["boxes"],
+        "scores": jnp.max(probs, axis=-1),
+        "labels": jnp.argmax(probs, axis=-1).astype(jnp.int32),
+    }
+
+
 @functools.lru_cache(maxsize=16)
 def _forward_fn(cfg_key: str):
     """One jitted forward per model config, shared by every Detector with that config (jit caches per shape)."""
     model = YOLOS(**weights.model_cfg_dict(json.loads(cfg_key)))
-
-    def forward(params, pixel_values, pixel_mask):
-        out = model.apply({"params": params}, pixel_values, pixel_mask)
-        probs = jax.nn.softmax(out["logits"].astype(jnp.float32), axis=-1)[..., :-1]
-        return {
-            "logits": out["logits"],
-            "boxes": out["boxes"],
-            "scores": jnp.max(probs, axis=-1),
-            "labels": jnp.argmax(probs, axis=-1).astype(jnp.int32),
-        }
-
-    return jax.jit(forward)
+    return jax.jit(functools.partial(detector_outputs, model))
 
 
 ImageBatch = Union[np.ndarray, Sequence[np.ndarray]]

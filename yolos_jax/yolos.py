@@ -72,8 +72,10 @@ def valid_patch_grid(pixel_mask: jax.Array, patch_size: int, grid_hw: Sequence[i
     pads). The image alone would have exactly this grid: the patch convolution drops a partial last
     patch. Clipped to [1, canvas grid] (an image under one patch has no grid of its own).
     """
-    rows = jnp.sum(jnp.any(pixel_mask, axis=2), axis=1) // patch_size
-    cols = jnp.sum(jnp.any(pixel_mask, axis=1), axis=1) // patch_size
+    # lax.div truncates, which is floor for these non-negative counts; `//` would add rem/sign ops that the
+    # ONNX converter cannot lower under a symbolic batch size (export.py).
+    rows = jax.lax.div(jnp.sum(jnp.any(pixel_mask, axis=2), axis=1, dtype=jnp.int32), jnp.int32(patch_size))
+    cols = jax.lax.div(jnp.sum(jnp.any(pixel_mask, axis=1), axis=1, dtype=jnp.int32), jnp.int32(patch_size))
     return jnp.stack([jnp.clip(rows, 1, grid_hw[0]), jnp.clip(cols, 1, grid_hw[1])], axis=-1).astype(jnp.int32)
 
 
