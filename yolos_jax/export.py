@@ -147,8 +147,28 @@ def write_onnx(path: str, model: YOLOS, params: Any, specs: Sequence[jax.ShapeDt
     with contextlib.redirect_stdout(io.StringIO()), _quiet_loggers("jax2onnx", "onnx_ir"):
         proto = to_onnx(ordered, list(specs), model_name="yolos", opset=ONNX_OPSET, input_names=list(names),
                         output_names=list(OUTPUT_NAMES))
+    _drop_unused_initializers(proto.graph)
     onnx.helper.set_model_props(proto, {"yolos_jax": json.dumps(dict(metadata), sort_keys=True)})
     onnx.save(proto, path)
+
+
+def _drop_unused_initializers(graph: Any) -> None:
+    """Removes the initializers no node reads (jax2onnx leaves shape constants behind; onnxruntime warns about
+    each one at every load). Node inputs of subgraphs (If, Loop, Scan bodies) count as reads."""
+    used: set[str] = set()
+
+    def collect(g: Any) -> None:
+        for node in g.node:
+            used.update(node.input)
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    collect(sub)
+
+    collect(graph)
+    used.update(o.name for o in graph.output)
+    keep = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
 
 
 def write_savedmodel(path: str, model: YOLOS, params: Any, specs: Sequence[jax.ShapeDtypeStruct]) -> None:
@@ -286,6 +306,7 @@ def export_checkpoint(checkpoint: str, fmt: str, image_size: Any, out: str, *, o
         raise UserError(f"--checkpoint={checkpoint}: {describe_error(e)}") from None
     size = parse_image_size(image_size, model_cfg["patch_size"])
     model = export_model(model_cfg)
+    eval_size = int(meta.get("eval_size") or 800)
     specs = input_specs(size, batch_size, pixel_mask, batch_name="B")
     description = {
         "format": fmt,
@@ -296,8 +317,8 @@ def export_checkpoint(checkpoint: str, fmt: str, image_size: Any, out: str, *, o
                     "labels": ["B", model_cfg["num_det_tokens"]]},
         "image_size": list(size),
         "patch_size": model_cfg["patch_size"],
-        "eval_size": meta.get("eval_size"),
-        "max_size": meta.get("max_size"),
+        "eval_size": eval_size,  # the eval resize `Detector.from_checkpoint` applies (data.transforms.eval_resize_hw)
+        "max_size": int(meta.get("max_size") or eval_size * 1333 // 800),
         "label_names": meta.get("label_names"),
         "checkpoint": os.path.abspath(checkpoint),
         "model": weights.model_cfg_json(model_cfg),
