@@ -140,6 +140,31 @@ def test_fixed_batch_and_no_mask_artifacts(random_ckpt, tmp_path):
         export.load_artifact(out, "stablehlo")(pixels[:2])
 
 
+def test_a_training_checkpoint_exports_the_weights_it_would_evaluate(random_ckpt, tmp_path):
+    """A training workdir (its newest step) exports as a converted directory does: the artifact equals
+    `Detector.from_checkpoint(workdir)`, and OUT.json carries the run's class names and eval size."""
+    import ml_collections
+
+    from yolos_jax import checkpointing
+
+    params, cfg, _ = weights.load_params_dir(random_ckpt)
+    params = jax.tree.map(lambda a: np.asarray(a) * 0.9, params)  # not the converted directory's weights
+    ckpt_cfg = checkpointing.default_checkpoint_config()
+    ckpt_cfg.async_save = False
+    ck = checkpointing.Checkpointer(str(tmp_path / "run"), ckpt_cfg)
+    state = {"params": params, "step": np.int32(7), "opt_state": {}, "rng": np.zeros(2, np.uint32)}
+    run_config = ml_collections.ConfigDict({"model": cfg, "input": {"eval_size": 48}})
+    ck.save(7, state, {"epoch": 0, "batch": 7}, run_config, {"label_names": NAMES})
+    ck.close()
+    out = str(tmp_path / "run.stablehlo")
+    description = export.export_checkpoint(str(tmp_path / "run"), "stablehlo", (48, 80), out, platforms=("cpu",))
+    assert description["label_names"] == NAMES
+    detector = Detector.from_checkpoint(str(tmp_path / "run"))
+    assert description["eval_size"] == detector.eval_size and description["max_size"] == detector.max_size
+    pixels, mask, alone = _padded_batch((48, 80), np.random.default_rng(4))
+    _assert_equals_detector(export.load_artifact(out, "stablehlo")(pixels, mask), detector, pixels, mask, alone)
+
+
 def test_rational_erf_of_the_portable_gelu_is_float32_accurate():
     """`vit.erf_rational` (the SavedModel trace's erf) against math.erf in float64."""
     import math
