@@ -107,6 +107,29 @@ def test_chunked_attention_matches_float64(tokens, chunk, mask_name):
         _assert_close(got, want, 2e-5, what)
 
 
+def test_valid_keys_first_dot_product_attention_matches_float64():
+    """`attention.dot_product_attention` through `jax.nn.dot_product_attention` (XLA) with the key mask as
+    per-image lengths of reordered keys (`keys_valid_first`, the form cuDNN fuses) equals the float64 masked
+    attention, outputs and gradients, for masks whose valid keys are not a prefix (padding inside the
+    sequence, as a padded YOLOS batch has)."""
+    batch, heads, tokens, head_dim = 3, 2, 50, 16
+    q, k, v, d_out = _inputs(4, batch, heads, tokens, head_dim)
+    key_mask = _masks(batch, tokens)["padded"]
+    key_mask[2, 10:20] = False  # a hole in the middle
+    want = reference_attention(q, k, v, key_mask, d_out)
+    token_major = lambda a: jnp.swapaxes(jnp.asarray(a), 1, 2)  # noqa: E731
+    f = jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v, jnp.asarray(key_mask), "xla"))
+    out, vjp = jax.vjp(f, *(token_major(a) for a in (q, k, v)))
+    got = (out, *vjp(token_major(d_out)))
+    _assert_close([jnp.swapaxes(g, 1, 2) for g in got], want, 2e-5, "valid keys first")
+
+    k2, v2, lengths = attention.keys_valid_first(token_major(k), token_major(v), jnp.asarray(key_mask))
+    np.testing.assert_array_equal(lengths, key_mask.sum(1))
+    for b in range(batch):  # each image's valid keys, in order, then its masked ones
+        order = np.concatenate([np.flatnonzero(key_mask[b]), np.flatnonzero(~key_mask[b])])
+        np.testing.assert_array_equal(np.asarray(k2[b]), np.swapaxes(k, 1, 2)[b][order])
+
+
 def test_chunked_attention_more_keys_than_queries():
     """attention_heads_major's chunked form with S != T (queries in blocks, all keys each block)."""
     q, k, v, d_out = _inputs(1, 2, 2, 150, 8, keys=210)

@@ -165,21 +165,6 @@ def test_a_training_checkpoint_exports_the_weights_it_would_evaluate(random_ckpt
     _assert_equals_detector(export.load_artifact(out, "stablehlo")(pixels, mask), detector, pixels, mask, alone)
 
 
-def test_rational_erf_of_the_portable_gelu_is_float32_accurate():
-    """`vit.erf_rational` (the SavedModel trace's erf) against math.erf in float64."""
-    import math
-
-    from yolos_jax import vit
-
-    x = np.concatenate([np.linspace(-6, 6, 20001), np.random.default_rng(0).normal(scale=2, size=20000)])
-    got = np.asarray(jax.jit(vit.erf_rational)(x.astype(np.float32)), np.float64)
-    want = np.array([math.erf(v) for v in x.astype(np.float32).astype(np.float64)])
-    assert np.max(np.abs(got - want)) < 4e-7
-    with vit.portable_erf():
-        y = jax.jit(lambda v: vit.gelu(v))(x.astype(np.float32))
-    np.testing.assert_allclose(y, np.asarray(jax.jit(vit.gelu)(x.astype(np.float32))), atol=2e-6, rtol=1e-6)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Bad input: one clear error each, nothing written
 # ---------------------------------------------------------------------------------------------------------

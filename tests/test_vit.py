@@ -103,3 +103,18 @@ def test_gelu_matches_exact_gelu_and_torch():
     want_curv = np.exp(-0.5 * points**2) / np.sqrt(2 * np.pi) * (2 - points**2)  # phi(x) (2 - x^2)
     assert float(np.abs(np.asarray(curvature) - want_curv).max()) <= 1e-5
     assert vit.gelu(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+def test_rational_erf_of_the_portable_gelu_is_float32_accurate():
+    """`vit.erf_rational` (the SavedModel trace's erf) against math.erf in float64."""
+    import math
+
+    from yolos_jax import vit
+
+    x = np.concatenate([np.linspace(-6, 6, 20001), np.random.default_rng(0).normal(scale=2, size=20000)])
+    got = np.asarray(jax.jit(vit.erf_rational)(x.astype(np.float32)), np.float64)
+    want = np.array([math.erf(v) for v in x.astype(np.float32).astype(np.float64)])
+    assert np.max(np.abs(got - want)) < 4e-7
+    with vit.portable_erf():
+        y = jax.jit(lambda v: vit.gelu(v))(x.astype(np.float32))
+    np.testing.assert_allclose(y, np.asarray(jax.jit(vit.gelu)(x.astype(np.float32))), atol=2e-6, rtol=1e-6)

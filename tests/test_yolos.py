@@ -412,6 +412,50 @@ def test_padded_batch_equals_each_image_alone(variant):
         assert err <= 1e-5, (variant, name, err)
 
 
+# The variants whose blocks reach `attention.dot_product_attention`: with rel_pos every block (global ones too)
+# runs the windowed module's own masked kernels, which no fused kernel applies to.
+PREFIX_VARIANTS = ("plain", "mid_pe_conv_stem_det_priors", "windowed", "partial_sequence_adapter_late_det")
+
+
+@pytest.mark.parametrize("variant", PREFIX_VARIANTS)
+def test_valid_keys_first_attention_equals_the_masked_path(variant):
+    """`jax.nn.dot_product_attention` with the key mask as per-image lengths of reordered keys
+    (`attention.keys_valid_first`, the form cuDNN's flash kernel runs) gives a padded batch the outputs and
+    loss gradients of the masked einsum path, within 1e-5, in every variant: the [DET] prior's biased rows
+    and the windowed blocks (r x r windows, relative position bias) keep their masked einsum/blocked kernels,
+    every other attention (global blocks of windowed models included) takes the reordered path."""
+    import jax
+
+    from yolos_jax import losses, matcher
+
+    kw = INV_VARIANTS[variant]
+    _, params, images, canvas, mask = _invariance_case(kw)
+    loss_cfg = losses.default_loss_config()
+    loss_cfg.aux_loss = bool(kw.get("aux_layers"))
+    targets = _targets(len(images), 3)
+
+    def loss_and_outputs(impl):
+        from yolos_jax.yolos import YOLOS
+
+        model = YOLOS(**(INV_BASE | kw | dict(attention_impl=impl)))
+
+        def loss(p):
+            out = model.apply({"params": p}, canvas, mask)
+            return losses.set_loss(out, targets, loss_cfg, matcher.default_matcher_config())[0], out
+
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    (_, masked), grad_masked = loss_and_outputs("einsum")
+    (_, prefix), grad_prefix = loss_and_outputs("xla")
+    for k in ("logits", "boxes"):
+        err = float(np.abs(np.asarray(masked[k]) - np.asarray(prefix[k])).max())
+        assert err <= 1e-5, (variant, k, err)
+    flat_m, flat_p = convert.flatten_params(grad_masked), convert.flatten_params(grad_prefix)
+    for name in flat_m:
+        err = float(np.abs(np.asarray(flat_m[name]) - np.asarray(flat_p[name])).max())
+        assert err <= 1e-5, (variant, name, err)
+
+
 def test_canvas_position_embeddings_would_differ():
     """The invariance above is not vacuous: read on the canvas grid (the image filling it, no mask), an
     image's outputs differ from its outputs alone by far more than the tolerance."""

@@ -9,6 +9,7 @@ Public API:
   CPU_QUERY_CHUNK, ATTENTION_IMPLS, resolve_impl: the query block size and the implementations;
   softmax_attend, softmax_attention: the explicit (einsum) forms, any backend;
   attention_heads_major, chunked_self_attention, dot_product_attention: attention by implementation;
+  keys_valid_first: a key mask as per-image lengths of reordered keys (cuDNN's fused kernel takes only those);
   key_bias, to_blocks, from_blocks, blocked_attention: the blocked kernel's pieces, which the windowed
     kernels (`yolos_jax/attention_windowed.py`) reuse with one window per batch row.
 
@@ -284,12 +285,33 @@ def dot_product_attention(
     """Softmax attention. q, k, v: [B, T, H, Dh]; key_mask: [B, S] bool or None. Returns [B, T, H, Dh].
 
     impl: 'einsum' | 'chunked' (our head-major forms), else passed to `jax.nn.dot_product_attention`
-    (None there means jax's own choice; callers map None to 'chunked' on CPU first: `resolve_impl`).
+    (None there means jax's own choice; callers map None to 'chunked' on CPU first: `resolve_impl`), with
+    the key mask as per-image lengths of reordered keys (`keys_valid_first`), which cuDNN runs fused.
     """
     if impl in ("einsum", "chunked"):
         chunk = CPU_QUERY_CHUNK if impl == "chunked" else None
         out = attention_heads_major(*(jnp.swapaxes(a, 1, 2) for a in (q, k, v)), key_mask, chunk)
         return jnp.swapaxes(out, 1, 2)
-    mask = None if key_mask is None else key_mask[:, None, None, :]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+    if key_mask is None:
+        return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+    # An arbitrary boolean mask rules out cuDNN's fused flash kernel (jax then materialises [B, H, T, S]
+    # logits); valid keys moved to the front and given as lengths use it (`keys_valid_first`).
+    k, v, lengths = keys_valid_first(k, v, key_mask)
+    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=impl)
+
+
+def keys_valid_first(k: jax.Array, v: jax.Array, key_mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Each image's keys and values reordered so that its valid keys form a prefix (in their own order), for
+    kernels that take a padding mask as per-image lengths (`key_value_seq_lengths`: cuDNN flash attention).
+
+    k, v: [B, S, H, Dh]; key_mask: [B, S] bool. Returns (k, v reordered, lengths [B] int32 = valid keys).
+    Softmax attention sums over keys, so their order changes no query's result (nor, through the gather's
+    transpose, any gradient); the queries and the outputs keep their order. The padded patches of a YOLOS
+    batch sit inside the row-major patch sequence (each image is a top-left rectangle of the canvas grid), so
+    they are not a suffix without this.
+    """
+    order = jnp.argsort(jnp.logical_not(key_mask), axis=1, stable=True)  # [B, S]: valid keys first
+    k = jnp.take_along_axis(k, order[:, :, None, None], axis=1)
+    v = jnp.take_along_axis(v, order[:, :, None, None], axis=1)
+    return k, v, jnp.sum(key_mask, axis=1, dtype=jnp.int32)
 
