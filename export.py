@@ -27,7 +27,8 @@ flags.DEFINE_string("out", None, "Output file (stablehlo, onnx) or directory (sa
 flags.DEFINE_bool("overwrite", False, "Replace an existing output.")
 flags.DEFINE_integer("batch_size", 0, "Fix the batch size (0: symbolic, any batch size).")
 flags.DEFINE_bool("pixel_mask", True, "The artifact takes a pixel_mask input (false: images fill the canvas).")
-flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS), "StableHLO only: platforms to lower for.")
+flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS), "stablehlo and savedmodel: platforms to lower for "
+                  "(cpu, cuda, rocm, tpu).")
 flags.DEFINE_bool("verify", True, "Run the artifact in its runtime and compare with the Flax forward first.")
 flags.mark_flags_as_required(["checkpoint", "format", "image_size", "out"])
 

@@ -112,17 +112,42 @@ def test_converted_hf_yolos_artifact_equals_flax_and_hf(hf_model_and_ckpt, fmt, 
 
     hf, ckpt = hf_model_and_ckpt
     detector = Detector.from_checkpoint(ckpt)
-    size = (64, 96)
-    out = str(tmp_path / f"hf.{fmt}")
-    export.export_checkpoint(ckpt, fmt, size, out)
-    run = export.load_artifact(out, fmt)
-    pixels, mask, alone = _padded_batch(size, np.random.default_rng(2))
-    got = run(pixels, mask)
-    _assert_equals_detector(got, detector, pixels, mask, alone)
-    for i, image in enumerate(alone):  # and HF PyTorch on each image alone
-        want = ref.hf_outputs(hf, image[None])
-        np.testing.assert_allclose(got["logits"][i], want["logits"][0], atol=1e-4, rtol=0)
-        np.testing.assert_allclose(got["boxes"][i], want["boxes"][0], atol=1e-4, rtol=0)
+    rng = np.random.default_rng(2)
+    for size in ((64, 96), (96, 48)):
+        out = str(tmp_path / f"hf_{size[0]}x{size[1]}.{fmt}")
+        export.export_checkpoint(ckpt, fmt, size, out)
+        run = export.load_artifact(out, fmt)
+        pixels, mask, alone = _padded_batch(size, rng)
+        got = run(pixels, mask)
+        _assert_equals_detector(got, detector, pixels, mask, alone)
+        _assert_equals_detector(run(pixels[1:], mask[1:]), detector, pixels[1:], mask[1:], alone[1:])
+        for i, image in enumerate(alone):  # and HF PyTorch on each image alone
+            want = ref.hf_outputs(hf, image[None])
+            np.testing.assert_allclose(got["logits"][i], want["logits"][0], atol=1e-4, rtol=0)
+            np.testing.assert_allclose(got["boxes"][i], want["boxes"][0], atol=1e-4, rtol=0)
+
+
+VARIANTS = {  # ViT-detection options whose layers the plain model lacks (windows, relative positions, priors, ...)
+    "windowed_rel_pos": dict(window_size=2, global_blocks=(1,), rel_pos=True),
+    "conv_stem_det_priors": dict(patch_embed="conv_stem", det_reference_grid=(1, 5), det_attention_sigma=(1.0, 0.0),
+                                 det_box_offset=True),
+    "adapter_late_det": dict(adapter=True, adapter_insert_det_at=1),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variant_models_export_to_onnx(variant, tmp_path):
+    """The ViT-detection variants convert too: the ONNX artifact equals `Detector.forward` on a padded batch."""
+    cfg = model_config("s", hidden_size=32, depth=2, num_heads=2, num_det_tokens=5, num_classes=3,
+                       init_pe_size=(64, 96), mid_pe_size=None, **VARIANTS[variant]).to_dict()
+    params = YOLOS(**cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 96, 3)))["params"]
+    params = jax.tree.map(lambda a: np.asarray(a) + np.random.default_rng(0).normal(scale=0.05, size=a.shape), params)
+    weights.save_params_dir(str(tmp_path / "ckpt"), params, cfg, {"eval_size": 64})
+    out = str(tmp_path / "m.onnx")
+    export.export_checkpoint(str(tmp_path / "ckpt"), "onnx", (64, 96), out)
+    pixels, mask, alone = _padded_batch((64, 96), np.random.default_rng(6))
+    _assert_equals_detector(export.load_artifact(out, "onnx")(pixels, mask), Detector.from_checkpoint(str(tmp_path / "ckpt")),
+                            pixels, mask, alone)
 
 
 def test_fixed_batch_and_no_mask_artifacts(random_ckpt, tmp_path):
@@ -246,10 +271,21 @@ def test_existing_output_needs_overwrite_and_a_failed_export_leaves_the_old_one(
     (sm / "mine.txt").write_text("keep")
     with pytest.raises(UserError, match=r"sm already exists"):
         export.export_checkpoint(random_ckpt, "savedmodel", "48,80", str(sm))
-    assert (sm / "mine.txt").read_text() == "keep"
+    with pytest.raises(UserError, match=r"is a directory that holds no SavedModel: --overwrite replaces only"):
+        export.export_checkpoint(random_ckpt, "savedmodel", "48,80", str(sm), overwrite=True)
     with pytest.raises(UserError, match=r"is a directory: onnx writes one file"):
         export.export_checkpoint(random_ckpt, "onnx", "48,80", str(sm), overwrite=True)
     assert (sm / "mine.txt").read_text() == "keep"
+    with pytest.raises(UserError, match=r"holds the checkpoint"):
+        export.export_checkpoint(random_ckpt, "savedmodel", "48,80", os.path.dirname(random_ckpt), overwrite=True)
+    with pytest.raises(UserError, match=r"--platforms=cpu,gpu: choose from cpu, cuda, rocm, tpu"):
+        export.export_checkpoint(random_ckpt, "stablehlo", "48,80", str(tmp_path / "p.stablehlo"),
+                                 platforms=("cpu", "gpu"))
+
+    # An artifact for another platform cannot run here: it is written, and OUT.json says it was not verified.
+    description = export.export_checkpoint(random_ckpt, "stablehlo", "48,80", out, overwrite=True, platforms=("cuda",))
+    assert description["verified"].startswith("skipped: this machine's backend (cpu)")
+    assert json.load(open(out + ".json"))["platforms"] == ["cuda"] and _leftovers(tmp_path) == []
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -276,33 +312,52 @@ def _readme_onnx_example():
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_export_py_and_the_readme_onnxruntime_example(tmp_path):
+def _run_readme_example(directory):
+    """The README's example in `directory` (yolos.onnx, yolos.onnx.json, photo.jpg) in a Python that has neither
+    JAX nor yolos_jax imported (asserted); returns its printed detections [(name, score, [x0, y0, x1, y1])]."""
+    code = _readme_onnx_example() + "\nimport sys; assert 'jax' not in sys.modules and 'yolos_jax' not in sys.modules\n"
+    run = subprocess.run([sys.executable, "-c", code], cwd=directory, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=""))
+    assert run.returncode == 0, run.stderr[-3000:]
+    return [(name, float(score), [float(v) for v in box])
+            for name, score, *box in (line.split() for line in run.stdout.strip().splitlines())]
+
+
+def test_export_py_and_the_readme_onnxruntime_example(tmp_path, random_ckpt):
     ckpt = _fixed_answer_checkpoint(tmp_path / "ckpt")
     env = dict(os.environ, PYTHONPATH=ROOT)
     usage = subprocess.run([sys.executable, "export.py", "--help"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert "pixel_values float32 [B, H, W, 3]" in usage.stdout and "labels       int32   [B, Q]" in usage.stdout
 
+    fixed, rand = tmp_path / "fixed", tmp_path / "random"
     run = subprocess.run([sys.executable, "export.py", f"--checkpoint={ckpt}", "--format=onnx", "--image_size=64,112",
-                          f"--out={tmp_path / 'yolos.onnx'}"], cwd=ROOT, env=env, capture_output=True, text=True)
+                          f"--out={fixed / 'yolos.onnx'}"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "verified on a padded batch of 2" in run.stdout
 
     bad = subprocess.run([sys.executable, "export.py", f"--checkpoint={ckpt}", "--format=onnx", "--image_size=64,100",
-                          f"--out={tmp_path / 'yolos.onnx'}", "--overwrite"], cwd=ROOT, env=env, capture_output=True,
+                          f"--out={fixed / 'yolos.onnx'}", "--overwrite"], cwd=ROOT, env=env, capture_output=True,
                          text=True)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("error: --image_size=64,100: height and width must be")
 
-    # The README's example, as a user runs it: onnxruntime, numpy and PIL only (asserted: no JAX, no yolos_jax).
-    image = np.full((150, 200, 3), 200, np.uint8)
-    Image.fromarray(image).save(tmp_path / "photo.png")
-    code = _readme_onnx_example() + "\nimport sys; assert 'jax' not in sys.modules and 'yolos_jax' not in sys.modules\n"
-    example = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                             env=dict(os.environ, PYTHONPATH=""))
-    assert example.returncode == 0, example.stderr[-3000:]
-    lines = example.stdout.strip().splitlines()
-    assert len(lines) == 5  # every [DET] token: 'square', score ~1, the fixed box in pixels of the 200x150 image
-    for line in lines:
-        name, score, *box = line.split()
-        assert name == "square" and float(score) > 0.99
-        np.testing.assert_allclose([float(v) for v in box], [75, 22.5, 125, 97.5], atol=0.01)
+    # The README's example, as a user runs it. A model whose answer ignores the image: every [DET] token says
+    # 'square', score ~1, the fixed box, which must come out in pixels of the 200x150 original.
+    photo = np.random.default_rng(5).integers(0, 255, (150, 200, 3), dtype=np.uint8)
+    for directory in (fixed, rand):
+        directory.mkdir(exist_ok=True)
+        Image.fromarray(photo).save(directory / "photo.jpg", quality=90)
+    detections = _run_readme_example(fixed)
+    assert len(detections) == 5
+    for name, score, box in detections:
+        assert name == "square" and score > 0.99
+        np.testing.assert_allclose(box, [75, 22.5, 125, 97.5], atol=0.01)
+    # A model whose answer depends on every pixel: the example's pre- and post-processing are `Detector.predict`'s.
+    export.export_checkpoint(random_ckpt, "onnx", (64, 112), str(rand / "yolos.onnx"))
+    detections = _run_readme_example(rand)
+    want = Detector.from_checkpoint(random_ckpt).predict(np.asarray(Image.open(rand / "photo.jpg").convert("RGB")))[0]
+    assert len(detections) == len(want["scores"]) > 0
+    for (name, score, box), w_name, w_score, w_box in zip(sorted(detections, key=lambda d: -d[1]), want["names"],
+                                                           want["scores"], want["boxes"]):
+        assert name == w_name and abs(score - w_score) < 2e-4
+        np.testing.assert_allclose(box, w_box, atol=0.02)

@@ -20,15 +20,17 @@ key masks, as in `Detector`). Boxes in pixels of the original image: (cx - w/2, 
 times (width, height) of the image before resizing.
 
 What each format writes at --out (the artifact appears atomically, after it was run by its own runtime and
-compared with the Flax forward; OUT.json, its description, is written last):
+compared with the Flax forward; OUT.json, its description, beside it):
   stablehlo   a file: `jax.export.Exported.serialize()` bytes, lowered for --platforms (default cpu, cuda and
               tpu). Run: `jax.export.deserialize(bytearray(open(OUT, 'rb').read())).call(pixel_values,
               pixel_mask)` -> dict of the outputs.
-  onnx        a file (opset `ONNX_OPSET`), named inputs and outputs as above, OUT.json's content also in the
-              model's metadata_props. Run with onnxruntime.
-  savedmodel  a directory; signature 'serving_default' (inputs and outputs by name). The model is serialised
-              StableHLO inside an XlaCallModule op (jax2tf native serialisation), traced with `vit.portable_erf`
-              so that TensorFlow's older StableHLO reader accepts it under a symbolic batch size.
+  onnx        a file (opset `ONNX_OPSET`), named inputs and outputs as above, OUT.json's content (before the
+              verification) also in the model's metadata_props['yolos_jax']. Run with onnxruntime.
+  savedmodel  a directory; signature 'serving_default' (inputs and outputs by name), lowered for --platforms,
+              OUT.json's content also in assets.extra/yolos_jax.json. The model is serialised StableHLO inside
+              an XlaCallModule op (jax2tf native serialisation), traced with `vit.portable_erf` so that
+              TensorFlow's older StableHLO reader accepts it under a symbolic batch size (a process-wide switch
+              while the export traces: do not trace other models in other threads meanwhile).
 Exports always compute in float32 with the explicit (einsum) attention, which every runtime converts cleanly;
 the checkpoint's training-time compute settings (dtype, attention kernel, remat) do not carry over.
 """
@@ -47,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from yolos_jax import atomic, inference, vit, weights
+from yolos_jax.data.labels import UNUSED_NAME
 from yolos_jax.errors import UserError, describe_error
 from yolos_jax.yolos import YOLOS
 
@@ -71,16 +74,17 @@ def signature_text() -> str:
     return doc[start:doc.index("\n\n", start)]
 
 
-def parse_image_size(text: Any, patch_size: int = 16) -> tuple[int, int]:
-    """'H,W' (or a pair) -> (H, W): the canvas in pixels, each a positive multiple of `patch_size`."""
+def parse_image_size(text: Any, patch_size: Optional[int] = 16) -> tuple[int, int]:
+    """'H,W' (or a pair) -> (H, W): the canvas in pixels, each a positive multiple of `patch_size` (None: only
+    the syntax is checked)."""
     parts = text.split(",") if isinstance(text, str) else list(text)
     try:
         size = tuple(int(str(p).strip()) for p in parts)
     except ValueError:
         size = ()
-    if len(size) != 2:
+    if len(size) != 2 or min(size) <= 0:
         raise UserError(f"--image_size={text!r}: give the canvas as H,W in pixels, e.g. --image_size=800,1344")
-    if any(s < patch_size or s % patch_size for s in size):
+    if patch_size and any(s < patch_size or s % patch_size for s in size):
         raise UserError(f"--image_size={size[0]},{size[1]}: height and width must be positive multiples of the "
                         f"model's patch size {patch_size}, e.g. "
                         f"{max(patch_size, size[0] // patch_size * patch_size)},"
@@ -88,11 +92,11 @@ def parse_image_size(text: Any, patch_size: int = 16) -> tuple[int, int]:
     return size
 
 
-def export_model(model_cfg: Mapping[str, Any]) -> YOLOS:
-    """The `YOLOS` module an artifact computes: `model_cfg` with `EXPORT_MODEL_FIELDS`."""
+def export_model_config(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The `YOLOS` keyword arguments an artifact computes: `model_cfg` with `EXPORT_MODEL_FIELDS`."""
     cfg = weights.model_cfg_dict(model_cfg)
     cfg.update(EXPORT_MODEL_FIELDS)
-    return YOLOS(**cfg)
+    return cfg
 
 
 def input_specs(image_size: Sequence[int], batch_size: Optional[int], pixel_mask: bool,
@@ -119,7 +123,9 @@ def _outputs_fn(model: YOLOS, pixel_mask: bool) -> Callable[..., dict]:
 
 def write_stablehlo(path: str, model: YOLOS, params: Any, specs: Sequence[jax.ShapeDtypeStruct],
                     platforms: Sequence[str] = DEFAULT_PLATFORMS) -> None:
-    """Serialized `jax.export.Exported` with the parameters as constants; symbolic batch 'B' if unfixed."""
+    """Serialized `jax.export.Exported` of (pixel_values [B, H, W, 3] float32[, pixel_mask [B, H, W] bool]) ->
+    {'logits', 'boxes', 'scores', 'labels'} (the module docstring's table), lowered for `platforms`, with the
+    parameters as constants; B symbolic unless `specs` fix it (a str batch dimension names the symbol)."""
     fn = _outputs_fn(model, len(specs) == 2)
     batch = specs[0].shape[0]
     if not isinstance(batch, int):
@@ -132,7 +138,8 @@ def write_stablehlo(path: str, model: YOLOS, params: Any, specs: Sequence[jax.Sh
 
 def write_onnx(path: str, model: YOLOS, params: Any, specs: Sequence[jax.ShapeDtypeStruct],
                metadata: Mapping[str, Any]) -> None:
-    """ONNX through jax2onnx (parameters as initializers); `metadata` goes into metadata_props as JSON."""
+    """ONNX through jax2onnx: inputs and outputs by name (the module docstring's table; B a symbolic dimension
+    unless `specs` fix it), parameters as initializers, `metadata` as JSON in metadata_props['yolos_jax']."""
     to_onnx, onnx = _onnx_converter()
     with_mask = len(specs) == 2
     fn = _outputs_fn(model, with_mask)
@@ -171,8 +178,10 @@ def _drop_unused_initializers(graph: Any) -> None:
     graph.initializer.extend(keep)
 
 
-def write_savedmodel(path: str, model: YOLOS, params: Any, specs: Sequence[jax.ShapeDtypeStruct]) -> None:
-    """A TF SavedModel with signature 'serving_default'; parameters as (non-trainable) tf.Variables."""
+def write_savedmodel(path: str, model: YOLOS, params: Any, specs: Sequence[jax.ShapeDtypeStruct],
+                     platforms: Sequence[str] = DEFAULT_PLATFORMS) -> None:
+    """A TF SavedModel with signature 'serving_default' (inputs and outputs as `write_stablehlo`'s, by name),
+    lowered for `platforms` (TF picks the one it runs on); parameters as (non-trainable) tf.Variables."""
     tf, jax2tf = _tensorflow()
     with_mask = len(specs) == 2
     fn = _outputs_fn(model, with_mask)
@@ -185,7 +194,8 @@ def write_savedmodel(path: str, model: YOLOS, params: Any, specs: Sequence[jax.S
     if with_mask:
         tf_spec.append(tf.TensorSpec([batch, h, w], tf.bool, name=INPUT_NAMES[1]))
     with vit.portable_erf():
-        converted = jax2tf.convert(fn, polymorphic_shapes=poly, with_gradient=False)
+        converted = jax2tf.convert(fn, polymorphic_shapes=poly, with_gradient=False,
+                                   native_serialization_platforms=tuple(platforms))
 
         @tf.function(autograph=False, input_signature=tf_spec)
         def serve(*inputs):
@@ -252,13 +262,17 @@ def verification_inputs(image_size: Sequence[int], patch_size: int, pixel_mask: 
 
 def compare_outputs(got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray]) -> dict[str, float]:
     """Max |difference| per output between an artifact's outputs and the Flax forward's. 'labels' counts the
-    images' labels whose probability is below the best real-class probability by more than
-    `VERIFY_SCORE_ATOL` (a near-tie may pick either class)."""
+    labels outside [0, C) or whose probability (float64 softmax of the Flax logits) is below the best real
+    class's by more than `VERIFY_SCORE_ATOL` (a near-tie may pick either class)."""
     diffs = {k: float(np.max(np.abs(np.asarray(got[k], np.float64) - np.asarray(want[k], np.float64))))
              for k in ("logits", "boxes", "scores")}
-    probs = jax.nn.softmax(np.asarray(want["logits"], np.float64), axis=-1)[..., :-1]
-    picked = np.take_along_axis(np.asarray(probs), np.asarray(got["labels"], np.int64)[..., None], axis=-1)[..., 0]
-    diffs["labels"] = float(np.sum(picked < np.asarray(probs).max(axis=-1) - VERIFY_SCORE_ATOL))
+    logits = np.asarray(want["logits"], np.float64)
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs = (probs / probs.sum(axis=-1, keepdims=True))[..., :-1]
+    labels = np.asarray(got["labels"], np.int64)
+    in_range = (labels >= 0) & (labels < probs.shape[-1])
+    picked = np.take_along_axis(probs, np.where(in_range, labels, 0)[..., None], axis=-1)[..., 0]
+    diffs["labels"] = float(np.sum(~in_range | (picked < probs.max(axis=-1) - VERIFY_SCORE_ATOL)))
     return diffs
 
 
@@ -281,21 +295,25 @@ def export_checkpoint(checkpoint: str, fmt: str, image_size: Any, out: str, *, o
     """Exports the detector of any converted or training checkpoint (`weights.load_any`) to `out`.
 
     fmt: one of FORMATS. image_size: 'H,W' or (H, W) pixels, multiples of the patch size. batch_size: None for
-    a symbolic batch, else fixed. pixel_mask: whether the artifact takes one. platforms: StableHLO's lowering
-    targets. verify: run the artifact in its runtime on a padded batch and compare with the Flax forward
-    before it replaces anything (`check_close`).
-    Returns the description written to OUT.json (inputs, outputs, canvas, label names, eval resize, source,
-    and the verification's differences). Raises UserError for what the user can fix.
+    a symbolic batch, else fixed. pixel_mask: whether the artifact takes one. platforms: what StableHLO and the
+    SavedModel are lowered for. verify: run the artifact in its runtime on a padded batch and compare with the
+    Flax forward (float32, highest matmul precision) before anything is replaced (`check_close`); skipped, and
+    recorded as skipped, when this machine's backend is not among `platforms`.
+    Returns the description written to OUT.json (inputs, outputs, canvas, eval resize, class names, source,
+    and the verification's differences); for files OUT.json and the artifact replace their targets together.
+    Raises UserError for what the user can fix.
     """
     if fmt not in FORMATS:
         raise UserError(f"--format={fmt!r}: choose one of {', '.join(FORMATS)}")
     out = os.path.abspath(out)
     meta_path = out + ".json"
-    existing = [p for p in (out, meta_path) if os.path.lexists(p)]
-    if existing and not overwrite:
-        raise UserError(f"{existing[0]} already exists: pass --overwrite to replace it, or choose another --out")
+    _check_output(out, fmt, overwrite, checkpoint)
     if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch_size={batch_size}: must be positive (or unset for a symbolic batch size)")
+    unknown = sorted(set(platforms) - set(PLATFORMS))
+    if unknown or not platforms:
+        raise UserError(f"--platforms={','.join(platforms)}: choose from {', '.join(PLATFORMS)}")
+    parse_image_size(image_size, None)  # the syntax before a (possibly long) checkpoint read
     if fmt == "onnx":
         _onnx_converter(), _onnxruntime()
     elif fmt == "savedmodel":
@@ -305,57 +323,114 @@ def export_checkpoint(checkpoint: str, fmt: str, image_size: Any, out: str, *, o
     except (FileNotFoundError, ValueError, OSError) as e:
         raise UserError(f"--checkpoint={checkpoint}: {describe_error(e)}") from None
     size = parse_image_size(image_size, model_cfg["patch_size"])
-    model = export_model(model_cfg)
-    eval_size = int(meta.get("eval_size") or 800)
+    export_cfg = export_model_config(model_cfg)
+    model = YOLOS(**export_cfg)
     specs = input_specs(size, batch_size, pixel_mask, batch_name="B")
-    description = {
-        "format": fmt,
-        "inputs": {n: {"dtype": str(s.dtype), "shape": ["B" if not isinstance(d, int) else d for d in s.shape]}
-                   for n, s in zip(INPUT_NAMES, specs)},
-        "outputs": {"logits": ["B", model_cfg["num_det_tokens"], model_cfg["num_classes"] + 1],
-                    "boxes": ["B", model_cfg["num_det_tokens"], 4], "scores": ["B", model_cfg["num_det_tokens"]],
-                    "labels": ["B", model_cfg["num_det_tokens"]]},
-        "image_size": list(size),
-        "patch_size": model_cfg["patch_size"],
-        "eval_size": eval_size,  # the eval resize `Detector.from_checkpoint` applies (data.transforms.eval_resize_hw)
-        "max_size": int(meta.get("max_size") or eval_size * 1333 // 800),
-        "label_names": meta.get("label_names"),
-        "checkpoint": os.path.abspath(checkpoint),
-        "model": weights.model_cfg_json(model_cfg),
-        "jax": jax.__version__,
-    }
-    if fmt == "stablehlo":
-        description["platforms"] = list(platforms)
+    description = _describe(fmt, checkpoint, export_cfg, meta, specs, platforms)
     params = jax.tree.map(lambda a: np.asarray(a, np.float32), dict(params))
 
-    def build(path: str) -> None:
+    def build(path: str, json_path: Optional[str]) -> None:
         try:
             if fmt == "stablehlo":
                 write_stablehlo(path, model, params, specs, platforms)
             elif fmt == "onnx":
-                write_onnx(path, model, params, specs, description)
+                # The model's own copy of the description (before verification; the checkpoint's name only).
+                write_onnx(path, model, params, specs,
+                           dict(description, checkpoint=os.path.basename(description["checkpoint"].rstrip(os.sep))))
             else:
-                write_savedmodel(path, model, params, specs)
+                write_savedmodel(path, model, params, specs, platforms)
+            if verify and jax.default_backend() in _jax_platforms(platforms):
+                inputs = verification_inputs(size, model_cfg["patch_size"], pixel_mask, batch_size)
+                with jax.default_matmul_precision("highest"):
+                    want = jax.device_get(jax.jit(_outputs_fn(model, pixel_mask))(params, *inputs))
+                diffs = compare_outputs(load_artifact(path, fmt)(*inputs), want)
+                check_close(diffs, f"the {fmt} artifact")
+                description["verified"] = {"batch": int(inputs[0].shape[0]), "max_abs_diff": diffs}
+            else:
+                description["verified"] = None if not verify else (
+                    f"skipped: this machine's backend ({jax.default_backend()}) is not among the platforms")
+            if fmt == "savedmodel":  # the description travels inside the directory too (TF Serving's assets.extra)
+                atomic.write_json_atomic(os.path.join(path, "assets.extra", "yolos_jax.json"), description, indent=1)
+            else:
+                with open(json_path, "w") as f:
+                    json.dump(description, f, indent=1)
         except UserError:
             raise
-        except Exception as e:  # a converter's failure on this model: name it, keep the traceback in the log
+        except Exception as e:  # a converter's or runtime's failure on this model: name it, log the traceback
             log.debug("export failed", exc_info=True)
             raise UserError(f"{fmt} export of {checkpoint} failed: {describe_error(e)}") from e
-        if verify:
-            inputs = verification_inputs(size, model_cfg["patch_size"], pixel_mask, batch_size)
-            want = jax.device_get(jax.jit(_outputs_fn(model, pixel_mask))(params, *inputs))
-            diffs = compare_outputs(load_artifact(path, fmt)(*inputs), want)
-            check_close(diffs, f"the {fmt} artifact")
-            description["verified"] = {"batch": int(inputs[0].shape[0]), "max_abs_diff": diffs}
 
-    if fmt == "savedmodel":
-        atomic.atomic_directory(out, build, overwrite=overwrite)
-    else:
-        if os.path.isdir(out) and not os.path.islink(out):
+    try:
+        if fmt == "savedmodel":
+            if os.path.lexists(meta_path):  # no stale description beside a new directory, even after a crash
+                os.remove(meta_path)
+            atomic.atomic_directory(out, lambda tmp: build(tmp, None), overwrite=overwrite)
+            atomic.write_json_atomic(meta_path, description, indent=1)
+        else:
+            with atomic.atomic_files([out, meta_path]) as (tmp, tmp_json):
+                build(tmp, tmp_json)
+    except OSError as e:
+        raise UserError(f"--out={out}: cannot write there ({describe_error(e)})") from None
+    return description
+
+
+# jax.export's platform names; 'gpu' backends export as 'cuda' or 'rocm'.
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+
+def _jax_platforms(platforms: Sequence[str]) -> set[str]:
+    """Backend names (`jax.default_backend()`) that can run an artifact lowered for `platforms`."""
+    return {"gpu" if p in ("cuda", "rocm") else p for p in platforms}
+
+
+def _check_output(out: str, fmt: str, overwrite: bool, checkpoint: str) -> None:
+    """Refuses an --out that exists without --overwrite, that --overwrite may not replace (a directory that is
+    not an earlier SavedModel export, a file where a directory goes or the reverse), or that holds the checkpoint."""
+    meta_path = out + ".json"
+    existing = [p for p in (out, meta_path) if os.path.lexists(p)]
+    if existing and not overwrite:
+        raise UserError(f"{existing[0]} already exists: pass --overwrite to replace it, or choose another --out")
+    source = os.path.abspath(checkpoint)
+    if source == out or source.startswith(out.rstrip(os.sep) + os.sep):
+        raise UserError(f"--out={out} holds the checkpoint {source}: choose another --out")
+    if os.path.isdir(out) and not os.path.islink(out):
+        if fmt != "savedmodel":
             raise UserError(f"--out={out} is a directory: {fmt} writes one file; give a file name")
-        with atomic.atomic_file(out, suffix=f".{fmt}") as tmp:
-            build(tmp)
-    atomic.write_json_atomic(meta_path, description, indent=1)
+        if not os.path.isfile(os.path.join(out, "saved_model.pb")):
+            raise UserError(f"--out={out} is a directory that holds no SavedModel: --overwrite replaces only an "
+                            "earlier export; choose a new --out")
+    elif os.path.lexists(out) and fmt == "savedmodel":
+        raise UserError(f"--out={out} is a file: savedmodel writes a directory; choose another --out")
+
+
+def _describe(fmt: str, checkpoint: str, model_cfg: Mapping[str, Any], meta: Mapping[str, Any],
+              specs: Sequence[jax.ShapeDtypeStruct], platforms: Sequence[str]) -> dict[str, Any]:
+    """OUT.json's content (before verification): what the artifact takes and gives, and how to feed it."""
+    q, c = model_cfg["num_det_tokens"], model_cfg["num_classes"]
+    batch = specs[0].shape[0] if isinstance(specs[0].shape[0], int) else "B"
+    eval_size = int(meta.get("eval_size") or 800)
+    names = list(meta.get("label_names") or [str(k) for k in range(c)])
+    names += [UNUSED_NAME] * (c - len(names))  # as `Detector`: a head with more classes than named ones
+    description = {
+        "format": fmt,
+        "inputs": {n: {"dtype": str(s.dtype), "shape": [batch, *s.shape[1:]]} for n, s in zip(INPUT_NAMES, specs)},
+        "outputs": {"logits": {"dtype": "float32", "shape": [batch, q, c + 1]},
+                    "boxes": {"dtype": "float32", "shape": [batch, q, 4]},
+                    "scores": {"dtype": "float32", "shape": [batch, q]},
+                    "labels": {"dtype": "int32", "shape": [batch, q]}},
+        "image_size": [int(d) for d in specs[0].shape[1:3]],
+        "patch_size": model_cfg["patch_size"],
+        # The eval resize `Detector.from_checkpoint` applies (`data.transforms.eval_resize_hw`).
+        "eval_size": eval_size,
+        "max_size": int(meta.get("max_size") or eval_size * 1333 // 800),
+        "label_names": names[:c],
+        "checkpoint": os.path.abspath(checkpoint),
+        "step": meta.get("step"),
+        "model": weights.model_cfg_json(model_cfg),
+        "jax": jax.__version__,
+    }
+    if fmt != "onnx":
+        description["platforms"] = list(platforms)
     return description
 
 
@@ -393,6 +468,7 @@ def _tensorflow():
 
 @contextlib.contextmanager
 def _quiet_loggers(*names: str):
+    """Within the block, the named loggers pass ERROR records only."""
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
