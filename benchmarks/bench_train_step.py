@@ -20,6 +20,10 @@ faster), the spread of per-round ratios, CPU seconds per step, the load average,
 step spent inside the host Hungarian callback (`matcher._solve_on_host`, wrapped here with a timer) —
 plus the jitted matching call on its own, and HF's own scipy share.
 
+Also printed: the model's FLOPs per step (forward + backward, XLA's cost analysis of the same model with
+explicit-matmul attention), the FLOP/s each side achieves with them, and the FLOP/s of a large fp32 matmul on
+the same cores measured in the same run: each step's share of that limit is the figure to raise.
+
 On a machine shared with other processes, torch's OpenMP workers spin-wait for descheduled peers, which
 inflates HF's multi-threaded times far more than XLA's: also run with `--threads=1`, or with
 `OMP_WAIT_POLICY=PASSIVE` in the environment, for the like-for-like ratio (see RESULTS_train_step.md).
@@ -38,13 +42,14 @@ import cpu_setup  # noqa: E402  (benchmarks/; pins cores, XLA flags, allocator: 
 THREADS = cpu_setup.prepare(sys.argv[1:], pin=True)
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 import transformers.loss.loss_for_object_detection as hf_loss_lib  # noqa: E402
 from transformers import YolosConfig, YolosForObjectDetection  # noqa: E402
 
-from yolos_jax import convert, data, losses, matcher, optim, sharding, train_step  # noqa: E402
+from yolos_jax import convert, data, losses, matcher, optim, sharding, speed, train_step  # noqa: E402
 from yolos_jax.yolos import YOLOS  # noqa: E402
 
 IMAGE_HW = (512, 688)
@@ -218,7 +223,36 @@ def build(args):
     opt = hf_adamw(hf, lr, optim_cfg.weight_decay)
     pixel_values, labels = hf_inputs(batch)
     return dict(hf=hf, opt=opt, pixel_values=pixel_values, labels=labels, step=step, state=state,
-                batch=device_batch, model_cfg=model_cfg, match=lambda: match_fn(match_args, targets))
+                batch=device_batch, model_cfg=model_cfg, match=lambda: match_fn(match_args, targets),
+                model_flops=model_step_flops(params, model_cfg, batch))
+
+
+def model_step_flops(params, model_cfg: dict, batch: dict) -> float:
+    """The model's FLOPs in one train step: forward + backward of the batch, from XLA's cost analysis of the
+    same model with explicit-matmul attention (`speed.compiled_flops`; loss, matching and optimiser excluded,
+    a fraction of a percent). One figure for both sides: the same model on the same batch."""
+    count_model = YOLOS(**(model_cfg | {"attention_impl": "einsum"}))
+    images, mask = jax.device_put(batch["image"]), jax.device_put(batch["pixel_mask"])
+
+    def total(p):
+        out = count_model.apply({"params": p}, images, mask)
+        return jnp.sum(out["logits"]) + jnp.sum(out["boxes"])
+
+    return speed.compiled_flops(jax.jit(jax.grad(total)).lower(params).compile())
+
+
+def matmul_flops_per_s(size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a large float32 matmul on the same cores (XLA): the machine's limit a step is measured against."""
+    rng = np.random.default_rng(0)
+    a, b = (jax.device_put(rng.standard_normal((size, size)).astype(np.float32)) for _ in range(2))
+    matmul = jax.jit(jnp.dot)
+    jax.block_until_ready(matmul(a, b))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(matmul(a, b))
+        times.append(time.perf_counter() - t0)
+    return 2.0 * size**3 / float(np.median(times))
 
 
 def first_step_check(b) -> tuple[dict, dict, float]:
@@ -325,12 +359,20 @@ def main(argv=None):
     print(f"CPU time per step (process, all threads): ours median {np.median(c_ours):.2f} s, HF "
           f"{np.median(c_hf):.2f} s, ratio {np.median(c_ours) / np.median(c_hf):.3f}; cores kept busy "
           f"ours {np.median(c_ours / t_ours):.2f}, HF {np.median(c_hf / t_hf):.2f} of {args.threads}")
+    # The step's share of the machine's limit: model FLOPs per step over the step time, against a large matmul
+    # on the same cores measured now (after the timed rounds, under the same load).
+    limit = matmul_flops_per_s()
+    flops = b["model_flops"]
+    print(f"model FLOPs per step {flops / 1e9:.1f} G (forward + backward, XLA cost analysis); achieved: ours "
+          f"{flops / np.median(t_ours) / 1e9:.1f} GFLOP/s, HF {flops / np.median(t_hf) / 1e9:.1f} GFLOP/s; "
+          f"fp32 matmul on the same {args.threads} core(s) {limit / 1e9:.1f} GFLOP/s: ours at "
+          f"{100 * flops / np.median(t_ours) / limit:.1f}% of it, HF at {100 * flops / np.median(t_hf) / limit:.1f}%")
     if np.median(loads) > os.cpu_count():
         print(f"NOTE: the machine is oversubscribed (load {np.median(loads):.1f} > {os.cpu_count()} CPUs). With "
               "several threads, torch's OpenMP workers spin-wait for descheduled peers and HF's wall and CPU "
               "times inflate far more than XLA's; compare with --threads=1 or OMP_WAIT_POLICY=PASSIVE.")
     return dict(ours=t_ours, hf=t_hf, cpu_ours=c_ours, cpu_hf=c_hf, match_ours=m_ours, match_hf=m_hf,
-                match_call=np.array(match_call), loads=loads)
+                match_call=np.array(match_call), loads=loads, model_flops=flops, matmul_flops_per_s=limit)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,10 @@ def count_params(params: Any) -> int:
     return int(sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params)))
 
 
-def _cost_flops(compiled: Any) -> float:
+def compiled_flops(compiled: Any) -> float:
+    """FLOPs of one call of a compiled executable (`jax.jit(f).lower(...).compile()`), from XLA's cost analysis
+    (2 per multiply-add). Count on explicit-matmul attention (`attention_impl='einsum'`): the analysis counts a
+    loop body once and a fused custom call not at all."""
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
         cost = cost[0] if cost else {}
@@ -66,7 +69,7 @@ def measure_speed(model: Any, params: Any, images: Iterable[np.ndarray], *, warm
         if x.shape not in compiled:
             spec = jax.ShapeDtypeStruct(x.shape, x.dtype)
             compiled[x.shape] = fwd.lower(params, spec).compile()  # the timed executable (no compile in the loop)
-            flops_by_shape[x.shape] = _cost_flops(count_fwd.lower(params, spec).compile())
+            flops_by_shape[x.shape] = compiled_flops(count_fwd.lower(params, spec).compile())
     device_imgs = [jax.device_put(x) for x in imgs]
     for _ in range(int(warmup)):
         for x in device_imgs:
