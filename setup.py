@@ -32,6 +32,12 @@ EXTRAS = {
     "export": EXPORT,
     # .pth conversion needs torch at conversion time only.
     "torch": ["torch"],
+    # Accelerators: jax's own extras of the same name (jaxlib with the CUDA 12 or 13 plugin and NVIDIA's wheels,
+    # or with libtpu; all three defined by jax 0.10.2's metadata), so jax picks the matching versions.
+    # tests/test_launch.py checks the names against the installed jax.
+    "cuda12": ["jax[cuda12]"],
+    "cuda13": ["jax[cuda13]"],
+    "tpu": ["jax[tpu]"],
 }
 
 setup(
