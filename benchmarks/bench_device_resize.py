@@ -90,9 +90,10 @@ def time_to_global_batch(host_batches: list[dict]) -> tuple[int, list[float], fl
     import jax
 
     from yolos_jax import data, sharding
-    from yolos_jax.run_config import default_config
 
-    spec = sharding.batch_sharding(sharding.make_mesh(default_config("s").mesh))
+    # The runs' mesh (run_config uses the default mesh config), built without run_config, whose imports reach
+    # pycocotools, which the GPU machines lack.
+    spec = sharding.batch_sharding(sharding.make_mesh(sharding.default_mesh_config()))
     shapes = set()
     for b in host_batches:
         key = (b["source_image"].shape, b["pixel_mask"].shape)
