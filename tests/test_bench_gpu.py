@@ -48,7 +48,7 @@ def test_tiny_run_has_a_row_per_case(tmp_path):
     out = tmp_path / "bench_gpu.json"
     # One device is all it uses: without the suite's 8 simulated ones it compiles faster.
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    proc = subprocess.run([sys.executable, "-c", RUNNER, BENCHMARKS, "--tiny", "--variants=ti,s,b", "--batch=ti=3",
+    proc = subprocess.run([sys.executable, "-c", RUNNER, BENCHMARKS, "--tiny", "--variants=ti,s", "--batch=ti=3",
                            f"--json-out={out}"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     printed = proc.stdout
@@ -56,7 +56,7 @@ def test_tiny_run_has_a_row_per_case(tmp_path):
     results = json.loads(out.read_text())
     table = printed[printed.index("Device: "):]
     rows = table_rows(table)
-    assert sorted(rows) == ["b", "s", "ti"]
+    assert sorted(rows) == ["s", "ti"]  # (B is S with more width and depth: not worth its compile here)
     for variant, cells in rows.items():
         assert cells[1] == "64x96" and cells[2] == ("3" if variant == "ti" else "2"), cells
         ours_ips, hf_ips, ratio, tflop_step, tflops = (number(c) for c in cells[3:8])
@@ -73,7 +73,7 @@ def test_tiny_run_has_a_row_per_case(tmp_path):
         assert r["flops_model"] > 0 and np.isfinite(r["flops_compiled"])
         assert r["ours_b1_ms"] > 0 and r["hf_b1_ms"] > 0 and r["step_mem_bytes"] > 0
     # Wider models cost more per step.
-    assert by_variant["ti"]["flops_model"] < by_variant["s"]["flops_model"] < by_variant["b"]["flops_model"]
+    assert by_variant["ti"]["flops_model"] < by_variant["s"]["flops_model"]
 
     resize = results["resize"]
     assert resize["to_device_ms_per_image"] > 0 and resize["decode_ms_per_image"] > 0
