@@ -114,17 +114,35 @@ def await_lost_peer_verdict() -> None:
 def keep_freed_memory() -> bool:
     """Tells glibc's malloc to keep freed memory in the process rather than hand it back to the kernel.
 
-    Why: XLA:CPU allocates a step's temporaries afresh on every step (YOLOS-Ti at the train benchmark's
-    shape: ~800 MB). With glibc's defaults, blocks that large come from mmap and go back to the kernel
-    on free, so every step page-faults its whole temp buffer in again: ~0.2M minor faults and 0.35-1.4 s
-    of system time on a 2.5 s step. Raising the mmap and trim thresholds (mallopt M_MMAP_THRESHOLD,
-    M_TRIM_THRESHOLD) serves them from the heap and keeps the pages: the process's resident memory
-    stays at its peak instead of dropping between steps. Equivalent to starting the process with
-    MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set. GPU and TPU memory are not affected.
+    Why: XLA:CPU allocates a step's temporaries afresh on every step (the demo: one 236 MB block, YOLOS-Ti at
+    the train benchmark's shape: ~800 MB). Memory glibc gives back to the kernel must be page-faulted in again
+    on the next step, one fault per 4 KiB page: 0.35-1.4 s of system time on a 2.5 s step. Three settings
+    (mallopt), equivalent to starting the process with MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ and
+    MALLOC_ARENA_MAX=1 set, serve those blocks from the heap and keep their pages:
 
-    Applies only with glibc (Linux); a no-op elsewhere or with YOLOS_JAX_KEEP_FREED_MEMORY=0.
-    Returns whether both settings were applied. Call before the first large allocation.
+    * M_MMAP_THRESHOLD, M_TRIM_THRESHOLD at their maximum: no block is mmapped (and unmapped on free), and
+      the heap's top is never trimmed.
+    * M_ARENA_MAX=1: every thread allocates from the main heap. XLA:CPU runs each step on its own worker
+      threads, and glibc gives a thread other than the main one its own arena, made of 64 MiB heaps: a block
+      larger than that is always mmapped there, whatever the threshold, and unmapped on free (the demo:
+      60k faults a step). One arena costs a lock shared by the threads; the training threads allocate few,
+      large blocks, and small ones come from glibc's per-thread cache. An explicit $MALLOC_ARENA_MAX wins.
+
+    The process's resident memory stays at its peak instead of dropping between steps. GPU and TPU memory are
+    not affected.
+
+    The settings are process-wide and the last mallopt call wins: TensorFlow's tf.data lowers the mmap
+    threshold again to 128 KiB the first time a process builds a `Dataset.from_generator` (its mitigation of a
+    Python 3.11 leak), which silently undid this one for the whole run — every XLA:CPU temporary of 128 KiB or
+    more was mmapped and unmapped again (issue 19: 40% of the demo's CPU time in the kernel).
+    `data.tf_setup.get_tf` therefore sets TF off that once-per-process call and then calls this again
+    (`freed_memory_kept` says whether it should).
+
+    Applies only with glibc (Linux); a no-op elsewhere or with YOLOS_JAX_KEEP_FREED_MEMORY=0. Call first thing
+    in the process, before any thread allocates (the arena limit binds only threads without an arena yet).
+    Returns whether the settings were applied.
     """
+    global _FREED_MEMORY_KEPT
     if os.environ.get("YOLOS_JAX_KEEP_FREED_MEMORY", "1") == "0":
         return False
     try:
@@ -132,9 +150,22 @@ def keep_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # not glibc (macOS, musl, Windows)
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8  # glibc's malloc.h
     limit = ctypes.c_int(2**31 - 1)  # mallopt takes an int
-    return bool(mallopt(m_mmap_threshold, limit)) and bool(mallopt(m_trim_threshold, limit))
+    applied = bool(mallopt(m_mmap_threshold, limit)) and bool(mallopt(m_trim_threshold, limit))
+    if applied and not os.environ.get("MALLOC_ARENA_MAX"):
+        applied = bool(mallopt(m_arena_max, ctypes.c_int(1)))
+    _FREED_MEMORY_KEPT = _FREED_MEMORY_KEPT or applied
+    return applied
+
+
+_FREED_MEMORY_KEPT = False  # set by the first successful keep_freed_memory() of this process
+
+
+def freed_memory_kept() -> bool:
+    """Whether `keep_freed_memory` took effect in this process (an entry script's `setup_host` called it): a
+    library that overrides glibc's malloc settings must then be followed by another `keep_freed_memory()`."""
+    return _FREED_MEMORY_KEPT
 
 
 MULTIPROCESS_ENV = ("TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
