@@ -77,6 +77,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import YolosConfig, YolosForObjectDetection  # noqa: E402
 
+from hf_reference import hf_adamw  # noqa: E402
 from yolos_jax import convert, data, losses, matcher, optim, sharding, train_step  # noqa: E402
 from yolos_jax.config import model_config  # noqa: E402
 from yolos_jax.yolos import YOLOS  # noqa: E402
@@ -125,19 +126,6 @@ def hf_model(cfg) -> YolosForObjectDetection:
             else:
                 torch.nn.init.trunc_normal_(p, std=0.02, a=-0.04, b=0.04)
     return model.train()
-
-
-def hf_adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """torch AdamW with the original's groups: no decay on 1-D params, position embeddings, [CLS], [DET]."""
-    no_decay_names = ("position_embeddings", "cls_token", "detection_tokens")
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if name.startswith("vit.") and (p.ndim <= 1 or any(n in name for n in no_decay_names)):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
 def converted(hf: YolosForObjectDetection) -> tuple[dict, dict]:

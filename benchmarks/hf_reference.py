@@ -1,0 +1,19 @@
+"""The HF PyTorch side shared by the train-step benchmarks (bench_train_step.py on CPU, bench_gpu.py): imports
+only torch, so either may use it without the other's process set-up."""
+
+from __future__ import annotations
+
+import torch
+
+
+def hf_adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """torch AdamW with the original's groups: no decay on 1-D params, position embeddings, [CLS], [DET]."""
+    no_decay_names = ("position_embeddings", "cls_token", "detection_tokens")
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if name.startswith("vit.") and (p.ndim <= 1 or any(n in name for n in no_decay_names)):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999), eps=1e-8)
