@@ -167,13 +167,17 @@ def test_chunked_attention_forward_equals_einsum_form():
     assert float(jnp.abs(a - b).max()) <= 1e-6
 
 
-def test_resolve_impl():
-    """None runs the chunked kernel on CPU (the tests' backend); other names pass through; names outside
-    ATTENTION_IMPLS are refused, naming the choices."""
+def test_resolve_impl(monkeypatch):
+    """None runs the chunked kernel on CPU (the tests' backend), the splash kernel on TPU and jax's own choice
+    on GPU; other names pass through; names outside ATTENTION_IMPLS are refused, naming the choices."""
     assert jax.default_backend() == "cpu"
     assert attention.resolve_impl(None) == "chunked"
-    for impl in ("xla", "cudnn", "einsum", "chunked"):
+    for impl in ("xla", "cudnn", "einsum", "chunked", "splash"):
         assert attention.resolve_impl(impl) == impl
+    for backend, impl in (("tpu", "splash"), ("gpu", None)):
+        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+        assert attention.resolve_impl(None) == impl, backend
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="attention_impl must be one of"):
         attention.resolve_impl("flash")
 

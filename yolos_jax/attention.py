@@ -8,7 +8,8 @@ attended to. Softmax arithmetic is float32 whatever the inputs' dtype; outputs a
 Public API:
   CPU_QUERY_CHUNK, ATTENTION_IMPLS, resolve_impl: the query block size and the implementations;
   softmax_attend, softmax_attention: the explicit (einsum) forms, any backend;
-  attention_heads_major, chunked_self_attention, dot_product_attention: attention by implementation;
+  attention_heads_major, chunked_self_attention, dot_product_attention: attention by implementation
+    ('splash', the Pallas TPU kernel with the key mask as segment ids, lives in `yolos_jax/attention_tpu.py`);
   keys_valid_first: a key mask as per-image lengths of reordered keys (cuDNN's fused kernel takes only those);
   key_bias, to_blocks, from_blocks, blocked_attention: the blocked kernel's pieces, which the windowed
     kernels (`yolos_jax/attention_windowed.py`) reuse with one window per batch row.
@@ -36,16 +37,17 @@ Dtype = Any
 # isolated attention timings at both Ti and S sizes.
 CPU_QUERY_CHUNK = 128
 
-ATTENTION_IMPLS = (None, "xla", "cudnn", "einsum", "chunked")
+ATTENTION_IMPLS = (None, "xla", "cudnn", "einsum", "chunked", "splash")
 
 
 def resolve_impl(impl: Optional[str]) -> Optional[str]:
     """The attention implementation to run: `impl` checked against `ATTENTION_IMPLS`, None mapped to
-    'chunked' on CPU (elsewhere None stays: `jax.nn.dot_product_attention`'s own choice)."""
+    'chunked' on CPU and 'splash' on TPU (elsewhere None stays: `jax.nn.dot_product_attention`'s own
+    choice, cuDNN's fused kernel on GPUs that have it)."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
-    if impl is None and jax.default_backend() == "cpu":
-        return "chunked"
+    if impl is None:
+        return {"cpu": "chunked", "tpu": "splash"}.get(jax.default_backend())
     return impl
 
 
@@ -284,10 +286,16 @@ def dot_product_attention(
 ) -> jax.Array:
     """Softmax attention. q, k, v: [B, T, H, Dh]; key_mask: [B, S] bool or None. Returns [B, T, H, Dh].
 
-    impl: 'einsum' | 'chunked' (our head-major forms), else passed to `jax.nn.dot_product_attention`
-    (None there means jax's own choice; callers map None to 'chunked' on CPU first: `resolve_impl`), with
-    the key mask as per-image lengths of reordered keys (`keys_valid_first`), which cuDNN runs fused.
+    impl: 'einsum' | 'chunked' (our head-major forms), 'splash' (the Pallas TPU kernel, the key mask as
+    segment ids: `attention_tpu.splash_attention`), else passed to `jax.nn.dot_product_attention` (None there
+    means jax's own choice; callers map None first: `resolve_impl`), with the key mask as per-image lengths
+    of reordered keys (`keys_valid_first`), which cuDNN runs fused.
     """
+    if impl == "splash":
+        # Imported here: attention_tpu imports this module (its fallback), and only TPU runs need Pallas.
+        from yolos_jax import attention_tpu
+
+        return attention_tpu.splash_attention(q, k, v, key_mask)
     if impl in ("einsum", "chunked"):
         chunk = CPU_QUERY_CHUNK if impl == "chunked" else None
         out = attention_heads_major(*(jnp.swapaxes(a, 1, 2) for a in (q, k, v)), key_mask, chunk)

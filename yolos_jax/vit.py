@@ -209,9 +209,11 @@ class SelfAttention(nn.Module):
     `attn.qkv` (transposed), so DeiT/YOLOS checkpoints map onto it directly.
 
     attention_impl:
-      None: 'chunked' when running on CPU, else `jax.nn.dot_product_attention`'s own choice (cuDNN's
-        fused flash attention on GPUs that support it, XLA otherwise);
+      None: 'chunked' when running on CPU, 'splash' on TPU, else `jax.nn.dot_product_attention`'s own
+        choice (cuDNN's fused flash attention on GPUs that support it, XLA otherwise);
       'xla' | 'cudnn': passed to `jax.nn.dot_product_attention`;
+      'splash': the Pallas TPU splash-attention kernel, the key mask as segment ids, per device under a
+        mesh in context (`yolos_jax/attention_tpu.py`; Pallas interpret mode off TPU);
       'einsum': explicit head-major matmuls and softmax (any backend);
       'chunked': the same over blocks of `attention.CPU_QUERY_CHUNK` queries (the fastest on CPU), with a
         flash-attention style hand-written backward (`attention.chunked_self_attention`).
