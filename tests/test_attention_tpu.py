@@ -137,11 +137,11 @@ def test_yolos_splash_equals_einsum(monkeypatch, variant):
         assert err <= 1e-5, (name, err)
 
 
-@pytest.mark.parametrize("batch", [8, 6])
-def test_splash_shard_maps_over_the_mesh_in_context(monkeypatch, batch):
+@pytest.mark.parametrize("batch, masked", [(8, True), (6, True), (6, False)])
+def test_splash_shard_maps_over_the_mesh_in_context(monkeypatch, batch, masked):
     """With a ('data', 'fsdp') = (4, 2) mesh set by `jax.set_mesh`, each device runs the kernel on its own
-    images (one each: 8 images split as the train step splits them, or 6 replicated ones padded to 8), and
-    outputs and gradients equal the masked path's."""
+    images (one each: 8 images split as the train step splits them, or 6 replicated ones padded to 8), with
+    a key mask or none, and outputs and gradients equal the masked path's."""
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices (tests/conftest.py simulates them on CPU)")
     cfg = sharding.default_mesh_config()
@@ -156,14 +156,14 @@ def test_splash_shard_maps_over_the_mesh_in_context(monkeypatch, batch):
 
     monkeypatch.setattr(attention_tpu, "splash_attention_local", recording)
     q, k, v, d_out = _inputs(batch, 2, TOKENS, 64, jnp.float32, seed=2)
-    key_mask = jnp.asarray(_key_mask(batch))
-    masked = _vjp("einsum", q, k, v, key_mask, d_out)
+    key_mask = jnp.asarray(_key_mask(batch)) if masked else None
+    reference = _vjp("einsum", q, k, v, key_mask, d_out)
     placement = sharding.batch_sharding(mesh) if batch % 8 == 0 else sharding.replicated(mesh)
     q, k, v, d_out, key_mask = jax.device_put((q, k, v, d_out, key_mask), placement)
     with jax.set_mesh(mesh):
         splash = _vjp("splash", q, k, v, key_mask, d_out)
     assert local_batches and set(local_batches) == {1}, local_batches
-    errors = _max_errors(splash, masked)
+    errors = _max_errors(splash, reference)
     assert max(errors) <= 1e-5, errors
 
 

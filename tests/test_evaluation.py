@@ -1,5 +1,5 @@
-"""The Evaluator end to end on a generated COCO-format set (one device, an 8-device mesh, two processes), and
-the label-map check of a checkpoint against the dataset."""
+"""The Evaluator end to end on a generated COCO-format set (one device, an 8-device mesh, two processes; the
+splash attention kernel under its mesh), and the label-map check of a checkpoint against the dataset."""
 
 import json
 import os
@@ -125,6 +125,43 @@ def test_evaluator_on_an_8_device_mesh_equals_one_device(synth):
         ev8.place(params)))
     np.testing.assert_array_equal(four["image_id"], one["image_id"])
     np.testing.assert_allclose(four["scores"], one["scores"], rtol=1e-5, atol=1e-6)
+
+
+def test_splash_predict_runs_the_kernel_under_the_mesh(synth, monkeypatch):
+    """attention_impl='splash' (Pallas interpret mode on CPU): on an 8-device mesh each device runs the kernel
+    on its own image; with no mesh (one device of the 8) predict runs under a mesh of that device, so the
+    kernel takes the whole batch there (on a multi-chip TPU: not the no-mesh fallback). Both predict what
+    'einsum' does."""
+    from yolos_jax import attention_tpu, sharding
+
+    cfg, model, params = synth
+    cfg8 = ml_collections.ConfigDict(cfg.to_dict())
+    cfg8.eval_batch_size = 8
+    calls = []  # (images, the mesh axes manual there) of each kernel call traced
+    local = attention_tpu.splash_attention_local
+
+    def recording(q, *args, **kwargs):
+        calls.append((q.shape[0], tuple(sorted(jax.sharding.get_abstract_mesh().manual_axes))))
+        return local(q, *args, **kwargs)
+
+    monkeypatch.setattr(attention_tpu, "splash_attention_local", recording)
+
+    def predict(impl, mesh):
+        ev = evaluation.Evaluator(evaluation.default_eval_config(), cfg8, model.clone(attention_impl=impl), mesh=mesh)
+        return _by_image(ev.predict(params if mesh is None else ev.place(params), max_images=8))  # one batch
+
+    want = predict("einsum", None)
+    assert not calls
+    mesh = sharding.make_mesh(sharding.default_mesh_config())
+    on_mesh = predict("splash", mesh)
+    assert calls and set(calls) == {(1, ("data", "fsdp"))}, calls
+    calls.clear()
+    one_device = predict("splash", None)
+    assert calls and set(calls) == {(8, ("data", "fsdp"))}, calls  # a one-device mesh in context
+    for got in (on_mesh, one_device):
+        np.testing.assert_array_equal(got["image_id"], want["image_id"])
+        np.testing.assert_allclose(got["scores"], want["scores"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got["boxes"], want["boxes"], rtol=1e-5, atol=1e-3)
 
 
 def test_eval_resamples_on_host_even_with_resize_on_device(synth):

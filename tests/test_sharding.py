@@ -1,4 +1,5 @@
-"""Mesh and shardings: host trees placed on the mesh (`place_host`) hold exactly the host values, laid out as asked."""
+"""Mesh and shardings: host trees placed on the mesh (`place_host`) hold exactly the host values, laid out as asked;
+`mesh_jit` traces under the mesh and changes nothing else."""
 
 import jax
 import numpy as np
@@ -21,3 +22,40 @@ def test_place_host_with_one_sharding_or_a_tree_of_them():
     assert placed["w"].addressable_shards[1].data.shape == (1, 4)
     np.testing.assert_array_equal(np.asarray(placed["w"]), tree["w"])
     np.testing.assert_array_equal(np.asarray(placed["b"]["x"]), tree["b"]["x"])
+
+
+def test_mesh_jit_traces_under_the_mesh_and_changes_no_sharding():
+    """`mesh_jit`: the traced code sees the mesh (calls, `.lower`, `.eval_shape`), while the results and their
+    shardings (in/out shardings, `with_sharding_constraint`) are the plain `jax.jit`'s; the compiled executable
+    runs outside the context."""
+    cfg = sharding.default_mesh_config()
+    cfg.fsdp = 2
+    mesh = sharding.make_mesh(cfg)
+    seen = []
+
+    def f(w, x):
+        seen.append(jax.sharding.get_abstract_mesh().shape_tuple)
+        y = jax.lax.with_sharding_constraint(x * 2, NamedSharding(mesh, P(None, sharding.BATCH_AXES)))
+        return {"w": w + 1, "y": y.sum(1) @ w}
+
+    w_sharding = NamedSharding(mesh, P(None, sharding.FSDP_AXIS))
+    kwargs = dict(in_shardings=(w_sharding, sharding.batch_sharding(mesh)),
+                  out_shardings={"w": w_sharding, "y": sharding.replicated(mesh)})
+    w = jax.device_put(np.arange(16, dtype=np.float32).reshape(4, 4), w_sharding)
+    x = jax.device_put(np.arange(96, dtype=np.float32).reshape(8, 3, 4), sharding.batch_sharding(mesh))
+    plain = jax.jit(f, **kwargs)(w, x)
+    assert seen == [()]
+    in_mesh = sharding.mesh_jit(f, mesh, **kwargs)
+    got = in_mesh(w, x)
+    assert seen[-1] == (("data", 4), ("fsdp", 2))
+    for k in plain:
+        assert got[k].sharding == plain[k].sharding, k
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(plain[k]))
+    in_mesh(w, x)
+    assert len(seen) == 2 and in_mesh.__wrapped__ is f  # traced once; other attributes are the jitted function's
+    # New functions (jax caches traces per function and context): `.lower` and `.eval_shape` trace under the mesh.
+    compiled = sharding.mesh_jit(lambda w, x: f(w, x), mesh, **kwargs).lower(w, x).compile()
+    assert len(seen) == 3 and seen[-1] == seen[1]
+    np.testing.assert_array_equal(np.asarray(compiled(w, x)["y"]), np.asarray(plain["y"]))
+    assert sharding.mesh_jit(lambda w, x: f(w, x), mesh).eval_shape(w, x)["y"].shape == (8, 4)
+    assert len(seen) == 4 and seen[-1] == seen[1]

@@ -1,17 +1,18 @@
 """The sharded train step: 8 devices == 1 device, FSDP == replicated, 2 processes == 1 process,
-non-finite updates never applied."""
+non-finite updates never applied; the splash attention kernel per device under the step's mesh."""
 
 import os
 import socket
 import subprocess
 import sys
+import warnings
 
 import jax
 import numpy as np
 import pytest
 
 import train_fixtures as tf_
-from yolos_jax import data, sharding, train_step
+from yolos_jax import attention_tpu, data, matcher, sharding, train_step
 
 HERE = os.path.dirname(__file__)
 
@@ -152,3 +153,62 @@ def test_ema_follows_the_numpy_reference_with_warm_up():
             np.testing.assert_allclose(emas[t - 1][k], expected[k], rtol=0, atol=1e-6, err_msg=f"update {t} {k}")
     moved = max(float(np.max(np.abs(emas[-1][k] - params[-1][k]))) for k in expected)
     assert moved > 1e-4  # the average lags the parameters: it is not a copy
+
+
+# --------------------------------------------------------------------------------------------------
+# The splash attention kernel in the sharded step (`sharding.mesh_jit` puts the mesh in context)
+# --------------------------------------------------------------------------------------------------
+
+
+def _splash_model(monkeypatch, impl):
+    """Makes `tf_.build_step` build the tiny model with attention_impl=impl."""
+    tiny = tf_.tiny_model
+    monkeypatch.setattr(tf_, "tiny_model", lambda: tiny().clone(attention_impl=impl))
+
+
+def test_splash_step_runs_the_kernel_per_device_and_equals_einsum(monkeypatch):
+    """attention_impl='splash' (Pallas interpret mode on CPU) on a ('data', 'fsdp') = (4, 2) mesh: the step's
+    attention is `shard_map`ped, each device running the kernel on its own image (8 images, one each), and two
+    steps give einsum's losses, parameters and optimiser state within 1e-5."""
+    calls = []  # (images, the mesh axes manual there) of each kernel call traced
+    local = attention_tpu.splash_attention_local
+
+    def recording(q, *args, **kwargs):
+        calls.append((q.shape[0], tuple(sorted(jax.sharding.get_abstract_mesh().manual_axes))))
+        return local(q, *args, **kwargs)
+
+    monkeypatch.setattr(attention_tpu, "splash_attention_local", recording)
+    _splash_model(monkeypatch, "splash")
+    state_s, hist_s = _run(jax.devices(), fsdp=2, steps=2)
+    # The step's calls run inside the shard_map over both axes; none sees the whole batch. (The fixture's
+    # state init, a plain jit of one image, calls the kernel directly in interpret mode.)
+    assert (1, ("data", "fsdp")) in calls and all(b == 1 for b, _ in calls), calls
+    _splash_model(monkeypatch, "einsum")
+    state_e, hist_e = _run(jax.devices(), fsdp=2, steps=2)
+    for ms, me in zip(hist_s, hist_e):
+        assert ms["finite"] == 1.0
+        np.testing.assert_allclose(ms["loss"], me["loss"], rtol=0, atol=1e-5)
+    _assert_close(state_s["params"], state_e["params"])
+    _assert_close(state_s["opt_state"], state_e["opt_state"])
+
+
+def test_splash_step_lowers_for_tpu_with_the_kernel_per_device(monkeypatch):
+    """The real (not interpreted) kernel: the step over an 8-device mesh lowers for TPU from this CPU host with
+    the forward and both backward kernels, and without the no-mesh fallback's warning (which would mean the
+    xla path); the same step's plain `jax.jit` (no mesh in context) takes the fallback."""
+    _splash_model(monkeypatch, "splash")
+    # The on-device matcher: the host one's callback cannot be lowered for TPU from a CPU host.
+    on_device = matcher.default_matcher_config()
+    on_device.implementation = "device"
+    monkeypatch.setattr(matcher, "default_matcher_config", lambda: on_device)
+    state, step, mesh = tf_.build_step(jax.devices(), fsdp=2)  # (the fixture's state init is a plain jit)
+    batch = data.to_global_batch(train_step.select_train_batch(tf_.fake_batch(8, seed=0)),
+                                 sharding.batch_sharding(mesh))
+    monkeypatch.setattr(attention_tpu, "INTERPRET", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fallback's warning would fail the test
+        text = step.trace(state, batch).lower(lowering_platforms=("tpu",)).as_text()  # no compile: no TPU here
+    # forward, dq and dk/dv: the two blocks' identical calls share one lowered function per kernel.
+    assert text.count("tpu_custom_call") == 3
+    with pytest.warns(UserWarning, match="without a mesh in context"):
+        step.jitted.trace(state, batch)

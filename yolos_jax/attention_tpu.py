@@ -37,10 +37,9 @@ automatically partitioned" when one sits in a jit over several devices), so
   * without a mesh in context, on one device the kernel runs directly; with several devices (not in
     interpret mode) the jit's device assignment is unknown at trace time, so, unless `NO_MESH_FALLBACK` is
     None, the call takes `attention.dot_product_attention(..., 'xla')` (the reordered-keys path, which GSPMD
-    partitions) and warns. `trainer.py` and `evaluation.py` jit over a mesh without putting it in
-    context today: on a multi-chip TPU they take that fallback until the jit is traced under
-    `jax.set_mesh(mesh)`. Set `NO_MESH_FALLBACK = None` to call the kernel anyway (right when the jit runs on
-    one device of several).
+    partitions) and warns. The train step, the train state's init and evaluation's predict are jitted by
+    `sharding.mesh_jit`, which traces and runs them under `jax.set_mesh(mesh)`, so they take the kernel. Set
+    `NO_MESH_FALLBACK = None` to call the kernel anyway (right when the jit runs on one device of several).
 
 Windowed blocks (`yolos_jax/windowed.py`) and the [DET] prior's biased rows do not route through here: they
 keep their own masked kernels (explicit einsums for any impl but 'chunked'). The FP-DETR task adapter's
@@ -53,7 +52,6 @@ splash_attention (with the sharding above), splash_attention_local (one device's
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from typing import Optional
@@ -173,14 +171,14 @@ def _shard_mapped(q, k, v, key_mask, interpret, mesh, free):
         if key_mask is not None:
             key_mask = jnp.concatenate([key_mask, jnp.ones((extra, key_mask.shape[1]), bool)], axis=0)
     spec = P(axes) if axes else P()
-    local = functools.partial(splash_attention_local, interpret=interpret)
+    # A missing mask stays missing (not an all-valid one): each device then makes the call the unsharded
+    # path makes, without segment ids where the keys need no padding.
+    args = (q, k, v) if key_mask is None else (q, k, v, key_mask)
+
+    def per_device(q, k, v, key_mask=None):
+        return splash_attention_local(q, k, v, key_mask, interpret)
+
     # check_vma=False: the pallas_call inside carries no varying-axes types; every input is split alike.
-    if key_mask is None:
-        fn = jax.shard_map(lambda q, k, v: local(q, k, v, None), mesh=mesh, in_specs=(spec,) * 3,
-                           out_specs=spec, axis_names=set(free), check_vma=False)
-        out = fn(q, k, v)
-    else:
-        fn = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec, axis_names=set(free),
-                           check_vma=False)
-        out = fn(q, k, v, key_mask)
-    return out[:batch]
+    fn = jax.shard_map(per_device, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec,
+                       axis_names=set(free), check_vma=False)
+    return fn(*args)[:batch]

@@ -149,10 +149,12 @@ class Evaluator:
                 "valid": batch["valid"],
             }
 
-        if self.mesh is None:
-            return jax.jit(predict)
+        # Traced and run with a mesh in context (`sharding.mesh_jit`), so that the splash attention kernel runs
+        # per device rather than falling back to the xla path when several devices are visible.
+        if self.mesh is None:  # one device: a mesh of it alone, over which the kernel runs directly
+            return sharding.mesh_jit(predict, sharding.make_mesh(sharding.default_mesh_config(), jax.devices()[:1]))
         # Replicated outputs: the all-gather to every process happens on device, inside the step.
-        return jax.jit(predict, out_shardings=sharding.replicated(self.mesh))
+        return sharding.mesh_jit(predict, self.mesh, out_shardings=sharding.replicated(self.mesh))
 
     @property
     def info(self):
@@ -206,7 +208,7 @@ class Evaluator:
         if self.mesh is None:
             spec = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         else:
-                spec = sharding.batch_sharding(self.mesh)
+            spec = sharding.batch_sharding(self.mesh)
         return data.to_global_batch(batch, spec)
 
     def predict(self, params: Any, *, image_fn: Optional[Callable] = None, max_images: Optional[int] = None) -> Predictions:

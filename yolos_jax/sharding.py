@@ -4,11 +4,16 @@ The mesh has two axes, ('data', 'fsdp'), over every device of every host:
   * the batch is split over both axes (FSDP is data parallel too), so every device sees B / n_devices images;
   * parameters and optimiser state are replicated, or — with `mesh.fsdp > 1` — each array is split along its
     largest dimension divisible by the fsdp size (ZeRO-3 style: XLA all-gathers them for the compute).
+
+Jits over the mesh are built with `mesh_jit`, which traces and runs them with the mesh in context
+(`jax.set_mesh`): code that cannot be partitioned by XLA (the splash attention kernel,
+`yolos_jax/attention_tpu.py`) finds the mesh there and `shard_map`s itself over it. The mesh's axes are Auto,
+so the context changes no sharding decision of XLA's (in/out shardings, `with_sharding_constraint`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -46,6 +51,45 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+class MeshJit:
+    """`jax.jit(fn, **jit_kwargs)` whose calls, `.trace`, `.lower` and `.eval_shape` run under
+    `jax.set_mesh(mesh)` (tracing happens inside the first call, so the traced code sees the mesh through
+    `jax.sharding.get_abstract_mesh()`). `.eval_shape()` is for shape-only traces of the model (no splash
+    fallback warning). A `.lower(...).compile()`d executable runs without the context. Other attributes are the
+    jitted function's."""
+
+    def __init__(self, fn: Callable, mesh: Mesh, **jit_kwargs: Any):
+        self.mesh = mesh
+        self.jitted = jax.jit(fn, **jit_kwargs)
+
+    def __call__(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):  # ~1 us per call (CPU)
+            return self.jitted(*args, **kwargs)
+
+    def trace(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.jitted.trace(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args, **kwargs)
+
+    def eval_shape(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.jitted.eval_shape(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # only reached for names not defined above
+        if name == "jitted":  # not set yet (copy / unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.jitted, name)
+
+
+def mesh_jit(fn: Callable, mesh: Mesh, **jit_kwargs: Any) -> MeshJit:
+    """`jax.jit(fn, **jit_kwargs)` traced and run with `mesh` in context (`MeshJit`): every jit over the mesh
+    that runs the model goes through here (the train step, the state init, evaluation's predict)."""
+    return MeshJit(fn, mesh, **jit_kwargs)
 
 
 def place_host(tree: Any, shardings: Any) -> Any:

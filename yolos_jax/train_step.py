@@ -6,7 +6,8 @@ State (a plain pytree, donated to every step):
 The step's randomness is `fold_in(rng, step)`, so a resumed run draws the same numbers as an
 uninterrupted one without carrying a mutable key.
 
-The step is one `jax.jit` over the mesh: the batch is split over every device (`BATCH_AXES`), the state is
+The step is one `jax.jit` over the mesh, traced and run with the mesh in context (`sharding.mesh_jit`, so that
+the splash attention kernel runs per device): the batch is split over every device (`BATCH_AXES`), the state is
 replicated or FSDP-sharded, the Hungarian matching runs as a per-device-shard host callback inside the loss
 (see matcher.py), and metrics stay on device until the host asks for them.
 
@@ -42,7 +43,8 @@ OPTIONAL_TRAIN_BATCH_KEYS = ("valid",)
 def init_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, image_hw: tuple[int, int],
                ema: bool = False) -> dict:
     """Fresh state (with 'ema_params', a copy of the parameters, when `ema`). Call through
-    `jax.jit(..., out_shardings=...)` (or `jax.eval_shape`) — never eagerly on one device for large models."""
+    `sharding.mesh_jit(..., out_shardings=...)` (or `jax.eval_shape`) — never eagerly on one device for large
+    models."""
     rng = jax.random.PRNGKey(seed)
     init_rng, state_rng = jax.random.split(rng)
     dummy = jnp.zeros((1, *image_hw, 3), jnp.float32)
@@ -68,7 +70,8 @@ def abstract_state_and_shardings(
     ema: bool = False,
 ) -> tuple[Any, Any]:
     """(ShapeDtypeStruct tree with shardings attached, NamedSharding tree) of the train state."""
-    abstract = jax.eval_shape(lambda: init_state(model, tx, seed, image_hw, ema))
+    # Traced under the mesh as the step is, or splash attention's no-mesh fallback would warn here.
+    abstract = sharding.mesh_jit(lambda: init_state(model, tx, seed, image_hw, ema), mesh).eval_shape()
     shardings = sharding.state_shardings(abstract, mesh, mesh_cfg)
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
@@ -189,8 +192,10 @@ def make_train_step(
         return new_state, metrics
 
     batch_sharding = sharding.batch_sharding(mesh)
-    return jax.jit(
+    # With the mesh in context, so that the splash attention kernel runs per device (`sharding.mesh_jit`).
+    return sharding.mesh_jit(
         step_fn,
+        mesh,
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=(0,),

@@ -242,7 +242,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
     model = YOLOS(**config.model.to_dict())
     image_hw = (2 * config.model.patch_size, 2 * config.model.patch_size)  # param shapes do not depend on it
-    abstract_params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_hw, 3))))["params"]
+    # Shapes only, but traced under the mesh, or splash attention's no-mesh fallback would warn (sharding.mesh_jit).
+    abstract_params = sharding.mesh_jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_hw, 3))),
+                                        mesh).eval_shape()["params"]
     tx, schedule = optim.make_optimizer(config.optim, abstract_params, global_batch, total_steps)
     ema_decay = float(config.optim.get("ema_decay", 0.0))
     abstract, shardings = train_step.abstract_state_and_shardings(model, tx, config.seed, image_hw, mesh, config.mesh,
@@ -258,8 +260,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         if is_main:
             log.info("resumed from %s at step %d", checkpointer.directory, latest)
     else:
-        state = jax.jit(
-            lambda: train_step.init_state(model, tx, config.seed, image_hw, ema_decay > 0), out_shardings=shardings
+        # Under the mesh too: `model.init` runs the forward, whose splash attention would otherwise warn and
+        # take the xla path on several devices.
+        state = sharding.mesh_jit(
+            lambda: train_step.init_state(model, tx, config.seed, image_hw, ema_decay > 0), mesh,
+            out_shardings=shardings,
         )()
         if config.init_from:
             state["params"] = init_from.init_from_converted(

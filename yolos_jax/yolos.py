@@ -151,9 +151,11 @@ class YOLOS(nn.Module):
       layer_norm_eps: 1e-6 as timm/DeiT; HF-converted configs carry 1e-12.
       dtype: compute dtype ('float32' or 'bfloat16'); parameters stay float32.
       remat: rematerialise each block in the backward pass (saves activation memory).
-      attention_impl: None (on CPU: 'chunked'; elsewhere `jax.nn.dot_product_attention`'s choice, i.e.
-        cuDNN flash attention where available), 'xla' | 'cudnn' (passed to it), 'einsum' (explicit
-        head-major matmuls) or 'chunked' (the same per head and block of queries; fastest on CPU).
+      attention_impl: one of `attention.ATTENTION_IMPLS`: None (on CPU 'chunked', on TPU 'splash';
+        elsewhere `jax.nn.dot_product_attention`'s choice, i.e. cuDNN flash attention where available),
+        'xla' | 'cudnn' (passed to it), 'einsum' (explicit head-major matmuls), 'chunked' (the same per
+        head and block of queries; fastest on CPU) or 'splash' (the Pallas TPU splash-attention kernel,
+        the key mask as segment ids; per device under a mesh in context: `yolos_jax/attention_tpu.py`).
       aux_layers: also predict from the [DET] tokens of this many blocks before the last.
       drop_path_rate, token_keep_ratio, patch_embed, adapter, adapter_insert_det_at, detach_det_tokens:
         the paper variants (stochastic depth, MIMDet partial sequences and ConvStem, FP-DETR task adapter,
