@@ -20,6 +20,7 @@ from yolos_jax import atomic
 from yolos_jax.data import source_fingerprint
 from yolos_jax.data.coco_json import DataError, box_limit_stats
 from yolos_jax.data.labels import LabelMap
+from yolos_jax.data.example_reader import RecordReader
 from yolos_jax.data.tf_setup import get_tfds
 from yolos_jax.data.tfds_builder import GT_FILE, INDEX_FILE, SOURCE_FILE, make_builder
 
@@ -251,12 +252,11 @@ class PreparedDataset:
             out["boxes_per_image"] = box_limit_stats(self.index(split).num_objects)
         return out
 
-    def source_for(self, split: str) -> Any:
+    def source_for(self, split: str) -> "RecordReader":
         """Random-access reader: `src[i]` -> the record dict of example i (image left encoded)."""
         self._check_split(split)
         if split not in self._sources:
-            tfds = get_tfds()
-            src = self.builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+            src = RecordReader(self.builder, split, get_tfds())
             idx = self.index(split)
             # The index files assume records are stored in generation order; check both ends.
             for i in {0, len(idx) - 1} if len(idx) else ():
