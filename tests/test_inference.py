@@ -2,6 +2,7 @@
 YolosForObjectDetection; the same eval transform (sizes and pixels) as the eval iterator."""
 
 import json
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -327,3 +328,46 @@ def test_forward_refuses_masks_the_model_cannot_read():
     for bad, message in [(padded_top, "top-left"), (with_hole, "top-left"), (under_a_patch, "less than one")]:
         with pytest.raises(ValueError, match=message):
             inference.check_top_left_mask(bad, 16)
+
+
+def test_splash_forward_runs_the_kernel_under_a_one_device_mesh(monkeypatch):
+    """attention_impl='splash' (Pallas interpret mode on CPU) with several devices visible: the Detector's forward
+    runs under a mesh of the first device (`sharding.single_device_mesh`), so the kernel takes the whole padded
+    batch there, inside the mesh's shard_map (on a multi-chip TPU: not the no-mesh fallback, which would warn),
+    and gives 'einsum''s outputs. The real kernel's TPU lowering of the same forward has no fallback either."""
+    from yolos_jax import attention_tpu
+
+    if jax.device_count() < 2:
+        pytest.skip("needs several devices (tests/conftest.py simulates them on CPU)")
+    cfg = model_config("s", hidden_size=32, depth=2, num_heads=2, num_det_tokens=6, num_classes=4,
+                       init_pe_size=(64, 96), mid_pe_size=None).to_dict()
+    params = random_params(YOLOS(**cfg), (64, 96), scale=0.3)
+    calls = []  # (images, the mesh axes manual there) of each kernel call traced
+    local = attention_tpu.splash_attention_local
+
+    def recording(q, *args, **kwargs):
+        calls.append((q.shape[0], tuple(sorted(jax.sharding.get_abstract_mesh().manual_axes))))
+        return local(q, *args, **kwargs)
+
+    monkeypatch.setattr(attention_tpu, "splash_attention_local", recording)
+    rng = np.random.RandomState(0)
+    images = [rng.randint(0, 256, (h, w, 3)).astype(np.uint8) for h, w in IMAGE_SIZES]
+    einsum = Detector(params, cfg, eval_size=EVAL_SIZE)
+    pixel_values, pixel_mask, _ = einsum.preprocess(images)  # a padded batch of 3
+    want = einsum.forward(pixel_values, pixel_mask)
+    assert not calls
+    splash = Detector(params, dict(cfg, attention_impl="splash"), eval_size=EVAL_SIZE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the no-mesh fallback's warning would fail the test
+        got = splash.forward(pixel_values, pixel_mask)
+    assert calls and set(calls) == {(3, ("data", "fsdp"))}, calls
+    for name in ("logits", "boxes", "scores"):
+        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-5, err_msg=name)
+    np.testing.assert_array_equal(got["labels"], want["labels"])
+    # The real kernel (no interpretation): lowered for TPU from this host (no compile) without the fallback.
+    monkeypatch.setattr(attention_tpu, "INTERPRET", False)
+    bf16 = Detector(params, dict(cfg, attention_impl="splash", dtype="bfloat16"), eval_size=EVAL_SIZE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        text = bf16._forward.trace(bf16.params, pixel_values, pixel_mask).lower(lowering_platforms=("tpu",)).as_text()
+    assert text.count("tpu_custom_call") == 1  # the two blocks' identical calls share one lowered kernel

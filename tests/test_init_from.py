@@ -163,6 +163,42 @@ def test_converted_detector_grows_its_det_tokens(tmp_path):
     assert not report.grown and any(f.startswith("det_tokens (checkpoint") for f in report.fresh)
 
 
+def test_fresh_init_runs_splash_per_device_under_the_runs_mesh(tmp_path, monkeypatch):
+    """attention_impl='splash' (Pallas interpret mode on CPU) on the run's ('data', 'fsdp') = (4, 2) mesh: the fresh
+    init behind `init_from_converted` is traced under the shardings' mesh, so the kernel runs inside its shard_map,
+    one image per device (on a multi-chip TPU: not the no-mesh fallback); the leaves the checkpoint lacks are the
+    fresh draw of a plain one-device init, and the params land on the given (FSDP) shardings."""
+    from yolos_jax import attention_tpu
+
+    cfg = _tiny(Q_OLD)
+    einsum = YOLOS(**cfg.to_dict())
+    rng = np.random.default_rng(2)
+    abstract = jax.eval_shape(lambda: einsum.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 48, 3))))["params"]
+    ckpt = jax.tree.map(lambda a: rng.normal(0, 0.5, a.shape).astype(np.float32), abstract)
+    del ckpt["box_head"]  # fresh in the run
+    weights.save_params_dir(str(tmp_path / "ckpt"), ckpt, cfg)
+    calls = []  # (images, the mesh axes manual there) of each kernel call traced
+    local = attention_tpu.splash_attention_local
+
+    def recording(q, *args, **kwargs):
+        calls.append((q.shape[0], tuple(sorted(jax.sharding.get_abstract_mesh().manual_axes))))
+        return local(q, *args, **kwargs)
+
+    monkeypatch.setattr(attention_tpu, "splash_attention_local", recording)
+    mesh_cfg = sharding.default_mesh_config()
+    mesh_cfg.fsdp, mesh_cfg.min_fsdp_size = 2, 16
+    mesh = sharding.make_mesh(mesh_cfg)
+    shardings = sharding.state_shardings(abstract, mesh, mesh_cfg)
+    got = init_from.init_from_converted(str(tmp_path / "ckpt"), einsum.clone(attention_impl="splash"), cfg, 7,
+                                        (32, 32), shardings)
+    assert calls and set(calls) == {(1, ("data", "fsdp"))}, calls
+    assert jax.tree.map(lambda a: a.sharding, got) == shardings
+    fresh = jax.jit(lambda: einsum.init(jax.random.PRNGKey(7), jnp.zeros((1, 32, 32, 3))))()["params"]
+    for k, v in weights.flatten_params(jax.device_get(got)).items():
+        want = fresh if k.startswith("box_head/") else ckpt
+        np.testing.assert_array_equal(v, np.asarray(weights.flatten_params(want)[k]), err_msg=k)
+
+
 # --------------------------------------------------------------------------------------------------
 # End to end through train.py
 # --------------------------------------------------------------------------------------------------

@@ -59,3 +59,11 @@ def test_mesh_jit_traces_under_the_mesh_and_changes_no_sharding():
     np.testing.assert_array_equal(np.asarray(compiled(w, x)["y"]), np.asarray(plain["y"]))
     assert sharding.mesh_jit(lambda w, x: f(w, x), mesh).eval_shape(w, x)["y"].shape == (8, 4)
     assert len(seen) == 4 and seen[-1] == seen[1]
+
+
+def test_single_device_mesh_is_the_first_device_alone():
+    """The mesh of jits without one of their own (inference, visualisation, the speed protocol): ('data', 'fsdp')
+    = (1, 1) over `jax.devices()[0]`, where `jax.device_put` and uncommitted arrays go."""
+    mesh = sharding.single_device_mesh()
+    assert mesh.axis_names == sharding.BATCH_AXES and mesh.devices.shape == (1, 1)
+    assert mesh.devices.flat[0] == jax.devices()[0] == jax.device_put(np.zeros(1)).devices().pop()

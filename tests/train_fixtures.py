@@ -50,13 +50,16 @@ def build_step(mesh_devices, fsdp: int = 1, total_steps: int = 10, global_batch:
     optim_cfg = optim.default_optim_config()
     optim_cfg.base_lr = 1e-3
     optim_cfg.warmup_steps = 2
-    abstract_params = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, *IMAGE_HW, 3), np.float32))
-    )["params"]
+    # Shapes and the state init under the mesh (`sharding.mesh_jit`), as trainer.py traces them: the model's
+    # forward runs in both, and splash attention finds the mesh there.
+    abstract_params = sharding.mesh_jit(
+        lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, *IMAGE_HW, 3), np.float32)), mesh
+    ).eval_shape()["params"]
     tx, schedule = optim.make_optimizer(optim_cfg, abstract_params, global_batch, total_steps)
     ema = ema_decay > 0
     _, shardings = train_step.abstract_state_and_shardings(model, tx, 0, IMAGE_HW, mesh, mesh_cfg, ema)
-    state = jax.jit(lambda: train_step.init_state(model, tx, 0, IMAGE_HW, ema), out_shardings=shardings)()
+    state = sharding.mesh_jit(lambda: train_step.init_state(model, tx, 0, IMAGE_HW, ema), mesh,
+                              out_shardings=shardings)()
     step = train_step.make_train_step(
         model, tx, schedule, loss_cfg or losses.default_loss_config(), matcher.default_matcher_config(), mesh,
         shardings, policy, grad_accum_steps=grad_accum_steps, ema_decay=ema_decay,

@@ -152,7 +152,7 @@ class Evaluator:
         # Traced and run with a mesh in context (`sharding.mesh_jit`), so that the splash attention kernel runs
         # per device rather than falling back to the xla path when several devices are visible.
         if self.mesh is None:  # one device: a mesh of it alone, over which the kernel runs directly
-            return sharding.mesh_jit(predict, sharding.make_mesh(sharding.default_mesh_config(), jax.devices()[:1]))
+            return sharding.mesh_jit(predict, sharding.single_device_mesh())
         # Replicated outputs: the all-gather to every process happens on device, inside the step.
         return sharding.mesh_jit(predict, self.mesh, out_shardings=sharding.replicated(self.mesh))
 

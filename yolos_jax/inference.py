@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from yolos_jax import atomic, weights
+from yolos_jax import atomic, sharding, weights
 from yolos_jax.data import transforms as T
 from yolos_jax.data.labels import UNUSED_NAME, LabelMap
 from yolos_jax.yolos import YOLOS
@@ -72,9 +72,11 @@ def detector_outputs(model: YOLOS, params: Any, pixel_values: jax.Array,
 
 @functools.lru_cache(maxsize=16)
 def _forward_fn(cfg_key: str):
-    """One jitted forward per model config, shared by every Detector with that config (jit caches per shape)."""
+    """One jitted forward per model config, shared by every Detector with that config (jit caches per shape).
+    It runs on the first device under a mesh of it (`sharding.mesh_jit`), so that splash attention runs its
+    kernel there rather than its no-mesh fallback when several devices are visible."""
     model = YOLOS(**weights.model_cfg_dict(json.loads(cfg_key)))
-    return jax.jit(functools.partial(detector_outputs, model))
+    return sharding.mesh_jit(functools.partial(detector_outputs, model), sharding.single_device_mesh())
 
 
 ImageBatch = Union[np.ndarray, Sequence[np.ndarray]]

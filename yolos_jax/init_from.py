@@ -204,8 +204,13 @@ def init_from_converted(path: str, model: Any, model_cfg: Any, seed: int, image_
                         shardings: Any) -> Any:
     """The params a run starts from with `config.init_from=path`: a fresh init of `model` (PRNGKey(seed), an
     input of image_hw = (height, width) pixels; shapes do not depend on it) overwritten by the converted
-    checkpoint at `path` through `init_params_from`, placed on `shardings` (the params' NamedShardings)."""
-    fresh = jax.device_get(jax.jit(lambda: model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *image_hw, 3))))())
+    checkpoint at `path` through `init_params_from`, placed on `shardings` (the params' NamedShardings).
+    The init runs the forward: it is traced under the shardings' mesh (`sharding.mesh_jit`), so that splash
+    attention runs its kernel per device there rather than warning and taking its no-mesh fallback."""
+    mesh = jax.tree.leaves(shardings)[0].mesh
+    init = sharding.mesh_jit(lambda: model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *image_hw, 3))), mesh,
+                             out_shardings=sharding.replicated(mesh))  # replicated: every process reads it whole
+    fresh = jax.device_get(init())
     converted, _, _ = weights.load_params_dir(path)
     params, report = init_params_from(fresh["params"], converted, model_cfg.to_dict(), seed=seed)
     if jax.process_index() == 0:

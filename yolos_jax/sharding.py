@@ -8,7 +8,9 @@ The mesh has two axes, ('data', 'fsdp'), over every device of every host:
 Jits over the mesh are built with `mesh_jit`, which traces and runs them with the mesh in context
 (`jax.set_mesh`): code that cannot be partitioned by XLA (the splash attention kernel,
 `yolos_jax/attention_tpu.py`) finds the mesh there and `shard_map`s itself over it. The mesh's axes are Auto,
-so the context changes no sharding decision of XLA's (in/out shardings, `with_sharding_constraint`).
+so the context changes no sharding decision of XLA's (in/out shardings, `with_sharding_constraint`). Jits that
+have no mesh of their own (one-process inference, visualisation, the speed protocol, evaluation without a mesh)
+run under `single_device_mesh()`, a mesh of the first device alone.
 """
 
 from __future__ import annotations
@@ -42,6 +44,13 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Any = None) -> Mesh:
     if fsdp < 1 or n % fsdp:
         raise ValueError(f"config.mesh.fsdp={fsdp} must be >= 1 and divide the number of devices ({n})")
     return Mesh(devices.reshape(n // fsdp, fsdp), BATCH_AXES)
+
+
+def single_device_mesh() -> Mesh:
+    """A ('data', 'fsdp') = (1, 1) mesh of `jax.devices()[0]` (where uncommitted arrays and `jax.device_put` go),
+    for `mesh_jit`s without a mesh of their own: the splash attention kernel then runs whole on that device,
+    rather than taking the no-mesh fallback when several devices are visible."""
+    return make_mesh(default_mesh_config(), jax.devices()[:1])
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -88,7 +97,8 @@ class MeshJit:
 
 def mesh_jit(fn: Callable, mesh: Mesh, **jit_kwargs: Any) -> MeshJit:
     """`jax.jit(fn, **jit_kwargs)` traced and run with `mesh` in context (`MeshJit`): every jit over the mesh
-    that runs the model goes through here (the train step, the state init, evaluation's predict)."""
+    that runs the model goes through here (the train step, the state init, `init_from`'s fresh init, evaluation's
+    predict; on `single_device_mesh()`: the `Detector`'s forward, visualisation's and the speed protocol's)."""
     return MeshJit(fn, mesh, **jit_kwargs)
 
 

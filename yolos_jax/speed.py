@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import jax
 import numpy as np
 
-from yolos_jax import data
+from yolos_jax import data, sharding
 from yolos_jax.data import transforms
 
 
@@ -57,7 +57,9 @@ def measure_speed(model: Any, params: Any, images: Iterable[np.ndarray], *, warm
     for x in imgs:
         if x.ndim != 4 or x.shape[0] != 1 or x.shape[-1] != 3:
             raise ValueError(f"measure_speed: need [1, H, W, 3] images, got {x.shape}")
-    fwd = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    # Batch 1 on one device, under a mesh of it (`sharding.mesh_jit`): splash attention runs its kernel there
+    # rather than its no-mesh fallback when several devices are visible.
+    fwd = sharding.mesh_jit(lambda p, x: model.apply({"params": p}, x), sharding.single_device_mesh())
     # FLOPs are counted on the same model with explicit-matmul attention: XLA's cost analysis counts a
     # loop body once and a fused-attention custom call not at all, so the fused/chunked attention paths
     # would under-report the attention FLOPs (which dominate at detection resolutions).

@@ -38,7 +38,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from yolos_jax import atomic, coco_eval, data, draw, evaluation, run_plots, runtime, speed, weights
+from yolos_jax import atomic, coco_eval, data, draw, evaluation, run_plots, runtime, sharding, speed, weights
 from yolos_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from yolos_jax.errors import UserError
 from yolos_jax.yolos import patch_key_mask
@@ -205,7 +205,9 @@ def _attention_fn(model: Any, layer: int):
             logits = jnp.where(keys[:, None, None, :], logits, -jnp.inf)
         return jax.nn.softmax(logits, axis=-1), out["logits"], out["boxes"]
 
-    return jax.jit(run)
+    # Under a mesh of the first device (`sharding.mesh_jit`): splash attention runs its kernel there rather
+    # than its no-mesh fallback when several devices are visible.
+    return sharding.mesh_jit(run, sharding.single_device_mesh())
 
 
 def det_token_maps(attention: np.ndarray, grid: Sequence[int], num_det_tokens: int) -> np.ndarray:
