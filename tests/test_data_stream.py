@@ -62,3 +62,16 @@ def test_process_slots_truncation_and_resume():
                           np.zeros((0, 2), np.int64))
     with pytest.raises(ValueError, match="epoch 0 has no batch"):
         next(stream.element_stream(lambda e: empty, (0, 0), None, slice(0, 2), source, index, label_map, 8, stats))
+
+
+def test_decode_dataset_leaves_nothing_to_autotune_when_parallelism_is_fixed():
+    """With num_parallel_calls fixed, tf.data's autotuning thread has nothing to tune, and destroying the
+    iterator (every training run's end, every evaluation's) waited for it to wake: up to a minute, 28 s at the
+    end of a 300-step demo. -1 (AUTOTUNE) keeps it."""
+    from yolos_jax.data.stream import decode_dataset
+
+    def gen():
+        yield from ()
+
+    assert decode_dataset(gen, 2, 4).options().autotune.enabled is False
+    assert decode_dataset(gen, -1, 4).options().autotune.enabled is not False

@@ -180,8 +180,8 @@ def test_splash_step_runs_the_kernel_per_device_and_equals_einsum(monkeypatch):
     monkeypatch.setattr(attention_tpu, "splash_attention_local", recording)
     _splash_model(monkeypatch, "splash")
     state_s, hist_s = _run(jax.devices(), fsdp=2, steps=2)
-    # The step's calls run inside the shard_map over both axes; none sees the whole batch. (The fixture's
-    # state init, a plain jit of one image, calls the kernel directly in interpret mode.)
+    # Every call (the step's, and the fixture's state init, also a mesh_jit) runs inside the shard_map over
+    # both axes; none sees the whole batch.
     assert (1, ("data", "fsdp")) in calls and all(b == 1 for b, _ in calls), calls
     _splash_model(monkeypatch, "einsum")
     state_e, hist_e = _run(jax.devices(), fsdp=2, steps=2)
@@ -201,7 +201,7 @@ def test_splash_step_lowers_for_tpu_with_the_kernel_per_device(monkeypatch):
     on_device = matcher.default_matcher_config()
     on_device.implementation = "device"
     monkeypatch.setattr(matcher, "default_matcher_config", lambda: on_device)
-    state, step, mesh = tf_.build_step(jax.devices(), fsdp=2)  # (the fixture's state init is a plain jit)
+    state, step, mesh = tf_.build_step(jax.devices(), fsdp=2)
     batch = data.to_global_batch(train_step.select_train_batch(tf_.fake_batch(8, seed=0)),
                                  sharding.batch_sharding(mesh))
     monkeypatch.setattr(attention_tpu, "INTERPRET", False)

@@ -37,8 +37,10 @@ automatically partitioned" when one sits in a jit over several devices), so
   * without a mesh in context, on one device the kernel runs directly; with several devices (not in
     interpret mode) the jit's device assignment is unknown at trace time, so, unless `NO_MESH_FALLBACK` is
     None, the call takes `attention.dot_product_attention(..., 'xla')` (the reordered-keys path, which GSPMD
-    partitions) and warns. The train step, the train state's init and evaluation's predict are jitted by
-    `sharding.mesh_jit`, which traces and runs them under `jax.set_mesh(mesh)`, so they take the kernel. Set
+    partitions) and warns. The train step, the train state's init (also `init_from`'s), evaluation's predict,
+    the `inference.Detector` forward, visualisation and the speed protocol are jitted by `sharding.mesh_jit`
+    (over the run's mesh, or `sharding.single_device_mesh()`), which traces and runs them under
+    `jax.set_mesh(mesh)`, so they take the kernel. Export always uses 'einsum'. Set
     `NO_MESH_FALLBACK = None` to call the kernel anyway (right when the jit runs on one device of several).
 
 Windowed blocks (`yolos_jax/windowed.py`) and the [DET] prior's biased rows do not route through here: they
