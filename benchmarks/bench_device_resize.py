@@ -30,7 +30,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def _jpegs(n: int) -> list[bytes]:
+def make_jpegs(n: int) -> list[bytes]:
+    """`n` synthetic 640x480 JPEGs (the generator's scenes), encoded."""
     from PIL import Image
 
     from yolos_jax.data import synthetic
@@ -44,7 +45,8 @@ def _jpegs(n: int) -> list[bytes]:
     return out
 
 
-def _decode_ms(jpegs: list[bytes], repeats: int = 3) -> float:
+def decode_ms(jpegs: list[bytes], repeats: int = 3) -> float:
+    """PIL decoding to RGB, ms per image (the best of `repeats` passes)."""
     from PIL import Image
 
     best = float("inf")
@@ -56,7 +58,7 @@ def _decode_ms(jpegs: list[bytes], repeats: int = 3) -> float:
     return 1000 * best
 
 
-def _host_batches(jpegs: list[bytes], batch: int, count: int, seed: int = 0) -> list[dict]:
+def make_host_batches(jpegs: list[bytes], batch: int, count: int, seed: int = 0) -> list[dict]:
     """resize_on_device host batches for 640x480 sources at S scales (each batch one canvas)."""
     from PIL import Image
 
@@ -121,9 +123,9 @@ def main(argv=None) -> None:
 
     from yolos_jax import atomic
 
-    jpegs = _jpegs(a.images)
-    decode = _decode_ms(jpegs)
-    _, times, _, n_shapes = time_to_global_batch(_host_batches(jpegs, a.batch, a.rounds))
+    jpegs = make_jpegs(a.images)
+    decode = decode_ms(jpegs)
+    _, times, _, n_shapes = time_to_global_batch(make_host_batches(jpegs, a.batch, a.rounds))
     per_image = 1000 * float(np.median(times)) / a.batch
     out = {
         "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),

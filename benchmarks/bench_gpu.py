@@ -77,7 +77,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import YolosConfig, YolosForObjectDetection  # noqa: E402
 
-from hf_reference import hf_adamw  # noqa: E402
+from hf_reference import hf_adamw, hf_inputs  # noqa: E402
 from yolos_jax import convert, data, losses, matcher, optim, sharding, train_step  # noqa: E402
 from yolos_jax.config import model_config  # noqa: E402
 from yolos_jax.yolos import YOLOS  # noqa: E402
@@ -157,13 +157,6 @@ def random_batch(seed: int, batch: int, hw: tuple[int, int], max_boxes: int, num
         box_mask=box_mask,
     )
 
-
-def hf_inputs(batch: dict, device: str):
-    pixel_values = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2))).to(device)
-    labels = [{"class_labels": torch.from_numpy(batch["labels"][i][m].astype(np.int64)).to(device),
-               "boxes": torch.from_numpy(batch["boxes"][i][m]).to(device)}
-              for i, m in enumerate(batch["box_mask"])]
-    return pixel_values, labels
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -380,9 +373,9 @@ def resize_share(batch: int, rounds: int, images: int) -> dict:
     pycocotools (absent on the GPU machines); the mesh here is the same default one."""
     import bench_device_resize as bdr
 
-    jpegs = bdr._jpegs(images)
-    decode_ms = bdr._decode_ms(jpegs)
-    host_batches = bdr._host_batches(jpegs, batch, rounds)
+    jpegs = bdr.make_jpegs(images)
+    decode_ms = bdr.decode_ms(jpegs)
+    host_batches = bdr.make_host_batches(jpegs, batch, rounds)
     spec = sharding.batch_sharding(sharding.make_mesh(sharding.default_mesh_config(), jax.devices()[:1]))
     shapes = set()
     for b in host_batches:

@@ -49,7 +49,7 @@ import transformers  # noqa: E402
 import transformers.loss.loss_for_object_detection as hf_loss_lib  # noqa: E402
 from transformers import YolosConfig, YolosForObjectDetection  # noqa: E402
 
-from hf_reference import hf_adamw  # noqa: E402
+from hf_reference import hf_adamw, hf_inputs  # noqa: E402
 from yolos_jax import convert, data, losses, matcher, optim, sharding, speed, train_step  # noqa: E402
 from yolos_jax.yolos import YOLOS  # noqa: E402
 
@@ -156,15 +156,6 @@ def random_batch(seed: int, max_boxes: int) -> dict:
     return dict(image=image, pixel_mask=np.ones((BATCH, h, w), bool), boxes=boxes, labels=labels,
                 box_mask=box_mask)
 
-
-def hf_inputs(batch: dict):
-    pixel_values = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
-    labels = [
-        {"class_labels": torch.from_numpy(batch["labels"][i][m].astype(np.int64)),
-         "boxes": torch.from_numpy(batch["boxes"][i][m])}
-        for i, m in enumerate(batch["box_mask"])
-    ]
-    return pixel_values, labels
 
 
 # ------------------------------------------------------------------------------------- benchmark

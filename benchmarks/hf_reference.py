@@ -3,6 +3,7 @@ only torch, so either may use it without the other's process set-up."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -17,3 +18,14 @@ def hf_adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.op
             decay.append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def hf_inputs(batch: dict, device: str = "cpu") -> tuple[torch.Tensor, list[dict]]:
+    """Our host batch (image [B, H, W, 3] float32 normalised, boxes [B, M, 4] cxcywh normalised, labels [B, M],
+    box_mask [B, M]) -> HF's (pixel_values [B, 3, H, W], labels: one {"class_labels", "boxes"} per image, the
+    valid boxes only) on `device`."""
+    pixel_values = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2))).to(device)
+    labels = [{"class_labels": torch.from_numpy(batch["labels"][i][m].astype(np.int64)).to(device),
+               "boxes": torch.from_numpy(batch["boxes"][i][m]).to(device)}
+              for i, m in enumerate(batch["box_mask"])]
+    return pixel_values, labels
