@@ -2,13 +2,13 @@
 from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
-    "jax>=0.6",
+    "jax>=0.7.1",  # jax.set_mesh (sharding.mesh_jit)
     "flax>=0.10",
     "optax",
     "orbax-checkpoint",
     "ml_collections",
     "tensorflow-cpu",
-    "tensorflow-datasets",
+    "tensorflow-datasets>=4.9.10",  # as_data_source(deserialize_method=RAW_BYTES): data/example_reader.py
     "importlib_resources",  # tfds 4.9.10 imports it without declaring it
     "scipy",
     "pycocotools",

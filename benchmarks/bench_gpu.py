@@ -158,7 +158,6 @@ def random_batch(seed: int, batch: int, hw: tuple[int, int], max_boxes: int, num
     )
 
 
-
 # ------------------------------------------------------------------------------------------ measuring
 
 

@@ -157,7 +157,6 @@ def random_batch(seed: int, max_boxes: int) -> dict:
                 box_mask=box_mask)
 
 
-
 # ------------------------------------------------------------------------------------- benchmark
 
 

@@ -74,4 +74,5 @@ def test_decode_dataset_leaves_nothing_to_autotune_when_parallelism_is_fixed():
         yield from ()
 
     assert decode_dataset(gen, 2, 4).options().autotune.enabled is False
+    assert decode_dataset(gen, 0, 4).options().autotune.enabled is False  # 0 runs as 1
     assert decode_dataset(gen, -1, 4).options().autotune.enabled is not False

@@ -82,7 +82,6 @@ def test_attention_weights_with_padding_reproduce_the_block():
     np.testing.assert_allclose(o, np.asarray(inter["attn"]["__call__"][0]), atol=1e-4)
 
 
-
 def test_splash_attention_weights_run_the_kernel_under_a_one_device_mesh(monkeypatch):
     """attention_impl='splash' (Pallas interpret mode on CPU) with several devices visible: the recomputation's
     forward is traced under a mesh of the first device, so the model's kernel runs there inside the mesh's

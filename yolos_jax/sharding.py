@@ -10,7 +10,7 @@ Jits over the mesh are built with `mesh_jit`, which traces and runs them with th
 `yolos_jax/attention_tpu.py`) finds the mesh there and `shard_map`s itself over it. The mesh's axes are Auto,
 so the context changes no sharding decision of XLA's (in/out shardings, `with_sharding_constraint`). Jits that
 have no mesh of their own (one-process inference, visualisation, the speed protocol, evaluation without a mesh)
-run under `single_device_mesh()`, a mesh of the first device alone.
+run under `single_device_mesh()`, a mesh of this process's first device alone.
 """
 
 from __future__ import annotations
@@ -47,10 +47,11 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Any = None) -> Mesh:
 
 
 def single_device_mesh() -> Mesh:
-    """A ('data', 'fsdp') = (1, 1) mesh of `jax.devices()[0]` (where uncommitted arrays and `jax.device_put` go),
-    for `mesh_jit`s without a mesh of their own: the splash attention kernel then runs whole on that device,
-    rather than taking the no-mesh fallback when several devices are visible."""
-    return make_mesh(default_mesh_config(), jax.devices()[:1])
+    """A ('data', 'fsdp') = (1, 1) mesh of `jax.local_devices()[0]` (this process's first device; in one process
+    `jax.devices()[0]`, where uncommitted arrays go), for `mesh_jit`s without a mesh of their own: the splash
+    attention kernel then runs whole on that device, rather than taking the no-mesh fallback when several
+    devices are visible. Arguments committed to another device do not fit it."""
+    return make_mesh(default_mesh_config(), jax.local_devices()[:1])
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -67,7 +68,8 @@ class MeshJit:
     `jax.set_mesh(mesh)` (tracing happens inside the first call, so the traced code sees the mesh through
     `jax.sharding.get_abstract_mesh()`). `.eval_shape()` is for shape-only traces of the model (no splash
     fallback warning). A `.lower(...).compile()`d executable runs without the context. Other attributes are the
-    jitted function's."""
+    jitted function's. Call it from plain Python, not inside another jit/vmap/eval_shape trace (`jax.set_mesh`
+    refuses to run there): it is an outermost jit."""
 
     def __init__(self, fn: Callable, mesh: Mesh, **jit_kwargs: Any):
         self.mesh = mesh

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from yolos_jax import atomic, checkpoint_reading, checkpointing
+from yolos_jax import atomic, checkpoint_reading, checkpointing, sharding
 from yolos_jax import config as config_lib
 from yolos_jax.data import workdir_paths
 from yolos_jax.yolos import YOLOS
@@ -98,9 +98,11 @@ def expected_param_shapes(model_cfg: Mapping[str, Any]) -> dict[str, tuple[int, 
     cfg = model_cfg_dict(model_cfg)
     p = int(cfg.get("patch_size", 16))
     model = YOLOS(**cfg)
-    shapes = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2 * p, 2 * p, 3), jnp.float32))
-    )
+    # Under a mesh (as every model trace is): on several TPU chips 'splash' would otherwise warn of its fallback.
+    shapes = sharding.mesh_jit(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2 * p, 2 * p, 3), jnp.float32)),
+        sharding.single_device_mesh(),
+    ).eval_shape()
     return {k: tuple(v.shape) for k, v in flatten_params(shapes["params"]).items()}
 
 

@@ -12,6 +12,7 @@ Modules, in the order the data flows (each imports only modules above it):
   coco_source.py        a COCO-format folder (or tfds coco/2017) as a stream of examples; image probing
   source_fingerprint.py what a change to a source folder shows up in
   tfds_builder.py       the tfds builder `CocoFolder` and the prepared files on disk
+  example_reader.py     prepared records -> numpy (their tf.Example wire format, without Python protobuf)
   prepared_dataset.py   prepare once, load, random-access reads; DatasetInfo of an input config
   canvases.py           a split's train/eval canvas sets (and resize_on_device's source canvas)
   stream.py             planned examples -> targets (numpy) and decoded, resampled images (tf.data)

@@ -19,8 +19,8 @@ import numpy as np
 from yolos_jax import atomic
 from yolos_jax.data import source_fingerprint
 from yolos_jax.data.coco_json import DataError, box_limit_stats
-from yolos_jax.data.labels import LabelMap
 from yolos_jax.data.example_reader import RecordReader
+from yolos_jax.data.labels import LabelMap
 from yolos_jax.data.tf_setup import get_tfds
 from yolos_jax.data.tfds_builder import GT_FILE, INDEX_FILE, SOURCE_FILE, make_builder
 

@@ -103,8 +103,8 @@ def decode_dataset(gen_fn, num_parallel_calls: int, prefetch: int, image_fn=None
     opts = tf.data.Options()
     opts.deterministic = True
     opts.threading.max_intra_op_parallelism = 1
-    if num_parallel_calls > 0:
-        opts.threading.private_threadpool_size = int(num_parallel_calls) + 1
+    if npc != tf.data.AUTOTUNE:
+        opts.threading.private_threadpool_size = npc + 1
         # Nothing left to tune: without this, tf.data's autotuning thread sleeps up to a minute between
         # rounds, and destroying the iterator (the end of every training run) waits for it to wake up.
         opts.autotune.enabled = False
