@@ -4,7 +4,7 @@
 Why not tfds's own deserialisation: it parses each record with Python protobuf, whose upb runtime calls
 `malloc_trim(0)` every 10 000 arena frees. In the one-arena heap that `runtime.keep_freed_memory` keeps, each
 trim hands the freed pages of the XLA step's temporaries back to the kernel and the next steps fault them in
-again: bursts of 100k+ page faults, most of the demo's remaining system time (BENCHMARKS.md). TensorFlow's C++
+again: bursts of 60-190k page faults, ~40% of the demo's faults (BENCHMARKS.md). TensorFlow's C++
 parser avoids protobuf, but a TF call from the input generator (which runs in tf.data's py_func, on a fresh
 Python thread state each element) builds and drops a thread-local graph each time: protobuf again. The wire
 format of an Example is small and fixed, so it is read here with numpy; `tests/test_data_example_reader.py`

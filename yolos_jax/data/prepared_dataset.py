@@ -252,7 +252,7 @@ class PreparedDataset:
             out["boxes_per_image"] = box_limit_stats(self.index(split).num_objects)
         return out
 
-    def source_for(self, split: str) -> "RecordReader":
+    def source_for(self, split: str) -> RecordReader:
         """Random-access reader: `src[i]` -> the record dict of example i (image left encoded)."""
         self._check_split(split)
         if split not in self._sources:
