@@ -72,3 +72,22 @@ def file_size_limit():
             signal.signal(signal.SIGXFSZ, old)
 
     return limit
+
+
+@pytest.fixture
+def splash_calls(monkeypatch):
+    """[(images, the mesh axes manual there)] of every splash attention kernel call traced during the test
+    (`attention_tpu.splash_attention_local` wrapped): says whether the kernel ran, per device or whole."""
+    import jax
+
+    from yolos_jax import attention_tpu
+
+    calls = []
+    local = attention_tpu.splash_attention_local
+
+    def recording(q, *args, **kwargs):
+        calls.append((q.shape[0], tuple(sorted(jax.sharding.get_abstract_mesh().manual_axes))))
+        return local(q, *args, **kwargs)
+
+    monkeypatch.setattr(attention_tpu, "splash_attention_local", recording)
+    return calls

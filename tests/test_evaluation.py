@@ -127,24 +127,17 @@ def test_evaluator_on_an_8_device_mesh_equals_one_device(synth):
     np.testing.assert_allclose(four["scores"], one["scores"], rtol=1e-5, atol=1e-6)
 
 
-def test_splash_predict_runs_the_kernel_under_the_mesh(synth, monkeypatch):
+def test_splash_predict_runs_the_kernel_under_the_mesh(synth, monkeypatch, splash_calls):
     """attention_impl='splash' (Pallas interpret mode on CPU): on an 8-device mesh each device runs the kernel
     on its own image; with no mesh (one device of the 8) predict runs under a mesh of that device, so the
     kernel takes the whole batch there (on a multi-chip TPU: not the no-mesh fallback). Both predict what
     'einsum' does."""
-    from yolos_jax import attention_tpu, sharding
+    from yolos_jax import sharding
 
     cfg, model, params = synth
     cfg8 = ml_collections.ConfigDict(cfg.to_dict())
     cfg8.eval_batch_size = 8
-    calls = []  # (images, the mesh axes manual there) of each kernel call traced
-    local = attention_tpu.splash_attention_local
-
-    def recording(q, *args, **kwargs):
-        calls.append((q.shape[0], tuple(sorted(jax.sharding.get_abstract_mesh().manual_axes))))
-        return local(q, *args, **kwargs)
-
-    monkeypatch.setattr(attention_tpu, "splash_attention_local", recording)
+    calls = splash_calls  # (images, the mesh axes manual there) of each kernel call traced
 
     def predict(impl, mesh):
         ev = evaluation.Evaluator(evaluation.default_eval_config(), cfg8, model.clone(attention_impl=impl), mesh=mesh)

@@ -330,7 +330,7 @@ def test_forward_refuses_masks_the_model_cannot_read():
             inference.check_top_left_mask(bad, 16)
 
 
-def test_splash_forward_runs_the_kernel_under_a_one_device_mesh(monkeypatch):
+def test_splash_forward_runs_the_kernel_under_a_one_device_mesh(monkeypatch, splash_calls):
     """attention_impl='splash' (Pallas interpret mode on CPU) with several devices visible: the Detector's forward
     runs under a mesh of the first device (`sharding.single_device_mesh`), so the kernel takes the whole padded
     batch there, inside the mesh's shard_map (on a multi-chip TPU: not the no-mesh fallback, which would warn),
@@ -342,14 +342,7 @@ def test_splash_forward_runs_the_kernel_under_a_one_device_mesh(monkeypatch):
     cfg = model_config("s", hidden_size=32, depth=2, num_heads=2, num_det_tokens=6, num_classes=4,
                        init_pe_size=(64, 96), mid_pe_size=None).to_dict()
     params = random_params(YOLOS(**cfg), (64, 96), scale=0.3)
-    calls = []  # (images, the mesh axes manual there) of each kernel call traced
-    local = attention_tpu.splash_attention_local
-
-    def recording(q, *args, **kwargs):
-        calls.append((q.shape[0], tuple(sorted(jax.sharding.get_abstract_mesh().manual_axes))))
-        return local(q, *args, **kwargs)
-
-    monkeypatch.setattr(attention_tpu, "splash_attention_local", recording)
+    calls = splash_calls  # (images, the mesh axes manual there) of each kernel call traced
     rng = np.random.RandomState(0)
     images = [rng.randint(0, 256, (h, w, 3)).astype(np.uint8) for h, w in IMAGE_SIZES]
     einsum = Detector(params, cfg, eval_size=EVAL_SIZE)

@@ -163,13 +163,11 @@ def test_converted_detector_grows_its_det_tokens(tmp_path):
     assert not report.grown and any(f.startswith("det_tokens (checkpoint") for f in report.fresh)
 
 
-def test_fresh_init_runs_splash_per_device_under_the_runs_mesh(tmp_path, monkeypatch):
+def test_fresh_init_runs_splash_per_device_under_the_runs_mesh(tmp_path, monkeypatch, splash_calls):
     """attention_impl='splash' (Pallas interpret mode on CPU) on the run's ('data', 'fsdp') = (4, 2) mesh: the fresh
     init behind `init_from_converted` is traced under the shardings' mesh, so the kernel runs inside its shard_map,
     one image per device (on a multi-chip TPU: not the no-mesh fallback); the leaves the checkpoint lacks are the
     fresh draw of a plain one-device init, and the params land on the given (FSDP) shardings."""
-    from yolos_jax import attention_tpu
-
     cfg = _tiny(Q_OLD)
     einsum = YOLOS(**cfg.to_dict())
     rng = np.random.default_rng(2)
@@ -177,14 +175,7 @@ def test_fresh_init_runs_splash_per_device_under_the_runs_mesh(tmp_path, monkeyp
     ckpt = jax.tree.map(lambda a: rng.normal(0, 0.5, a.shape).astype(np.float32), abstract)
     del ckpt["box_head"]  # fresh in the run
     weights.save_params_dir(str(tmp_path / "ckpt"), ckpt, cfg)
-    calls = []  # (images, the mesh axes manual there) of each kernel call traced
-    local = attention_tpu.splash_attention_local
-
-    def recording(q, *args, **kwargs):
-        calls.append((q.shape[0], tuple(sorted(jax.sharding.get_abstract_mesh().manual_axes))))
-        return local(q, *args, **kwargs)
-
-    monkeypatch.setattr(attention_tpu, "splash_attention_local", recording)
+    calls = splash_calls  # (images, the mesh axes manual there) of each kernel call traced
     mesh_cfg = sharding.default_mesh_config()
     mesh_cfg.fsdp, mesh_cfg.min_fsdp_size = 2, 16
     mesh = sharding.make_mesh(mesh_cfg)

@@ -43,24 +43,15 @@ def test_speed_protocol_flops_match_analytic_count():
     assert "12.3" in table and "tiny" in table and "64 x *" in table
 
 
-def test_splash_speed_forward_runs_the_kernel_under_a_one_device_mesh(monkeypatch):
+def test_splash_speed_forward_runs_the_kernel_under_a_one_device_mesh(monkeypatch, splash_calls):
     """attention_impl='splash' (Pallas interpret mode on CPU) with several devices visible: the timed forward is
     traced under a mesh of the first device, so the kernel runs there inside the mesh's shard_map (on a multi-chip
     TPU: not the no-mesh fallback); the FLOPs are counted on the einsum clone (no kernel call)."""
-    from yolos_jax import attention_tpu
-
     cfg = model_config("s", hidden_size=32, depth=1, num_heads=2, num_det_tokens=8, num_classes=5,
                        init_pe_size=(64, 96), mid_pe_size=None, attention_impl="splash")
     model = YOLOS(**cfg.to_dict())
     params = random_params(model.clone(attention_impl="einsum"), (64, 96))
-    calls = []  # (images, the mesh axes manual there) of each kernel call traced
-    local = attention_tpu.splash_attention_local
-
-    def recording(q, *args, **kwargs):
-        calls.append((q.shape[0], tuple(sorted(jax.sharding.get_abstract_mesh().manual_axes))))
-        return local(q, *args, **kwargs)
-
-    monkeypatch.setattr(attention_tpu, "splash_attention_local", recording)
+    calls = splash_calls  # (images, the mesh axes manual there) of each kernel call traced
     images = [np.random.default_rng(0).normal(size=(1, 64, 96, 3)).astype(np.float32)]
     res = speed.measure_speed(model, params, images, warmup=0, repeats=1)
     assert calls == [(1, ("data", "fsdp"))], calls

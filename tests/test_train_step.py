@@ -166,18 +166,11 @@ def _splash_model(monkeypatch, impl):
     monkeypatch.setattr(tf_, "tiny_model", lambda: tiny().clone(attention_impl=impl))
 
 
-def test_splash_step_runs_the_kernel_per_device_and_equals_einsum(monkeypatch):
+def test_splash_step_runs_the_kernel_per_device_and_equals_einsum(monkeypatch, splash_calls):
     """attention_impl='splash' (Pallas interpret mode on CPU) on a ('data', 'fsdp') = (4, 2) mesh: the step's
     attention is `shard_map`ped, each device running the kernel on its own image (8 images, one each), and two
     steps give einsum's losses, parameters and optimiser state within 1e-5."""
-    calls = []  # (images, the mesh axes manual there) of each kernel call traced
-    local = attention_tpu.splash_attention_local
-
-    def recording(q, *args, **kwargs):
-        calls.append((q.shape[0], tuple(sorted(jax.sharding.get_abstract_mesh().manual_axes))))
-        return local(q, *args, **kwargs)
-
-    monkeypatch.setattr(attention_tpu, "splash_attention_local", recording)
+    calls = splash_calls  # (images, the mesh axes manual there) of each kernel call traced
     _splash_model(monkeypatch, "splash")
     state_s, hist_s = _run(jax.devices(), fsdp=2, steps=2)
     # Every call (the step's, and the fixture's state init, also a mesh_jit) runs inside the shard_map over

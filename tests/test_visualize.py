@@ -82,12 +82,10 @@ def test_attention_weights_with_padding_reproduce_the_block():
     np.testing.assert_allclose(o, np.asarray(inter["attn"]["__call__"][0]), atol=1e-4)
 
 
-def test_splash_attention_weights_run_the_kernel_under_a_one_device_mesh(monkeypatch):
+def test_splash_attention_weights_run_the_kernel_under_a_one_device_mesh(monkeypatch, splash_calls):
     """attention_impl='splash' (Pallas interpret mode on CPU) with several devices visible: the recomputation's
     forward is traced under a mesh of the first device, so the model's kernel runs there inside the mesh's
     shard_map (on a multi-chip TPU: not the no-mesh fallback), and weights and outputs are 'einsum''s."""
-    from yolos_jax import attention_tpu
-
     cfg = model_config("s", hidden_size=32, depth=1, num_heads=2, num_det_tokens=4, num_classes=3,
                        init_pe_size=(32, 48), mid_pe_size=None)
     model = YOLOS(**cfg.to_dict())
@@ -95,14 +93,7 @@ def test_splash_attention_weights_run_the_kernel_under_a_one_device_mesh(monkeyp
     x = np.random.default_rng(2).normal(size=(2, 32, 48, 3)).astype(np.float32)
     mask = np.ones((2, 32, 48), bool)
     mask[1, :, 32:] = False
-    calls = []  # (images, the mesh axes manual there) of each kernel call traced
-    local = attention_tpu.splash_attention_local
-
-    def recording(q, *args, **kwargs):
-        calls.append((q.shape[0], tuple(sorted(jax.sharding.get_abstract_mesh().manual_axes))))
-        return local(q, *args, **kwargs)
-
-    monkeypatch.setattr(attention_tpu, "splash_attention_local", recording)
+    calls = splash_calls  # (images, the mesh axes manual there) of each kernel call traced
     want = visualize.attention_weights(model, params, x, mask)
     got = visualize.attention_weights(model.clone(attention_impl="splash"), params, x, mask)
     assert calls == [(2, ("data", "fsdp"))], calls
