@@ -63,7 +63,8 @@ def test_mesh_jit_traces_under_the_mesh_and_changes_no_sharding():
 
 def test_single_device_mesh_is_the_first_device_alone():
     """The mesh of jits without one of their own (inference, visualisation, the speed protocol): ('data', 'fsdp')
-    = (1, 1) over `jax.devices()[0]`, where `jax.device_put` and uncommitted arrays go."""
+    = (1, 1) over this process's first device: in one process `jax.devices()[0]`, where `jax.device_put` and
+    uncommitted arrays go."""
     mesh = sharding.single_device_mesh()
     assert mesh.axis_names == sharding.BATCH_AXES and mesh.devices.shape == (1, 1)
     assert mesh.devices.flat[0] == jax.devices()[0] == jax.device_put(np.zeros(1)).devices().pop()
