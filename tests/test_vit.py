@@ -1,7 +1,8 @@
 """The ViT building blocks (yolos_jax/vit.py): the position-embedding resizes equal PyTorch's bicubic
 `F.interpolate` (whole batch and per image), SelfAttention's chunked and einsum implementations agree in
-their gradients, and the custom-JVP GELU equals the exact GELU and PyTorch's, with its derivatives."""
+their gradients, the CPU linear layer's custom gradient equals autodiff's in float64, and the custom-JVP GELU equals the exact GELU and PyTorch's, with its derivatives."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,6 +76,55 @@ def test_chunked_self_attention_module_gradients():
         grads[impl] = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
     for a, b in zip(jax.tree.leaves(grads["chunked"]), jax.tree.leaves(grads["einsum"])):
         assert float(jnp.abs(a - b).max()) <= 1e-5 * max(float(jnp.abs(b).max()), 1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The linear layer's product (vit.dense_dot_general)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("x_shape,features", [((2, 37, 24), 40), ((2, 37, 40), 24), ((53, 16), 16)],
+                         ids=["wide-out", "narrow-out", "2d"])
+def test_dense_product_gradient_equals_autodiff_in_float64(x_shape, features):
+    """Both branches of the kernel gradient (x^T dy, and (dy^T x)^T when the output is narrower) and the
+    input gradient equal autodiff of `lax.dot_general` computed in float64 numpy."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    kernel = rng.standard_normal((x_shape[-1], features)).astype(np.float32)
+    dy = rng.standard_normal(x_shape[:-1] + (features,)).astype(np.float32)
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    y, vjp = jax.vjp(lambda a, b: vit.dense_dot_general(a, b, dims), jnp.asarray(x), jnp.asarray(kernel))
+    dx, dk = vjp(jnp.asarray(dy))
+    x64, k64, dy64 = (a.astype(np.float64) for a in (x, kernel, dy))
+    scale = np.abs(x64).max() * np.abs(k64).max() * x_shape[-1]
+    assert np.abs(np.asarray(y, np.float64) - x64 @ k64).max() <= 1e-6 * scale
+    assert np.abs(np.asarray(dx, np.float64) - dy64 @ k64.T).max() <= 1e-6 * scale
+    want_dk = x64.reshape(-1, x_shape[-1]).T @ dy64.reshape(-1, features)
+    assert np.abs(np.asarray(dk, np.float64) - want_dk).max() <= 1e-6 * np.abs(want_dk).max() * 10
+    assert dx.shape == x.shape and dk.shape == kernel.shape
+
+
+def test_dense_layer_matches_nn_dense_and_keeps_bfloat16():
+    """`vit.Dense` has nn.Dense's parameters, forward and gradients (float32 and bfloat16 compute), and
+    contractions other than [..., K] x [K, N] fall through to `lax.dot_general`."""
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.standard_normal((2, 11, 12)).astype(np.float32))
+    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
+        ours, plain = vit.Dense(20, dtype=dtype), nn.Dense(20, dtype=dtype)
+        params = plain.init(jax.random.PRNGKey(0), x)
+        assert jax.tree.structure(ours.init(jax.random.PRNGKey(0), x)) == jax.tree.structure(params)
+        for layer in (ours, plain):
+            assert layer.apply(params, x).dtype == dtype
+        loss = lambda p, x, layer: jnp.sum(jnp.sin(layer.apply(p, x).astype(jnp.float32)))  # noqa: E731
+        got = jax.grad(loss, argnums=(0, 1))(params, x, ours)
+        want = jax.grad(loss, argnums=(0, 1))(params, x, plain)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert a.dtype == b.dtype
+            assert float(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max()) <= tol * max(
+                float(jnp.abs(b.astype(jnp.float32)).max()), 1.0)
+    batched = (((2,), (1,)), ((0,), (0,)))  # a batched contraction: not the layer's product
+    a, b = jnp.ones((2, 3, 4)), jnp.ones((2, 4, 5))
+    np.testing.assert_array_equal(vit.dense_dot_general(a, b, batched), jax.lax.dot_general(a, b, batched))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -32,6 +32,60 @@ Dtype = Any
 trunc_normal_02 = nn.initializers.truncated_normal(stddev=0.02)
 
 
+@jax.custom_vjp
+def _dense_product(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x [..., K] @ kernel [K, N] -> [..., N], with the kernel's gradient as one canonical matmul."""
+    return jnp.einsum("...k,kn->...n", x, kernel)
+
+
+def _dense_product_fwd(x, kernel):
+    return _dense_product(x, kernel), (x, kernel)
+
+
+def _dense_product_bwd(residuals, dy):
+    """dx = dy kernel^T; d kernel = x^T dy over all M tokens, as a row-major matmul of the narrower side's
+    transpose: x^T [K, M] @ dy [M, N], or (dy^T [N, M] @ x [M, K])^T when N < K.
+
+    Left to autodiff, XLA:CPU's layout assignment copied dy to [N, M] and ran the product with both operands
+    transposed in Eigen (119 GFLOP/s on one core for YOLOS-Ti's fc2; 13% of its train step in all). A
+    row-major product goes to YNNPACK (~200 GFLOP/s). The barriers keep XLA from folding the transposes back
+    into the product, and from fusing the operand's producer (fc2's GELU) into the transpose, which then ran
+    at a twentieth of a copy's speed; transposing the narrower operand moves the fewest bytes.
+    """
+    x, kernel = residuals
+    dx = jnp.einsum("...n,kn->...k", dy, kernel)
+    x2d = x.reshape(-1, x.shape[-1])
+    dy2d = dy.reshape(-1, dy.shape[-1])
+    barrier = jax.lax.optimization_barrier
+    if dy2d.shape[1] < x2d.shape[1]:
+        d_kernel_t = jnp.dot(barrier(barrier(dy2d).T), x2d, preferred_element_type=jnp.float32)  # [N, K]
+        d_kernel = barrier(d_kernel_t).T
+    else:
+        d_kernel = jnp.dot(barrier(barrier(x2d).T), dy2d, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), d_kernel.astype(kernel.dtype)
+
+
+_dense_product.defvjp(_dense_product_fwd, _dense_product_bwd)
+
+
+def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """`nn.Dense`'s `dot_general` on CPU: `lax.dot_general` for [..., K] x [K, N] with `_dense_product`'s
+    backward. Any other contraction, or a precision, goes to `lax.dot_general` unchanged."""
+    (contract_lhs, contract_rhs), batch_dims = dimension_numbers
+    plain = contract_lhs == (lhs.ndim - 1,) and contract_rhs == (0,) and batch_dims == ((), ()) and rhs.ndim == 2
+    if not plain or precision is not None or preferred_element_type is not None:
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
+    return _dense_product(lhs, rhs)
+
+
+def Dense(features: int, **kwargs) -> nn.Dense:
+    """`nn.Dense` with `dense_dot_general` on CPU (elsewhere XLA's own gradient is kept): the project's
+    linear layer. Parameters and forward are nn.Dense's."""
+    if jax.default_backend() == "cpu":
+        kwargs.setdefault("dot_general", dense_dot_general)
+    return nn.Dense(features, **kwargs)
+
+
 # --------------------------------------------------------------------------------------------------
 # Position embedding resizing
 # --------------------------------------------------------------------------------------------------
@@ -237,7 +291,7 @@ class SelfAttention(nn.Module):
             raise ValueError(f"hidden_size {width} is not divisible by num_heads {self.num_heads}")
         impl = attention.resolve_impl(self.attention_impl)
         head_dim = width // self.num_heads
-        qkv = nn.Dense(
+        qkv = Dense(
             3 * width, use_bias=self.qkv_bias, dtype=self.dtype, kernel_init=trunc_normal_02, name="qkv"
         )(x)
         qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
@@ -258,7 +312,7 @@ class SelfAttention(nn.Module):
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, H, Dh]
             out = attention.dot_product_attention(q, k, v, key_mask, impl)
         out = out.reshape(batch, tokens, width)
-        return nn.Dense(width, dtype=self.dtype, kernel_init=trunc_normal_02, name="proj")(out)
+        return Dense(width, dtype=self.dtype, kernel_init=trunc_normal_02, name="proj")(out)
 
 
 # erf as a rational function of x^2 on [-4, 4] (Eigen's and StableHLO's float32 approximation of chlo.erf;
@@ -340,9 +394,9 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
-        x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=trunc_normal_02, name="fc1")(x)
+        x = Dense(self.mlp_dim, dtype=self.dtype, kernel_init=trunc_normal_02, name="fc1")(x)
         x = gelu(x)
-        return nn.Dense(width, dtype=self.dtype, kernel_init=trunc_normal_02, name="fc2")(x)
+        return Dense(width, dtype=self.dtype, kernel_init=trunc_normal_02, name="fc2")(x)
 
 
 def drop_path(module: nn.Module, y: jax.Array, rate: float) -> jax.Array:
