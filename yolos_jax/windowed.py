@@ -240,8 +240,8 @@ class WindowedSelfAttention(nn.Module):
         head_dim = width // heads
         (wh, ww), _ = window_layout((gh, gw), self.window_size)
 
-        qkv = nn.Dense(3 * width, use_bias=self.qkv_bias, dtype=self.dtype, kernel_init=vit.trunc_normal_02,
-                       name="qkv")(x)
+        qkv = vit.Dense(3 * width, use_bias=self.qkv_bias, dtype=self.dtype, kernel_init=vit.trunc_normal_02,
+                        name="qkv")(x)
         qkv = jnp.transpose(qkv.reshape(batch, tokens, 3, heads, head_dim), (2, 0, 1, 3, 4))  # [3, B, T, H, Dh]
         patch_slice = slice(n_pre, n_pre + n_patch)
 
@@ -284,7 +284,7 @@ class WindowedSelfAttention(nn.Module):
         extra_out = jnp.transpose(extra_out, (0, 2, 1, 3)).reshape(batch, n_extra, width)
 
         out = jnp.concatenate([extra_out[:, :n_pre], patch_out, extra_out[:, n_pre:]], axis=1)
-        return nn.Dense(width, dtype=self.dtype, kernel_init=vit.trunc_normal_02, name="proj")(out)
+        return vit.Dense(width, dtype=self.dtype, kernel_init=vit.trunc_normal_02, name="proj")(out)
 
     def _rel_pos_tables(self, head_dim: int, grid_hw, window_hw, valid_grid=None) -> tuple[jax.Array, jax.Array]:
         """(rh [wh, wh, Dh], rw [ww, ww, Dh]): the tables' entries for every (query, key) row / column pair.
