@@ -11,6 +11,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+import train_fixtures
 from eval_fixtures import make_coco_gt, numpy_postprocess
 from yolos_jax import coco_eval, evaluation, weights
 from yolos_jax.config import model_config
@@ -196,7 +197,6 @@ jax.distributed.shutdown()
 
 
 def test_two_processes_equal_one(synth, tmp_path):
-    import socket
     import subprocess
     import sys
 
@@ -206,9 +206,7 @@ def test_two_processes_equal_one(synth, tmp_path):
                             {f: getattr(model, f) for f in model_config("s").keys()})
     cfg8 = ml_collections.ConfigDict(cfg.to_dict())
     cfg8.eval_batch_size = 8
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = train_fixtures.free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(i), str(port), cfg8.to_json(), str(ckpt),
                                str(tmp_path / f"out{i}")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -25,6 +25,8 @@ import time
 import numpy as np
 import pytest
 
+import train_fixtures
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 900
 # Under `pytest -n 2 --dist loadgroup` (README, .ci/run) these tests share one worker, so the module's fixtures
@@ -352,12 +354,6 @@ def test_a_failing_save_keeps_the_previous_checkpoints_and_stops_in_one_line(tmp
         np.testing.assert_array_equal(ours[k], ref[k], err_msg=k)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_killed_process_ends_the_other_within_the_bound_and_the_rerun_resumes(tmp_path, env, data_root,
                                                                               uninterrupted):
     del uninterrupted  # (its run prepared the shared dataset: a multi-process run needs it prepared)
@@ -379,7 +375,7 @@ def test_a_killed_process_ends_the_other_within_the_bound_and_the_rerun_resumes(
     def output(attempt, i):
         return (tmp_path / f"log_{attempt}_{i}.txt").read_text()
 
-    first, second = launch(_free_port(), 0)
+    first, second = launch(train_fixtures.free_port(), 0)
     _wait_for(lambda: (workdir / "checkpoints" / "4").is_dir(), first, "checkpoint 4")
     second.send_signal(signal.SIGKILL)
     killed_at = time.time()
@@ -391,7 +387,7 @@ def test_a_killed_process_ends_the_other_within_the_bound_and_the_rerun_resumes(
     assert "error: process 1 of this 2-process run stopped responding" in output(0, 0), output(0, 0)[-4000:]
     assert "Re-run the same command on every host" in output(0, 0)
 
-    procs = launch(_free_port(), 1)  # the same command on both "hosts": resumes and finishes
+    procs = launch(train_fixtures.free_port(), 1)  # the same command on both "hosts": resumes and finishes
     for i, p in enumerate(procs):
         p.wait(timeout=TIMEOUT)
         assert p.returncode == 0, output(1, i)[-4000:]

@@ -2,7 +2,6 @@
 non-finite updates never applied; the splash attention kernel per device under the step's mesh."""
 
 import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -84,15 +83,9 @@ def test_nonfinite_update_is_dropped(policy):
         np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_equal_one(tmp_path, single_device_run):
     out = str(tmp_path / "mp.npz")
-    port = _free_port()
+    port = tf_.free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     procs = [
         subprocess.Popen([sys.executable, os.path.join(HERE, "multihost_worker.py"), str(i), "2", str(port), out],

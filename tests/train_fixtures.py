@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import jax
+import socket
+
 import numpy as np
 
 from yolos_jax import losses, matcher, optim, sharding, train_step
@@ -52,9 +53,7 @@ def build_step(mesh_devices, fsdp: int = 1, total_steps: int = 10, global_batch:
     optim_cfg.warmup_steps = 2
     # Shapes and the state init under the mesh (`sharding.mesh_jit`), as trainer.py traces them: the model's
     # forward runs in both, and splash attention finds the mesh there.
-    abstract_params = sharding.mesh_jit(
-        lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, *IMAGE_HW, 3), np.float32)), mesh
-    ).eval_shape()["params"]
+    abstract_params = train_step.abstract_params(model, IMAGE_HW, mesh)
     tx, schedule = optim.make_optimizer(optim_cfg, abstract_params, global_batch, total_steps)
     ema = ema_decay > 0
     _, shardings = train_step.abstract_state_and_shardings(model, tx, 0, IMAGE_HW, mesh, mesh_cfg, ema)
@@ -65,3 +64,10 @@ def build_step(mesh_devices, fsdp: int = 1, total_steps: int = 10, global_batch:
         shardings, policy, grad_accum_steps=grad_accum_steps, ema_decay=ema_decay,
     )
     return state, step, mesh
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free just now (multi-process tests' coordinator address)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

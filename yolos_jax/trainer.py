@@ -20,7 +20,6 @@ import time
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -242,9 +241,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
     model = YOLOS(**config.model.to_dict())
     image_hw = (2 * config.model.patch_size, 2 * config.model.patch_size)  # param shapes do not depend on it
-    # Shapes only, but traced under the mesh, or splash attention's no-mesh fallback would warn (sharding.mesh_jit).
-    abstract_params = sharding.mesh_jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_hw, 3))),
-                                        mesh).eval_shape()["params"]
+    abstract_params = train_step.abstract_params(model, image_hw, mesh)
     tx, schedule = optim.make_optimizer(config.optim, abstract_params, global_batch, total_steps)
     ema_decay = float(config.optim.get("ema_decay", 0.0))
     abstract, shardings = train_step.abstract_state_and_shardings(model, tx, config.seed, image_hw, mesh, config.mesh,

@@ -22,11 +22,10 @@ import re
 from typing import Any, Mapping, Optional, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from yolos_jax import atomic, checkpoint_reading, checkpointing, sharding
+from yolos_jax import atomic, checkpoint_reading, checkpointing, sharding, train_step
 from yolos_jax import config as config_lib
 from yolos_jax.data import workdir_paths
 from yolos_jax.yolos import YOLOS
@@ -98,12 +97,8 @@ def expected_param_shapes(model_cfg: Mapping[str, Any]) -> dict[str, tuple[int, 
     cfg = model_cfg_dict(model_cfg)
     p = int(cfg.get("patch_size", 16))
     model = YOLOS(**cfg)
-    # Under a mesh (as every model trace is): on several TPU chips 'splash' would otherwise warn of its fallback.
-    shapes = sharding.mesh_jit(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2 * p, 2 * p, 3), jnp.float32)),
-        sharding.single_device_mesh(),
-    ).eval_shape()
-    return {k: tuple(v.shape) for k, v in flatten_params(shapes["params"]).items()}
+    shapes = train_step.abstract_params(model, (2 * p, 2 * p), sharding.single_device_mesh())
+    return {k: tuple(v.shape) for k, v in flatten_params(shapes).items()}
 
 
 # --------------------------------------------------------------------------------------------------
