@@ -80,8 +80,9 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
 
 
 def Dense(features: int, **kwargs) -> nn.Dense:
-    """`nn.Dense` with `dense_dot_general` on CPU (elsewhere XLA's own gradient is kept): the project's
-    linear layer. Parameters and forward are nn.Dense's."""
+    """`nn.Dense` with `dense_dot_general` on CPU (elsewhere XLA's own gradient is kept): the linear layers of
+    the transformer blocks (qkv, proj, fc1, fc2; the windowed blocks' too), where nearly all of a step's
+    linear-layer FLOPs are. Parameters and forward are nn.Dense's; the backend is read when the layer is built."""
     if jax.default_backend() == "cpu":
         kwargs.setdefault("dot_general", dense_dot_general)
     return nn.Dense(features, **kwargs)
