@@ -1,6 +1,7 @@
 """The ViT building blocks (yolos_jax/vit.py): the position-embedding resizes equal PyTorch's bicubic
 `F.interpolate` (whole batch and per image), SelfAttention's chunked and einsum implementations agree in
-their gradients, the CPU linear layer's custom gradient equals autodiff's in float64, and the custom-JVP GELU equals the exact GELU and PyTorch's, with its derivatives."""
+their gradients, the CPU linear layer's custom gradient equals a float64 numpy product and is the one the blocks
+use, and the custom-JVP GELU equals the exact GELU and PyTorch's, with its derivatives."""
 
 import flax.linen as nn
 import jax
@@ -85,9 +86,9 @@ def test_chunked_self_attention_module_gradients():
 
 @pytest.mark.parametrize("x_shape,features", [((2, 37, 24), 40), ((2, 37, 40), 24), ((53, 16), 16)],
                          ids=["wide-out", "narrow-out", "2d"])
-def test_dense_product_gradient_equals_autodiff_in_float64(x_shape, features):
+def test_dense_product_gradient_equals_float64_numpy(x_shape, features):
     """Both branches of the kernel gradient (x^T dy, and (dy^T x)^T when the output is narrower) and the
-    input gradient equal autodiff of `lax.dot_general` computed in float64 numpy."""
+    input gradient (float32) equal the closed-form products x^T dy and dy kernel^T in float64 numpy."""
     rng = np.random.default_rng(7)
     x = rng.standard_normal(x_shape).astype(np.float32)
     kernel = rng.standard_normal((x_shape[-1], features)).astype(np.float32)
@@ -105,12 +106,15 @@ def test_dense_product_gradient_equals_autodiff_in_float64(x_shape, features):
 
 
 def test_dense_layer_matches_nn_dense_and_keeps_bfloat16():
-    """`vit.Dense` has nn.Dense's parameters, forward and gradients (float32 and bfloat16 compute), and
-    contractions other than [..., K] x [K, N] fall through to `lax.dot_general`."""
+    """A Dense with the hook has nn.Dense's parameters, forward and gradients (float32 and bfloat16 compute);
+    contractions other than [..., K] x [K, N] fall through to `lax.dot_general`; on CPU `vit.Dense` installs the
+    hook, and the blocks' MLP and attention gradients go through it (its custom VJP is in their jaxprs)."""
     rng = np.random.default_rng(8)
     x = jnp.asarray(rng.standard_normal((2, 11, 12)).astype(np.float32))
+    assert jax.default_backend() == "cpu" and vit.Dense(4).dot_general is vit.dense_dot_general
     for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
-        ours, plain = vit.Dense(20, dtype=dtype), nn.Dense(20, dtype=dtype)
+        ours = nn.Dense(20, dtype=dtype, dot_general=vit.dense_dot_general)
+        plain = nn.Dense(20, dtype=dtype)
         params = plain.init(jax.random.PRNGKey(0), x)
         assert jax.tree.structure(ours.init(jax.random.PRNGKey(0), x)) == jax.tree.structure(params)
         for layer in (ours, plain):
@@ -125,6 +129,10 @@ def test_dense_layer_matches_nn_dense_and_keeps_bfloat16():
     batched = (((2,), (1,)), ((0,), (0,)))  # a batched contraction: not the layer's product
     a, b = jnp.ones((2, 3, 4)), jnp.ones((2, 4, 5))
     np.testing.assert_array_equal(vit.dense_dot_general(a, b, batched), jax.lax.dot_general(a, b, batched))
+    for layer in (vit.Mlp(24), vit.SelfAttention(3, attention_impl="einsum")):
+        params = layer.init(jax.random.PRNGKey(0), x)
+        jaxpr = str(jax.make_jaxpr(jax.grad(lambda p, layer=layer: jnp.sum(layer.apply(p, x))))(params))
+        assert jaxpr.count("custom_vjp_call") == 2, jaxpr[:400]  # fc1, fc2 or qkv, proj
 
 
 # --------------------------------------------------------------------------------------------------

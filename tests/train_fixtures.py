@@ -6,7 +6,7 @@ import socket
 
 import numpy as np
 
-from yolos_jax import losses, matcher, optim, sharding, train_step
+from yolos_jax import losses, matcher, optim, sharding, train_step, weights
 from yolos_jax.config import model_config
 from yolos_jax.yolos import YOLOS
 
@@ -53,7 +53,7 @@ def build_step(mesh_devices, fsdp: int = 1, total_steps: int = 10, global_batch:
     optim_cfg.warmup_steps = 2
     # Shapes and the state init under the mesh (`sharding.mesh_jit`), as trainer.py traces them: the model's
     # forward runs in both, and splash attention finds the mesh there.
-    abstract_params = train_step.abstract_params(model, IMAGE_HW, mesh)
+    abstract_params = weights.abstract_params(model, IMAGE_HW, mesh)
     tx, schedule = optim.make_optimizer(optim_cfg, abstract_params, global_batch, total_steps)
     ema = ema_decay > 0
     _, shardings = train_step.abstract_state_and_shardings(model, tx, 0, IMAGE_HW, mesh, mesh_cfg, ema)

@@ -60,13 +60,6 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, im
     return state
 
 
-def abstract_params(model: nn.Module, image_hw: tuple[int, int], mesh: Mesh) -> Any:
-    """The model's parameters as a ShapeDtypeStruct tree (no compute; they do not depend on image_hw), traced
-    under `mesh` as every model trace is: splash attention's no-mesh fallback would warn otherwise."""
-    dummy = jnp.zeros((1, *image_hw, 3), jnp.float32)
-    return sharding.mesh_jit(lambda: model.init(jax.random.PRNGKey(0), dummy), mesh).eval_shape()["params"]
-
-
 def abstract_state_and_shardings(
     model: nn.Module,
     tx: optax.GradientTransformation,

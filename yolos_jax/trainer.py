@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from yolos_jax import (atomic, checkpoint_reading, checkpointing, data, evaluation, init_from, optim, run_config,
-                       run_plots, sharding, train_step, workdir_lock)
+                       run_plots, sharding, train_step, weights, workdir_lock)
 from yolos_jax import config as config_lib
 from yolos_jax.errors import UserError
 from yolos_jax.weights import RUNTIME_MODEL_FIELDS, expected_param_shapes
@@ -241,7 +241,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
     model = YOLOS(**config.model.to_dict())
     image_hw = (2 * config.model.patch_size, 2 * config.model.patch_size)  # param shapes do not depend on it
-    abstract_params = train_step.abstract_params(model, image_hw, mesh)
+    abstract_params = weights.abstract_params(model, image_hw, mesh)
     tx, schedule = optim.make_optimizer(config.optim, abstract_params, global_batch, total_steps)
     ema_decay = float(config.optim.get("ema_decay", 0.0))
     abstract, shardings = train_step.abstract_state_and_shardings(model, tx, config.seed, image_hw, mesh, config.mesh,

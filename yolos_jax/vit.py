@@ -58,31 +58,35 @@ def _dense_product_bwd(residuals, dy):
     x2d = x.reshape(-1, x.shape[-1])
     dy2d = dy.reshape(-1, dy.shape[-1])
     barrier = jax.lax.optimization_barrier
+    accumulate = jnp.promote_types(x.dtype, jnp.float32)  # sums over all M tokens: at least float32
     if dy2d.shape[1] < x2d.shape[1]:
-        d_kernel_t = jnp.dot(barrier(barrier(dy2d).T), x2d, preferred_element_type=jnp.float32)  # [N, K]
+        d_kernel_t = jnp.dot(barrier(barrier(dy2d).T), x2d, preferred_element_type=accumulate)  # [N, K]
         d_kernel = barrier(d_kernel_t).T
     else:
-        d_kernel = jnp.dot(barrier(barrier(x2d).T), dy2d, preferred_element_type=jnp.float32)
+        d_kernel = jnp.dot(barrier(barrier(x2d).T), dy2d, preferred_element_type=accumulate)
     return dx.astype(x.dtype), d_kernel.astype(kernel.dtype)
 
 
 _dense_product.defvjp(_dense_product_fwd, _dense_product_bwd)
 
 
-def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    """`nn.Dense`'s `dot_general` on CPU: `lax.dot_general` for [..., K] x [K, N] with `_dense_product`'s
-    backward. Any other contraction, or a precision, goes to `lax.dot_general` unchanged."""
+def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
+    """`nn.Dense`'s `dot_general` on CPU: `lax.dot_general` for lhs [..., K] x rhs [K, N] with `_dense_product`'s
+    backward. Any other contraction, a precision, a preferred_element_type or any further `lax.dot_general`
+    argument goes to `lax.dot_general` unchanged."""
     (contract_lhs, contract_rhs), batch_dims = dimension_numbers
     plain = contract_lhs == (lhs.ndim - 1,) and contract_rhs == (0,) and batch_dims == ((), ()) and rhs.ndim == 2
-    if not plain or precision is not None or preferred_element_type is not None:
-        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
+    if not plain or precision is not None or preferred_element_type is not None or kwargs:
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, **kwargs)
     return _dense_product(lhs, rhs)
 
 
 def Dense(features: int, **kwargs) -> nn.Dense:
     """`nn.Dense` with `dense_dot_general` on CPU (elsewhere XLA's own gradient is kept): the linear layers of
     the transformer blocks (qkv, proj, fc1, fc2; the windowed blocks' too), where nearly all of a step's
-    linear-layer FLOPs are. Parameters and forward are nn.Dense's; the backend is read when the layer is built."""
+    linear-layer FLOPs are. Parameters and forward are nn.Dense's; the backend is read when the layer is built.
+    Like any custom VJP, the CPU layer is differentiable in reverse mode only (`jax.grad`, `jax.vjp`), not by
+    `jax.jvp`/`jax.jacfwd`; nothing in the project differentiates forward."""
     if jax.default_backend() == "cpu":
         kwargs.setdefault("dot_general", dense_dot_general)
     return nn.Dense(features, **kwargs)

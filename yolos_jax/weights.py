@@ -22,10 +22,11 @@ import re
 from typing import Any, Mapping, Optional, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from yolos_jax import atomic, checkpoint_reading, checkpointing, sharding, train_step
+from yolos_jax import atomic, checkpoint_reading, checkpointing, sharding
 from yolos_jax import config as config_lib
 from yolos_jax.data import workdir_paths
 from yolos_jax.yolos import YOLOS
@@ -92,12 +93,19 @@ def model_cfg_json(model_cfg: Any) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in model_cfg_dict(model_cfg).items()}
 
 
+def abstract_params(model: Any, image_hw: tuple[int, int], mesh: Any) -> Any:
+    """`model`'s parameters as a ShapeDtypeStruct tree (no compute; they do not depend on image_hw), traced under
+    `mesh` as every model trace is: splash attention's no-mesh fallback would warn otherwise."""
+    dummy = jnp.zeros((1, *image_hw, 3), jnp.float32)
+    return sharding.mesh_jit(lambda: model.init(jax.random.PRNGKey(0), dummy), mesh).eval_shape()["params"]
+
+
 def expected_param_shapes(model_cfg: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     """{'path': shape} of every parameter of `YOLOS(**model_cfg)`, from `jax.eval_shape` (no compute)."""
     cfg = model_cfg_dict(model_cfg)
     p = int(cfg.get("patch_size", 16))
     model = YOLOS(**cfg)
-    shapes = train_step.abstract_params(model, (2 * p, 2 * p), sharding.single_device_mesh())
+    shapes = abstract_params(model, (2 * p, 2 * p), sharding.single_device_mesh())
     return {k: tuple(v.shape) for k, v in flatten_params(shapes).items()}
 
 
