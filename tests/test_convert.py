@@ -302,9 +302,12 @@ def test_a_write_failure_mid_conversion_leaves_no_partial_checkpoint(hf_ti, tmp_
     out = tmp_path / "ckpt"
     convert.convert(folder, str(out))
     before = _tree_bytes(out)
-    sizes = sorted(len(b) for b in before.values())
-    limit = 100_000  # above every metadata file, below the parameter data file
-    assert sizes[-2] < limit < sizes[-1], sizes
+    # orbax's OCDBT store splits the ~180 kB of parameter data over one or more files under a d/ folder, differently
+    # from run to run (seen: one of ~175 kB, or ~80 + ~100 kB); the metadata files stay under 11 kB.
+    data = sorted(len(b) for k, b in before.items() if f"{os.sep}d{os.sep}" in os.sep + k)
+    meta = sorted(len(b) for k, b in before.items() if f"{os.sep}d{os.sep}" not in os.sep + k)
+    limit = 40_000  # above every metadata file, below the parameter data's largest file, however it is split
+    assert meta[-1] < limit < data[-1] and sum(data) > 4 * limit, (meta, data)
 
     def fails_mid_params(output, **kwargs):
         with pytest.raises(Exception, match="File too large") as e, file_size_limit(limit):
