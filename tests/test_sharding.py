@@ -68,3 +68,25 @@ def test_single_device_mesh_is_the_first_device_alone():
     mesh = sharding.single_device_mesh()
     assert mesh.axis_names == sharding.BATCH_AXES and mesh.devices.shape == (1, 1)
     assert mesh.devices.flat[0] == jax.devices()[0] == jax.device_put(np.zeros(1)).devices().pop()
+
+
+def test_on_single_device_brings_replicated_sharded_and_host_arrays_to_the_device():
+    """Params replicated over the whole mesh (as `Evaluator.place` leaves them), split over it, or on the host all
+    land, unchanged, on the one device of `single_device_mesh()`: what its jits (speed protocol, attention
+    figures) need, where arguments committed to other devices do not fit."""
+    mesh = sharding.make_mesh(sharding.default_mesh_config())
+    one = sharding.single_device_mesh()
+    host = {"w": np.arange(32, dtype=np.float32).reshape(8, 4), "n": np.arange(3, dtype=np.int32)}
+    trees = {
+        "replicated": sharding.place_host(host, sharding.replicated(mesh)),
+        "split": sharding.place_host(host, {"w": sharding.batch_sharding(mesh), "n": sharding.replicated(mesh)}),
+        "host": host,
+    }
+    (device,) = one.devices.flat
+    for name, tree in trees.items():
+        moved = sharding.on_single_device(tree, one)
+        for got, want in zip(jax.tree.leaves(moved), jax.tree.leaves(host)):
+            assert got.devices() == {device} and got.dtype == want.dtype, name
+            np.testing.assert_array_equal(np.asarray(got), want)
+    f = sharding.mesh_jit(lambda t: t["w"].sum() + t["n"].sum(), one)
+    assert float(f(sharding.on_single_device(trees["replicated"], one))) == float(host["w"].sum() + 3)

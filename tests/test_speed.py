@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from eval_fixtures import random_params
-from yolos_jax import speed
+from yolos_jax import sharding, speed
 from yolos_jax.config import model_config
 from yolos_jax.yolos import YOLOS
 
@@ -41,6 +41,13 @@ def test_speed_protocol_flops_match_analytic_count():
     assert res["num_images"] == 2 and res["num_shapes"] == 1 and res["fps"] > 0
     table = speed.speed_table([{"model": "tiny", "size": 64, "AP": 0.123, **res}])
     assert "12.3" in table and "tiny" in table and "64 x *" in table
+    # Params replicated over every device, as `eval.py --speed` passes them (`Evaluator.place`), are timed on
+    # the first device alone (before, jit refused arguments committed to 8 devices under a 1-device mesh).
+    mesh = sharding.make_mesh(sharding.default_mesh_config())
+    assert mesh.devices.size > 1
+    replicated = sharding.place_host(jax.device_get(params), sharding.replicated(mesh))
+    res_rep = speed.measure_speed(model, replicated, images, warmup=0, repeats=1)
+    assert res_rep["xla_gflops"] == pytest.approx(res["xla_gflops"]) and res_rep["params"] == res["params"]
 
 
 def test_splash_speed_forward_runs_the_kernel_under_a_one_device_mesh(monkeypatch, splash_calls):

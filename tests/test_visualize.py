@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from yolos_jax import visualize
+from yolos_jax import sharding, visualize
 from yolos_jax.config import model_config
 from yolos_jax.data.labels import LabelMap
 from yolos_jax.yolos import YOLOS
@@ -80,6 +80,12 @@ def test_attention_weights_with_padding_reproduce_the_block():
     v = (y @ p["qkv"]["kernel"] + p["qkv"]["bias"])[..., 64:].reshape(2, -1, 2, 16)  # (q | k | v), heads
     o = np.einsum("bhts,bshd->bthd", att, v).reshape(2, -1, 32) @ p["proj"]["kernel"] + p["proj"]["bias"]
     np.testing.assert_allclose(o, np.asarray(inter["attn"]["__call__"][0]), atol=1e-4)
+
+    # Params replicated over every device (as `make_figures` gets them from `Evaluator.place`) give the same
+    # weights, recomputed on the first device alone.
+    mesh = sharding.make_mesh(sharding.default_mesh_config())
+    replicated = sharding.place_host(jax.device_get(params), sharding.replicated(mesh))
+    np.testing.assert_array_equal(visualize.attention_weights(model, replicated, x, mask)["attention"], res["attention"])
 
 
 def test_splash_attention_weights_run_the_kernel_under_a_one_device_mesh(monkeypatch, splash_calls):

@@ -10,7 +10,8 @@ Jits over the mesh are built with `mesh_jit`, which traces and runs them with th
 `yolos_jax/attention_tpu.py`) finds the mesh there and `shard_map`s itself over it. The mesh's axes are Auto,
 so the context changes no sharding decision of XLA's (in/out shardings, `with_sharding_constraint`). Jits that
 have no mesh of their own (one-process inference, visualisation, the speed protocol, evaluation without a mesh)
-run under `single_device_mesh()`, a mesh of this process's first device alone.
+run under `single_device_mesh()`, a mesh of this process's first device alone; `on_single_device` brings their
+arguments there (this process's replica of params replicated over a bigger mesh).
 """
 
 from __future__ import annotations
@@ -52,6 +53,28 @@ def single_device_mesh() -> Mesh:
     attention kernel then runs whole on that device, rather than taking the no-mesh fallback when several
     devices are visible. Arguments committed to another device do not fit it."""
     return make_mesh(default_mesh_config(), jax.local_devices()[:1])
+
+
+def on_single_device(tree: Any, mesh: Mesh) -> Any:
+    """Every array of `tree` on the one device of `mesh` (a `single_device_mesh()`), for the jits run under it.
+
+    Params replicated over a bigger mesh (`evaluation.Evaluator.place`; in a multi-process run spanning devices
+    this process cannot address) contribute this process's own copy; host arrays are copied there. Arrays split
+    over several devices of another process cannot be gathered here: ValueError naming the leaf.
+    """
+    (device,) = mesh.devices.flat
+
+    def one(path, x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if not x.sharding.is_fully_replicated:
+                raise ValueError(
+                    f"{jax.tree_util.keystr(path)}: an array split over devices of other processes cannot be "
+                    "brought to one device; pass host arrays or arrays replicated over the mesh"
+                )
+            x = x.addressable_data(0)  # this process's replica
+        return jax.device_put(x, device)
+
+    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -59,7 +59,9 @@ def measure_speed(model: Any, params: Any, images: Iterable[np.ndarray], *, warm
             raise ValueError(f"measure_speed: need [1, H, W, 3] images, got {x.shape}")
     # Batch 1 on one device, under a mesh of it (`sharding.mesh_jit`): splash attention runs its kernel there
     # rather than its no-mesh fallback when several devices are visible.
-    fwd = sharding.mesh_jit(lambda p, x: model.apply({"params": p}, x), sharding.single_device_mesh())
+    mesh = sharding.single_device_mesh()
+    fwd = sharding.mesh_jit(lambda p, x: model.apply({"params": p}, x), mesh)
+    params = sharding.on_single_device(params, mesh)  # e.g. replicated over the eval mesh by `Evaluator.place`
     # FLOPs are counted on the same model with explicit-matmul attention: XLA's cost analysis counts a
     # loop body once and a fused-attention custom call not at all, so the fused/chunked attention paths
     # would under-report the attention FLOPs (which dominate at detection resolutions).
@@ -72,7 +74,7 @@ def measure_speed(model: Any, params: Any, images: Iterable[np.ndarray], *, warm
             spec = jax.ShapeDtypeStruct(x.shape, x.dtype)
             compiled[x.shape] = fwd.lower(params, spec).compile()  # the timed executable (no compile in the loop)
             flops_by_shape[x.shape] = compiled_flops(count_fwd.lower(params, spec).compile())
-    device_imgs = [jax.device_put(x) for x in imgs]
+    device_imgs = sharding.on_single_device(imgs, mesh)
     for _ in range(int(warmup)):
         for x in device_imgs:
             jax.block_until_ready(compiled[x.shape](params, x))

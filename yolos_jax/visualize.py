@@ -172,13 +172,15 @@ def attention_weights(model: Any, params: Any, images: np.ndarray, pixel_mask: O
     """
     images = np.asarray(images, np.float32)
     mask = None if pixel_mask is None else np.asarray(pixel_mask, bool)
-    attn, logits, boxes = _attention_fn(model, int(layer) % int(model.depth))(params, images, mask)
+    mesh = sharding.single_device_mesh()
+    params = sharding.on_single_device(params, mesh)  # e.g. replicated over the eval mesh by `Evaluator.place`
+    attn, logits, boxes = _attention_fn(model, int(layer) % int(model.depth), mesh)(params, images, mask)
     grid = (images.shape[1] // model.patch_size, images.shape[2] // model.patch_size)
     return {"attention": np.asarray(attn), "grid": grid, "logits": np.asarray(logits), "boxes": np.asarray(boxes)}
 
 
 @functools.lru_cache(maxsize=8)
-def _attention_fn(model: Any, layer: int):
+def _attention_fn(model: Any, layer: int, mesh: Any):
     """The jitted recomputation for (model, layer), built once (XLA then caches per input shape)."""
     block = f"block_{layer}"
 
@@ -207,7 +209,7 @@ def _attention_fn(model: Any, layer: int):
 
     # Under a mesh of the first device (`sharding.mesh_jit`): splash attention runs its kernel there rather
     # than its no-mesh fallback when several devices are visible.
-    return sharding.mesh_jit(run, sharding.single_device_mesh())
+    return sharding.mesh_jit(run, mesh)
 
 
 def det_token_maps(attention: np.ndarray, grid: Sequence[int], num_det_tokens: int) -> np.ndarray:
