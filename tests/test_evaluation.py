@@ -190,8 +190,24 @@ params, model, _ = weights.load_model(ckpt)
 mesh = sharding.make_mesh(sharding.default_mesh_config())
 ev = evaluation.Evaluator(evaluation.default_eval_config(), cfg, model, mesh=mesh)
 assert len(ev.batches()) == 2  # 10 images in global batches of 8; each process reads 4 of every 8
-metrics = ev.run(ev.place(params), out, verbose=False)
+placed = ev.place(params)
+metrics = ev.run(placed, out, verbose=False)
 print("METRICS " + json.dumps(metrics), flush=True)
+# The one-device jits (speed protocol, attention figures) take this process's replica of the placed params.
+import numpy as np
+from yolos_jax import speed
+one = sharding.single_device_mesh()
+local = sharding.on_single_device(placed, one)
+same = all(a.devices() == {one.devices.flat[0]} and np.array_equal(np.asarray(a), np.asarray(b))
+           for a, b in zip(jax.tree.leaves(local), jax.tree.leaves(params)))
+split = sharding.place_host({"w": np.zeros((8, 2), np.float32)}, {"w": sharding.batch_sharding(mesh)})
+try:
+    sharding.on_single_device(split, one)
+    refused = False
+except ValueError as e:
+    refused = "['w']" in str(e)
+fps = speed.measure_speed(model, placed, [np.zeros((1, 64, 96, 3), np.float32)], warmup=0, repeats=1)["fps"]
+print("SINGLE " + json.dumps({"same": same, "refused": refused, "fps": fps > 0}), flush=True)
 jax.distributed.shutdown()
 """
 
@@ -217,6 +233,9 @@ def test_two_processes_equal_one(synth, tmp_path):
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
     got = [json.loads(next(line for line in log.splitlines() if line.startswith("METRICS "))[8:]) for log in logs]
     assert got[0] == got[1]  # every process returns process 0's metrics
+    for log in logs:  # each process's replica of the placed params, on its first device, timed there
+        single = json.loads(next(line for line in log.splitlines() if line.startswith("SINGLE "))[7:])
+        assert single == {"same": True, "refused": True, "fps": True}, single
     for k in coco_eval.METRIC_NAMES:
         assert got[0][k] == pytest.approx(one[k], abs=1e-6), k
     assert got[0]["num_images"] == one["num_images"] == 10

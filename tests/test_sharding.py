@@ -3,6 +3,7 @@
 
 import jax
 import numpy as np
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from yolos_jax import sharding
@@ -90,3 +91,5 @@ def test_on_single_device_brings_replicated_sharded_and_host_arrays_to_the_devic
             np.testing.assert_array_equal(np.asarray(got), want)
     f = sharding.mesh_jit(lambda t: t["w"].sum() + t["n"].sum(), one)
     assert float(f(sharding.on_single_device(trees["replicated"], one))) == float(host["w"].sum() + 3)
+    with pytest.raises(ValueError, match="one-device mesh"):
+        sharding.on_single_device(host, mesh)

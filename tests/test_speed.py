@@ -41,8 +41,9 @@ def test_speed_protocol_flops_match_analytic_count():
     assert res["num_images"] == 2 and res["num_shapes"] == 1 and res["fps"] > 0
     table = speed.speed_table([{"model": "tiny", "size": 64, "AP": 0.123, **res}])
     assert "12.3" in table and "tiny" in table and "64 x *" in table
-    # Params replicated over every device, as `eval.py --speed` passes them (`Evaluator.place`), are timed on
-    # the first device alone (before, jit refused arguments committed to 8 devices under a 1-device mesh).
+    # Params replicated over every device (what a multi-process `eval.py --speed` passes, from `Evaluator.place`;
+    # the 2-process case is in tests/test_evaluation.py) are timed on the first device alone (before, jit refused
+    # arguments committed to 8 devices under a 1-device mesh).
     mesh = sharding.make_mesh(sharding.default_mesh_config())
     assert mesh.devices.size > 1
     replicated = sharding.place_host(jax.device_get(params), sharding.replicated(mesh))

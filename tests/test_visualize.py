@@ -81,9 +81,10 @@ def test_attention_weights_with_padding_reproduce_the_block():
     o = np.einsum("bhts,bshd->bthd", att, v).reshape(2, -1, 32) @ p["proj"]["kernel"] + p["proj"]["bias"]
     np.testing.assert_allclose(o, np.asarray(inter["attn"]["__call__"][0]), atol=1e-4)
 
-    # Params replicated over every device (as `make_figures` gets them from `Evaluator.place`) give the same
-    # weights, recomputed on the first device alone.
+    # Params replicated over every device (as a multi-process `make_figures` gets them from `Evaluator.place`)
+    # give the same weights, recomputed on the first device alone.
     mesh = sharding.make_mesh(sharding.default_mesh_config())
+    assert mesh.devices.size > 1
     replicated = sharding.place_host(jax.device_get(params), sharding.replicated(mesh))
     np.testing.assert_array_equal(visualize.attention_weights(model, replicated, x, mask)["attention"], res["attention"])
 

@@ -58,18 +58,22 @@ def single_device_mesh() -> Mesh:
 def on_single_device(tree: Any, mesh: Mesh) -> Any:
     """Every array of `tree` on the one device of `mesh` (a `single_device_mesh()`), for the jits run under it.
 
-    Params replicated over a bigger mesh (`evaluation.Evaluator.place`; in a multi-process run spanning devices
-    this process cannot address) contribute this process's own copy; host arrays are copied there. Arrays split
-    over several devices of another process cannot be gathered here: ValueError naming the leaf.
+    Shapes and values are kept; every leaf comes back a jax.Array committed to that device, in the dtype jit would
+    give it (numpy float64 becomes float32 unless x64 is on). Arrays on other devices of this process are copied
+    (gathered when split). Arrays spanning other processes' devices (params that `evaluation.Evaluator.place`
+    replicated over a multi-process mesh) contribute this process's own replica; such an array that is not
+    replicated raises ValueError naming the leaf.
     """
+    if mesh.devices.size != 1:
+        raise ValueError(f"on_single_device needs a one-device mesh (single_device_mesh()), got {mesh.devices.size}")
     (device,) = mesh.devices.flat
 
     def one(path, x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             if not x.sharding.is_fully_replicated:
                 raise ValueError(
-                    f"{jax.tree_util.keystr(path)}: an array split over devices of other processes cannot be "
-                    "brought to one device; pass host arrays or arrays replicated over the mesh"
+                    f"{jax.tree_util.keystr(path)}: an array split over the devices of several processes cannot be "
+                    "brought to one device here; pass host arrays or arrays replicated over the mesh"
                 )
             x = x.addressable_data(0)  # this process's replica
         return jax.device_put(x, device)

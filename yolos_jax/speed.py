@@ -61,7 +61,8 @@ def measure_speed(model: Any, params: Any, images: Iterable[np.ndarray], *, warm
     # rather than its no-mesh fallback when several devices are visible.
     mesh = sharding.single_device_mesh()
     fwd = sharding.mesh_jit(lambda p, x: model.apply({"params": p}, x), mesh)
-    params = sharding.on_single_device(params, mesh)  # e.g. replicated over the eval mesh by `Evaluator.place`
+    # In a multi-process `eval.py --speed`, `Evaluator.place` replicated the params over every process's devices.
+    params = sharding.on_single_device(params, mesh)
     # FLOPs are counted on the same model with explicit-matmul attention: XLA's cost analysis counts a
     # loop body once and a fused-attention custom call not at all, so the fused/chunked attention paths
     # would under-report the attention FLOPs (which dominate at detection resolutions).

@@ -173,7 +173,8 @@ def attention_weights(model: Any, params: Any, images: np.ndarray, pixel_mask: O
     images = np.asarray(images, np.float32)
     mask = None if pixel_mask is None else np.asarray(pixel_mask, bool)
     mesh = sharding.single_device_mesh()
-    params = sharding.on_single_device(params, mesh)  # e.g. replicated over the eval mesh by `Evaluator.place`
+    # In a multi-process run, `Evaluator.place` replicated the params over every process's devices.
+    params = sharding.on_single_device(params, mesh)
     attn, logits, boxes = _attention_fn(model, int(layer) % int(model.depth), mesh)(params, images, mask)
     grid = (images.shape[1] // model.patch_size, images.shape[2] // model.patch_size)
     return {"attention": np.asarray(attn), "grid": grid, "logits": np.asarray(logits), "boxes": np.asarray(boxes)}
