@@ -12,6 +12,11 @@ Config overrides as in training, e.g. --config.eval.max_images=500. The logic is
 `yolos_jax.eval_checkpoint.evaluate_checkpoint`.
 """
 
+if __name__ == "__main__":  # first, before anything allocates: once, re-run this command on oneTBB's malloc
+    from yolos_jax import runtime
+
+    runtime.use_scalable_malloc()
+
 import os
 
 import ml_collections

@@ -11,6 +11,11 @@ Writes OUT/<image name>.png and OUT/detections.json ([{file, height, width, dete
 label map or --config names the dataset). The logic is `yolos_jax.inference.run_inference`.
 """
 
+if __name__ == "__main__":  # first, before anything allocates: once, re-run this command on oneTBB's malloc
+    from yolos_jax import runtime
+
+    runtime.use_scalable_malloc()
+
 from absl import app, flags
 from ml_collections import config_flags
 

@@ -6,6 +6,11 @@ Re-running the same command resumes from the workdir's latest checkpoint. This f
 short: the loop is `yolos_jax.trainer.train_and_evaluate`.
 """
 
+if __name__ == "__main__":  # first, before anything allocates: once, re-run this command on oneTBB's malloc
+    from yolos_jax import runtime
+
+    runtime.use_scalable_malloc()
+
 from absl import app, flags
 from ml_collections import config_flags
 

@@ -126,3 +126,96 @@ def test_maybe_initialize_distributed_only_for_several_processes(monkeypatch, en
     runtime.maybe_initialize_distributed(run_config.default_distributed_config())
     # The heartbeat bound (config.distributed.heartbeat_timeout_s) is passed on: a dead peer ends the run.
     assert calls == ([{"heartbeat_timeout_seconds": 60}] if expect else [])
+
+
+SCALABLE_MALLOC_PROBE = r"""
+import os, resource, sys, threading
+from yolos_jax import runtime
+print("started", os.getpid(), flush=True)
+if len(sys.argv) > 1:  # the libraries vanish between finding and loading them
+    runtime.scalable_malloc_libraries = lambda: ("/nonexistent/libtbbmalloc.so.2",) * 2
+runtime.use_scalable_malloc()
+import numpy as np
+
+
+def churn(counts):  # like XLA:CPU's per-step temporaries on its worker threads: allocate, touch, free
+    for _ in range(4):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        a = np.empty(96 * 2**20, np.uint8)
+        a[::4096] = 1
+        del a
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+
+
+faults = []
+thread = threading.Thread(target=churn, args=(faults,))
+thread.start(); thread.join()
+print("active", int(runtime.scalable_malloc_active()), int(runtime.keep_freed_memory()), max(faults[1:]), os.getpid())
+"""
+
+
+def _scalable_malloc_probe(*args: str, **env_overrides: str) -> tuple[list[str], list[int], subprocess.CompletedProcess]:
+    from yolos_jax import runtime
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_PRELOAD", runtime.MALLOC_ENV, "YOLOS_JAX_MALLOC_PRELOADED",
+                        "TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD", "YOLOS_JAX_KEEP_FREED_MEMORY")}
+    env.update(env_overrides)
+    proc = subprocess.run([sys.executable, "-c", SCALABLE_MALLOC_PROBE, *args], capture_output=True, text=True, env=env)
+    lines = proc.stdout.split("\n")
+    starts = [line.split()[1] for line in lines if line.startswith("started")]
+    active = [int(v) for line in lines if line.startswith("active") for v in line.split()[1:]]
+    return starts, active, proc
+
+
+needs_tbb = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or __import__("yolos_jax.runtime").runtime.scalable_malloc_libraries() is None,
+    reason="oneTBB's wheel (a dependency on Linux x86-64) is not installed")
+
+
+@needs_tbb
+def test_use_scalable_malloc_reexecutes_once_with_tbbmalloc_keeping_large_blocks():
+    """Issue 19 item 4: the command is run again, same process id, with oneTBB's malloc replacing glibc's; a worker
+    thread's re-allocated 96 MB block costs no page faults (glibc's settings in `keep_freed_memory` are then not
+    applied), and the re-executed process does not re-execute again."""
+    starts, active, proc = _scalable_malloc_probe()
+    assert proc.returncode == 0, proc.stderr
+    assert len(starts) == 2 and starts[0] == starts[1] == str(active[3]), proc.stdout
+    is_active, glibc_settings, faults, _ = active
+    assert (is_active, glibc_settings) == (1, 0), proc.stdout
+    assert faults <= 8, proc.stdout
+
+
+@needs_tbb
+def test_scalable_malloc_without_the_huge_block_threshold_refaults():
+    """The control for `TBB_HUGE_BLOCK_BYTES`: with tbbmalloc's own default (the threshold out of reach), freed
+    blocks this large go back to the kernel and are faulted in again (37M faults in 600 demo steps)."""
+    starts, active, proc = _scalable_malloc_probe(TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD=str(2**40))
+    assert proc.returncode == 0 and len(starts) == 2 and active[0] == 1, proc.stdout + proc.stderr
+    assert active[2] >= 64, proc.stdout
+
+
+@pytest.mark.parametrize("env", [{"YOLOS_JAX_MALLOC": "system"}, {"LD_PRELOAD": "/nonexistent/libjemalloc.so.2"}])
+def test_use_scalable_malloc_leaves_the_users_choice(env):
+    """$YOLOS_JAX_MALLOC=system keeps glibc's malloc (with `keep_freed_memory`'s settings), and an allocator the
+    user preloads wins: no re-execution."""
+    starts, active, proc = _scalable_malloc_probe(**env)
+    assert proc.returncode == 0, proc.stderr
+    assert len(starts) == 1 and active[0] == 0, proc.stdout
+    assert active[1] == int(sys.platform.startswith("linux")), proc.stdout
+
+
+def test_use_scalable_malloc_refuses_an_unknown_choice():
+    starts, _, proc = _scalable_malloc_probe(YOLOS_JAX_MALLOC="jemalloc")
+    assert proc.returncode != 0 and len(starts) == 1
+    assert "$YOLOS_JAX_MALLOC='jemalloc': use 'tbb'" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD: Linux only")
+def test_an_allocator_that_fails_to_load_leaves_glibc_with_its_settings():
+    """The dynamic loader ignores a preload it cannot open (one line on stderr): the re-executed command runs on
+    glibc's malloc, `keep_freed_memory` applies, and nothing re-executes again."""
+    starts, active, proc = _scalable_malloc_probe("vanish")
+    assert proc.returncode == 0, proc.stderr
+    assert len(starts) == 2 and active[:2] == [0, 1], proc.stdout
+    assert "cannot be preloaded" in proc.stderr, proc.stderr

@@ -98,6 +98,10 @@ def test_train_checkpoint_restore_eval_image(tmp_path, env, data_root):
     proc = _train(workdir, data_root, env, "--config.train.eval_every=8", "--config.model.num_classes=6")
     losses = _losses(proc.stdout)
     assert len(losses) == 4, proc.stdout
+    from yolos_jax import runtime
+
+    if sys.platform.startswith("linux") and runtime.scalable_malloc_libraries():  # train.py re-ran on oneTBB's malloc
+        assert "malloc: oneTBB's scalable malloc" in proc.stderr, proc.stderr[-3000:]
     assert losses[-1] < losses[0], f"loss did not go down: {losses}"
     steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
     assert steps[-1] == 16 and len(steps) <= 3  # keep-last-k
@@ -181,6 +185,18 @@ def uninterrupted(tmp_path_factory, env, data_root):
     workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
     _train(workdir, data_root, env, *RESUME_OVERRIDES)
     return workdir
+
+
+def test_the_allocator_changes_no_result(tmp_path, env, data_root, uninterrupted):
+    """train.py on glibc's malloc ($YOLOS_JAX_MALLOC=system) ends with the same weights, bit for bit, as on
+    oneTBB's (the default where its wheel is installed, `runtime.use_scalable_malloc`)."""
+    workdir = tmp_path / "glibc"
+    proc = _train(workdir, data_root, dict(env, YOLOS_JAX_MALLOC="system"), *RESUME_OVERRIDES)
+    assert "malloc: glibc's" in proc.stderr, proc.stderr[-3000:]
+    ours, ref = _final_params(workdir), _final_params(uninterrupted)
+    assert ours.keys() == ref.keys()
+    for k in ref:
+        np.testing.assert_array_equal(ours[k], ref[k], err_msg=k)
 
 
 def test_sigkill_sigterm_ctrl_c_resume_bit_identical(tmp_path, env, data_root, uninterrupted):

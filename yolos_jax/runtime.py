@@ -19,7 +19,8 @@ def setup_host(compilation_cache: bool = True) -> None:
     * TensorFlow (the input pipeline) must not grab GPU/TPU memory or all CPU cores: it sees no
       accelerators and few threads, so it does not fight XLA.
     * jax's persistent compilation cache makes re-runs (resume, eval) skip recompilation.
-    * glibc keeps freed memory mapped (`keep_freed_memory`), so XLA:CPU steps stop page-faulting.
+    * glibc keeps freed memory mapped (`keep_freed_memory`), so XLA:CPU steps stop page-faulting; a no-op where
+      the entry script's `use_scalable_malloc` replaced glibc's malloc, which the log's first line says.
     """
     keep_freed_memory()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -32,6 +33,9 @@ def setup_host(compilation_cache: bool = True) -> None:
         logging.getLogger(name).addFilter(drop_storage_error_records)
     sys.unraisablehook = _quiet_storage_leftovers(sys.unraisablehook)
     logging.getLogger("yolos_jax").setLevel(logging.INFO)
+    logging.getLogger("yolos_jax").info(
+        "malloc: %s", "oneTBB's scalable malloc ($YOLOS_JAX_MALLOC=system for glibc's)" if scalable_malloc_active()
+        else "glibc's" + (" (one arena, freed memory kept)" if freed_memory_kept() else ""))
     try:
         import tensorflow as tf
 
@@ -138,13 +142,14 @@ def keep_freed_memory() -> bool:
     `data.tf_setup.get_tf` therefore sets TF off that once-per-process call and then calls this again
     (`freed_memory_kept` says whether it should).
 
-    Applies only with glibc (Linux); a no-op elsewhere or with YOLOS_JAX_KEEP_FREED_MEMORY=0. Call first thing
+    Applies only with glibc's malloc (Linux, without `use_scalable_malloc`'s allocator); a no-op elsewhere or with
+    YOLOS_JAX_KEEP_FREED_MEMORY=0. Call first thing
     in the process, before any thread allocates (the arena limit binds only threads without an arena yet).
     Returns whether the settings were applied.
     """
     global _FREED_MEMORY_KEPT
-    if os.environ.get("YOLOS_JAX_KEEP_FREED_MEMORY", "1") == "0":
-        return False
+    if os.environ.get("YOLOS_JAX_KEEP_FREED_MEMORY", "1") == "0" or scalable_malloc_active():
+        return False  # opted out, or glibc's malloc is not the one in use (`use_scalable_malloc`)
     try:
         libc = ctypes.CDLL("libc.so.6")
         mallopt = libc.mallopt
@@ -166,6 +171,74 @@ def freed_memory_kept() -> bool:
     """Whether `keep_freed_memory` took effect in this process (an entry script's `setup_host` called it): a
     library that overrides glibc's malloc settings must then be followed by another `keep_freed_memory()`."""
     return _FREED_MEMORY_KEPT
+
+
+MALLOC_ENV = "YOLOS_JAX_MALLOC"  # "tbb" (the default where oneTBB's wheel is installed) or "system"
+_PRELOADED_ENV = "YOLOS_JAX_MALLOC_PRELOADED"  # set on the re-executed command: never re-execute twice
+TBB_MALLOC_LIBRARIES = ("libtbbmalloc.so.2", "libtbbmalloc_proxy.so.2")  # the allocator, then its malloc proxy
+# tbbmalloc keeps freed blocks of at least this many bytes for reuse instead of handing them back (below it, its
+# cleanup returns idle large blocks to the kernel, which the next step faults in again: 37M faults in 600 demo steps)
+TBB_HUGE_BLOCK_BYTES = 1 << 20
+
+
+def scalable_malloc_libraries() -> Optional[tuple[str, ...]]:
+    """Absolute paths of oneTBB's `TBB_MALLOC_LIBRARIES` from the installed `tbb` wheel (a dependency on Linux
+    x86-64), or None where it is not installed."""
+    from importlib import metadata
+
+    try:
+        files = metadata.distribution("tbb").files or []
+    except metadata.PackageNotFoundError:
+        return None
+    found = {f.name: os.path.abspath(str(f.locate())) for f in files if f.name in TBB_MALLOC_LIBRARIES}
+    paths = tuple(found.get(name, "") for name in TBB_MALLOC_LIBRARIES)
+    return paths if all(p and os.path.isfile(p) for p in paths) else None
+
+
+def scalable_malloc_active() -> bool:
+    """Whether oneTBB's malloc proxy replaced malloc in this process (its library is mapped)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return any(TBB_MALLOC_LIBRARIES[1] in line for line in maps)
+    except OSError:  # no /proc: not Linux
+        return False
+
+
+def use_scalable_malloc() -> None:
+    """Re-executes this command once with oneTBB's scalable malloc preloaded. Call first thing in an entry script,
+    before jax or TensorFlow is imported; returns only where nothing is to be done.
+
+    Why: XLA:CPU's worker threads allocate and free thousands of scratch blocks a step (YNNPACK's, oneDNN's,
+    Eigen's), most above glibc's 1 KiB per-thread cache, and each step's temporaries afresh (the demo: 246 MB).
+    glibc serves them either from one arena whose lock the threads queue on (futex: `keep_freed_memory`'s
+    setting) or from per-thread arenas that unmap every block over 64 MiB on free (page faults). tbbmalloc keeps
+    per-thread caches of small and large blocks, and with `TBB_HUGE_BLOCK_BYTES` keeps the big ones mapped: the
+    demo's 600 training steps took 84 s instead of 130 s, system time 3.4% of the CPU time instead of 8-11%
+    (BENCHMARKS.md, issue 19 item 4). Results do not change: only where memory comes from.
+
+    A no-op where $YOLOS_JAX_MALLOC is "system", outside Linux, without the `tbb` wheel, when $LD_PRELOAD already
+    names an allocator (the user's choice wins), or in the re-executed process itself. Raises SystemExit for
+    any other $YOLOS_JAX_MALLOC value. If the libraries cannot be loaded after all, the dynamic loader prints
+    one line and the command runs on glibc's malloc with `keep_freed_memory` (`setup_host` logs which).
+    """
+    choice = os.environ.get(MALLOC_ENV, "tbb").strip().lower()
+    if choice not in ("tbb", "system"):
+        raise SystemExit(f"${MALLOC_ENV}={os.environ[MALLOC_ENV]!r}: use 'tbb' (oneTBB's scalable malloc, the "
+                         "default) or 'system' (glibc's malloc)")
+    preload = os.environ.get("LD_PRELOAD", "")
+    if (choice == "system" or not sys.platform.startswith("linux") or not sys.executable
+            or os.environ.get(_PRELOADED_ENV) or "malloc" in preload):  # libtbbmalloc, libjemalloc, libtcmalloc, ...
+        return
+    libraries = scalable_malloc_libraries()
+    if libraries is None:
+        return
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = ":".join(libraries + ((preload,) if preload else ()))
+    env.setdefault("TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD", str(TBB_HUGE_BLOCK_BYTES))
+    env[_PRELOADED_ENV] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, list(sys.orig_argv), env)
 
 
 MULTIPROCESS_ENV = ("TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
