@@ -213,8 +213,8 @@ def use_scalable_malloc() -> None:
     glibc serves them either from one arena whose lock the threads queue on (futex: `keep_freed_memory`'s
     setting) or from per-thread arenas that unmap every block over 64 MiB on free (page faults). tbbmalloc keeps
     per-thread caches of small and large blocks, and with `TBB_HUGE_BLOCK_BYTES` keeps the big ones mapped: the
-    demo's 600 training steps took 84 s instead of 130 s, system time 3.4% of the CPU time instead of 8-11%
-    (BENCHMARKS.md, issue 19 item 4). Results do not change: only where memory comes from.
+    whole demo took 416 s instead of 580 s, its system time 3.1% of the CPU time instead of 6.8% (BENCHMARKS.md,
+    issue 19 item 4). Results do not change: only where memory comes from.
 
     A no-op where $YOLOS_JAX_MALLOC is "system", outside Linux, without the `tbb` wheel, when $LD_PRELOAD already
     names an allocator (the user's choice wins), or in the re-executed process itself. Raises SystemExit for
@@ -223,7 +223,7 @@ def use_scalable_malloc() -> None:
     """
     choice = os.environ.get(MALLOC_ENV, "tbb").strip().lower()
     if choice not in ("tbb", "system"):
-        raise SystemExit(f"${MALLOC_ENV}={os.environ[MALLOC_ENV]!r}: use 'tbb' (oneTBB's scalable malloc, the "
+        raise SystemExit(f"error: ${MALLOC_ENV}={os.environ[MALLOC_ENV]!r}: use 'tbb' (oneTBB's scalable malloc, the "
                          "default) or 'system' (glibc's malloc)")
     preload = os.environ.get("LD_PRELOAD", "")
     if (choice == "system" or not sys.platform.startswith("linux") or not sys.executable
