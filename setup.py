@@ -18,9 +18,10 @@ INSTALL_REQUIRES = [
     "absl-py",
     "matplotlib",
     "tensorboard",
-    # oneTBB's scalable malloc (Intel's binary wheel), which train.py, eval.py and infer.py preload on Linux x86-64:
-    # XLA:CPU's allocations without glibc's arena lock or page faults (`runtime.use_scalable_malloc`).
-    'tbb; platform_system == "Linux" and platform_machine == "x86_64"',
+    # oneTBB's scalable malloc, which train.py, eval.py and infer.py preload on Linux x86-64: XLA:CPU's allocations
+    # without glibc's arena lock or page faults (`runtime.use_scalable_malloc`). Intel's binary wheel (and its
+    # dependency tcmlib), under the Intel Simplified Software License: README, "Third-party software".
+    'tbb>=2021.1; platform_system == "Linux" and platform_machine == "x86_64"',
 ]
 
 # export.py --format=onnx. jax2onnx 0.13 and later pin orbax-checkpoint<0.11.37, below ours (0.12 here); 0.12.x

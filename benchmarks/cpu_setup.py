@@ -8,9 +8,10 @@
   see the same cores;
 * JAX_PLATFORMS=cpu unless set: a CPU benchmark, also on machines with accelerators;
 * the repository root goes on sys.path (benchmarks run from a checkout), XLA's CPU flags are set
-  (`yolos_jax.xla_flags`), and glibc keeps freed memory (`runtime.keep_freed_memory`, as train.py does),
-  so XLA:CPU steps do not page-fault their temporaries back in. One process per benchmark, so a PyTorch
-  reference measured in the same run gets the same allocator.
+  (`yolos_jax.xla_flags`), and malloc is chosen as train.py chooses it: a benchmark run as a script re-executes
+  itself once on oneTBB's scalable malloc (`runtime.use_scalable_malloc`, $YOLOS_JAX_MALLOC), else glibc keeps
+  freed memory (`runtime.keep_freed_memory`), so XLA:CPU steps do not page-fault their temporaries back in.
+  One process per benchmark, so a PyTorch reference measured in the same run gets the same allocator.
 """
 
 from __future__ import annotations
@@ -36,10 +37,14 @@ def prepare(argv: Optional[Sequence[str]] = None, pin: bool = False) -> int:
     if pin:
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.join(here, "..")
     if root not in sys.path:
         sys.path.insert(0, root)
     from yolos_jax import runtime, xla_flags  # neither imports jax
+
+    if sys.argv and os.path.dirname(os.path.abspath(sys.argv[0])) == here:  # a benchmark script, not an importer
+        runtime.use_scalable_malloc()
 
     xla_flags.set_cpu_flags()
     runtime.keep_freed_memory()

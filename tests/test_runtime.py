@@ -129,43 +129,63 @@ def test_maybe_initialize_distributed_only_for_several_processes(monkeypatch, en
 
 
 SCALABLE_MALLOC_PROBE = r"""
-import os, resource, sys, threading
+import json, os, resource, subprocess, sys, threading
 from yolos_jax import runtime
 print("started", os.getpid(), flush=True)
-if len(sys.argv) > 1:  # the libraries vanish between finding and loading them
+mode = sys.argv[1]
+if mode == "vanished":  # the libraries vanish between finding and loading them
     runtime.scalable_malloc_libraries = lambda: ("/nonexistent/libtbbmalloc.so.2",) * 2
+elif mode == "dependency":  # the proxy alone: the loader cannot find the allocator it needs, and ends the process
+    proxy = runtime.scalable_malloc_libraries()[1]
+    runtime.scalable_malloc_libraries = lambda: (proxy, proxy)
+elif mode == "absent":
+    runtime.scalable_malloc_libraries = lambda: None
+elif mode == "accelerator":
+    runtime.accelerator_plugins_installed = lambda: ["jax-cuda13-plugin"]
+elif mode.startswith("cache="):
+    runtime.tbb_cache_limit_bytes = lambda: int(mode[6:])
 runtime.use_scalable_malloc()
 import numpy as np
 
 
-def churn(counts):  # like XLA:CPU's per-step temporaries on its worker threads: allocate, touch, free
-    for _ in range(4):
+def churn(sizes, counts):  # like XLA:CPU's per-step temporaries on its worker threads: allocate, touch, free
+    for size in sizes:
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        a = np.empty(96 * 2**20, np.uint8)
+        a = np.empty(size, np.uint8)
         a[::4096] = 1
         del a
         counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
 
 
 faults = []
-thread = threading.Thread(target=churn, args=(faults,))
+sizes = [(64 + 3 * i) * 2**20 for i in range(12)] * 2 if mode.startswith("cache") else [256 * 2**20] * 4
+thread = threading.Thread(target=churn, args=(sizes, faults))
 thread.start(); thread.join()
-print("active", int(runtime.scalable_malloc_active()), int(runtime.keep_freed_memory()), max(faults[1:]), os.getpid())
+rss_mb = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
+child = subprocess.run(["cat", "/proc/self/maps"], capture_output=True, text=True).stdout
+print("result", json.dumps({"pid": os.getpid(), "tbb": runtime.scalable_malloc_active(),
+                            "glibc_settings": runtime.keep_freed_memory(), "faults": max(faults[len(faults) // 2:]),
+                            "rss_mb": rss_mb, "child_tbb": "libtbbmalloc" in child,
+                            "LD_PRELOAD": os.environ.get("LD_PRELOAD")}), flush=True)
 """
 
 
-def _scalable_malloc_probe(*args: str, **env_overrides: str) -> tuple[list[str], list[int], subprocess.CompletedProcess]:
+def _scalable_malloc_probe(tmp_path, mode: str = "default", **env_overrides: str):
+    """Runs the probe as a program file (as train.py runs); returns (pids of each start, the result dict, proc)."""
+    import json
+
     from yolos_jax import runtime
 
+    script = tmp_path / "probe.py"
+    script.write_text(SCALABLE_MALLOC_PROBE)
     env = {k: v for k, v in os.environ.items()
-           if k not in ("LD_PRELOAD", runtime.MALLOC_ENV, "YOLOS_JAX_MALLOC_PRELOADED",
+           if k not in ("LD_PRELOAD", runtime.MALLOC_ENV, "YOLOS_JAX_MALLOC_REEXEC", "JAX_PLATFORMS",
                         "TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD", "YOLOS_JAX_KEEP_FREED_MEMORY")}
     env.update(env_overrides)
-    proc = subprocess.run([sys.executable, "-c", SCALABLE_MALLOC_PROBE, *args], capture_output=True, text=True, env=env)
-    lines = proc.stdout.split("\n")
-    starts = [line.split()[1] for line in lines if line.startswith("started")]
-    active = [int(v) for line in lines if line.startswith("active") for v in line.split()[1:]]
-    return starts, active, proc
+    proc = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, env=env, timeout=300)
+    starts = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("started")]
+    results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("result")]
+    return starts, (results[0] if results else {}), proc
 
 
 needs_tbb = pytest.mark.skipif(
@@ -174,48 +194,87 @@ needs_tbb = pytest.mark.skipif(
 
 
 @needs_tbb
-def test_use_scalable_malloc_reexecutes_once_with_tbbmalloc_keeping_large_blocks():
-    """Issue 19 item 4: the command is run again, same process id, with oneTBB's malloc replacing glibc's; a worker
-    thread's re-allocated 96 MB block costs no page faults (glibc's settings in `keep_freed_memory` are then not
-    applied), and the re-executed process does not re-execute again."""
-    starts, active, proc = _scalable_malloc_probe()
+def test_use_scalable_malloc_reexecutes_once_with_tbbmalloc_keeping_large_blocks(tmp_path):
+    """Issue 19 item 4: the command runs again, same process id, with oneTBB's malloc replacing glibc's; a worker
+    thread's re-allocated 256 MB block costs no page faults (glibc's settings in `keep_freed_memory` are then not
+    applied); the re-executed process does not re-execute again, and processes it starts do not inherit the
+    preload."""
+    starts, result, proc = _scalable_malloc_probe(tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert len(starts) == 2 and starts[0] == starts[1] == str(active[3]), proc.stdout
-    is_active, glibc_settings, faults, _ = active
-    assert (is_active, glibc_settings) == (1, 0), proc.stdout
-    assert faults <= 8, proc.stdout
+    assert len(starts) == 2 and starts[0] == starts[1] == str(result["pid"]), proc.stdout
+    assert result["tbb"] and not result["glibc_settings"], proc.stdout
+    assert result["faults"] <= 8, proc.stdout
+    assert not result["child_tbb"] and result["LD_PRELOAD"] is None, proc.stdout
 
 
 @needs_tbb
-def test_scalable_malloc_without_the_huge_block_threshold_refaults():
+def test_scalable_malloc_without_the_huge_block_threshold_refaults(tmp_path):
     """The control for `TBB_HUGE_BLOCK_BYTES`: with tbbmalloc's own default (the threshold out of reach), freed
     blocks this large go back to the kernel and are faulted in again (37M faults in 600 demo steps)."""
-    starts, active, proc = _scalable_malloc_probe(TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD=str(2**40))
-    assert proc.returncode == 0 and len(starts) == 2 and active[0] == 1, proc.stdout + proc.stderr
-    assert active[2] >= 64, proc.stdout
+    starts, result, proc = _scalable_malloc_probe(tmp_path, TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD=str(2**40))
+    assert proc.returncode == 0 and len(starts) == 2 and result["tbb"], proc.stdout + proc.stderr
+    assert result["faults"] >= 64, proc.stdout
 
 
-@pytest.mark.parametrize("env", [{"YOLOS_JAX_MALLOC": "system"}, {"LD_PRELOAD": "/nonexistent/libjemalloc.so.2"}])
-def test_use_scalable_malloc_leaves_the_users_choice(env):
-    """$YOLOS_JAX_MALLOC=system keeps glibc's malloc (with `keep_freed_memory`'s settings), and an allocator the
-    user preloads wins: no re-execution."""
-    starts, active, proc = _scalable_malloc_probe(**env)
+@needs_tbb
+def test_the_soft_heap_limit_bounds_blocks_kept_for_many_sizes(tmp_path):
+    """Blocks over the threshold are reused only for about their size: 12 sizes of 64-97 MB, twice, keep one of
+    each without a limit; `tbb_cache_limit_bytes` hands them back past it (here 256 MB)."""
+    _, limited, proc = _scalable_malloc_probe(tmp_path, f"cache={256 << 20}")
+    assert proc.returncode == 0 and limited["tbb"], proc.stdout + proc.stderr
+    _, unlimited, proc = _scalable_malloc_probe(tmp_path, f"cache={1 << 40}")
+    assert proc.returncode == 0 and unlimited["tbb"], proc.stdout + proc.stderr
+    assert limited["rss_mb"] <= 256 + 160, (limited, unlimited)
+    assert unlimited["rss_mb"] >= limited["rss_mb"] + 120, (limited, unlimited)
+
+
+@needs_tbb
+@pytest.mark.parametrize("mode,env", [("default", {"YOLOS_JAX_MALLOC": "system"}),
+                                      ("default", {"LD_PRELOAD": "/nonexistent/libpreloaded_by_the_user.so"}),
+                                      ("accelerator", {})])
+def test_auto_leaves_glibc_for_the_users_choice_and_accelerator_hosts(tmp_path, mode, env):
+    """$YOLOS_JAX_MALLOC=system keeps glibc's malloc (with `keep_freed_memory`'s settings); so do a library the
+    user preloads (any) and an installed accelerator plugin under the default 'auto'."""
+    starts, result, proc = _scalable_malloc_probe(tmp_path, mode, **env)
     assert proc.returncode == 0, proc.stderr
-    assert len(starts) == 1 and active[0] == 0, proc.stdout
-    assert active[1] == int(sys.platform.startswith("linux")), proc.stdout
+    assert len(starts) == 1 and not result["tbb"] and result["glibc_settings"], proc.stdout
 
 
-def test_use_scalable_malloc_refuses_an_unknown_choice():
-    starts, _, proc = _scalable_malloc_probe(YOLOS_JAX_MALLOC="jemalloc")
-    assert proc.returncode != 0 and len(starts) == 1
-    assert "$YOLOS_JAX_MALLOC='jemalloc': use 'tbb'" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+@needs_tbb
+def test_explicit_tbb_and_cpu_platforms_override_the_accelerator_rule(tmp_path):
+    for env in ({"YOLOS_JAX_MALLOC": "tbb"}, {"JAX_PLATFORMS": "cpu"}):
+        starts, result, proc = _scalable_malloc_probe(tmp_path, "accelerator", **env)
+        assert proc.returncode == 0 and len(starts) == 2 and result["tbb"], (env, proc.stdout, proc.stderr)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD: Linux only")
-def test_an_allocator_that_fails_to_load_leaves_glibc_with_its_settings():
-    """The dynamic loader ignores a preload it cannot open (one line on stderr): the re-executed command runs on
-    glibc's malloc, `keep_freed_memory` applies, and nothing re-executes again."""
-    starts, active, proc = _scalable_malloc_probe("vanish")
+@needs_tbb
+@pytest.mark.parametrize("mode", ["vanished", "dependency"])
+def test_an_allocator_the_loader_refuses_leaves_glibc_in_one_line(tmp_path, mode):
+    """The dynamic loader skips a preload it cannot open, and ends a process whose preload lacks a dependency
+    (exit 127): tried in a child first, so the command goes on with glibc's malloc and its settings, saying so in
+    one line; with $YOLOS_JAX_MALLOC=tbb it stops in one `error:` line instead."""
+    starts, result, proc = _scalable_malloc_probe(tmp_path, mode)
     assert proc.returncode == 0, proc.stderr
-    assert len(starts) == 2 and active[:2] == [0, 1], proc.stdout
-    assert "cannot be preloaded" in proc.stderr, proc.stderr
+    assert len(starts) == 1 and not result["tbb"] and result["glibc_settings"], proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if "oneTBB" in line]
+    assert len(lines) == 1 and "running on glibc's malloc" in lines[0], proc.stderr
+    starts, _, proc = _scalable_malloc_probe(tmp_path, mode, YOLOS_JAX_MALLOC="tbb")
+    assert proc.returncode == 1 and len(starts) == 1, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: $YOLOS_JAX_MALLOC=tbb, but"), proc.stderr
+
+
+def test_explicit_tbb_without_the_library_and_an_unknown_choice_end_in_one_line(tmp_path):
+    starts, _, proc = _scalable_malloc_probe(tmp_path, "absent", YOLOS_JAX_MALLOC="tbb")
+    assert proc.returncode == 1 and len(starts) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "oneTBB's malloc is not installed here" in proc.stderr, proc.stderr
+    starts, _, proc = _scalable_malloc_probe(tmp_path, YOLOS_JAX_MALLOC="jemalloc")
+    assert proc.returncode == 1 and len(starts) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "error: $YOLOS_JAX_MALLOC='jemalloc': use 'auto'" in proc.stderr, proc.stderr
+
+
+def test_the_runtime_module_imports_neither_jax_nor_tensorflow():
+    """The entry scripts re-execute before anything allocates: `from yolos_jax import runtime` must stay light
+    (the package's own names are imported lazily)."""
+    code = "import sys; from yolos_jax import runtime; print(sorted({'jax', 'tensorflow', 'numpy'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

@@ -17,3 +17,7 @@ def __getattr__(name: str) -> Any:
 
         return YOLOS
     raise AttributeError(f"module 'yolos_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

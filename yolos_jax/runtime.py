@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import json
 import logging
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -33,9 +35,10 @@ def setup_host(compilation_cache: bool = True) -> None:
         logging.getLogger(name).addFilter(drop_storage_error_records)
     sys.unraisablehook = _quiet_storage_leftovers(sys.unraisablehook)
     logging.getLogger("yolos_jax").setLevel(logging.INFO)
+    other = _other_malloc()
     logging.getLogger("yolos_jax").info(
-        "malloc: %s", "oneTBB's scalable malloc ($YOLOS_JAX_MALLOC=system for glibc's)" if scalable_malloc_active()
-        else "glibc's" + (" (one arena, freed memory kept)" if freed_memory_kept() else ""))
+        "malloc: %s", other if other is not None else
+        "glibc's" + (" (one arena, freed memory kept)" if freed_memory_kept() else ""))
     try:
         import tensorflow as tf
 
@@ -118,7 +121,7 @@ def await_lost_peer_verdict() -> None:
 def keep_freed_memory() -> bool:
     """Tells glibc's malloc to keep freed memory in the process rather than hand it back to the kernel.
 
-    Why: XLA:CPU allocates a step's temporaries afresh on every step (the demo: one 236 MB block, YOLOS-Ti at
+    Why: XLA:CPU allocates a step's temporaries afresh on every step (the demo: one ~240 MB block, YOLOS-Ti at
     the train benchmark's shape: ~800 MB). Memory glibc gives back to the kernel must be page-faulted in again
     on the next step, one fault per 4 KiB page: 0.35-1.4 s of system time on a 2.5 s step. Three settings
     (mallopt), equivalent to starting the process with MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ and
@@ -142,14 +145,14 @@ def keep_freed_memory() -> bool:
     `data.tf_setup.get_tf` therefore sets TF off that once-per-process call and then calls this again
     (`freed_memory_kept` says whether it should).
 
-    Applies only with glibc's malloc (Linux, without `use_scalable_malloc`'s allocator); a no-op elsewhere or with
-    YOLOS_JAX_KEEP_FREED_MEMORY=0. Call first thing
+    Applies only with glibc's malloc (Linux, without `use_scalable_malloc`'s allocator or one named *malloc* in
+    $LD_PRELOAD); a no-op elsewhere or with YOLOS_JAX_KEEP_FREED_MEMORY=0. Call first thing
     in the process, before any thread allocates (the arena limit binds only threads without an arena yet).
     Returns whether the settings were applied.
     """
     global _FREED_MEMORY_KEPT
-    if os.environ.get("YOLOS_JAX_KEEP_FREED_MEMORY", "1") == "0" or scalable_malloc_active():
-        return False  # opted out, or glibc's malloc is not the one in use (`use_scalable_malloc`)
+    if os.environ.get("YOLOS_JAX_KEEP_FREED_MEMORY", "1") == "0" or _other_malloc() is not None:
+        return False  # opted out, or glibc's malloc is not the one in use (`use_scalable_malloc`, or the user's)
     try:
         libc = ctypes.CDLL("libc.so.6")
         mallopt = libc.mallopt
@@ -173,72 +176,178 @@ def freed_memory_kept() -> bool:
     return _FREED_MEMORY_KEPT
 
 
-MALLOC_ENV = "YOLOS_JAX_MALLOC"  # "tbb" (the default where oneTBB's wheel is installed) or "system"
-_PRELOADED_ENV = "YOLOS_JAX_MALLOC_PRELOADED"  # set on the re-executed command: never re-execute twice
+MALLOC_ENV = "YOLOS_JAX_MALLOC"  # "auto" (the default), "tbb" or "system"
+_REEXEC_ENV = "YOLOS_JAX_MALLOC_REEXEC"  # JSON, set for the re-executed command: its pid and what to restore
 TBB_MALLOC_LIBRARIES = ("libtbbmalloc.so.2", "libtbbmalloc_proxy.so.2")  # the allocator, then its malloc proxy
-# tbbmalloc keeps freed blocks of at least this many bytes for reuse instead of handing them back (below it, its
-# cleanup returns idle large blocks to the kernel, which the next step faults in again: 37M faults in 600 demo steps)
-TBB_HUGE_BLOCK_BYTES = 1 << 20
+# tbbmalloc keeps freed blocks of at least this many bytes for reuse, outside its regular cleanup (smaller ones are
+# in its regular cache, which hands idle blocks back: with its defaults the demo took 37M faults in 600 steps).
+# 8 MiB is the smallest value it accepts (smaller values are raised to it).
+TBB_HUGE_BLOCK_BYTES = 8 << 20
+# Blocks kept that way are reused only for requests of about their size: a run with many shapes (multi-scale
+# training, evaluation at other sizes) would keep one set per shape. tbbmalloc's soft heap limit bounds that: past
+# it, cached blocks are handed back (and faulted in again when needed). The limit is this share of the memory the
+# process may use (the cgroup's limit, else the machine's).
+TBB_CACHE_MEMORY_SHARE = 0.5
+# jax plugins for accelerators: with one installed (and $JAX_PLATFORMS not "cpu") "auto" keeps glibc's malloc,
+# as the gain is XLA:CPU's and was not measured on accelerator hosts.
+ACCELERATOR_PLUGINS = ("jax-cuda12-plugin", "jax-cuda13-plugin", "jax-rocm60-plugin", "jax-rocm7-plugin", "libtpu",
+                       "libtpu-nightly")
 
 
 def scalable_malloc_libraries() -> Optional[tuple[str, ...]]:
     """Absolute paths of oneTBB's `TBB_MALLOC_LIBRARIES` from the installed `tbb` wheel (a dependency on Linux
-    x86-64), or None where it is not installed."""
+    x86-64), or None where it is not installed (or its file list cannot be read)."""
     from importlib import metadata
 
     try:
         files = metadata.distribution("tbb").files or []
-    except metadata.PackageNotFoundError:
+        found = {f.name: os.path.abspath(str(f.locate())) for f in files if f.name in TBB_MALLOC_LIBRARIES}
+    except Exception:  # noqa: BLE001 - not installed, or a broken RECORD: glibc's malloc then
         return None
-    found = {f.name: os.path.abspath(str(f.locate())) for f in files if f.name in TBB_MALLOC_LIBRARIES}
     paths = tuple(found.get(name, "") for name in TBB_MALLOC_LIBRARIES)
     return paths if all(p and os.path.isfile(p) for p in paths) else None
+
+
+def _other_malloc() -> Optional[str]:
+    """What replaced glibc's malloc in this process, in words, or None."""
+    if scalable_malloc_active():
+        return "oneTBB's scalable malloc ($YOLOS_JAX_MALLOC=system for glibc's)"
+    preload = os.environ.get("LD_PRELOAD", "")
+    return f"preloaded ({preload})" if "malloc" in preload else None
 
 
 def scalable_malloc_active() -> bool:
     """Whether oneTBB's malloc proxy replaced malloc in this process (its library is mapped)."""
     try:
         with open("/proc/self/maps") as maps:
-            return any(TBB_MALLOC_LIBRARIES[1] in line for line in maps)
+            return any("libtbbmalloc_proxy" in line for line in maps)
     except OSError:  # no /proc: not Linux
         return False
 
 
+def accelerator_plugins_installed() -> list[str]:
+    """The `ACCELERATOR_PLUGINS` installed in this environment."""
+    from importlib import metadata
+
+    found = []
+    for name in ACCELERATOR_PLUGINS:
+        try:
+            metadata.distribution(name)
+            found.append(name)
+        except Exception:  # noqa: BLE001 - not installed
+            pass
+    return found
+
+
+def memory_limit_bytes() -> int:
+    """The memory this process may use: its cgroup's limit (v2 or v1) where set, else the machine's RAM."""
+    machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                value = f.read().strip()
+        except OSError:
+            continue
+        if value.isdigit() and 0 < int(value) < machine:
+            return int(value)
+    return machine
+
+
 def use_scalable_malloc() -> None:
-    """Re-executes this command once with oneTBB's scalable malloc preloaded. Call first thing in an entry script,
-    before jax or TensorFlow is imported; returns only where nothing is to be done.
+    """Re-executes this command once, same process id, with oneTBB's scalable malloc preloaded. Call first thing
+    in an entry script, before jax or TensorFlow is imported; returns where there is nothing to do.
 
     Why: XLA:CPU's worker threads allocate and free thousands of scratch blocks a step (YNNPACK's, oneDNN's,
-    Eigen's), most above glibc's 1 KiB per-thread cache, and each step's temporaries afresh (the demo: 246 MB).
+    Eigen's), most above glibc's 1 KiB per-thread cache, and each step's temporaries afresh (the demo: ~240 MB).
     glibc serves them either from one arena whose lock the threads queue on (futex: `keep_freed_memory`'s
     setting) or from per-thread arenas that unmap every block over 64 MiB on free (page faults). tbbmalloc keeps
-    per-thread caches of small and large blocks, and with `TBB_HUGE_BLOCK_BYTES` keeps the big ones mapped: the
-    whole demo took 416 s instead of 580 s, its system time 3.1% of the CPU time instead of 6.8% (BENCHMARKS.md,
-    issue 19 item 4). Results do not change: only where memory comes from.
+    per-thread caches, and with `TBB_HUGE_BLOCK_BYTES` keeps large freed blocks mapped, up to a soft limit of
+    `TBB_CACHE_MEMORY_SHARE` of `memory_limit_bytes()`: the whole demo took 416 s instead of 580 s, its system
+    time 3.1% of the CPU time instead of 6.8% (BENCHMARKS.md, issue 19 item 4). Results do not change.
 
-    A no-op where $YOLOS_JAX_MALLOC is "system", outside Linux, without the `tbb` wheel, when $LD_PRELOAD already
-    names an allocator (the user's choice wins), or in the re-executed process itself. Raises SystemExit for
-    any other $YOLOS_JAX_MALLOC value. If the libraries cannot be loaded after all, the dynamic loader prints
-    one line and the command runs on glibc's malloc with `keep_freed_memory` (`setup_host` logs which).
+    $YOLOS_JAX_MALLOC: "auto" (default) re-executes on Linux where the `tbb` wheel is installed, unless $LD_PRELOAD
+    is already set (the user's choice wins), an accelerator plugin is installed (`ACCELERATOR_PLUGINS`; not with
+    $JAX_PLATFORMS=cpu), a debugger is attached or the program is not a file (stdin, -c); "tbb" re-executes
+    whatever those say, and ends in one `error:` line where it cannot; "system" keeps glibc's malloc (with
+    `keep_freed_memory`). Before re-executing, a child process tries the preload: where the dynamic loader
+    refuses the libraries, one line says why and the command goes on with glibc's malloc. The re-executed
+    process restores $LD_PRELOAD, so processes it starts run on their own choice.
     """
-    choice = os.environ.get(MALLOC_ENV, "tbb").strip().lower()
-    if choice not in ("tbb", "system"):
-        raise SystemExit(f"error: ${MALLOC_ENV}={os.environ[MALLOC_ENV]!r}: use 'tbb' (oneTBB's scalable malloc, the "
-                         "default) or 'system' (glibc's malloc)")
-    preload = os.environ.get("LD_PRELOAD", "")
-    if (choice == "system" or not sys.platform.startswith("linux") or not sys.executable
-            or os.environ.get(_PRELOADED_ENV) or "malloc" in preload):  # libtbbmalloc, libjemalloc, libtcmalloc, ...
+    choice = os.environ.get(MALLOC_ENV, "auto").strip().lower()
+    if choice not in ("auto", "tbb", "system"):
+        raise SystemExit(f"error: ${MALLOC_ENV}={os.environ[MALLOC_ENV]!r}: use 'auto' (oneTBB's scalable malloc "
+                         "where it helps, the default), 'tbb' (always) or 'system' (glibc's malloc)")
+    if _settle_reexecuted():
         return
-    libraries = scalable_malloc_libraries()
-    if libraries is None:
+    if choice == "system":
+        return
+    explicit = choice == "tbb"
+    libraries = scalable_malloc_libraries() if sys.platform.startswith("linux") else None
+    if libraries is None or not sys.executable:
+        if explicit:
+            raise SystemExit(f"error: ${MALLOC_ENV}=tbb, but oneTBB's malloc is not installed here (Linux x86-64: "
+                             f"pip install tbb); unset ${MALLOC_ENV} to run on glibc's malloc")
+        return
+    preload = os.environ.get("LD_PRELOAD", "").strip()
+    if not os.path.isfile(sys.argv[0] if sys.argv else ""):
+        return  # a program read from stdin cannot be run twice; -c: an interactive use
+    if not explicit and (preload or sys.gettrace() is not None or (
+            accelerator_plugins_installed() and os.environ.get("JAX_PLATFORMS", "").strip().lower() != "cpu")):
         return
     env = dict(os.environ)
+    env[_REEXEC_ENV] = json.dumps({"pid": os.getpid(), "LD_PRELOAD": os.environ.get("LD_PRELOAD"),
+                                   "TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD":
+                                       os.environ.get("TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD"),
+                                   "library": libraries[0]})
     env["LD_PRELOAD"] = ":".join(libraries + ((preload,) if preload else ()))
     env.setdefault("TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD", str(TBB_HUGE_BLOCK_BYTES))
-    env[_PRELOADED_ENV] = "1"
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, list(sys.orig_argv), env)
+    try:  # the dynamic loader ends a process whose preload lacks a dependency: find out in a child first
+        probe = subprocess.run([sys.executable, "-S", "-c", ""], env=env, capture_output=True, text=True,
+                               timeout=60)
+        refusal = probe.stderr.strip() or (f"exit code {probe.returncode}" if probe.returncode else "")
+    except (OSError, subprocess.SubprocessError) as e:
+        refusal = str(e)
+    if not refusal:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            os.execve(sys.executable, list(sys.orig_argv), env)
+        except OSError as e:
+            refusal = str(e)
+    if explicit:
+        raise SystemExit(f"error: ${MALLOC_ENV}=tbb, but oneTBB's malloc cannot be preloaded: "
+                         f"{refusal.splitlines()[0]}")
+    print(f"yolos_jax: oneTBB's malloc cannot be preloaded ({refusal.splitlines()[0]}); running on glibc's malloc "
+          f"(${MALLOC_ENV}=system skips the attempt)", file=sys.stderr, flush=True)
+
+
+def _settle_reexecuted() -> bool:
+    """In the command `use_scalable_malloc` re-executed: restores the environment its processes inherit, sets
+    tbbmalloc's soft heap limit, and returns True. False in any other process."""
+    try:
+        state = json.loads(os.environ.get(_REEXEC_ENV, "null"))
+    except ValueError:
+        state = None
+    if not isinstance(state, dict) or state.get("pid") != os.getpid():
+        return False
+    for var in ("LD_PRELOAD", "TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD"):
+        if state.get(var) is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = state[var]
+    os.environ.pop(_REEXEC_ENV, None)
+    if scalable_malloc_active():
+        try:
+            tbbmalloc = ctypes.CDLL(state["library"])
+            tbbmalloc.scalable_allocation_mode(1, ctypes.c_size_t(tbb_cache_limit_bytes()))  # SOFT_HEAP_LIMIT
+        except (OSError, AttributeError, KeyError):  # an older tbbmalloc: no limit, as before
+            pass
+    return True
+
+
+def tbb_cache_limit_bytes() -> int:
+    """tbbmalloc's soft heap limit: `TBB_CACHE_MEMORY_SHARE` of `memory_limit_bytes()`."""
+    return int(TBB_CACHE_MEMORY_SHARE * memory_limit_bytes())
 
 
 MULTIPROCESS_ENV = ("TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
