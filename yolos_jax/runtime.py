@@ -22,7 +22,7 @@ def setup_host(compilation_cache: bool = True) -> None:
       accelerators and few threads, so it does not fight XLA.
     * jax's persistent compilation cache makes re-runs (resume, eval) skip recompilation.
     * glibc keeps freed memory mapped (`keep_freed_memory`), so XLA:CPU steps stop page-faulting; a no-op where
-      the entry script's `use_scalable_malloc` replaced glibc's malloc, which the log's first line says.
+      the entry script's `use_scalable_malloc` replaced glibc's malloc; the log names the allocator (`malloc: ...`).
     """
     keep_freed_memory()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -268,7 +268,8 @@ def use_scalable_malloc() -> None:
     $YOLOS_JAX_MALLOC: "auto" (default) re-executes on Linux where the `tbb` wheel is installed, unless $LD_PRELOAD
     is already set (the user's choice wins), an accelerator plugin is installed (`ACCELERATOR_PLUGINS`; not with
     $JAX_PLATFORMS=cpu), a debugger is attached or the program is not a file (stdin, -c); "tbb" re-executes
-    whatever those say, and ends in one `error:` line where it cannot; "system" keeps glibc's malloc (with
+    also under $LD_PRELOAD, a plugin or a debugger (not for stdin or -c), and ends in one `error:` line where the
+    libraries are missing or refused; "system" keeps glibc's malloc (with
     `keep_freed_memory`). Before re-executing, a child process tries the preload: where the dynamic loader
     refuses the libraries, one line says why and the command goes on with glibc's malloc. The re-executed
     process restores $LD_PRELOAD, so processes it starts run on their own choice.
