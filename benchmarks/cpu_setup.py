@@ -43,7 +43,8 @@ def prepare(argv: Optional[Sequence[str]] = None, pin: bool = False) -> int:
         sys.path.insert(0, root)
     from yolos_jax import runtime, xla_flags  # neither imports jax
 
-    if sys.argv and os.path.dirname(os.path.abspath(sys.argv[0])) == here:  # a benchmark script, not an importer
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None) or ""
+    if os.path.dirname(os.path.realpath(main_file)) == os.path.realpath(here):  # a benchmark script, not an importer
         runtime.use_scalable_malloc()
 
     xla_flags.set_cpu_flags()

@@ -144,7 +144,10 @@ elif mode == "accelerator":
     runtime.accelerator_plugins_installed = lambda: ["jax-cuda13-plugin"]
 elif mode.startswith("cache="):
     runtime.tbb_cache_limit_bytes = lambda: int(mode[6:])
+elif mode == "keep":  # whatever this machine's memory: the soft limit out of reach
+    runtime.tbb_cache_limit_bytes = lambda: 1 << 40
 runtime.use_scalable_malloc()
+runtime.use_scalable_malloc()  # a second call (a benchmark importing another) does nothing more
 import numpy as np
 
 
@@ -199,7 +202,7 @@ def test_use_scalable_malloc_reexecutes_once_with_tbbmalloc_keeping_large_blocks
     thread's re-allocated 256 MB block costs no page faults (glibc's settings in `keep_freed_memory` are then not
     applied); the re-executed process does not re-execute again, and processes it starts do not inherit the
     preload."""
-    starts, result, proc = _scalable_malloc_probe(tmp_path)
+    starts, result, proc = _scalable_malloc_probe(tmp_path, "keep")
     assert proc.returncode == 0, proc.stderr
     assert len(starts) == 2 and starts[0] == starts[1] == str(result["pid"]), proc.stdout
     assert result["tbb"] and not result["glibc_settings"], proc.stdout
@@ -211,7 +214,7 @@ def test_use_scalable_malloc_reexecutes_once_with_tbbmalloc_keeping_large_blocks
 def test_scalable_malloc_without_the_huge_block_threshold_refaults(tmp_path):
     """The control for `TBB_HUGE_BLOCK_BYTES`: with tbbmalloc's own default (the threshold out of reach), freed
     blocks this large go back to the kernel and are faulted in again (37M faults in 600 demo steps)."""
-    starts, result, proc = _scalable_malloc_probe(tmp_path, TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD=str(2**40))
+    starts, result, proc = _scalable_malloc_probe(tmp_path, "keep", TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD=str(2**40))
     assert proc.returncode == 0 and len(starts) == 2 and result["tbb"], proc.stdout + proc.stderr
     assert result["faults"] >= 64, proc.stdout
 
@@ -247,8 +250,16 @@ def test_explicit_tbb_and_cpu_platforms_override_the_accelerator_rule(tmp_path):
         assert proc.returncode == 0 and len(starts) == 2 and result["tbb"], (env, proc.stdout, proc.stderr)
 
 
+def _system_tbbmalloc() -> bool:
+    """A tbbmalloc the dynamic loader finds by itself (e.g. Debian's libtbbmalloc2): then the proxy alone loads."""
+    import ctypes.util
+
+    return ctypes.util.find_library("tbbmalloc") is not None
+
+
 @needs_tbb
-@pytest.mark.parametrize("mode", ["vanished", "dependency"])
+@pytest.mark.parametrize("mode", ["vanished", pytest.param("dependency", marks=pytest.mark.skipif(
+    _system_tbbmalloc(), reason="a system libtbbmalloc satisfies the proxy's dependency"))])
 def test_an_allocator_the_loader_refuses_leaves_glibc_in_one_line(tmp_path, mode):
     """The dynamic loader skips a preload it cannot open, and ends a process whose preload lacks a dependency
     (exit 127): tried in a child first, so the command goes on with glibc's malloc and its settings, saying so in
@@ -270,6 +281,16 @@ def test_explicit_tbb_without_the_library_and_an_unknown_choice_end_in_one_line(
     starts, _, proc = _scalable_malloc_probe(tmp_path, YOLOS_JAX_MALLOC="jemalloc")
     assert proc.returncode == 1 and len(starts) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "error: $YOLOS_JAX_MALLOC='jemalloc': use 'auto'" in proc.stderr, proc.stderr
+
+
+def test_a_benchmark_choosing_malloc_twice_runs_once():
+    """benchmarks/bench_export.py prepares the process (`cpu_setup.prepare`: malloc) and then imports
+    bench_forward, which prepares it again: the re-executed command must not re-execute once more."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "YOLOS_JAX_MALLOC", "YOLOS_JAX_MALLOC_REEXEC")}
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_export.py"), "--help"], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0 and "--threads" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_the_runtime_module_imports_neither_jax_nor_tensorflow():

@@ -179,15 +179,16 @@ def freed_memory_kept() -> bool:
 MALLOC_ENV = "YOLOS_JAX_MALLOC"  # "auto" (the default), "tbb" or "system"
 _REEXEC_ENV = "YOLOS_JAX_MALLOC_REEXEC"  # JSON, set for the re-executed command: its pid and what to restore
 TBB_MALLOC_LIBRARIES = ("libtbbmalloc.so.2", "libtbbmalloc_proxy.so.2")  # the allocator, then its malloc proxy
-# tbbmalloc keeps freed blocks of at least this many bytes for reuse, outside its regular cleanup (smaller ones are
-# in its regular cache, which hands idle blocks back: with its defaults the demo took 37M faults in 600 steps).
-# 8 MiB is the smallest value it accepts (smaller values are raised to it).
+# tbbmalloc keeps freed blocks of at least this many bytes for reuse, outside its regular cleanup. By default it
+# caches none over 64 MiB (the demo's ~240 MB step temporaries) and hands idle large ones back: 37M faults in 600
+# demo steps. 8 MiB is the smallest value it accepts (smaller values are raised to it).
 TBB_HUGE_BLOCK_BYTES = 8 << 20
 # Blocks kept that way are reused only for requests of about their size: a run with many shapes (multi-scale
-# training, evaluation at other sizes) would keep one set per shape. tbbmalloc's soft heap limit bounds that: past
-# it, cached blocks are handed back (and faulted in again when needed). The limit is this share of the memory the
-# process may use (the cgroup's limit, else the machine's).
-TBB_CACHE_MEMORY_SHARE = 0.5
+# training, evaluation at other sizes) would keep one set per shape. tbbmalloc's soft heap limit bounds that: when
+# all it holds from the kernel (in use and cached) passes the limit, it hands cached blocks back (to be faulted in
+# again when needed). The limit is this share of the memory the process may use (`memory_limit_bytes`): below it
+# nothing changes, and the cache gives way before the memory runs out.
+TBB_CACHE_MEMORY_SHARE = 0.75
 # jax plugins for accelerators: with one installed (and $JAX_PLATFORMS not "cpu") "auto" keeps glibc's malloc,
 # as the gain is XLA:CPU's and was not measured on accelerator hosts.
 ACCELERATOR_PLUGINS = ("jax-cuda12-plugin", "jax-cuda13-plugin", "jax-rocm60-plugin", "jax-rocm7-plugin", "libtpu",
@@ -240,17 +241,32 @@ def accelerator_plugins_installed() -> list[str]:
 
 
 def memory_limit_bytes() -> int:
-    """The memory this process may use: its cgroup's limit (v2 or v1) where set, else the machine's RAM."""
-    machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            with open(path) as f:
-                value = f.read().strip()
-        except OSError:
+    """The memory this process may use: the smallest limit of its cgroup and the cgroups above it (v2's
+    memory.max and memory.high, v1's memory.limit_in_bytes; a SLURM job's, a container's), else the machine's RAM."""
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/proc/self/cgroup") as f:
+            entries = [line.strip().split(":", 2) for line in f if line.count(":") >= 2]
+    except OSError:
+        return limit
+    for _, controllers, path in entries:
+        if controllers == "":
+            root, files = "/sys/fs/cgroup", ("memory.max", "memory.high")
+        elif "memory" in controllers.split(","):
+            root, files = "/sys/fs/cgroup/memory", ("memory.limit_in_bytes",)
+        else:
             continue
-        if value.isdigit() and 0 < int(value) < machine:
-            return int(value)
-    return machine
+        parts = [p for p in path.split("/") if p]
+        for depth in range(len(parts), -1, -1):  # this cgroup, then each one above it
+            for name in files:
+                try:
+                    with open(os.path.join(root, *parts[:depth], name)) as f:
+                        value = f.read().strip()
+                except OSError:
+                    continue
+                if value.isdigit() and int(value) > 0:
+                    limit = min(limit, int(value))
+    return limit
 
 
 def use_scalable_malloc() -> None:
@@ -262,7 +278,7 @@ def use_scalable_malloc() -> None:
     glibc serves them either from one arena whose lock the threads queue on (futex: `keep_freed_memory`'s
     setting) or from per-thread arenas that unmap every block over 64 MiB on free (page faults). tbbmalloc keeps
     per-thread caches, and with `TBB_HUGE_BLOCK_BYTES` keeps large freed blocks mapped, up to a soft limit of
-    `TBB_CACHE_MEMORY_SHARE` of `memory_limit_bytes()`: the whole demo took 416 s instead of 580 s, its system
+    `TBB_CACHE_MEMORY_SHARE` of `memory_limit_bytes()`: the whole demo took 416-429 s instead of 580 s, its system
     time 3.1% of the CPU time instead of 6.8% (BENCHMARKS.md, issue 19 item 4). Results do not change.
 
     $YOLOS_JAX_MALLOC: "auto" (default) re-executes on Linux where the `tbb` wheel is installed, unless $LD_PRELOAD
@@ -274,25 +290,31 @@ def use_scalable_malloc() -> None:
     refuses the libraries, one line says why and the command goes on with glibc's malloc. The re-executed
     process restores $LD_PRELOAD, so processes it starts run on their own choice.
     """
+    global _MALLOC_CHOSEN
     choice = os.environ.get(MALLOC_ENV, "auto").strip().lower()
     if choice not in ("auto", "tbb", "system"):
         raise SystemExit(f"error: ${MALLOC_ENV}={os.environ[MALLOC_ENV]!r}: use 'auto' (oneTBB's scalable malloc "
                          "where it helps, the default), 'tbb' (always) or 'system' (glibc's malloc)")
-    if _settle_reexecuted():
+    if _MALLOC_CHOSEN or _settle_reexecuted() or scalable_malloc_active():
+        _MALLOC_CHOSEN = True  # once per process: the re-executed command calls this again, and may twice
         return
+    _MALLOC_CHOSEN = True
     if choice == "system":
         return
     explicit = choice == "tbb"
     libraries = scalable_malloc_libraries() if sys.platform.startswith("linux") else None
-    if libraries is None or not sys.executable:
+    if libraries is None:
         if explicit:
             raise SystemExit(f"error: ${MALLOC_ENV}=tbb, but oneTBB's malloc is not installed here (Linux x86-64: "
                              f"pip install tbb); unset ${MALLOC_ENV} to run on glibc's malloc")
         return
+    if not _rerunnable_command():  # stdin, -c, IPython's %run, an embedded interpreter
+        if explicit:
+            raise SystemExit(f"error: ${MALLOC_ENV}=tbb needs a command that can be run again (python SCRIPT or "
+                             f"python -m MODULE); unset ${MALLOC_ENV} to run on glibc's malloc")
+        return
     preload = os.environ.get("LD_PRELOAD", "").strip()
-    if not os.path.isfile(sys.argv[0] if sys.argv else ""):
-        return  # a program read from stdin cannot be run twice; -c: an interactive use
-    if not explicit and (preload or sys.gettrace() is not None or (
+    if not explicit and (preload or _debugger_attached() or (
             accelerator_plugins_installed() and os.environ.get("JAX_PLATFORMS", "").strip().lower() != "cpu")):
         return
     env = dict(os.environ)
@@ -302,12 +324,15 @@ def use_scalable_malloc() -> None:
                                    "library": libraries[0]})
     env["LD_PRELOAD"] = ":".join(libraries + ((preload,) if preload else ()))
     env.setdefault("TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD", str(TBB_HUGE_BLOCK_BYTES))
-    try:  # the dynamic loader ends a process whose preload lacks a dependency: find out in a child first
-        probe = subprocess.run([sys.executable, "-S", "-c", ""], env=env, capture_output=True, text=True,
-                               timeout=60)
-        refusal = probe.stderr.strip() or (f"exit code {probe.returncode}" if probe.returncode else "")
+    # The dynamic loader ends a process whose preload lacks a dependency (exit 127) and skips one it cannot open:
+    # find out in a child first, which says whether the proxy is mapped (-I: no $PYTHON* settings, no site).
+    check = "import sys; sys.exit(0 if 'libtbbmalloc_proxy' in open('/proc/self/maps').read() else 3)"
+    try:
+        probe = subprocess.run([sys.executable, "-I", "-S", "-c", check], env=env, stdin=subprocess.DEVNULL,
+                               capture_output=True, text=True, errors="replace", timeout=60)
+        refusal = "" if probe.returncode == 0 else (probe.stderr.strip() or f"exit code {probe.returncode}")
     except (OSError, subprocess.SubprocessError) as e:
-        refusal = str(e)
+        refusal = str(e) or type(e).__name__
     if not refusal:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -320,6 +345,32 @@ def use_scalable_malloc() -> None:
                          f"{refusal.splitlines()[0]}")
     print(f"yolos_jax: oneTBB's malloc cannot be preloaded ({refusal.splitlines()[0]}); running on glibc's malloc "
           f"(${MALLOC_ENV}=system skips the attempt)", file=sys.stderr, flush=True)
+
+
+_MALLOC_CHOSEN = False  # set by this process's first use_scalable_malloc()
+
+
+def _rerunnable_command() -> bool:
+    """Whether `sys.orig_argv` runs this program: `python SCRIPT ...` with SCRIPT this `sys.argv[0]`, or
+    `python -m MODULE ...` with MODULE this `__main__`'s."""
+    argv = list(getattr(sys, "orig_argv", []))
+    if not sys.executable or not sys.argv or not argv:
+        return False
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if main_spec is not None and "-m" in argv[1:]:
+        i = argv.index("-m", 1)
+        return i + 1 < len(argv) and argv[i + 1] == main_spec.name.removesuffix(".__main__")
+    if not os.path.isfile(sys.argv[0]):
+        return False
+    target = os.path.realpath(sys.argv[0])
+    return any(os.path.realpath(a) == target for a in argv[1:] if not a.startswith("-"))
+
+
+def _debugger_attached() -> bool:
+    """A tracing debugger (pdb, or coverage) or one on Python 3.12's sys.monitoring (debugpy, pydevd)."""
+    monitoring = getattr(sys, "monitoring", None)
+    on_monitoring = monitoring is not None and monitoring.get_tool(monitoring.DEBUGGER_ID) is not None
+    return sys.gettrace() is not None or on_monitoring or bool({"pydevd", "debugpy"} & set(sys.modules))
 
 
 def _settle_reexecuted() -> bool:
@@ -341,7 +392,7 @@ def _settle_reexecuted() -> bool:
         try:
             tbbmalloc = ctypes.CDLL(state["library"])
             tbbmalloc.scalable_allocation_mode(1, ctypes.c_size_t(tbb_cache_limit_bytes()))  # SOFT_HEAP_LIMIT
-        except (OSError, AttributeError, KeyError):  # an older tbbmalloc: no limit, as before
+        except (OSError, AttributeError, KeyError, TypeError):  # an older tbbmalloc: no limit
             pass
     return True
 
