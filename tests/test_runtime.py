@@ -173,8 +173,9 @@ print("result", json.dumps({"pid": os.getpid(), "tbb": runtime.scalable_malloc_a
 """
 
 
-def _scalable_malloc_probe(tmp_path, mode: str = "default", **env_overrides: str):
-    """Runs the probe as a program file (as train.py runs); returns (pids of each start, the result dict, proc)."""
+def _scalable_malloc_probe(tmp_path, mode: str = "default", how: str = "file", **env_overrides: str):
+    """Runs the probe as a program file (as train.py runs), or with -m or -c (`how`); returns (pids of each start,
+    the result dict, proc)."""
     import json
 
     from yolos_jax import runtime
@@ -185,7 +186,10 @@ def _scalable_malloc_probe(tmp_path, mode: str = "default", **env_overrides: str
            if k not in ("LD_PRELOAD", runtime.MALLOC_ENV, "YOLOS_JAX_MALLOC_REEXEC", "JAX_PLATFORMS",
                         "TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD", "YOLOS_JAX_KEEP_FREED_MEMORY")}
     env.update(env_overrides)
-    proc = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, env=env, timeout=300)
+    command = {"file": [str(script)], "module": ["-m", "probe"], "code": ["-c", SCALABLE_MALLOC_PROBE]}[how]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tmp_path), env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, *command, mode], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=tmp_path)
     starts = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("started")]
     results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("result")]
     return starts, (results[0] if results else {}), proc
@@ -194,6 +198,18 @@ def _scalable_malloc_probe(tmp_path, mode: str = "default", **env_overrides: str
 needs_tbb = pytest.mark.skipif(
     not sys.platform.startswith("linux") or __import__("yolos_jax.runtime").runtime.scalable_malloc_libraries() is None,
     reason="oneTBB's wheel (a dependency on Linux x86-64) is not installed")
+
+
+@needs_tbb
+def test_python_dash_m_reexecutes_and_dash_c_does_not(tmp_path):
+    """`python -m MODULE` is run again like a script; `python -c CODE` is not (an interactive use), and with
+    $YOLOS_JAX_MALLOC=tbb it ends in one `error:` line."""
+    starts, result, proc = _scalable_malloc_probe(tmp_path, "keep", how="module")
+    assert proc.returncode == 0 and len(starts) == 2 and result["tbb"], proc.stdout + proc.stderr
+    starts, result, proc = _scalable_malloc_probe(tmp_path, "keep", how="code")
+    assert proc.returncode == 0 and len(starts) == 1 and not result["tbb"], proc.stdout + proc.stderr
+    starts, _, proc = _scalable_malloc_probe(tmp_path, "keep", how="code", YOLOS_JAX_MALLOC="tbb")
+    assert proc.returncode == 1 and "needs a command that can be run again" in proc.stderr, proc.stderr
 
 
 @needs_tbb
