@@ -13,9 +13,9 @@ Config overrides as in training, e.g. --config.eval.max_images=500. The logic is
 """
 
 if __name__ == "__main__":  # first, before anything allocates: once, re-run this command on oneTBB's malloc
-    from yolos_jax import runtime
+    from yolos_jax import malloc
 
-    runtime.use_scalable_malloc()
+    malloc.use_scalable_malloc()
 
 import os
 

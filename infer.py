@@ -12,9 +12,9 @@ label map or --config names the dataset). The logic is `yolos_jax.inference.run_
 """
 
 if __name__ == "__main__":  # first, before anything allocates: once, re-run this command on oneTBB's malloc
-    from yolos_jax import runtime
+    from yolos_jax import malloc
 
-    runtime.use_scalable_malloc()
+    malloc.use_scalable_malloc()
 
 from absl import app, flags
 from ml_collections import config_flags

@@ -19,7 +19,7 @@ INSTALL_REQUIRES = [
     "matplotlib",
     "tensorboard",
     # oneTBB's scalable malloc, which train.py, eval.py and infer.py preload on Linux x86-64: XLA:CPU's allocations
-    # without glibc's arena lock or page faults (`runtime.use_scalable_malloc`). Intel's binary wheel (and its
+    # without glibc's arena lock or page faults (`malloc.use_scalable_malloc`). Intel's binary wheel (and its
     # dependency tcmlib), under the Intel Simplified Software License: README, "Third-party software".
     'tbb>=2021.1; platform_system == "Linux" and platform_machine == "x86_64"',
 ]

@@ -7,9 +7,9 @@ short: the loop is `yolos_jax.trainer.train_and_evaluate`.
 """
 
 if __name__ == "__main__":  # first, before anything allocates: once, re-run this command on oneTBB's malloc
-    from yolos_jax import runtime
+    from yolos_jax import malloc
 
-    runtime.use_scalable_malloc()
+    malloc.use_scalable_malloc()
 
 from absl import app, flags
 from ml_collections import config_flags

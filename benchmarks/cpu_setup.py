@@ -9,8 +9,8 @@
 * JAX_PLATFORMS=cpu unless set: a CPU benchmark, also on machines with accelerators;
 * the repository root goes on sys.path (benchmarks run from a checkout), XLA's CPU flags are set
   (`yolos_jax.xla_flags`), and malloc is chosen as train.py chooses it: a benchmark run as a script re-executes
-  itself once on oneTBB's scalable malloc (`runtime.use_scalable_malloc`, $YOLOS_JAX_MALLOC), else glibc keeps
-  freed memory (`runtime.keep_freed_memory`), so XLA:CPU steps do not page-fault their temporaries back in.
+  itself once on oneTBB's scalable malloc (`malloc.use_scalable_malloc`, $YOLOS_JAX_MALLOC), else glibc keeps
+  freed memory (`malloc.keep_freed_memory`), so XLA:CPU steps do not page-fault their temporaries back in.
   One process per benchmark, so a PyTorch reference measured in the same run gets the same allocator.
 """
 
@@ -41,12 +41,12 @@ def prepare(argv: Optional[Sequence[str]] = None, pin: bool = False) -> int:
     root = os.path.join(here, "..")
     if root not in sys.path:
         sys.path.insert(0, root)
-    from yolos_jax import runtime, xla_flags  # neither imports jax
+    from yolos_jax import malloc, xla_flags  # neither imports jax
 
     main_file = getattr(sys.modules.get("__main__"), "__file__", None) or ""
     if os.path.dirname(os.path.realpath(main_file)) == os.path.realpath(here):  # a benchmark script, not an importer
-        runtime.use_scalable_malloc()
+        malloc.use_scalable_malloc()
 
     xla_flags.set_cpu_flags()
-    runtime.keep_freed_memory()
+    malloc.keep_freed_memory()
     return threads

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.xdist_group("train_e2e")
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     cache = tmp_path_factory.mktemp("xla_cache")
-    # The runs choose their malloc themselves (`runtime.use_scalable_malloc`), whatever the shell running the tests set.
+    # The runs choose their malloc themselves (`malloc.use_scalable_malloc`), whatever the shell running the tests set.
     e = {k: v for k, v in os.environ.items()
          if k not in ("XLA_FLAGS", "LD_PRELOAD", "YOLOS_JAX_MALLOC", "YOLOS_JAX_MALLOC_REEXEC",
                       "TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD")}
@@ -190,15 +190,15 @@ def uninterrupted(tmp_path_factory, env, data_root):
 
 
 def _tbb_installed():
-    from yolos_jax import runtime
+    from yolos_jax import malloc
 
-    return sys.platform.startswith("linux") and runtime.scalable_malloc_libraries() is not None
+    return sys.platform.startswith("linux") and malloc.scalable_malloc_libraries() is not None
 
 
 @pytest.mark.skipif(not _tbb_installed(), reason="oneTBB's wheel (a dependency on Linux x86-64) is not installed")
 def test_the_allocator_changes_no_result(tmp_path, env, data_root, uninterrupted):
     """train.py on glibc's malloc ($YOLOS_JAX_MALLOC=system) ends with the same weights, bit for bit, as on
-    oneTBB's (the default where its wheel is installed, `runtime.use_scalable_malloc`)."""
+    oneTBB's (the default where its wheel is installed, `malloc.use_scalable_malloc`)."""
     reference_log = (uninterrupted.parent / "train.log").read_text()
     assert "malloc: oneTBB's scalable malloc" in reference_log, reference_log[-3000:]
     workdir = tmp_path / "glibc"

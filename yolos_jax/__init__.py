@@ -7,7 +7,7 @@ __all__ = ["Detector", "YOLOS"]
 
 def __getattr__(name: str) -> Any:
     # Imported on first use, not with the package: `yolos_jax.runtime` must be importable before jax, TensorFlow
-    # or anything that allocates (entry scripts re-execute themselves there: `runtime.use_scalable_malloc`).
+    # or anything that allocates (entry scripts re-execute themselves there: `malloc.use_scalable_malloc`).
     if name == "Detector":
         from yolos_jax.inference import Detector
 

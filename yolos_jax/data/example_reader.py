@@ -2,7 +2,7 @@
 (`RecordReader`) and their wire-format parser (`parse_example`).
 
 Why not tfds's own deserialisation: it parses each record with Python protobuf, whose upb runtime calls
-`malloc_trim(0)` every 10 000 arena frees. In the one-arena heap that `runtime.keep_freed_memory` keeps, each
+`malloc_trim(0)` every 10 000 arena frees. In the one-arena heap that `malloc.keep_freed_memory` keeps, each
 trim hands the freed pages of the XLA step's temporaries back to the kernel and the next steps fault them in
 again: bursts of 60-190k page faults, ~40% of the demo's faults (BENCHMARKS.md). TensorFlow's C++
 parser avoids protobuf, but a TF call from the input generator (which runs in tf.data's py_func, on a fresh

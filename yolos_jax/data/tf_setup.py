@@ -40,19 +40,19 @@ def get_tf(intra_op_threads: int = 1, inter_op_threads: int = 2) -> Any:
 def _keep_freed_memory_past_tf(tf: Any) -> None:
     """TF's GeneratorDatasetOp, the first time a process builds one (`Dataset.from_generator`, the input
     pipeline's source), calls mallopt(M_MMAP_THRESHOLD, 128 KiB) — TF's mitigation of a Python 3.11 leak
-    (tensorflow issue 65675). That replaces `runtime.keep_freed_memory`'s threshold for the rest of the process:
+    (tensorflow issue 65675). That replaces `malloc.keep_freed_memory`'s threshold for the rest of the process:
     XLA:CPU's per-step temporaries of 128 KiB and more then come from mmap and go back on free, ~300 mmap/munmap
     and ~90k page faults per demo step, 40% of the demo's CPU time in the kernel (issue 19). So when the entry
     script kept freed memory, a one-element from_generator runs here, TF makes its one call now, and ours is
     applied again after it. A no-op without `keep_freed_memory` (libraries and tests keep glibc's defaults)."""
-    from yolos_jax import runtime
+    from yolos_jax import malloc
 
-    if not runtime.freed_memory_kept():
+    if not malloc.freed_memory_kept():
         return
     ds = tf.data.Dataset.from_generator(lambda: iter((0,)), output_signature=tf.TensorSpec([], tf.int32))
     for _ in ds:  # building the iterator constructs TF's GeneratorDatasetOp (and its mallopt)
         pass
-    runtime.keep_freed_memory()
+    malloc.keep_freed_memory()
 
 
 def get_tfds() -> Any:
