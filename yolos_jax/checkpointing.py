@@ -40,7 +40,6 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from yolos_jax import atomic
-from yolos_jax import config as config_lib
 from yolos_jax.errors import UserError, describe_error
 
 log = logging.getLogger("yolos_jax")
