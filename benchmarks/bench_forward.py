@@ -266,6 +266,7 @@ def main(argv=None) -> list:
     print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}; both on cores "
           f"{sorted(os.sched_getaffinity(0))}, torch threads {torch.get_num_threads()}; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(cpu_setup.describe_cpu(), flush=True)
     print("case               tokens  ours ms    HF ms  ours/HF  [per-round IQR]  spread ours/HF  "
           "max|d| logits, boxes (max|HF|)   extra RSS ours/HF MiB (XLA temp)  compile s", flush=True)
     rows = []

@@ -267,6 +267,7 @@ def main(argv=None):
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}  OMP_WAIT_POLICY="
           f"{os.environ.get('OMP_WAIT_POLICY', '(unset: torch threads spin-wait)')}  "
           f"load average at start {os.getloadavg()}")
+    print(cpu_setup.describe_cpu())
 
     b = build(args)
     ours, theirs, compile_s = first_step_check(b)
@@ -342,6 +343,10 @@ def main(argv=None):
           f"{flops / np.median(t_ours) / 1e9:.1f} GFLOP/s, HF {flops / np.median(t_hf) / 1e9:.1f} GFLOP/s; "
           f"fp32 matmul on the same {args.threads} core(s) {limit / 1e9:.1f} GFLOP/s: ours at "
           f"{100 * flops / np.median(t_ours) / limit:.1f}% of it, HF at {100 * flops / np.median(t_hf) / limit:.1f}%")
+    # What no kernel work can beat on this machine: the model's FLOPs at the matmul limit, against HF's step.
+    floor = flops / limit
+    print(f"floor: the model FLOPs at the matmul limit take {1e3 * floor:.0f} ms, so ours/HF >= "
+          f"{floor / np.median(t_hf):.3f} here for any float32 step that does the same arithmetic")
     if np.median(loads) > os.cpu_count():
         print(f"NOTE: the machine is oversubscribed (load {np.median(loads):.1f} > {os.cpu_count()} CPUs). With "
               "several threads, torch's OpenMP workers spin-wait for descheduled peers and HF's wall and CPU "

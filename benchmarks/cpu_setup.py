@@ -31,6 +31,44 @@ def threads_from_argv(argv: Sequence[str]) -> int:
     return len(os.sched_getaffinity(0))
 
 
+def describe_cpu(cpuinfo: str = "/proc/cpuinfo", sysfs: str = "/sys/devices/system/cpu/cpu0/cache") -> str:
+    """One line naming the CPU a figure was measured on: model, widest vector ISA, L2 cache per core.
+
+    The ratios against PyTorch depend on it: both libraries' matmuls run near the same limit, but that limit
+    and the cache a block of attention logits must fit in differ between machines (an AVX-512 host with 2 MB
+    of L2 per core against an AVX2 one with 512 KB changed ours/HF from 0.55 to 1.08; BENCHMARKS.md).
+    Linux only; elsewhere, or where a file is missing, the fields say "unknown".
+    """
+    model, flags = "unknown", set()
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == "unknown":
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    isa = next((name for name, flag in (("AVX-512", "avx512f"), ("AVX2", "avx2"), ("AVX", "avx")) if flag in flags),
+               "unknown" if not flags else "SSE")
+    if "amx_bf16" in flags:
+        isa += " + AMX"
+    l2 = "unknown"
+    try:
+        for index in sorted(os.listdir(sysfs)):
+            with open(os.path.join(sysfs, index, "level")) as f:
+                level = f.read().strip()
+            with open(os.path.join(sysfs, index, "type")) as f:
+                kind = f.read().strip()
+            if level == "2" and kind in ("Unified", "Data"):
+                with open(os.path.join(sysfs, index, "size")) as f:
+                    l2 = f.read().strip()
+    except OSError:
+        pass
+    return f"CPU {model}, {isa}, L2 {l2} per core"
+
+
 def prepare(argv: Optional[Sequence[str]] = None, pin: bool = False) -> int:
     """Does the above; returns the thread count (cores pinned to when pin=True)."""
     threads = threads_from_argv(sys.argv[1:] if argv is None else argv)
