@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 from typing import Optional, Sequence
@@ -31,42 +32,80 @@ def threads_from_argv(argv: Sequence[str]) -> int:
     return len(os.sched_getaffinity(0))
 
 
-def describe_cpu(cpuinfo: str = "/proc/cpuinfo", sysfs: str = "/sys/devices/system/cpu/cpu0/cache") -> str:
-    """One line naming the CPU a figure was measured on: model, widest vector ISA, L2 cache per core.
+def describe_cpu(cpuinfo: str = "/proc/cpuinfo", sysfs: Optional[str] = None) -> str:
+    """One line naming the CPU a figure was measured on: model, widest vector ISA, L2 cache size and sharing.
 
-    The ratios against PyTorch depend on it: both libraries' matmuls run near the same limit, but that limit
-    and the cache a block of attention logits must fit in differ between machines (an AVX-512 host with 2 MB
-    of L2 per core against an AVX2 one with 512 KB changed ours/HF from 0.55 to 1.08; BENCHMARKS.md).
-    Linux only; elsewhere, or where a file is missing, the fields say "unknown".
+    The ratios against PyTorch depend on it: the matmul rate and the cache a block of attention logits must fit
+    in differ between machines (an AVX-512 host with 2 MB of L2 per core against an AVX2 one with 512 KB moved
+    ours/HF from 0.55 to about 1.0 at one thread; BENCHMARKS.md). Read from the first processor's block of
+    `cpuinfo` (x86 "model name"/"flags"/"cpu family"/"model", or aarch64 "CPU part"/"Features") and the sysfs
+    cache folder of the first core this process may run on (`sysfs`: that folder, for tests), which is the one a
+    pinned benchmark uses. Linux only; elsewhere, or where a file is missing, the fields say "unknown".
     """
-    model, flags = "unknown", set()
+    fields: dict[str, str] = {}
     try:
         with open(cpuinfo) as f:
             for line in f:
+                if not line.strip():
+                    if "flags" in fields or "Features" in fields:
+                        break  # the first processor's block is enough
+                    continue
                 key, _, value = line.partition(":")
-                if key.strip() == "model name" and model == "unknown":
-                    model = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    isa = next((name for name, flag in (("AVX-512", "avx512f"), ("AVX2", "avx2"), ("AVX", "avx")) if flag in flags),
-               "unknown" if not flags else "SSE")
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    if "model name" in fields:
+        model = fields["model name"]
+        if "cpu family" in fields and not any(ch.isdigit() for ch in model):  # "AMD EPYC" says no generation
+            model += f" (family {fields['cpu family']} model {fields.get('model', '?')})"
+    elif "CPU part" in fields:
+        model = f"implementer {fields.get('CPU implementer', '?')} part {fields['CPU part']}"
+    else:
+        model = "unknown"
+    widest = (("AVX-512", "avx512f"), ("AVX2", "avx2"), ("AVX", "avx"), ("SVE2", "sve2"), ("SVE", "sve"),
+              ("NEON", "asimd"))
+    isa = next((name for name, flag in widest if flag in flags), "unknown" if not flags else "SSE")
     if "amx_bf16" in flags:
         isa += " + AMX"
-    l2 = "unknown"
-    try:
-        for index in sorted(os.listdir(sysfs)):
-            with open(os.path.join(sysfs, index, "level")) as f:
+    if sysfs is None:
+        first = min(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+        sysfs = f"/sys/devices/system/cpu/cpu{first}/cache"
+    return f"CPU {model}, {isa}, L2 {_l2_cache(sysfs)}"
+
+
+def _l2_cache(sysfs: str) -> str:
+    """'512K per core' or '2048K per 4 cores' from a sysfs cache folder (index0, index1, ...), else 'unknown'."""
+    for index in sorted(glob.glob(os.path.join(sysfs, "index*")), key=lambda p: int(p.rsplit("index", 1)[1] or 0)):
+        try:
+            with open(os.path.join(index, "level")) as f:
                 level = f.read().strip()
-            with open(os.path.join(sysfs, index, "type")) as f:
+            with open(os.path.join(index, "type")) as f:
                 kind = f.read().strip()
-            if level == "2" and kind in ("Unified", "Data"):
-                with open(os.path.join(sysfs, index, "size")) as f:
-                    l2 = f.read().strip()
-    except OSError:
-        pass
-    return f"CPU {model}, {isa}, L2 {l2} per core"
+            if level != "2" or kind not in ("Unified", "Data"):
+                continue
+            with open(os.path.join(index, "size")) as f:
+                size = f.read().strip()
+        except (OSError, ValueError):
+            continue  # an unreadable entry: try the others
+        sharing = "core"
+        try:
+            with open(os.path.join(index, "shared_cpu_list")) as f:
+                cpus = _count_cpus(f.read().strip())
+            sharing = f"{cpus} logical CPUs" if cpus > 1 else "core"
+        except (OSError, ValueError):
+            pass
+        return f"{size} per {sharing}"
+    return "unknown"
+
+
+def _count_cpus(cpu_list: str) -> int:
+    """Number of CPUs in a sysfs list such as '0-3,8,10-11'."""
+    count = 0
+    for part in cpu_list.split(","):
+        low, _, high = part.partition("-")
+        count += int(high or low) - int(low) + 1
+    return count
 
 
 def prepare(argv: Optional[Sequence[str]] = None, pin: bool = False) -> int:
