@@ -2,9 +2,10 @@
 
     /work/venv/bin/python benchmarks/bench_train_step.py                  # Ti, batch 2 of 512x688
     /work/venv/bin/python benchmarks/bench_train_step.py --repeats=15 --attention-impl=einsum
+    /work/venv/bin/python benchmarks/bench_train_step.py --threads=2 --host-devices=2   # ours data parallel over 2 CPU devices
 
 One step = forward, Hungarian matching, set loss, backward, gradient clipping at global norm 0.1, AdamW.
-  ours: `train_step.make_train_step` (one jitted program, float32) on a 1-device mesh; the matching is
+  ours: `train_step.make_train_step` (one jitted program, float32) on a 1-device mesh (--host-devices: N); the matching is
         the host scipy callback of `matcher.py` ('host' implementation, as configured by default).
   HF:   `YolosForObjectDetection(config)(pixel_values, labels=...)` (its own `HungarianMatcher` and
         `ImageLoss`), `loss.backward()`, `torch.nn.utils.clip_grad_norm_(..., 0.1)`, `torch.optim.AdamW`
@@ -167,7 +168,7 @@ def build(args):
 
     # Ours: the Ti recipe's optimiser (lr 5e-5 at batch 16, linearly scaled) on a 1-device mesh.
     mesh_cfg = sharding.default_mesh_config()
-    mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:1])
+    mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:args.host_devices])
     optim_cfg = optim.default_optim_config()
     optim_cfg.base_lr, optim_cfg.base_batch_size = 5e-5, 16
     tx, schedule = optim.make_optimizer(optim_cfg, params, BATCH, total_steps=10_000)
@@ -258,8 +259,15 @@ def main(argv=None):
                         help="box slots per image in our padded batch (the input pipeline's default)")
     parser.add_argument("--attention-impl", default=None,
                         help="config.model.attention_impl for ours (default: the model's CPU default)")
+    parser.add_argument("--host-devices", type=int, default=1,
+                        help="ours: split the CPU into this many XLA devices (jax_num_cpu_devices) and the batch of "
+                             f"{BATCH} over them, data parallel; HF is unchanged")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.host_devices < 1 or BATCH % args.host_devices:
+        parser.error(f"--host-devices={args.host_devices} must be >= 1 and divide the batch of {BATCH}")
+    if args.host_devices > 1:  # before jax's CPU backend starts: the next line is the first to touch a device
+        jax.config.update("jax_num_cpu_devices", args.host_devices)
 
     torch.set_num_threads(args.threads)
     print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, "
