@@ -2,11 +2,12 @@
 
     /work/venv/bin/python benchmarks/bench_train_step.py                  # Ti, batch 2 of 512x688
     /work/venv/bin/python benchmarks/bench_train_step.py --repeats=15 --attention-impl=einsum
-    /work/venv/bin/python benchmarks/bench_train_step.py --threads=2 --host-devices=2   # ours data parallel over 2 CPU devices
+    /work/venv/bin/python benchmarks/bench_train_step.py --threads=2 --host-devices=2  # ours over 2 CPU devices
 
 One step = forward, Hungarian matching, set loss, backward, gradient clipping at global norm 0.1, AdamW.
-  ours: `train_step.make_train_step` (one jitted program, float32) on a 1-device mesh (--host-devices: N); the matching is
-        the host scipy callback of `matcher.py` ('host' implementation, as configured by default).
+  ours: `train_step.make_train_step` (one jitted program, float32) on a 1-device mesh (--host-devices=N: N
+        CPU devices, the batch split over them); the matching is the host scipy callback of `matcher.py`
+        ('host' implementation, as configured by default).
   HF:   `YolosForObjectDetection(config)(pixel_values, labels=...)` (its own `HungarianMatcher` and
         `ImageLoss`), `loss.backward()`, `torch.nn.utils.clip_grad_norm_(..., 0.1)`, `torch.optim.AdamW`
         (default implementation, the original's decay / no-decay groups), `zero_grad`.
@@ -36,6 +37,7 @@ import argparse
 import os
 import sys
 import tempfile
+import threading
 import time
 
 import cpu_setup  # noqa: E402  (benchmarks/; pins cores, XLA flags, allocator: before jax and torch)
@@ -63,11 +65,14 @@ NUM_CLASSES = 91
 
 
 class HostTimer:
-    """Accumulates wall time spent inside a wrapped host function (thread-safe enough: one step at a time)."""
+    """Accumulates wall time spent inside a wrapped host function. With --host-devices the step calls it once per
+    device, possibly from several threads at once: the total is then the sum over devices (an upper bound of
+    what it adds to the step), kept under a lock."""
 
     def __init__(self):
         self.total = 0.0
         self.calls = 0
+        self._lock = threading.Lock()
 
     def wrap(self, fn):
         def timed(*args, **kwargs):
@@ -75,13 +80,15 @@ class HostTimer:
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.total += time.perf_counter() - t0
-                self.calls += 1
+                with self._lock:
+                    self.total += time.perf_counter() - t0
+                    self.calls += 1
 
         return timed
 
     def take(self) -> float:
-        total, self.total = self.total, 0.0
+        with self._lock:
+            total, self.total = self.total, 0.0
         return total
 
 
@@ -166,7 +173,7 @@ def build(args):
     params, model, model_cfg = converted_params(hf, args.attention_impl)
     batch = random_batch(args.seed, args.max_boxes)
 
-    # Ours: the Ti recipe's optimiser (lr 5e-5 at batch 16, linearly scaled) on a 1-device mesh.
+    # Ours: the Ti recipe's optimiser (lr 5e-5 at batch 16, linearly scaled) on a mesh of --host-devices CPU devices.
     mesh_cfg = sharding.default_mesh_config()
     mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:args.host_devices])
     optim_cfg = optim.default_optim_config()
@@ -279,7 +286,8 @@ def main(argv=None):
 
     b = build(args)
     ours, theirs, compile_s = first_step_check(b)
-    print(f"attention_impl={b['model_cfg']['attention_impl']!r}  batch {BATCH}x{IMAGE_HW[0]}x{IMAGE_HW[1]}, "
+    print(f"attention_impl={b['model_cfg']['attention_impl']!r}  ours on {args.host_devices} CPU device(s)  "
+          f"batch {BATCH}x{IMAGE_HW[0]}x{IMAGE_HW[1]}, "
           f"boxes per image {b['batch']['box_mask'].sum(1).tolist()}, max_boxes {args.max_boxes}; "
           f"first step (compile included) {compile_s:.1f} s")
     check = {k: abs(ours[k] - theirs[k]) / max(abs(theirs[k]), 1e-12)
@@ -330,7 +338,8 @@ def main(argv=None):
     print(f"rounds {args.repeats} (after {args.warmup} warm-up), 1-min load average during timing "
           f"min {min(loads):.2f} median {np.median(loads):.2f} max {max(loads):.2f}")
     print(f"ours  step median {1e3 * np.median(t_ours):8.1f} ms (min {1e3 * t_ours.min():.1f}); host matching "
-          f"median {1e3 * np.median(m_ours):.2f} ms = {100 * np.median(m_ours / t_ours):.2f}% of the step")
+          f"(summed over devices) median {1e3 * np.median(m_ours):.2f} ms = "
+          f"{100 * np.median(m_ours / t_ours):.2f}% of the step")
     print(f"      jitted matcher.match alone (cost matrix + callback + transfers) median "
           f"{1e3 * np.median(match_call):.2f} ms = {100 * np.median(match_call) / np.median(t_ours):.2f}% of the step")
     print(f"HF    step median {1e3 * np.median(t_hf):8.1f} ms (min {1e3 * t_hf.min():.1f}); scipy matching "

@@ -75,7 +75,8 @@ def describe_cpu(cpuinfo: str = "/proc/cpuinfo", sysfs: Optional[str] = None) ->
 
 
 def _l2_cache(sysfs: str) -> str:
-    """'512K per core' or '2048K per 4 cores' from a sysfs cache folder (index0, index1, ...), else 'unknown'."""
+    """'512K per core', '2048K per 4 logical CPUs' or '512K (sharing unknown)' from a sysfs cache folder (index0,
+    index1, ...), else 'unknown'."""
     for index in sorted(glob.glob(os.path.join(sysfs, "index*")), key=lambda p: int(p.rsplit("index", 1)[1] or 0)):
         try:
             with open(os.path.join(index, "level")) as f:
@@ -88,13 +89,12 @@ def _l2_cache(sysfs: str) -> str:
                 size = f.read().strip()
         except (OSError, ValueError):
             continue  # an unreadable entry: try the others
-        sharing = "core"
         try:
             with open(os.path.join(index, "shared_cpu_list")) as f:
                 cpus = _count_cpus(f.read().strip())
             sharing = f"{cpus} logical CPUs" if cpus > 1 else "core"
         except (OSError, ValueError):
-            pass
+            return f"{size} (sharing unknown)"
         return f"{size} per {sharing}"
     return "unknown"
 

@@ -105,7 +105,7 @@ def get_config(arg=None):
     # cost keeps DETR's 1 : 5 : 2 (BENCHMARKS.md, the demo's A/B runs).
     config.loss.ce_weight = 3.0
     config.optim.clip_grad_norm = 1.0
-    config.train.num_steps = 3000  # 7-16 minutes end to end on a 2-core CPU, by its ISA (BENCHMARKS.md)
+    config.train.num_steps = 3000  # 7-16 minutes end to end on a 2-core CPU, by host (BENCHMARKS.md)
     config.train.log_every = 50
     config.train.eval_every = 750  # the learning curve: AP at 750, 1500, 2250 and 3000 steps
     config.checkpoint.every_steps = 250
