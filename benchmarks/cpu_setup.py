@@ -77,7 +77,8 @@ def describe_cpu(cpuinfo: str = "/proc/cpuinfo", sysfs: Optional[str] = None) ->
 def _l2_cache(sysfs: str) -> str:
     """'512K per core', '2048K per 4 logical CPUs' or '512K (sharing unknown)' from a sysfs cache folder (index0,
     index1, ...), else 'unknown'."""
-    for index in sorted(glob.glob(os.path.join(sysfs, "index*")), key=lambda p: int(p.rsplit("index", 1)[1] or 0)):
+    numbered = [p for p in glob.glob(os.path.join(sysfs, "index*")) if p.rsplit("index", 1)[1].isdigit()]
+    for index in sorted(numbered, key=lambda p: int(p.rsplit("index", 1)[1])):  # index2 before index10
         try:
             with open(os.path.join(index, "level")) as f:
                 level = f.read().strip()
