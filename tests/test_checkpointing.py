@@ -250,6 +250,21 @@ def test_describe_error_takes_the_storage_status_line():
     assert len(cut) <= 300 and cut.startswith("RuntimeError: head") and cut.endswith(" tail") and " ... " in cut
 
 
+def test_describe_error_drops_tensorstores_spec_payload_and_keeps_the_reason():
+    # The message TensorStore gave for a write past RLIMIT_FSIZE (its spec payload shortened here: it is longer
+    # than the quoted line's limit there, and cutting the middle dropped 'File too large').
+    spec = "{\\\"context\\\":{\\\"cache_pool\\\":{}},\\\"driver\\\":\\\"zarr\\\"," + "\\\"x\\\":1," * 60 + "}"
+    message = ('OUT_OF_RANGE: Error opening "zarr" driver: Error writing "pos_embed_patches/.zarray" in OCDBT database '
+               'at local file "/tmp/run/checkpoints/20/": Failed writing: "/tmp/run/d/ab.__lock": Failed to write 118 '
+               f"bytes to file 3: File too large [tensorstore_spec='{spec}'] [source locations='a.cc:1\\nb.cc:2'] "
+               "[os_error_code='27']")
+    assert len(message) > 600
+    described = describe_error(ValueError(message))
+    assert described == ('OUT_OF_RANGE: Error opening "zarr" driver: Error writing "pos_embed_patches/.zarray" in OCDBT '
+                         'database at local file "/tmp/run/checkpoints/20/": Failed writing: "/tmp/run/d/ab.__lock": '
+                         "Failed to write 118 bytes to file 3: File too large [os_error_code='27']")
+
+
 def test_best_checkpoint_survives_an_interrupted_replacement_and_a_changed_rule(tmp_path):
     ck = _checkpointer(tmp_path)
     path = ck.save_best(3, _state(3)["params"], {"model": {"hidden_size": 8}}, {}, "AP", 0.25, "max", "params")

@@ -11,6 +11,10 @@ from __future__ import annotations
 import re
 
 _STATUS = re.compile(r"^[A-Z][A-Z_]+: ")  # an absl::Status message, e.g. 'OUT_OF_RANGE: Error reading ...'
+# TensorStore appends payloads to a status line: " [tensorstore_spec='{...}']" (the whole spec, often longer than the
+# line a message may quote) and " [source locations='...']"; they say nothing a user can act on, and cutting the
+# middle of a line that ends in one dropped the reason before it ('... File too large'). The OS error code stays.
+_PAYLOAD = re.compile(r" \[(?!os_error_code)[A-Za-z_ ]+='(?:[^'\\]|\\.)*'\]")
 
 
 class UserError(Exception):
@@ -31,7 +35,7 @@ def describe_error(error: BaseException, limit: int = 300) -> str:
     if best is None:
         best = next((e for e in chain if str(e).strip()), error)
     lines = str(best).strip().splitlines()
-    text = lines[0].strip() if lines else ""
+    text = _PAYLOAD.sub("", lines[0]).strip() if lines else ""
     if not _STATUS.match(text):
         text = f"{type(best).__name__}: {text}" if text else type(best).__name__
     if len(text) <= limit:
