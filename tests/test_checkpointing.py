@@ -14,7 +14,6 @@ import pytest
 
 from eval_fixtures import random_params
 from yolos_jax import checkpoint_reading, checkpointing
-from yolos_jax.errors import describe_error
 from yolos_jax.config import model_config
 from yolos_jax.yolos import YOLOS
 
@@ -235,34 +234,6 @@ def test_on_save_error_warn_goes_on_and_the_next_interval_saves(tmp_path, file_s
         ck.save(8, _state(8, big), {"batch": 8}, {"model": {}}, {}, must_land=True)
     ck.close()
     assert checkpointing.step_dirs(ck.directory) == [6, 2]
-
-
-def test_describe_error_takes_the_storage_status_line():
-    try:
-        try:
-            raise ValueError('OUT_OF_RANGE: Error reading "a/0" in OCDBT database\nmore lines')
-        except ValueError as inner:
-            raise Exception("Encountered error while reading array index: <bound method spec of TensorStore({") from inner
-    except Exception as e:  # noqa: BLE001
-        assert describe_error(e) == 'OUT_OF_RANGE: Error reading "a/0" in OCDBT database'
-    assert describe_error(FileNotFoundError(2, "No such file")) == "FileNotFoundError: [Errno 2] No such file"
-    cut = describe_error(RuntimeError("head " + "x" * 1000 + " tail"))
-    assert len(cut) <= 300 and cut.startswith("RuntimeError: head") and cut.endswith(" tail") and " ... " in cut
-
-
-def test_describe_error_drops_tensorstores_spec_payload_and_keeps_the_reason():
-    # The message TensorStore gave for a write past RLIMIT_FSIZE (its spec payload shortened here: it is longer
-    # than the quoted line's limit there, and cutting the middle dropped 'File too large').
-    spec = "{\\\"context\\\":{\\\"cache_pool\\\":{}},\\\"driver\\\":\\\"zarr\\\"," + "\\\"x\\\":1," * 60 + "}"
-    message = ('OUT_OF_RANGE: Error opening "zarr" driver: Error writing "pos_embed_patches/.zarray" in OCDBT database '
-               'at local file "/tmp/run/checkpoints/20/": Failed writing: "/tmp/run/d/ab.__lock": Failed to write 118 '
-               f"bytes to file 3: File too large [tensorstore_spec='{spec}'] [source locations='a.cc:1\\nb.cc:2'] "
-               "[os_error_code='27']")
-    assert len(message) > 600
-    described = describe_error(ValueError(message))
-    assert described == ('OUT_OF_RANGE: Error opening "zarr" driver: Error writing "pos_embed_patches/.zarray" in OCDBT '
-                         'database at local file "/tmp/run/checkpoints/20/": Failed writing: "/tmp/run/d/ab.__lock": '
-                         "Failed to write 118 bytes to file 3: File too large [os_error_code='27']")
 
 
 def test_best_checkpoint_survives_an_interrupted_replacement_and_a_changed_rule(tmp_path):

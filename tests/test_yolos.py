@@ -331,9 +331,6 @@ INV_SIZES = ((45, 70), (64, 48), (40, 88))
 
 
 def _invariance_case(kw, seed=0):
-    import jax
-    import jax.numpy as jnp
-
     from yolos_jax.yolos import YOLOS
 
     model = YOLOS(**(INV_BASE | kw))
@@ -345,12 +342,20 @@ def _invariance_case(kw, seed=0):
         canvas[i, : im.shape[0], : im.shape[1]] = im
         mask[i, : im.shape[0], : im.shape[1]] = True
     canvas[~mask] = rng.randn(int((~mask).sum()), 3) * 5  # what padding holds must not matter
-    params = model.init(jax.random.PRNGKey(seed), jnp.asarray(images[0][None]))["params"]
-    # Every parameter random and O(1)-effective (zero-initialised relative position tables included).
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    params = jax.tree.unflatten(treedef, [a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
-    return model, params, images, canvas, mask
+
+    return model, _perturbed_params(model, images[0], seed), images, canvas, mask
+
+
+def _perturbed_params(model, image, seed):
+    """The model's initial parameters plus N(0, 0.05) noise: every parameter random and O(1)-effective
+    (zero-initialised relative position tables included). The initialisers run as one program: eagerly they
+    compile hundreds of small ones (~20 s a model); the noise is drawn on the host."""
+    import jax
+    import jax.numpy as jnp
+
+    params = jax.jit(lambda key: model.init(key, jnp.asarray(image[None]))["params"])(jax.random.PRNGKey(seed))
+    noise = np.random.default_rng(seed + 1)
+    return jax.tree.map(lambda a: (np.asarray(a) + 0.05 * noise.standard_normal(a.shape)).astype(np.float32), params)
 
 
 def _targets(num_images, seed):
@@ -388,23 +393,20 @@ def test_padded_batch_equals_each_image_alone(variant):
         out = model.apply({"params": p}, canvas, mask)
         return set_loss(out), out
 
-    (_, batched), grad_batched = jax.jit(jax.value_and_grad(batched_loss, has_aux=True))(params)
+    (loss_batched, batched), grad_batched = jax.jit(jax.value_and_grad(batched_loss, has_aux=True))(params)
 
-    # Each image alone, unpadded: its outputs, then the same loss over them, whose gradient is the sum of
-    # each image's vjp (jitted: eager vjps of the whole model ran ~10x slower).
-    alone_forward = jax.jit(lambda p, im: model.apply({"params": p}, im))
-    alone = [alone_forward(params, jnp.asarray(im[None])) for im in images]
+    # Each image alone, unpadded: its outputs, then the same loss over them (one program for the three images;
+    # its gradient is the sum of each image's vjp of the assembled loss).
+    def alone_loss(p):
+        alone = [model.apply({"params": p}, jnp.asarray(im[None])) for im in images]
+        return set_loss(jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *alone)), alone
+
+    (loss_alone, alone), grad_alone = jax.jit(jax.value_and_grad(alone_loss, has_aux=True))(params)
     for i in range(len(images)):
         for k in ("logits", "boxes"):
             err = float(np.abs(np.asarray(alone[i][k][0]) - np.asarray(batched[k][i])).max())
             assert err <= 1e-5, (variant, INV_SIZES[i], k, err)
-    assembled = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *alone)
-    d_outputs = jax.grad(set_loss)(assembled)
-    alone_vjp = jax.jit(lambda p, im, d: jax.vjp(lambda q: model.apply({"params": q}, im), p)[1](d)[0])
-    grad_alone = None
-    for i, im in enumerate(images):
-        g = alone_vjp(params, jnp.asarray(im[None]), jax.tree.map(lambda d: d[i : i + 1], d_outputs))
-        grad_alone = g if grad_alone is None else jax.tree.map(jnp.add, grad_alone, g)
+    assert float(loss_batched) == pytest.approx(float(loss_alone), rel=1e-5, abs=1e-6)
     flat_b, flat_a = convert.flatten_params(grad_batched), convert.flatten_params(grad_alone)
     assert max(float(np.abs(np.asarray(v)).max()) for v in flat_a.values()) > 1e-3  # gradients are not trivial
     for name in flat_a:
@@ -496,7 +498,6 @@ def test_windowed_image_smaller_than_a_window_equals_alone(rel_pos):
     window clipped to the grid with it) or is shorter than a window in one axis (a clipped window), padded
     into a canvas of several r x r windows, gives its alone output."""
     import jax
-    import jax.numpy as jnp
 
     from yolos_jax.yolos import YOLOS
 
@@ -509,13 +510,11 @@ def test_windowed_image_smaller_than_a_window_equals_alone(rel_pos):
     for i, im in enumerate(images):
         canvas[i, : im.shape[0], : im.shape[1]] = im
         mask[i, : im.shape[0], : im.shape[1]] = True
-    params = model.init(jax.random.PRNGKey(0), jnp.asarray(images[1][None]))["params"]
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    params = jax.tree.unflatten(treedef, [a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
-    batched = model.apply({"params": params}, canvas, mask)
+    params = _perturbed_params(model, images[1], 0)
+    apply = jax.jit(lambda x, m=None: model.apply({"params": params}, x, m))
+    batched = apply(canvas, mask)
     for i, im in enumerate(images):
-        alone = model.apply({"params": params}, im[None])
+        alone = apply(im[None])
         for k in ("logits", "boxes"):
             err = float(np.abs(np.asarray(alone[k][0]) - np.asarray(batched[k][i])).max())
             assert err <= 1e-5, (sizes[i], k, err)
