@@ -16,8 +16,26 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # optimisation is `JAX_DISABLE_MOST_OPTIMIZATIONS=0 python -m pytest ...`, and test_train_e2e's main run and the
 # benchmarks (which compare with HF in every run) always compile fully optimised.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# One persistent compilation cache for the session, shared by pytest-xdist's workers (they inherit this process's
+# environment) and by the entry scripts the tests run: the same program compiled in several tests (a tiny model's
+# initialisers cost 4-5 s to compile, on every mesh they are traced for) is compiled once. Programs with host
+# callbacks (the train step's scipy matching) are never cached by jax. Created by the controlling process, removed
+# at its end (`pytest_unconfigure`).
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE = tempfile.mkdtemp(prefix="yolos_jax_tests_xla_cache_")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+else:
+    _SESSION_CACHE = None
 
 import pytest  # noqa: E402  (after the environment above)
+
+
+def pytest_unconfigure(config):
+    if _SESSION_CACHE is not None:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

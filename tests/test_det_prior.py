@@ -119,7 +119,7 @@ def test_prior_attention_gradients_match_einsum_autodiff(monkeypatch):
     bias = det_prior.attention_bias((2, 3), (0.7, 0.0, 1.5), heads, (gh, gw), 8,
                                     (jnp.asarray([40.0, 24.0]), jnp.asarray([64.0, 64.0])))
     module = vit.SelfAttention(heads, attention_impl="chunked")
-    params = module.init(jax.random.PRNGKey(1), x, key_mask, bias)["params"]
+    params = jax.jit(module.init)(jax.random.PRNGKey(1), x, key_mask, bias)["params"]
     cot = jnp.asarray(rng.normal(size=(batch, tokens, width)).astype(np.float32))
 
     def ours(p, x):
@@ -134,8 +134,8 @@ def test_prior_attention_gradients_match_einsum_autodiff(monkeypatch):
         out = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(logits, -1), vh).reshape(batch, tokens, width)
         return jnp.sum((out @ p["proj"]["kernel"] + p["proj"]["bias"]) * cot)
 
-    g_ours = jax.grad(ours, argnums=(0, 1))(params, x)
-    g_dense = jax.grad(dense, argnums=(0, 1))(params, x)
+    g_ours = jax.jit(jax.grad(ours, argnums=(0, 1)))(params, x)
+    g_dense = jax.jit(jax.grad(dense, argnums=(0, 1)))(params, x)
     for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_dense)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
 
@@ -147,15 +147,21 @@ def _inputs(seed=0):
     return images, mask
 
 
+def _init(model, images, mask):
+    """The model's initial parameters (host arrays), its initialisers run as one program (eagerly they compile
+    hundreds of small ones)."""
+    return jax.device_get(jax.jit(model.init)(jax.random.PRNGKey(0), images, mask)["params"])
+
+
 def test_model_with_priors_off_equals_plain_yolos():
     """The grid alone (no sigma, no offset) changes nothing: same parameters, same outputs."""
     images, mask = _inputs()
     plain = YOLOS(**TINY)
-    params = plain.init(jax.random.PRNGKey(0), images, mask)["params"]
+    params = _init(plain, images, mask)
     gridded = YOLOS(**TINY, det_reference_grid=(2, 3))
-    assert jax.tree.structure(gridded.init(jax.random.PRNGKey(0), images, mask)["params"]) == \
+    assert jax.tree.structure(jax.eval_shape(gridded.init, jax.random.PRNGKey(0), images, mask)["params"]) == \
         jax.tree.structure(params)
-    a, b = plain.apply({"params": params}, images, mask), gridded.apply({"params": params}, images, mask)
+    a, b = jax.jit(plain.apply)({"params": params}, images, mask), jax.jit(gridded.apply)({"params": params}, images, mask)
     for k in ("logits", "boxes"):
         np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), rtol=1e-5, atol=1e-6)
 
@@ -163,10 +169,10 @@ def test_model_with_priors_off_equals_plain_yolos():
 def test_box_offset_puts_untrained_boxes_on_the_reference_points():
     images, mask = _inputs()
     model = YOLOS(**TINY, **PRIORS)
-    params = model.init(jax.random.PRNGKey(0), images, mask)["params"]
+    params = _init(model, images, mask)
     last = sorted(params["box_head"])[-1]
-    params["box_head"][last] = jax.tree.map(jnp.zeros_like, params["box_head"][last])
-    boxes = np.asarray(model.apply({"params": params}, images, mask)["boxes"])
+    params["box_head"][last] = jax.tree.map(np.zeros_like, params["box_head"][last])
+    boxes = np.asarray(jax.jit(model.apply)({"params": params}, images, mask)["boxes"])
     refs = det_prior.reference_points(2, 3)
     np.testing.assert_allclose(boxes[:, :, :2], np.broadcast_to(refs, (2, 6, 2)), atol=1e-6)
     np.testing.assert_allclose(boxes[:, :, 2:], 0.5, atol=1e-6)
@@ -175,14 +181,14 @@ def test_box_offset_puts_untrained_boxes_on_the_reference_points():
 def test_model_with_priors_remat_and_grad():
     images, mask = _inputs()
     model = YOLOS(**TINY, **PRIORS)
-    params = model.init(jax.random.PRNGKey(0), images, mask)["params"]
+    params = _init(model, images, mask)
     remat = YOLOS(**TINY, **PRIORS, remat=True)
 
     def loss(m, p):
         out = m.apply({"params": p}, images, mask)
         return jnp.sum(out["logits"] ** 2) + jnp.sum(out["boxes"])
 
-    g1 = jax.grad(lambda p: loss(model, p))(params)
+    g1 = jax.jit(jax.grad(lambda p: loss(model, p)))(params)
     g2 = jax.jit(jax.grad(lambda p: loss(remat, p)))(params)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
@@ -201,7 +207,7 @@ def test_model_with_priors_remat_and_grad():
 def test_bad_prior_options_are_refused(fields, message):
     images, mask = _inputs()
     with pytest.raises(ValueError, match=message):
-        YOLOS(**TINY, **fields).init(jax.random.PRNGKey(0), images, mask)
+        jax.eval_shape(YOLOS(**TINY, **fields).init, jax.random.PRNGKey(0), images, mask)
     cfg = config_lib.model_config("ti", **TINY, **fields)
     with pytest.raises(ValueError, match=message):
         det_prior.validate_options(cfg)
@@ -213,12 +219,12 @@ def test_prior_fields_survive_a_json_round_trip(tmp_path):
 
     images, mask = _inputs()
     model = YOLOS(**TINY, **PRIORS)
-    params = model.init(jax.random.PRNGKey(0), images, mask)["params"]
+    params = _init(model, images, mask)
     cfg = json.loads(json.dumps(config_lib.model_config("ti", **TINY, **PRIORS).to_dict()))
     assert isinstance(cfg["det_reference_grid"], list)
     weights.save_params_dir(str(tmp_path / "ckpt"), jax.tree.map(np.asarray, params), cfg)
     loaded_params, loaded, _ = weights.load_model(str(tmp_path / "ckpt"))
     assert loaded.det_reference_grid == (2, 3) and loaded.det_attention_sigma == (0.7, 0.0, 1.5)
-    want = model.apply({"params": params}, images, mask)
-    got = loaded.apply({"params": loaded_params}, images, mask)
+    want = jax.jit(model.apply)({"params": params}, images, mask)
+    got = jax.jit(loaded.apply)({"params": loaded_params}, images, mask)
     np.testing.assert_array_equal(np.asarray(got["boxes"]), np.asarray(want["boxes"]))
