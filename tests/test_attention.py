@@ -204,7 +204,7 @@ def test_remat_gradients_match():
     pixel_mask[1, :, 16 * (gw - 4):] = False
     pixel_mask = jnp.asarray(pixel_mask)
     models = {remat: YOLOS(**cfg, remat=remat) for remat in (False, True)}
-    params = models[False].init(jax.random.PRNGKey(0), x, pixel_mask)["params"]
+    params = jax.jit(models[False].init)(jax.random.PRNGKey(0), x, pixel_mask)["params"]
     w = {k: jnp.asarray(rng.standard_normal(s).astype(np.float32))
          for k, s in (("logits", (2, 5, 5)), ("boxes", (2, 5, 4)))}
 

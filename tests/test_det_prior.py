@@ -90,7 +90,7 @@ def test_prior_attention_matches_numpy(impl, monkeypatch):
                                     det_prior.valid_extent((40, 64), jnp.asarray(pixel_mask_for(valid_hw, (40, 64))),
                                                            batch))
     module = vit.SelfAttention(heads, attention_impl=impl)
-    params = module.init(jax.random.PRNGKey(1), x, jnp.asarray(key_mask), bias)["params"]
+    params = jax.jit(module.init)(jax.random.PRNGKey(1), x, jnp.asarray(key_mask), bias)["params"]
     params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.PRNGKey(2), a.shape), params)  # O(1)
     got = module.apply({"params": params}, x, jnp.asarray(key_mask), bias)
     want = numpy_prior_attention(x, params, heads, q, key_mask, np.asarray(bias, np.float64))

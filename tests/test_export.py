@@ -154,7 +154,7 @@ def test_variant_models_export_to_onnx(variant, tmp_path):
     """The ViT-detection variants convert too: the ONNX artifact equals `Detector.forward` on a padded batch."""
     cfg = model_config("s", hidden_size=32, depth=2, num_heads=2, num_det_tokens=5, num_classes=3,
                        init_pe_size=(64, 96), mid_pe_size=None, **VARIANTS[variant]).to_dict()
-    params = YOLOS(**cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 96, 3)))["params"]
+    params = jax.jit(YOLOS(**cfg).init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 96, 3)))["params"]
     params = jax.tree.map(lambda a: np.asarray(a) + np.random.default_rng(0).normal(scale=0.05, size=a.shape), params)
     weights.save_params_dir(str(tmp_path / "ckpt"), params, cfg, {"eval_size": 64})
     out = str(tmp_path / "m.onnx")

@@ -75,7 +75,7 @@ def test_init_params_from_detector_and_resizing(hf_s, tmp_path):
 
 def _params(seed=0, **options):
     cfg = model_config("ti", hidden_size=32, depth=4, num_heads=2, init_pe_size=(64, 64), **options)
-    return jax.device_get(YOLOS(**cfg.to_dict()).init(jax.random.PRNGKey(seed), jnp.zeros((1, 64, 64, 3)))["params"])
+    return jax.device_get(jax.jit(YOLOS(**cfg.to_dict()).init)(jax.random.PRNGKey(seed), jnp.zeros((1, 64, 64, 3)))["params"])
 
 
 @pytest.fixture(scope="module")

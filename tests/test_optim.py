@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 def _tiny_params():
     model = YOLOS(**model_config("s", hidden_size=16, depth=2, num_heads=2, num_det_tokens=3, num_classes=4,
                                  init_pe_size=(32, 48), mid_pe_size=(32, 48)).to_dict())
-    return model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 48, 3)))["params"]
+    return jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 48, 3)))["params"]
 
 
 def _original_decays(name: str, shape) -> bool:
