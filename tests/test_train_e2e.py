@@ -175,9 +175,12 @@ def _wait_for(predicate, proc, what, timeout=TIMEOUT):
 
 
 # With an EMA of the parameters (issue 17): resume restores it bit-identically too (`_final_params` reads the EMA,
-# the run's weights).
+# the run's weights). With the on-device matcher: jax never writes a program with a host callback (the default
+# scipy matcher's) to its persistent cache, so with the default each of the ~12 runs below would compile the step
+# again (~9 s each here); with this one the first run compiles it for all. The default matcher trains, restores
+# and evaluates in the tests above and below this group.
 RESUME_OVERRIDES = ("--config.train.eval_at_end=False", "--config.checkpoint.every_steps=4",
-                    "--config.optim.ema_decay=0.9")
+                    "--config.optim.ema_decay=0.9", "--config.matcher.implementation=device")
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,9 @@ def setup_host(compilation_cache: bool = True) -> None:
 
     * TensorFlow (the input pipeline) must not grab GPU/TPU memory or all CPU cores: it sees no
       accelerators and few threads, so it does not fight XLA.
-    * jax's persistent compilation cache makes re-runs (resume, eval) skip recompilation.
+    * jax's persistent compilation cache makes re-runs (resume, eval) skip recompiling what it keeps: jax keeps
+      no program with a host callback, so the train step with the default scipy matcher compiles on every start
+      (`config.matcher.implementation='device'` has no callback).
     * glibc keeps freed memory mapped (`malloc.keep_freed_memory`), so XLA:CPU steps stop page-faulting; a no-op
       where the entry script's `malloc.use_scalable_malloc` replaced glibc's malloc; the log names the allocator.
     """
