@@ -17,7 +17,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # benchmarks (which compare with HF in every run) always compile fully optimised.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # One persistent compilation cache for the session, shared by pytest-xdist's workers (they inherit this process's
-# environment) and by the entry scripts the tests run: the same program compiled in several tests (a tiny model's
+# environment; the entry scripts the tests run choose their own, `runtime.setup_host`): the same program compiled in several tests (a tiny model's
 # initialisers cost 4-5 s to compile, on every mesh they are traced for) is compiled once. Programs with host
 # callbacks (the train step's scipy matching) are never cached by jax. Created by the controlling process, removed
 # at its end (`pytest_unconfigure`).
