@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from eval_fixtures import perturbed_params
 from yolos_jax import attention, attention_tpu, sharding
 
 GRID = (8, 11)  # patches of a 64 x 88 canvas at patch 8
@@ -102,9 +103,7 @@ def test_yolos_splash_equals_einsum(monkeypatch, variant):
     for i, (h, w) in enumerate(((45, 70), (64, 48))):
         mask[i, :h, :w] = True
     canvas[mask] = rng.randn(int(mask.sum()), 3)
-    params = jax.jit(YOLOS(**kw).init)(jax.random.PRNGKey(0), jnp.asarray(canvas[:1, :45, :70]))["params"]
-    noise = np.random.default_rng(1)  # on the host: per-leaf device noise compiles a program per shape
-    params = jax.tree.map(lambda a: (np.asarray(a) + 0.05 * noise.standard_normal(a.shape)).astype(np.float32), params)
+    params = perturbed_params(YOLOS(**kw), canvas[0, :45, :70])
 
     def run(impl):
         model = YOLOS(**(kw | dict(attention_impl=impl)))

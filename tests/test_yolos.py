@@ -7,6 +7,7 @@ import torch
 from transformers import ViTConfig, ViTForImageClassification, YolosConfig, YolosForObjectDetection
 
 import reference_models as ref
+from eval_fixtures import perturbed_params
 from yolos_jax import Detector, attention, config, convert, vit
 
 TOL = 1e-4
@@ -343,19 +344,7 @@ def _invariance_case(kw, seed=0):
         mask[i, : im.shape[0], : im.shape[1]] = True
     canvas[~mask] = rng.randn(int((~mask).sum()), 3) * 5  # what padding holds must not matter
 
-    return model, _perturbed_params(model, images[0], seed), images, canvas, mask
-
-
-def _perturbed_params(model, image, seed):
-    """The model's initial parameters plus N(0, 0.05) noise: every parameter random and O(1)-effective
-    (zero-initialised relative position tables included). The initialisers run as one program: eagerly they
-    compile hundreds of small ones (~20 s a model); the noise is drawn on the host."""
-    import jax
-    import jax.numpy as jnp
-
-    params = jax.jit(lambda key: model.init(key, jnp.asarray(image[None]))["params"])(jax.random.PRNGKey(seed))
-    noise = np.random.default_rng(seed + 1)
-    return jax.tree.map(lambda a: (np.asarray(a) + 0.05 * noise.standard_normal(a.shape)).astype(np.float32), params)
+    return model, perturbed_params(model, images[0], seed), images, canvas, mask
 
 
 def _targets(num_images, seed):
@@ -510,7 +499,7 @@ def test_windowed_image_smaller_than_a_window_equals_alone(rel_pos):
     for i, im in enumerate(images):
         canvas[i, : im.shape[0], : im.shape[1]] = im
         mask[i, : im.shape[0], : im.shape[1]] = True
-    params = _perturbed_params(model, images[1], 0)
+    params = perturbed_params(model, images[1], 0)
     apply = jax.jit(lambda x, m=None: model.apply({"params": params}, x, m))
     batched = apply(canvas, mask)
     for i, im in enumerate(images):
