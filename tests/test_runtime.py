@@ -20,3 +20,116 @@ def test_maybe_initialize_distributed_only_for_several_processes(monkeypatch, en
     runtime.maybe_initialize_distributed(run_config.default_distributed_config())
     # The heartbeat bound (config.distributed.heartbeat_timeout_s) is passed on: a dead peer ends the run.
     assert calls == ([{"heartbeat_timeout_seconds": 60}] if expect else [])
+
+
+# --------------------------------------------------------------------------------------------------
+# The peer watchdog (runtime.PeerWatchdog) over a store in memory, with a clock the test moves
+# --------------------------------------------------------------------------------------------------
+
+
+class FakeStore:
+    """jax.distributed's key-value client as the watchdog uses it. `fail` raises from every call; `block` makes
+    every call wait until released (as the store's key_value_set once did until jax's heartbeat abort)."""
+
+    def __init__(self):
+        import threading
+
+        self.data, self.fail, self.release = {}, None, threading.Event()
+        self.release.set()
+
+    def _call(self):
+        self.release.wait()
+        if self.fail:
+            raise RuntimeError(self.fail)
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        self._call()
+        assert allow_overwrite
+        self.data[key] = value
+
+    def key_value_dir_get(self, prefix):
+        self._call()
+        return [(k, v) for k, v in sorted(self.data.items()) if k.startswith(prefix)]
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def _watchdog(me=0, count=3, timeout_s=8.0):
+    from yolos_jax import runtime
+
+    store, clock, verdicts = FakeStore(), Clock(), []
+    dog = runtime.PeerWatchdog(store, me, count, timeout_s, lambda who, why: verdicts.append((who, why)), clock)
+    return dog, store, clock, verdicts
+
+
+def _rounds(dog, store, clock, seconds, beating=()):
+    """Advances the clock by the poll interval `seconds` long; the processes in `beating` bump their counters."""
+    for _ in range(int(seconds / dog.interval)):
+        clock.now += dog.interval
+        for j in beating:
+            key = f"yolos_jax/alive/{j}"
+            store.data[key] = str(int(store.data.get(key, 0)) + 1)
+        dog.poll()
+        dog.judge()
+
+
+def test_peers_that_beat_are_never_lost_and_a_silent_one_is_named_after_the_patience():
+    dog, store, clock, verdicts = _watchdog(me=0, count=3, timeout_s=8.0)  # patience 4 s, a poll every 1 s
+    _rounds(dog, store, clock, 30, beating=(1, 2))
+    assert verdicts == [] and store.data["yolos_jax/alive/0"] == "30"  # this process beats too
+    _rounds(dog, store, clock, 3, beating=(1,))  # process 2 falls silent: not yet past the patience
+    assert verdicts == []
+    _rounds(dog, store, clock, 2, beating=(1,))
+    assert verdicts == [("process 2", "stopped responding 5 s ago")]
+    assert dog.done.is_set()  # one verdict, and the threads stop
+
+
+def test_a_peer_that_finished_is_not_lost():
+    dog, store, clock, verdicts = _watchdog(me=0, count=2)
+    _rounds(dog, store, clock, 3, beating=(1,))
+    store.data["yolos_jax/done/1"] = "1"
+    _rounds(dog, store, clock, 20)
+    assert verdicts == []
+
+
+def test_a_store_that_stops_answering_names_process_0_and_a_blip_does_not():
+    dog, store, clock, verdicts = _watchdog(me=1, count=2)
+    _rounds(dog, store, clock, 3, beating=(0,))
+    store.fail = "UNAVAILABLE: failed to connect to all addresses"
+    _rounds(dog, store, clock, 2, beating=(0,))  # a blip shorter than the patience
+    store.fail = None
+    _rounds(dog, store, clock, 10, beating=(0,))
+    assert verdicts == []
+    store.fail = "UNAVAILABLE: failed to connect to all addresses\nmore detail"
+    _rounds(dog, store, clock, 5)
+    assert verdicts == [("process 0",
+                         "stopped answering for 5 s (UNAVAILABLE: failed to connect to all addresses)")]
+
+
+@pytest.mark.parametrize("me,who", [(0, "process 1"), (1, "process 0")])
+def test_a_store_call_that_never_returns_does_not_hold_back_the_verdict(me, who):
+    """With real threads and time: the poller blocks inside the store; the judge still names the lost process
+    after the patience (0.5 s here), where before this the verdict waited on the blocked call."""
+    import threading
+    import time
+
+    from yolos_jax import runtime
+
+    store, verdicts, named = FakeStore(), [], threading.Event()
+    dog = runtime.PeerWatchdog(store, me, 2, 1.0, lambda who, why: (verdicts.append((who, why)), named.set()))
+    store.release.clear()  # every store call blocks from the first
+    t0 = time.monotonic()
+    dog.start()
+    try:
+        assert named.wait(10), "no verdict while the store blocks"
+        assert 0.5 <= time.monotonic() - t0 < 5
+        assert verdicts[0][0] == who and len(verdicts) == 1
+    finally:
+        dog.done.set()
+        store.release.set()

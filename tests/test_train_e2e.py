@@ -178,11 +178,9 @@ def _wait_for(predicate, proc, what, timeout=TIMEOUT):
 # the run's weights). With the on-device matcher: jax never writes a program with a host callback (the default
 # scipy matcher's) to its persistent cache, so with the default each of the ~12 runs below would compile the step
 # again (~9 s each here); with this one the first run compiles it for all. The default matcher trains, restores
-# and evaluates in the tests above and below this group, and in the 2-process test (with the device matcher the
-# surviving process was once ended by jax's own heartbeat abort before the watchdog named the lost one: see
-# the session-16 note).
-RESUME_BASE = ("--config.train.eval_at_end=False", "--config.checkpoint.every_steps=4", "--config.optim.ema_decay=0.9")
-RESUME_OVERRIDES = RESUME_BASE + ("--config.matcher.implementation=device",)
+# and evaluates in the tests above and below this group.
+RESUME_OVERRIDES = ("--config.train.eval_at_end=False", "--config.checkpoint.every_steps=4",
+                    "--config.optim.ema_decay=0.9", "--config.matcher.implementation=device")
 
 
 @pytest.fixture(scope="module")
@@ -397,7 +395,7 @@ def test_a_killed_process_ends_the_other_within_the_bound_and_the_rerun_resumes(
         for i in range(2):
             with open(tmp_path / f"log_{attempt}_{i}.txt", "w") as log:  # files, not pipes: nobody reads them live
                 procs.append(subprocess.Popen(
-                    _cmd(workdir, data_root, *RESUME_BASE, "--config.train.num_steps=24",
+                    _cmd(workdir, data_root, *RESUME_OVERRIDES, "--config.train.num_steps=24",
                          f"--config.distributed.coordinator_address=127.0.0.1:{port}",
                          "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
                          f"--config.distributed.heartbeat_timeout_s={bound}"),

@@ -161,15 +161,13 @@ WATCHDOG_PATIENCE_S = 0.0  # > 0 while the peer watchdog runs: how long a proces
 
 
 def start_peer_watchdog(timeout_s: float) -> bool:
-    """In a multi-process run, a daemon thread that ends this process in one line when another one is lost.
+    """In a multi-process run, daemon threads that end this process in one line when another one is lost.
 
     jax's coordination service already ends every process `timeout_s` after one stops sending heartbeats, but
     with an abort and a C++ and Python stack dump in which the one line that names the lost process is easy to
-    miss. So each process also bumps its own counter in jax.distributed's key-value store every `timeout_s`/8 s
-    and watches the others' counters (counters, not clocks: hosts' clocks may differ). A counter that stands
-    still for `timeout_s`/2, or a store that no longer answers (process 0, which runs it, is gone), ends this
-    process with exit code 1 and a message naming the lost process, before jax's abort. Returns whether the
-    watchdog started (it needs jax's distributed client).
+    miss. So each process also runs a `PeerWatchdog` over jax.distributed's key-value store: a lost peer ends
+    this process with exit code 1 and a message naming it, after `timeout_s`/2 of silence, before jax's abort.
+    Returns whether the watchdog started (it needs jax's distributed client).
     """
     import jax  # not at module level: setup_host() must run before jax is imported and configured
 
@@ -181,23 +179,9 @@ def start_peer_watchdog(timeout_s: float) -> bool:
         return False
     if client is None or jax.process_count() < 2:
         return False
-    done = threading.Event()
-    # atexit runs last-registered first: this runs before jax's own clean-up shuts its client down, so a normal
-    # exit never looks like a lost coordinator.
-    def finished() -> None:  # a normal exit: peers still finishing must not take this process for lost
-        done.set()
-        try:
-            client.key_value_set(f"yolos_jax/done/{jax.process_index()}", "1", allow_overwrite=True)
-        except Exception:  # noqa: BLE001 - the store may be gone already
-            pass
-
-    atexit.register(finished)
     me, count = jax.process_index(), jax.process_count()
-    interval, patience = max(timeout_s / 8.0, 0.25), timeout_s / 2.0
 
     def lost(who: str, why: str) -> None:
-        if done.is_set():
-            return
         for hook in list(ABANDON_HOOKS):  # e.g. release the workdir lock, so that the re-run can take it at once
             try:
                 hook()
@@ -208,44 +192,98 @@ def start_peer_watchdog(timeout_s: float) -> bool:
               file=sys.stderr, flush=True)
         os._exit(1)  # the run cannot go on: collectives with the lost process would only hang or abort
 
-    def peer_counter(j: int) -> Optional[str]:
-        try:
-            return client.key_value_try_get(f"yolos_jax/alive/{j}")
-        except Exception as e:  # noqa: BLE001 - NOT_FOUND: process j has not beaten yet (counts as a value)
-            if "NOT_FOUND" not in str(e):
-                raise
-            return None
-
-    def peer_counter_done(j: int) -> Optional[str]:
-        try:
-            return client.key_value_try_get(f"yolos_jax/done/{j}")
-        except Exception:  # noqa: BLE001 - NOT_FOUND: still running (or died)
-            return None
-
-    def watch() -> None:
-        seen: dict[int, tuple[Optional[str], float]] = {}
-        beat, store_failing_since = 0, None
-        while not done.is_set():
-            beat += 1
-            now = time.monotonic()
-            try:
-                client.key_value_set(f"yolos_jax/alive/{me}", str(beat), allow_overwrite=True)
-                values = {j: peer_counter(j) for j in range(count) if j != me}
-                store_failing_since = None
-            except Exception as e:  # noqa: BLE001 - the store lives in process 0; one failed call may be a blip
-                store_failing_since = store_failing_since or now
-                if me != 0 and now - store_failing_since > patience and not done.is_set():
-                    lost("process 0", f"stopped answering for {now - store_failing_since:.0f} s "
-                         f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})")
-                values = {}
-            for j, value in values.items():
-                if j not in seen or seen[j][0] != value:
-                    seen[j] = (value, now)
-                elif now - seen[j][1] > patience and peer_counter_done(j) is None:
-                    lost(f"process {j}", f"stopped responding {now - seen[j][1]:.0f} s ago")
-            time.sleep(interval)
-
+    watchdog = PeerWatchdog(client, me, count, timeout_s, lost)
+    # atexit runs last-registered first: this runs before jax's own clean-up shuts its client down, so a normal
+    # exit never looks like a lost coordinator.
+    atexit.register(watchdog.finish)
+    watchdog.start()
     global WATCHDOG_PATIENCE_S
-    WATCHDOG_PATIENCE_S = patience
-    threading.Thread(target=watch, name="peer-watchdog", daemon=True).start()
+    WATCHDOG_PATIENCE_S = watchdog.patience
     return True
+
+
+class PeerWatchdog:
+    """Finds a lost process of a multi-process run through a shared key-value store (jax.distributed's).
+
+    Each process bumps its own counter in the store every `timeout_s`/8 s and reads everyone's (counters, not
+    clocks: hosts' clocks may differ). A peer whose counter stands still for `timeout_s`/2 s (and which has not
+    said it finished), or a store that stops answering for as long (process 0 runs it: it is gone), is lost:
+    `on_lost(who, why)` is called once, e.g. "process 1", "stopped responding 12 s ago".
+
+    Two threads, so that the verdict never waits on the store: the poller makes every store call (a call may
+    block: in one run the store's `key_value_set` did not return until jax's own heartbeat aborted the process,
+    and the verdict with it); the judge only reads what the poller last saw, with the time it saw it.
+    client: has `key_value_set(key, value, allow_overwrite)` and `key_value_dir_get(prefix) -> [(key, value)]`.
+    """
+
+    PREFIX = "yolos_jax"
+
+    def __init__(self, client: Any, me: int, count: int, timeout_s: float, on_lost: Any,
+                 clock: Any = time.monotonic):
+        self.client, self.me, self.count, self.on_lost, self.clock = client, me, count, on_lost, clock
+        self.interval, self.patience = max(timeout_s / 8.0, 0.25), timeout_s / 2.0
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+        self._beat = 0
+        start = clock()
+        self._store_answered_at = start  # when the last round of store calls completed
+        self._store_error: Optional[str] = None  # the last failed call's first line
+        # Per peer: (its counter as last read, when it last changed). Never read yet counts as a value (None).
+        self._seen: dict[int, tuple[Optional[str], float]] = {j: (None, start) for j in range(count) if j != me}
+        self._finished: set[int] = set()
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, args=(self.poll,), name="peer-watchdog-poller", daemon=True).start()
+        threading.Thread(target=self._run, args=(self.judge,), name="peer-watchdog-judge", daemon=True).start()
+
+    def finish(self) -> None:
+        """A normal exit: peers still finishing must not take this process for lost."""
+        self.done.set()
+        try:
+            self.client.key_value_set(f"{self.PREFIX}/done/{self.me}", "1", allow_overwrite=True)
+        except Exception:  # noqa: BLE001 - the store may be gone already
+            pass
+
+    def _run(self, once: Any) -> None:
+        while not self.done.is_set():
+            once()
+            self.done.wait(self.interval)
+
+    def poll(self) -> None:
+        """One round of store calls (may block): beat, then read every counter and finish mark."""
+        self._beat += 1
+        try:
+            self.client.key_value_set(f"{self.PREFIX}/alive/{self.me}", str(self._beat), allow_overwrite=True)
+            counters = dict(self.client.key_value_dir_get(f"{self.PREFIX}/alive/"))
+            finished = {key.rsplit("/", 1)[-1] for key, _ in self.client.key_value_dir_get(f"{self.PREFIX}/done/")}
+        except Exception as e:  # noqa: BLE001 - the store lives in process 0; one failed call may be a blip
+            with self._lock:
+                self._store_error = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+            return
+        now = self.clock()
+        with self._lock:
+            self._store_answered_at, self._store_error = now, None
+            for j, (value, _) in self._seen.items():
+                latest = counters.get(f"{self.PREFIX}/alive/{j}")
+                if latest != value:
+                    self._seen[j] = (latest, now)
+            self._finished = {j for j in self._seen if str(j) in finished}
+
+    def verdict(self) -> Optional[tuple[str, str]]:
+        """(who, why) when a process is lost, else None; never calls the store."""
+        now = self.clock()
+        with self._lock:
+            store_silent = now - self._store_answered_at
+            if self.me != 0 and store_silent > self.patience:
+                return "process 0", (f"stopped answering for {store_silent:.0f} s "
+                                     f"({self._store_error or 'a call to its key-value store has not returned'})")
+            for j, (_, changed_at) in sorted(self._seen.items()):
+                if j not in self._finished and now - changed_at > self.patience:
+                    return f"process {j}", f"stopped responding {now - changed_at:.0f} s ago"
+        return None
+
+    def judge(self) -> None:
+        lost = self.verdict()
+        if lost is not None and not self.done.is_set():
+            self.done.set()
+            self.on_lost(*lost)
