@@ -77,7 +77,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import YolosConfig, YolosForObjectDetection  # noqa: E402
 
-from hf_reference import hf_adamw, hf_inputs  # noqa: E402
+from hf_reference import hf_adamw, hf_inputs, redraw_for_training  # noqa: E402
+from synthetic_batch import random_train_batch  # noqa: E402
 from yolos_jax import convert, data, losses, matcher, optim, sharding, train_step  # noqa: E402
 from yolos_jax.config import model_config  # noqa: E402
 from yolos_jax.yolos import YOLOS  # noqa: E402
@@ -117,15 +118,7 @@ def hf_model(cfg) -> YolosForObjectDetection:
     )
     torch.manual_seed(0)
     model = YolosForObjectDetection(hf_cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layernorm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                torch.nn.init.trunc_normal_(p, std=0.02, a=-0.04, b=0.04)
-    return model.train()
+    return redraw_for_training(model)
 
 
 def converted(hf: YolosForObjectDetection) -> tuple[dict, dict]:
@@ -135,27 +128,6 @@ def converted(hf: YolosForObjectDetection) -> tuple[dict, dict]:
         hf.save_pretrained(tmp)
         out = convert.convert_state(tmp)
     return out.params, dict(out.model_cfg)
-
-
-# ------------------------------------------------------------------------------------------ data
-
-
-def random_batch(seed: int, batch: int, hw: tuple[int, int], max_boxes: int, num_classes: int) -> dict:
-    """A train batch in the input schema: normalised-looking images, random boxes (5..20 per image, fewer for
-    tiny `max_boxes`), all pixels valid."""
-    rng = np.random.default_rng(seed)
-    h, w = hw
-    counts = rng.integers(min(5, max_boxes), min(20, max_boxes) + 1, size=batch)
-    box_mask = np.arange(max_boxes)[None] < counts[:, None]
-    wh = rng.uniform(0.05, 0.5, size=(batch, max_boxes, 2))
-    cxcy = wh / 2 + rng.uniform(0, 1, size=(batch, max_boxes, 2)) * (1 - wh)
-    return dict(
-        image=rng.standard_normal((batch, h, w, 3)).astype(np.float32),
-        pixel_mask=np.ones((batch, h, w), bool),
-        boxes=(np.concatenate([cxcy, wh], -1) * box_mask[..., None]).astype(np.float32),
-        labels=(rng.integers(0, num_classes, size=(batch, max_boxes)) * box_mask).astype(np.int32),
-        box_mask=box_mask,
-    )
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -248,7 +220,7 @@ class Case:
         self.model = YOLOS(**model_cfg)
         self.count_model = YOLOS(**{**model_cfg, "attention_impl": "einsum"})
         max_boxes = min(args.max_boxes, model_cfg["num_det_tokens"])
-        host = random_batch(args.seed, batch, hw, max_boxes, model_cfg["num_classes"])
+        host = random_train_batch(args.seed, batch, hw, model_cfg["num_classes"], max_boxes)
 
         mesh_cfg = sharding.default_mesh_config()
         mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:1])

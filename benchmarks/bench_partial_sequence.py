@@ -27,25 +27,10 @@ cpu_setup.prepare()
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from synthetic_batch import random_train_batch  # noqa: E402
 from yolos_jax import config as config_lib  # noqa: E402
 from yolos_jax import data, losses, matcher, optim, sharding, train_step, variants  # noqa: E402
 from yolos_jax.yolos import YOLOS  # noqa: E402
-
-
-def random_batch(seed: int, batch: int, hw: tuple[int, int], num_classes: int, max_boxes: int = 20) -> dict:
-    rng = np.random.default_rng(seed)
-    h, w = hw
-    counts = rng.integers(5, max_boxes + 1, size=batch)
-    box_mask = np.arange(max_boxes)[None] < counts[:, None]
-    wh = rng.uniform(0.05, 0.5, size=(batch, max_boxes, 2))
-    cxcy = wh / 2 + rng.uniform(0, 1, size=(batch, max_boxes, 2)) * (1 - wh)
-    return dict(
-        image=rng.standard_normal((batch, h, w, 3)).astype(np.float32),
-        pixel_mask=np.ones((batch, h, w), bool),
-        boxes=(np.concatenate([cxcy, wh], -1) * box_mask[..., None]).astype(np.float32),
-        labels=(rng.integers(0, num_classes, size=(batch, max_boxes)) * box_mask).astype(np.int32),
-        box_mask=box_mask,
-    )
 
 
 def build(variant: str, ratios, hw, batch: int, seed: int):
@@ -70,7 +55,7 @@ def build(variant: str, ratios, hw, batch: int, seed: int):
         step = train_step.make_train_step(m, tx, schedule, losses.default_loss_config(),
                                           matcher.default_matcher_config(), mesh, shardings)
         out[r] = [step, state]
-    host = random_batch(seed, batch, hw, base_cfg["num_classes"])
+    host = random_train_batch(seed, batch, hw, base_cfg["num_classes"], max_boxes=20)
     return out, data.to_global_batch(train_step.select_train_batch(host), sharding.batch_sharding(mesh)), base_cfg
 
 

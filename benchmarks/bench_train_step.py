@@ -52,7 +52,8 @@ import transformers  # noqa: E402
 import transformers.loss.loss_for_object_detection as hf_loss_lib  # noqa: E402
 from transformers import YolosConfig, YolosForObjectDetection  # noqa: E402
 
-from hf_reference import hf_adamw, hf_inputs  # noqa: E402
+from hf_reference import hf_adamw, hf_inputs, redraw_for_training  # noqa: E402
+from synthetic_batch import random_train_batch  # noqa: E402
 from yolos_jax import convert, data, losses, matcher, optim, sharding, speed, train_step  # noqa: E402
 from yolos_jax.yolos import YOLOS  # noqa: E402
 
@@ -122,15 +123,7 @@ def hf_ti_model(seed: int) -> YolosForObjectDetection:
     )
     torch.manual_seed(seed)
     model = YolosForObjectDetection(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layernorm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                torch.nn.init.trunc_normal_(p, std=0.02, a=-0.04, b=0.04)
-    return model.train()
+    return redraw_for_training(model)
 
 
 def converted_params(hf: YolosForObjectDetection, attention_impl):
@@ -145,33 +138,13 @@ def converted_params(hf: YolosForObjectDetection, attention_impl):
     return out.params, YOLOS(**cfg), cfg
 
 
-# ------------------------------------------------------------------------------------- data
-
-
-def random_batch(seed: int, max_boxes: int) -> dict:
-    """A train batch in the input schema: normalised-looking images, 5..20 random boxes per image."""
-    rng = np.random.default_rng(seed)
-    h, w = IMAGE_HW
-    image = rng.standard_normal((BATCH, h, w, 3)).astype(np.float32)
-    counts = rng.integers(5, 21, size=BATCH)
-    if counts.max() > max_boxes:
-        raise ValueError(f"--max-boxes={max_boxes} is below the {counts.max()} boxes of an image")
-    box_mask = np.arange(max_boxes)[None] < counts[:, None]
-    wh = rng.uniform(0.05, 0.5, size=(BATCH, max_boxes, 2))
-    cxcy = wh / 2 + rng.uniform(0, 1, size=(BATCH, max_boxes, 2)) * (1 - wh)  # boxes inside the image
-    boxes = (np.concatenate([cxcy, wh], -1) * box_mask[..., None]).astype(np.float32)
-    labels = (rng.integers(0, NUM_CLASSES, size=(BATCH, max_boxes)) * box_mask).astype(np.int32)
-    return dict(image=image, pixel_mask=np.ones((BATCH, h, w), bool), boxes=boxes, labels=labels,
-                box_mask=box_mask)
-
-
 # ------------------------------------------------------------------------------------- benchmark
 
 
 def build(args):
     hf = hf_ti_model(args.seed)
     params, model, model_cfg = converted_params(hf, args.attention_impl)
-    batch = random_batch(args.seed, args.max_boxes)
+    batch = random_train_batch(args.seed, BATCH, IMAGE_HW, NUM_CLASSES, args.max_boxes)
 
     # Ours: the Ti recipe's optimiser (lr 5e-5 at batch 16, linearly scaled) on a mesh of --host-devices CPU devices.
     mesh_cfg = sharding.default_mesh_config()

@@ -41,6 +41,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from synthetic_batch import random_train_batch  # noqa: E402
 from yolos_jax import config as config_lib  # noqa: E402
 from yolos_jax import atomic, losses, matcher  # noqa: E402
 from yolos_jax.yolos import YOLOS  # noqa: E402
@@ -76,22 +77,6 @@ def random_params(model: YOLOS, image_shape) -> dict:
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-def random_batch(batch: int, image: int, num_classes: int, max_boxes: int = 100, seed: int = 0) -> dict:
-    """A train batch in the input schema: one full 1024^2 LSJ canvas per image, 5..20 boxes each."""
-    rng = np.random.default_rng(seed)
-    counts = rng.integers(5, 21, size=batch)
-    box_mask = np.arange(max_boxes)[None] < counts[:, None]
-    wh = rng.uniform(0.05, 0.5, size=(batch, max_boxes, 2))
-    cxcy = wh / 2 + rng.uniform(0, 1, size=(batch, max_boxes, 2)) * (1 - wh)
-    return dict(
-        image=rng.standard_normal((batch, image, image, 3)).astype(np.float32),
-        pixel_mask=np.ones((batch, image, image), bool),
-        boxes=(np.concatenate([cxcy, wh], -1) * box_mask[..., None]).astype(np.float32),
-        labels=(rng.integers(0, num_classes, size=(batch, max_boxes)) * box_mask).astype(np.int32),
-        box_mask=box_mask,
-    )
-
-
 def make_step(model: YOLOS):
     loss_cfg, matcher_cfg = losses.default_loss_config(), matcher.default_matcher_config()
 
@@ -107,7 +92,7 @@ def make_step(model: YOLOS):
 
 def compile_step(name: str, args) -> dict:
     model = model_for(name, args.image, args.variant)
-    batch = random_batch(args.batch, args.image, model.num_classes)
+    batch = random_train_batch(0, args.batch, (args.image, args.image), model.num_classes, max_boxes=100)
     params = random_params(model, batch["image"].shape)
     t0 = time.perf_counter()
     compiled = make_step(model).lower(params, batch).compile()

@@ -7,6 +7,22 @@ import numpy as np
 import torch
 
 
+def redraw_for_training(model: torch.nn.Module) -> torch.nn.Module:
+    """Re-draws an HF YOLOS's weights as a training start would (in place; returns it in train mode):
+    trunc-normal(0.02) weights, tokens and position embeddings, zero biases, unit LayerNorm scales. HF's own init
+    leaves tokens and position embeddings near constant, which would make every [DET] token predict the same
+    box and the matching degenerate. Seed torch first for the same draw."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                torch.nn.init.trunc_normal_(p, std=0.02, a=-0.04, b=0.04)
+    return model.train()
+
+
 def hf_adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """torch AdamW with the original's groups: no decay on 1-D params, position embeddings, [CLS], [DET]."""
     no_decay_names = ("position_embeddings", "cls_token", "detection_tokens")
