@@ -87,7 +87,7 @@ def test_peers_that_beat_are_never_lost_and_a_silent_one_is_named_after_the_pati
     assert verdicts == []
     _rounds(dog, store, clock, 2, beating=(1,))
     assert verdicts == [("process 2", "stopped responding 5 s ago")]
-    assert dog.done.is_set()  # one verdict, and the threads stop
+    assert dog.stopped.is_set()  # one verdict, and the threads stop
 
 
 def test_a_peer_that_finished_is_not_lost():
@@ -122,14 +122,53 @@ def test_a_store_call_that_never_returns_does_not_hold_back_the_verdict(me, who)
     from yolos_jax import runtime
 
     store, verdicts, named = FakeStore(), [], threading.Event()
-    dog = runtime.PeerWatchdog(store, me, 2, 1.0, lambda who, why: (verdicts.append((who, why)), named.set()))
-    store.release.clear()  # every store call blocks from the first
     t0 = time.monotonic()
+    dog = runtime.PeerWatchdog(store, me, 2, 1.0, lambda who, why: (verdicts.append((who, why)), named.set()))
+    store.release.clear()  # every store call blocks from the first (FakeStore waits without the GIL, as jaxlib)
     dog.start()
     try:
         assert named.wait(10), "no verdict while the store blocks"
         assert 0.5 <= time.monotonic() - t0 < 5
         assert verdicts[0][0] == who and len(verdicts) == 1
     finally:
-        dog.done.set()
+        dog.stopped.set()
         store.release.set()
+
+
+def test_a_judge_that_wakes_late_waits_for_a_fresh_poll():
+    """This whole process paused (a stopped VM) for longer than the patience: the peers are not taken for lost
+    before the poller has read the store again."""
+    dog, store, clock, verdicts = _watchdog(me=1, count=3)
+    _rounds(dog, store, clock, 3, beating=(0, 2))
+    clock.now += 3 * dog.patience  # paused: neither thread ran
+    dog.judge()
+    assert verdicts == []
+    _rounds(dog, store, clock, 10, beating=(0, 2))  # the poller catches up; everyone is alive
+    assert verdicts == []
+
+
+def test_process_0_whose_store_does_not_answer_names_no_one_of_several():
+    dog, store, clock, verdicts = _watchdog(me=0, count=3)
+    _rounds(dog, store, clock, 3, beating=(1, 2))
+    store.fail = "INTERNAL: the service is shutting down"
+    _rounds(dog, store, clock, 5, beating=(1, 2))
+    assert verdicts == [("a process", "may have stopped: the key-value store this process serves has not answered "
+                                      "for 5 s (INTERNAL: the service is shutting down)")]
+
+
+def test_finish_marks_this_process_done_and_ends_the_watch_even_with_a_blocked_store():
+    import time
+
+    dog, store, clock, verdicts = _watchdog(me=1, count=2)
+    _rounds(dog, store, clock, 3, beating=(0,))
+    dog.finish()
+    assert store.data["yolos_jax/done/1"] == "1" and dog.stopped.is_set()
+    _rounds(dog, store, clock, 20)  # process 0 silent from now on: no verdict after a normal exit
+    assert verdicts == []
+
+    dog, store, clock, verdicts = _watchdog(me=1, count=2, timeout_s=2.0)
+    store.release.clear()
+    t0 = time.monotonic()
+    dog.finish()  # the store call waits aside; the exit goes on after one poll interval
+    assert time.monotonic() - t0 < 5 and "yolos_jax/done/1" not in store.data
+    store.release.set()

@@ -9,7 +9,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, NoReturn, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 from yolos_jax import malloc
 
@@ -103,7 +103,7 @@ def exit_with_error(error: BaseException) -> NoReturn:
     await_lost_peer_verdict()
     logging.shutdown()
     print(f"error: {error}", file=sys.stderr, flush=True)
-    if WATCHDOG_PATIENCE_S:
+    if WATCHDOG_VERDICT_S:
         sys.stdout.flush()
         os._exit(1)
     sys.exit(1)
@@ -112,8 +112,8 @@ def exit_with_error(error: BaseException) -> NoReturn:
 def await_lost_peer_verdict() -> None:
     """In a multi-process run with the peer watchdog: waits as long as the watchdog needs to find a silent process
     (it then ends this process naming it); returns when every process still answers. No-op otherwise."""
-    if WATCHDOG_PATIENCE_S:
-        time.sleep(WATCHDOG_PATIENCE_S * 1.5)
+    if WATCHDOG_VERDICT_S:
+        time.sleep(WATCHDOG_VERDICT_S)
 
 
 MULTIPROCESS_ENV = ("TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
@@ -157,7 +157,7 @@ def maybe_initialize_distributed(dist_cfg: Any) -> None:
 
 
 ABANDON_HOOKS: list = []  # callables run before the watchdog ends the process (`workdir_lock` adds its release)
-WATCHDOG_PATIENCE_S = 0.0  # > 0 while the peer watchdog runs: how long a process may stay silent
+WATCHDOG_VERDICT_S = 0.0  # > 0 while the peer watchdog runs: the longest it takes to name a silent process
 
 
 def start_peer_watchdog(timeout_s: float) -> bool:
@@ -187,18 +187,20 @@ def start_peer_watchdog(timeout_s: float) -> bool:
                 hook()
             except Exception:  # noqa: BLE001 - exiting anyway
                 pass
-        print(f"error: {who} of this {count}-process run {why}; it died or lost its host, so process {me} stops "
-              "too. Re-run the same command on every host to resume from the last checkpoint.",
-              file=sys.stderr, flush=True)
-        os._exit(1)  # the run cannot go on: collectives with the lost process would only hang or abort
+        try:
+            print(f"error: {who} of this {count}-process run {why}; it died or lost its host, so process {me} "
+                  "stops too. Re-run the same command on every host to resume from the last checkpoint.",
+                  file=sys.stderr, flush=True)
+        finally:
+            os._exit(1)  # the run cannot go on: collectives with the lost process would only hang or abort
 
     watchdog = PeerWatchdog(client, me, count, timeout_s, lost)
     # atexit runs last-registered first: this runs before jax's own clean-up shuts its client down, so a normal
     # exit never looks like a lost coordinator.
     atexit.register(watchdog.finish)
     watchdog.start()
-    global WATCHDOG_PATIENCE_S
-    WATCHDOG_PATIENCE_S = watchdog.patience
+    global WATCHDOG_VERDICT_S
+    WATCHDOG_VERDICT_S = watchdog.verdict_within_s
     return True
 
 
@@ -206,26 +208,32 @@ class PeerWatchdog:
     """Finds a lost process of a multi-process run through a shared key-value store (jax.distributed's).
 
     Each process bumps its own counter in the store every `timeout_s`/8 s and reads everyone's (counters, not
-    clocks: hosts' clocks may differ). A peer whose counter stands still for `timeout_s`/2 s (and which has not
-    said it finished), or a store that stops answering for as long (process 0 runs it: it is gone), is lost:
-    `on_lost(who, why)` is called once, e.g. "process 1", "stopped responding 12 s ago".
+    clocks: hosts' clocks may differ). A peer whose counter this process has not seen change for `timeout_s`/2 s
+    (and which has not said it finished) is lost; so is process 0, which serves the store, when the store stops
+    answering other processes for as long. Then `on_lost(who, why)` is called once, e.g. ("process 1",
+    "stopped responding 12 s ago").
 
     Two threads, so that the verdict never waits on the store: the poller makes every store call (a call may
     block: in one run the store's `key_value_set` did not return until jax's own heartbeat aborted the process,
-    and the verdict with it); the judge only reads what the poller last saw, with the time it saw it.
+    and the verdict with it); the judge only reads what the poller last saw, with the time it saw it. A judge
+    that wakes late (this whole process was paused: a stopped VM, swapping) waits one more poll before judging,
+    so that its own pause is not taken for a peer's silence.
     client: has `key_value_set(key, value, allow_overwrite)` and `key_value_dir_get(prefix) -> [(key, value)]`.
     """
 
     PREFIX = "yolos_jax"
 
-    def __init__(self, client: Any, me: int, count: int, timeout_s: float, on_lost: Any,
-                 clock: Any = time.monotonic):
+    def __init__(self, client: Any, me: int, count: int, timeout_s: float, on_lost: Callable[[str, str], None],
+                 clock: Callable[[], float] = time.monotonic):
         self.client, self.me, self.count, self.on_lost, self.clock = client, me, count, on_lost, clock
         self.interval, self.patience = max(timeout_s / 8.0, 0.25), timeout_s / 2.0
-        self.done = threading.Event()
+        # The longest from a process's last beat to this one's verdict: its silence, plus a poll and a judge tick.
+        self.verdict_within_s = self.patience + 3 * self.interval
+        self.stopped = threading.Event()  # by a verdict or by `finish`
         self._lock = threading.Lock()
         self._beat = 0
         start = clock()
+        self._judged_at = start
         self._store_answered_at = start  # when the last round of store calls completed
         self._store_error: Optional[str] = None  # the last failed call's first line
         # Per peer: (its counter as last read, when it last changed). Never read yet counts as a value (None).
@@ -237,25 +245,38 @@ class PeerWatchdog:
         threading.Thread(target=self._run, args=(self.judge,), name="peer-watchdog-judge", daemon=True).start()
 
     def finish(self) -> None:
-        """A normal exit: peers still finishing must not take this process for lost."""
-        self.done.set()
+        """A normal exit: no verdict from now on, and peers still finishing must not take this process for lost.
+        The store call runs aside and is given one poll interval: a store that no longer answers must not hold
+        up the exit."""
+        with self._lock:
+            self.stopped.set()
+        mark = threading.Thread(target=self._mark_finished, name="peer-watchdog-finish", daemon=True)
+        mark.start()
+        mark.join(self.interval)
+
+    def _mark_finished(self) -> None:
         try:
             self.client.key_value_set(f"{self.PREFIX}/done/{self.me}", "1", allow_overwrite=True)
         except Exception:  # noqa: BLE001 - the store may be gone already
             pass
 
-    def _run(self, once: Any) -> None:
-        while not self.done.is_set():
+    def _run(self, once: Callable[[], None]) -> None:
+        while not self.stopped.is_set():
             once()
-            self.done.wait(self.interval)
+            self.stopped.wait(self.interval)
+
+    @staticmethod
+    def _process_of(key: str) -> int:
+        """'yolos_jax/alive/3' -> 3 (whether the store returns whole keys or keys below the prefix)."""
+        return int(key.rsplit("/", 1)[-1])
 
     def poll(self) -> None:
         """One round of store calls (may block): beat, then read every counter and finish mark."""
         self._beat += 1
         try:
             self.client.key_value_set(f"{self.PREFIX}/alive/{self.me}", str(self._beat), allow_overwrite=True)
-            counters = dict(self.client.key_value_dir_get(f"{self.PREFIX}/alive/"))
-            finished = {key.rsplit("/", 1)[-1] for key, _ in self.client.key_value_dir_get(f"{self.PREFIX}/done/")}
+            counters = {self._process_of(k): v for k, v in self.client.key_value_dir_get(f"{self.PREFIX}/alive/")}
+            finished = {self._process_of(k) for k, _ in self.client.key_value_dir_get(f"{self.PREFIX}/done/")}
         except Exception as e:  # noqa: BLE001 - the store lives in process 0; one failed call may be a blip
             with self._lock:
                 self._store_error = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
@@ -264,26 +285,38 @@ class PeerWatchdog:
         with self._lock:
             self._store_answered_at, self._store_error = now, None
             for j, (value, _) in self._seen.items():
-                latest = counters.get(f"{self.PREFIX}/alive/{j}")
-                if latest != value:
-                    self._seen[j] = (latest, now)
-            self._finished = {j for j in self._seen if str(j) in finished}
+                if counters.get(j) != value:
+                    self._seen[j] = (counters.get(j), now)
+            self._finished = finished
 
     def verdict(self) -> Optional[tuple[str, str]]:
         """(who, why) when a process is lost, else None; never calls the store."""
         now = self.clock()
         with self._lock:
             store_silent = now - self._store_answered_at
-            if self.me != 0 and store_silent > self.patience:
-                return "process 0", (f"stopped answering for {store_silent:.0f} s "
-                                     f"({self._store_error or 'a call to its key-value store has not returned'})")
+            unanswered = self._store_error or "a call to its key-value store has not returned"
+            if self.me != 0 and store_silent > self.patience and 0 not in self._finished:
+                return "process 0", f"stopped answering for {store_silent:.0f} s ({unanswered})"
+            if self.me == 0 and store_silent > self.patience and self.count > 2:
+                # This process serves the store and cannot read it: every peer looks silent, none is named.
+                return "a process", (f"may have stopped: the key-value store this process serves has not answered "
+                                     f"for {store_silent:.0f} s ({unanswered})")
             for j, (_, changed_at) in sorted(self._seen.items()):
                 if j not in self._finished and now - changed_at > self.patience:
                     return f"process {j}", f"stopped responding {now - changed_at:.0f} s ago"
         return None
 
     def judge(self) -> None:
+        now = self.clock()
+        late = now - self._judged_at > 2 * self.interval
+        self._judged_at = now
+        if late:  # this process was paused: the poller's view is stale, not the peers
+            return
         lost = self.verdict()
-        if lost is not None and not self.done.is_set():
-            self.done.set()
-            self.on_lost(*lost)
+        if lost is None:
+            return
+        with self._lock:  # a verdict and a normal exit (`finish`) exclude each other
+            if self.stopped.is_set():
+                return
+            self.stopped.set()
+        self.on_lost(*lost)
