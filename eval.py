@@ -64,4 +64,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from yolos_jax import runtime
+
+    app.run(main, flags_parser=runtime.parse_flags)

@@ -13,11 +13,11 @@ Interrupt it (Ctrl-C) and run the same command again: it continues from its last
 import ml_collections
 
 from yolos_jax.data import default_input_config
-from yolos_jax.run_config import default_config, link_eval_size
+from yolos_jax.run_config import default_config, flag, link_eval_size, parse_config_arg
 
 
 def get_config(arg=None):
-    smoke = arg == "smoke"
+    smoke = parse_config_arg(arg, "configs/demo.py", {"smoke": ("smoke", flag)}, "'smoke' or nothing").get("smoke", False)
     config = default_config("ti")
     # A small ViT: the synthetic shapes need far less capacity than COCO. Trained from scratch (no
     # ImageNet pre-training here), plain YOLOS's [DET] tokens take far longer than minutes to learn where to

@@ -8,11 +8,11 @@ Total batch 8 at lr 2.5e-5; init_pe_size = mid_pe_size = 800x1344. For large mes
 --config.model.dtype=bfloat16 to save activation memory.
 """
 
-from yolos_jax.run_config import default_config
+from yolos_jax.run_config import default_config, parse_config_arg
 
 
 def get_config(arg=None):
-    del arg
+    parse_config_arg(arg, "configs/yolos_b.py", {}, "no argument")  # a stray ':arg' must not pass unseen
     config = default_config("b")
     config.input.batch_size = 8
     config.train.num_epochs = 150

@@ -12,11 +12,11 @@ text (yolos_paper.md §3.1) says "the longest at most 864 for tiny models": add 
 for that reading.
 """
 
-from yolos_jax.run_config import default_config
+from yolos_jax.run_config import default_config, parse_config_arg
 
 
 def get_config(arg=None):
-    del arg
+    parse_config_arg(arg, "configs/yolos_ti.py", {}, "no argument")  # a stray ':arg' must not pass unseen
     config = default_config("ti")
     config.input.batch_size = 16
     config.train.num_epochs = 300

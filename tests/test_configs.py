@@ -116,6 +116,11 @@ def test_config_argument_errors():
         load("yolos_ti_windowed.py", "windows=7")
     with pytest.raises(flags.IllegalFlagValueError, match="insert=6,aux=5"):
         load("yolos_s_fpdetr.py", "insert=six")
+    # A file without arguments, or with one, refuses a stray or misspelt one rather than ignoring it (the demo's
+    # ':smok' trained the full demo).
+    for name in ("yolos_ti.py", "yolos_b.py", "demo.py"):
+        with pytest.raises(flags.IllegalFlagValueError, match=f"configs/{name}: cannot read config argument 'smok'"):
+            load(name, "smok")
 
 
 def test_validation_rejects_a_bad_override():

@@ -6,8 +6,10 @@ import json
 import os
 
 import ml_collections
+import pytest
 
 from yolos_jax.data import synthetic, workdir_paths
+from yolos_jax.errors import ConfigError
 
 
 def _input_cfg(**fields):
@@ -49,3 +51,9 @@ def test_synthetic_dataset_is_written_once_where_the_config_asks(tmp_path):
     (src / "annotations" / "instances_train.json").write_text("{}")
     workdir_paths.resolve_input_config(cfg, str(tmp_path / "run"))
     assert (src / "annotations" / "instances_train.json").read_text() == "{}"
+    # Nor is anything generated into a path of the user's (e.g. a misspelt --config.input.source_dir): it must exist.
+    typo = tmp_path / "mydata_typo"
+    with pytest.raises(ConfigError, match=f"config.input.source_dir={typo}: no such directory"):
+        workdir_paths.resolve_input_config(_input_cfg(synthetic=ml_collections.ConfigDict(spec),
+                                                      source_dir=str(typo)), str(tmp_path / "run2"))
+    assert not typo.exists() and not (tmp_path / "run2").exists()

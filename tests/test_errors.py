@@ -1,7 +1,7 @@
 """`yolos_jax.errors.describe_error`: the one line a user-facing message quotes from a storage library's exception
 (orbax, TensorStore): the status line of the cause chain, payloads dropped, the middle of a long line cut."""
 
-from yolos_jax.errors import UserError, describe_error
+from yolos_jax.errors import MissingInputError, UserError, describe_error
 
 
 def test_describe_error_takes_the_storage_status_line():
@@ -35,4 +35,12 @@ def test_describe_error_drops_tensorstores_spec_payload_and_keeps_the_reason():
 def test_describe_error_names_the_type_of_a_message_that_does_not_explain_itself():
     assert describe_error(KeyError("params")) == "KeyError: 'params'"
     assert describe_error(RuntimeError()) == "RuntimeError"
-    assert describe_error(UserError("workdir is in use")) == "UserError: workdir is in use"
+
+
+def test_describe_error_quotes_a_user_error_whole():
+    """A UserError's message is written to be the report: quoted as it is, neither typed nor cut in the middle
+    (export.py quoted 'no checkpoint found at ...' cut before its advice)."""
+    assert describe_error(UserError("workdir is in use")) == "workdir is in use"
+    advice = "no checkpoint found at /x: expected a converted-weights directory " + "(with ...) " * 40 + "or a step"
+    assert describe_error(MissingInputError(advice)) == advice and len(advice) > 300
+    assert describe_error(UserError("two\nlines")) == "two lines"

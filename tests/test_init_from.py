@@ -20,12 +20,14 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import torch
 
 import convert_torch_weights
 import reference_models as ref
+import train_fixtures
 from yolos_jax import convert, init_from, sharding, weights
 from yolos_jax.config import model_config
 from yolos_jax.yolos import YOLOS
@@ -221,6 +223,7 @@ def test_train_py_init_from_converted_backbone(tmp_path, converted_backbone):
     workdir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(YOLOS_JAX_COMPILATION_CACHE=str(tmp_path / "xla_cache"), JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    train_fixtures.generate_demo_data(str(tmp_path / "data" / "synthetic"))
     cmd = [
         sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs/demo.py:smoke"),
         "--workdir", str(workdir), f"--config.init_from={conv_dir}",
@@ -270,3 +273,15 @@ def test_train_py_init_from_converted_backbone(tmp_path, converted_backbone):
     # And training went on from there: the second (lr > 0) update moved backbone and heads.
     for k in ("block_0/attn/qkv/kernel", "patch_embed/proj/kernel", "class_head/layers_2/bias", "det_tokens"):
         assert np.abs(step2[k] - step1[k]).max() > 1e-6, k
+
+    # A second fine-tune can start from this run: init_from takes a training workdir (its newest step) as it takes
+    # a converted directory, every leaf from the run's weights.
+    mesh = sharding.make_mesh(sharding.default_mesh_config(), jax.devices()[:1])
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))["params"]
+    shardings = sharding.state_shardings(abstract, mesh, sharding.default_mesh_config())
+    cfg = ml_collections.ConfigDict(model_cfg)
+    again = init_from.init_from_converted(str(workdir), model, cfg, 3, (32, 32), shardings)
+    again = weights.flatten_params(jax.device_get(again))
+    assert set(again) == set(step2)
+    for k in step2:
+        np.testing.assert_array_equal(again[k], step2[k], err_msg=k)

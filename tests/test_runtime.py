@@ -172,3 +172,26 @@ def test_finish_marks_this_process_done_and_ends_the_watch_even_with_a_blocked_s
     dog.finish()  # the store call waits aside; the exit goes on after one poll interval
     assert time.monotonic() - t0 < 5 and "yolos_jax/done/1" not in store.data
     store.release.set()
+
+
+def test_an_override_naming_no_config_field_is_reported_in_one_line():
+    """`runtime.parse_flags` turns ml_collections' chained error for an unknown `--config.*` field into one line
+    naming the argument, the sub-config and the suggestion; other errors are not taken for it."""
+    import ml_collections
+
+    from yolos_jax import runtime
+
+    config = ml_collections.ConfigDict({"input": {"batch_size": 2}})
+    for path, owner in (("input.batchsize", "config.input"), ("inptu.batch_size", "config")):
+        try:
+            node = config
+            for part in path.split("."):
+                node = getattr(node, part)
+        except AttributeError as e:  # ml_collections: AttributeError from a KeyError with a 'Did you mean' line
+            args = ["--workdir=/w", f"--config.{path}=4"]
+            message = runtime.unknown_override_message(e, args)
+        field = path.split(".")[len(owner.split(".")) - 1]
+        assert message.startswith(f"--config.{path}=4: {owner} has no field {field!r}."), message
+        assert "Did you mean" in message and "\n" not in message
+    assert runtime.unknown_override_message(KeyError("other"), ["--config.input.batch_size=4"]) is None
+    assert runtime.unknown_override_message(ValueError("x"), ["--config.a=1"]) is None

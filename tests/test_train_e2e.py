@@ -48,7 +48,9 @@ def env(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     """One generated + prepared dataset shared by every run (each workdir links to it)."""
-    return tmp_path_factory.mktemp("shared_data")
+    root = tmp_path_factory.mktemp("shared_data")
+    train_fixtures.generate_demo_data(str(root / "synthetic"))
+    return root
 
 
 def _cmd(workdir, data_root, *overrides):
@@ -153,13 +155,26 @@ def test_train_checkpoint_restore_eval_image(tmp_path, env, data_root):
     assert "label_mode='contiguous'" in proc.stderr and not (tmp_path / "eval_identity" / "metrics.json").exists()
 
 
-def test_a_wrong_split_name_fails_before_training(tmp_path, env, data_root):
+def test_config_mistakes_fail_before_training_in_one_line(tmp_path, env, data_root):
+    """A misspelt split, too few classes for the dataset, a missing init_from, an override naming no field: each
+    ends the run before any step with one 'error:' line that names the field and what to set, no traceback."""
     workdir = tmp_path / "run"
-    for key in ("train_split", "val_split"):
-        proc = _train(workdir, data_root, env, f"--config.input.{key}=validation", check=False)
-        assert proc.returncode != 0
-        assert f"config.input.{key}: 'validation' is not a split" in proc.stderr, proc.stderr[-3000:]
-        assert "['train', 'val']" in proc.stderr
+    cases = [("--config.input.train_split=validation",
+              "error: config.input.train_split: 'validation' is not a split of dataset 'synthetic_smoke'"),
+             ("--config.input.val_split=validation", "error: config.input.val_split: 'validation' is not a split"),
+             ("--config.model.num_classes=2",  # the smoke data has 4 categories, numbered 0..3 (contiguous)
+              "error: config.model.num_classes: 2 < 4 classes in the dataset's label map (input.label_mode="
+              "'contiguous'): set --config.model.num_classes=4"),
+             (f"--config.init_from={tmp_path / 'no_such_checkpoint'}", "error: config.init_from: "),
+             ("--config.input.batchsize=2", "error: --config.input.batchsize=2: config.input has no field 'batchsize'. "
+                                           'Did you mean "batch_size"')]
+    for override, expected in cases:
+        proc = _train(workdir, data_root, env, override, check=False)
+        assert proc.returncode != 0, override
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(expected) and "Traceback" not in proc.stderr, (override, proc.stderr[-3000:])
+        if "split" in override:
+            assert last.endswith("it has ['train', 'val'] (the <split> of each instances_<split>.json)"), last
         assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
 
 

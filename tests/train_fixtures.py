@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import socket
 
 import numpy as np
 
 from yolos_jax import losses, matcher, optim, sharding, train_step, weights
+from yolos_jax.data import workdir_paths
 from yolos_jax.config import model_config
 from yolos_jax.yolos import YOLOS
 
 IMAGE_HW = (48, 64)
 NUM_CLASSES = 5
 MAX_BOXES = 4
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def generate_demo_data(source_dir: str, arg: str = "smoke") -> str:
+    """`configs/demo.py[:arg]`'s synthetic dataset written into `source_dir`, as a run writes it into its workdir:
+    for tests whose runs share one dataset (`--config.input.source_dir=source_dir`; a run generates data only
+    into a '{workdir}' path of its own). Returns source_dir."""
+    spec = importlib.util.spec_from_file_location("demo_config", os.path.join(ROOT, "configs", "demo.py"))
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    input_cfg = demo.get_config(arg).input
+    input_cfg.source_dir = "{workdir}"
+    workdir_paths.resolve_input_config(input_cfg, str(source_dir))
+    return str(source_dir)
 
 
 def tiny_model() -> YOLOS:

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 from yolos_jax import config as config_lib
 from yolos_jax.checkpointing import (BEST_DIR, CHECKPOINT_SUBDIR, META_KEYS, CheckpointError, check_committed,
                                      step_dirs)
-from yolos_jax.errors import describe_error
+from yolos_jax.errors import MissingInputError, UnusableInputError, describe_error
 
 log = logging.getLogger("yolos_jax")
 
@@ -47,7 +47,7 @@ def find_step(path: str) -> Optional[tuple[str, Step]]:
 def _resolve(path: str) -> tuple[str, Step]:
     found = find_step(path)
     if found is None:
-        raise FileNotFoundError(f"no training checkpoint at {path}: expected a workdir (with {CHECKPOINT_SUBDIR}/<step>/), "
+        raise MissingInputError(f"no training checkpoint at {path}: expected a workdir (with {CHECKPOINT_SUBDIR}/<step>/), "
                                 "its checkpoints/ directory or one checkpoint step directory")
     return found
 
@@ -81,7 +81,7 @@ def restore_params(directory: str, step: Step) -> tuple[Any, dict, dict]:
     config = restored["config"]
     run_meta = restored["meta"] if "meta" in items else {k: config.get(k) for k in META_KEYS}
     if "model" not in config:
-        raise ValueError(f"checkpoint {step_dir} holds no model config (config/model missing)")
+        raise UnusableInputError(f"checkpoint {step_dir} holds no model config (config/model missing)")
     model_cfg = config_lib.sequence_fields_as_tuples(config["model"])  # JSON turned tuples into lists
     input_cfg = config.get("input", {})
     eval_max = input_cfg.get("eval_max_size", -1)

@@ -1,7 +1,8 @@
 """`UserError`: a situation the user can fix, reported as one line by the entry scripts (no traceback).
 
 Raised for what a run can foresee: a workdir another run holds, checkpoints that do not restore or cannot be
-written, a non-finite loss. The message says what happened, where (the file, step or field) and what to do.
+written, a non-finite loss, a config value that cannot work (`ConfigError`), a path that holds nothing usable
+(`MissingInputError`), bad data (`data.DataError`). The message says what happened, where (the file, step or field) and what to do.
 `describe_error` turns a storage library's exception (orbax, TensorStore: many lines, often a spec dump)
 into the one line such a message quotes.
 """
@@ -21,10 +22,28 @@ class UserError(Exception):
     """An error whose message is the whole report: the entry scripts print it in one line and exit 1."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config value that cannot work (a field, a split name, a class count): the message names the field
+    (`config.input.train_split`) and what to set. A ValueError too, for callers that validate values."""
+
+
+class MissingInputError(UserError, FileNotFoundError):
+    """A path the user gave that holds nothing usable (no checkpoint, no images): the message names the path and
+    what was expected there. A FileNotFoundError too."""
+
+
+class UnusableInputError(UserError, ValueError):
+    """A file or directory the user gave whose contents cannot serve (an older converted format, a backbone where a
+    detector is needed, an unreadable image): the message names it and what to do. A ValueError too."""
+
+
 def describe_error(error: BaseException, limit: int = 300) -> str:
     """One line for `error`: the most specific message of its cause chain (TensorStore's status line when
     there is one, e.g. 'OUT_OF_RANGE: Error reading "a/0" ...'), its exception type when the message is
-    not self-explaining, at most `limit` characters (the middle of a longer one is cut)."""
+    not self-explaining, at most `limit` characters (the middle of a longer one is cut). A `UserError`'s own
+    message is returned whole, in one line."""
+    if isinstance(error, UserError):  # its message is the whole report, written to be quoted as it is
+        return " ".join(str(error).split("\n")).strip() or type(error).__name__
     chain, seen = [], set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:

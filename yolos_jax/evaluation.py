@@ -23,6 +23,7 @@ from yolos_jax import atomic, data, sharding
 from yolos_jax.coco_eval import DETECTIONS_FILE, METRICS_FILE, coco_evaluate, detections_to_coco, load_coco, postprocess
 from yolos_jax.data.input_config import check_batch_size
 from yolos_jax.data.labels import LabelMap
+from yolos_jax.errors import ConfigError
 
 log = logging.getLogger("yolos_jax")
 
@@ -303,7 +304,7 @@ def check_label_map(label_map: Any, num_classes: int, meta: Optional[dict] = Non
     if label_map.num_classes > int(num_classes):
         hint = ("config.input.label_mode='contiguous' numbers the categories 0..K-1" if label_map.mode == "identity"
                 else "this model has fewer logits than the dataset has categories: it was trained on another dataset")
-        raise ValueError(
+        raise ConfigError(
             f"the dataset's label map has {label_map.num_classes} labels ({label_map.mode} mode) but the model has "
             f"num_classes={num_classes}; {hint}"
         )
@@ -312,7 +313,7 @@ def check_label_map(label_map: Any, num_classes: int, meta: Optional[dict] = Non
         why = label_map.incompatibility(LabelMap.from_dict(trained))
         if why:
             ds = (meta or {}).get("dataset") or {}
-            raise ValueError(
+            raise ConfigError(
                 f"this checkpoint cannot be evaluated on this dataset: {why}. The run trained on dataset "
                 f"'{ds.get('dataset_name')}' in {ds.get('data_dir')} with input.label_mode={ds.get('label_mode')!r}: "
                 "give eval the same --config.input.* data overrides as training (dataset_name, data_dir, "

@@ -41,6 +41,7 @@ from PIL import Image, UnidentifiedImageError
 from yolos_jax import atomic, sharding, weights
 from yolos_jax.data import transforms as T
 from yolos_jax.data.labels import UNUSED_NAME, LabelMap
+from yolos_jax.errors import MissingInputError, UnusableInputError
 from yolos_jax.yolos import YOLOS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")  # list_images
@@ -132,7 +133,7 @@ class Detector:
         cfg = weights.model_cfg_dict(model_cfg)
         missing = [k for k in ("class_head", "box_head", "det_tokens") if k not in params]
         if missing:
-            raise ValueError(
+            raise UnusableInputError(
                 f"parameters lack {missing}: a 'backbone' checkpoint has no detection heads; train a detector "
                 "from it first (config.init_from) or convert a detector checkpoint"
             )
@@ -298,14 +299,14 @@ def list_images(inputs: Sequence[str]) -> list[str]:
         if os.path.isdir(item):
             found = sorted(os.path.join(item, f) for f in os.listdir(item) if f.lower().endswith(IMAGE_EXTENSIONS))
             if not found:
-                raise FileNotFoundError(f"directory {item} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+                raise MissingInputError(f"directory {item} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
             paths.extend(found)
         elif os.path.isfile(item):
             paths.append(item)
         else:
             found = sorted(glob.glob(item))
             if not found:
-                raise FileNotFoundError(f"{item}: no such file, directory or matching pattern")
+                raise MissingInputError(f"{item}: no such file, directory or matching pattern")
             paths.extend(found)
     return list(dict.fromkeys(paths))
 
@@ -315,7 +316,7 @@ def read_rgb(path: str) -> np.ndarray:
     try:
         return read_image_rgb(path)
     except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
+        raise UnusableInputError(f"cannot read image {path}: {e}") from None
 
 
 def infer_images(detector: Any, paths: Sequence[str], out_dir: str, *, threshold: float = 0.5,

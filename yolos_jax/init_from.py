@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from yolos_jax import attention_windowed, sharding, vit, weights
+from yolos_jax.errors import ConfigError
 from yolos_jax.weights import flatten_params, is_backbone_leaf, unflatten_params
 
 log = logging.getLogger("yolos_jax")
@@ -192,7 +193,7 @@ def init_params_from(
                 report.dropped.append(path)
     if errors:
         what = f" for model {dict(model_cfg)}" if model_cfg is not None else ""
-        raise ValueError(
+        raise ConfigError(
             f"converted checkpoint does not fit the model{what} ({len(errors)} problems):\n  "
             + "\n  ".join(errors)
             + "\nCheck that config.model matches the converted variant (hidden_size, depth, qkv_bias, patch_size)."
@@ -203,15 +204,16 @@ def init_params_from(
 def init_from_converted(path: str, model: Any, model_cfg: Any, seed: int, image_hw: Sequence[int],
                         shardings: Any) -> Any:
     """The params a run starts from with `config.init_from=path`: a fresh init of `model` (PRNGKey(seed), an
-    input of image_hw = (height, width) pixels; shapes do not depend on it) overwritten by the converted
-    checkpoint at `path` through `init_params_from`, placed on `shardings` (the params' NamedShardings).
+    input of image_hw = (height, width) pixels; shapes do not depend on it) overwritten by the checkpoint at
+    `path` (a converted directory, or a training workdir, its checkpoints/ or one step: `weights.load_any`; a
+    training run's weights are the ones eval reads, its EMA when it kept one) through `init_params_from`, placed on `shardings` (the params' NamedShardings).
     The init runs the forward: it is traced under the shardings' mesh (`sharding.mesh_jit`), so that splash
     attention runs its kernel per device there rather than warning and taking its no-mesh fallback."""
     mesh = jax.tree.leaves(shardings)[0].mesh
     init = sharding.mesh_jit(lambda: model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *image_hw, 3))), mesh,
                              out_shardings=sharding.replicated(mesh))  # replicated: every process reads it whole
     fresh = jax.device_get(init())
-    converted, _, _ = weights.load_params_dir(path)
+    converted, _, _ = weights.load_any(path)  # a converted directory, or a training run's newest weights
     params, report = init_params_from(fresh["params"], converted, model_cfg.to_dict(), seed=seed)
     if jax.process_index() == 0:
         log.info("init_from %s: %s", path, report)

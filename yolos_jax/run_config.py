@@ -27,6 +27,7 @@ import ml_collections
 from yolos_jax import checkpointing, evaluation, losses, matcher, optim, sharding, windowed, yolos
 from yolos_jax import config as config_lib
 from yolos_jax.data import input_config
+from yolos_jax.errors import ConfigError
 
 
 def default_train_config() -> ml_collections.ConfigDict:
@@ -175,7 +176,7 @@ def apply_window_options(model_cfg: Any, arg: Optional[str], source: str, **defa
 
 
 def _fail(field: str, message: str) -> None:
-    raise ValueError(f"config.{field}: {message}")
+    raise ConfigError(f"config.{field}: {message}")
 
 
 def validate_train_config(train_cfg: ml_collections.ConfigDict) -> None:
@@ -207,11 +208,21 @@ def profile_range(train_cfg: ml_collections.ConfigDict) -> Optional[tuple[int, i
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int] = None) -> None:
-    """Checks values that would otherwise fail deep inside tracing or after training; raises naming the field.
+    """Checks values that would otherwise fail deep inside tracing or after training; raises `ConfigError` naming
+    the field (the entry scripts print it in one line).
 
     Runs each sub-config's own check, then those between sub-configs: input.max_boxes against the model's [DET]
     tokens, the global batch against the device count (`num_devices`, default `jax.device_count()`).
     """
+    try:
+        _check_config(config, num_devices)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a sub-config's own check: its message names the field ('config.model.depth: ...')
+        raise ConfigError(str(e)) from None
+
+
+def _check_config(config: ml_collections.ConfigDict, num_devices: Optional[int]) -> None:
     yolos.validate_model_config(config.model)
     m = config.model
     if int(config.input.max_boxes) > m.num_det_tokens:  # a target slot beyond the queries is never matched
@@ -221,7 +232,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
     try:  # the input sub-config's own checks, before any step (an eval size of 0 would fail after training)
         input_config.validate_input_config(config.input, jax.process_count())
     except ValueError as e:
-        raise ValueError(f"config.{e}") from None
+        raise ConfigError(f"config.{e}") from None
     evaluation.validate_eval_config(config.eval)
     batch = config.input.batch_size
     num_devices = num_devices or jax.device_count()
@@ -235,4 +246,5 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
     validate_train_config(config.train)
     checkpointing.validate_checkpoint_config(config.checkpoint)
     if config.init_from and not os.path.isdir(config.init_from):
-        _fail("init_from", f"{config.init_from!r} is not a directory (expected convert_torch_weights.py output)")
+        _fail("init_from", f"{config.init_from!r} is not a directory (expected a convert_torch_weights.py output "
+                           "directory or a training workdir)")

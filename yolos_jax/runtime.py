@@ -109,6 +109,46 @@ def exit_with_error(error: BaseException) -> NoReturn:
     sys.exit(1)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing for an entry script with a `--config` flag: `app.run(main, flags_parser=parse_flags)`.
+
+    A `--config.a.b=V` override that names no field of the config ends in one line naming it and ml_collections'
+    suggestion (`error: --config.input.batchsize=4: config.input has no field 'batchsize'. Did you mean
+    "batch_size" ...`), exit 2, instead of the three chained tracebacks ml_collections raises there, which absl
+    does not catch. Other parsing errors are absl's (one 'FATAL Flags parsing error' line)."""
+    from absl import app
+
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:
+        message = unknown_override_message(e, argv[1:])
+        if message is None:  # not an override's: an error inside the config file itself, traceback and all
+            raise
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def unknown_override_message(error: BaseException, args: list[str]) -> Optional[str]:
+    """The one-line report of ml_collections' error for an unknown `--config.*` field among `args`, or None when
+    `error` is not that (its KeyError's first line is the quoted field name, a 'Did you mean' line may follow)."""
+    chain, current = [], error
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    key_error = next((e for e in chain if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str)), None)
+    if key_error is None:
+        return None
+    first, _, hint = key_error.args[0].partition("\n")
+    field = first.strip("'\"")
+    for arg in args:
+        name = arg.split("=", 1)[0]
+        parts = name.lstrip("-").split(".")
+        if name.startswith("--config.") and field in parts[1:]:
+            owner = ".".join(parts[:parts.index(field, 1)])
+            return f"{arg}: {owner} has no field {field!r}." + (f" {hint.strip()}" if hint.strip() else "")
+    return None
+
+
 def await_lost_peer_verdict() -> None:
     """In a multi-process run with the peer watchdog: waits as long as the watchdog needs to find a silent process
     (it then ends this process naming it); returns when every process still answers. No-op otherwise."""

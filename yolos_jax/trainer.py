@@ -26,7 +26,7 @@ import numpy as np
 from yolos_jax import (atomic, checkpoint_reading, checkpointing, data, evaluation, init_from, optim, run_config,
                        run_plots, sharding, train_step, weights, workdir_lock)
 from yolos_jax import config as config_lib
-from yolos_jax.errors import UserError
+from yolos_jax.errors import ConfigError, UserError
 from yolos_jax.weights import RUNTIME_MODEL_FIELDS, expected_param_shapes
 from yolos_jax.yolos import YOLOS
 
@@ -56,7 +56,7 @@ def check_resumable_model(checkpoint_dir: str, model_cfg: ml_collections.ConfigD
     if not changed:
         return
     shapes = expected_param_shapes(stored) == expected_param_shapes(current)
-    raise ValueError(
+    raise ConfigError(
         f"{checkpoint_dir} holds checkpoints of a different model "
         f"({'same parameter shapes, computed differently' if shapes else 'parameter shapes differ'}): "
         f"{'; '.join(changed)}. Resume with the run's original config, or start this model in another --workdir")
@@ -215,13 +215,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     evaluates = bool(config.train.eval_every) or bool(config.train.eval_at_end)
     for key in ("train_split", "val_split") if evaluates else ("train_split",):  # a typo must not cost a run
         if config.input[key] not in info.num_examples:
-            raise ValueError(f"config.input.{key}: {config.input[key]!r} is not a split of dataset "
+            raise ConfigError(f"config.input.{key}: {config.input[key]!r} is not a split of dataset "
                              f"'{config.input.dataset_name}' in {config.input.data_dir}; it has {sorted(info.num_examples)} (the <split> of "
                              "each instances_<split>.json)")
     label_map = info.label_map
     if label_map.num_classes > config.model.num_classes:
-        raise ValueError(f"config.model.num_classes: {config.model.num_classes} < {label_map.num_classes} classes in "
-                         f"the dataset's label map (input.label_mode={config.input.get('label_mode', '?')!r})")
+        mode = config.input.get("label_mode", "?")
+        other = ("; or input.label_mode='contiguous' for one label per category" if mode == "identity" else "")
+        raise ConfigError(f"config.model.num_classes: {config.model.num_classes} < {label_map.num_classes} classes in "
+                          f"the dataset's label map (input.label_mode={mode!r}): set "
+                          f"--config.model.num_classes={label_map.num_classes}{other}")
     if label_map.num_classes < config.model.num_classes and is_main:
         log.info("model.num_classes=%d > the dataset's %d labels (input.label_mode=%r): the other %d logits are "
                  "never targets (expected when fine-tuning a 91-way COCO head; otherwise set model.num_classes=%d)",

@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from yolos_jax import atomic, checkpoint_reading, checkpointing, sharding
 from yolos_jax import config as config_lib
 from yolos_jax.data import workdir_paths
+from yolos_jax.errors import ConfigError, MissingInputError, UnusableInputError
 from yolos_jax.yolos import YOLOS
 
 FORMAT = "yolos_jax.params"
@@ -160,14 +161,14 @@ def load_params_dir(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str
     """
     meta_path = os.path.join(path, META_FILE)
     if not os.path.isfile(meta_path):
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{path} is not a converted checkpoint: {META_FILE} is missing (create one with "
             "convert_torch_weights.py --source=... --output=DIR)"
         )
     with open(meta_path) as f:
         meta = json.load(f)
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ValueError(
+        raise UnusableInputError(
             f"{meta_path}: expected format {FORMAT!r} version {VERSION}, got {meta.get('format')!r} "
             f"version {meta.get('version')!r}; re-run convert_torch_weights.py"
         )
@@ -197,7 +198,7 @@ def find_checkpoint(path: str) -> tuple[str, Optional[Union[int, str]]]:
     if found is not None:
         return found
     missing = "" if os.path.exists(path) else " (the path does not exist)"
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"no checkpoint found at {path}{missing}: expected a converted-weights directory (with {META_FILE}; "
         "create one with convert_torch_weights.py --source=... --output=DIR), "
         f"a training workdir (with {checkpointing.CHECKPOINT_SUBDIR}/<step>/), or a checkpoint step directory"
@@ -222,7 +223,7 @@ def input_config_for_checkpoint(input_cfg: Any, checkpoint: str, workdir: Option
         return input_cfg
     workdir = workdir or found
     if workdir is None:
-        raise ValueError(
+        raise ConfigError(
             f"config.input.data_dir={input_cfg.data_dir!r} / source_dir={input_cfg.source_dir!r} refer to "
             f"'{{workdir}}', and {checkpoint} is not inside a training workdir: pass --workdir=<the training "
             "workdir>, or set --config.input.data_dir and --config.input.source_dir")
@@ -246,7 +247,7 @@ def load_any(path: str, *, require_detector: bool = False) -> tuple[dict[str, An
     else:
         params, model_cfg, meta = checkpoint_reading.restore_params_from(path)  # skips a workdir's unrestorable steps
     if require_detector and meta.get("kind") not in (None, "detector"):
-        raise ValueError(
+        raise UnusableInputError(
             f"{path} holds a {meta.get('kind')!r} checkpoint (no detection heads); a 'detector' one is needed: a "
             "converted trained YOLOS, or a training checkpoint (train one from it first with config.init_from)"
         )

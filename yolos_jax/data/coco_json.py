@@ -43,6 +43,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from yolos_jax.data.labels import LabelMap
+from yolos_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,9 @@ def box_limit_stats(num_objects: Sequence[int], limits: Sequence[int] = BOX_LIMI
     return {"max": int(n.max()) if n.size else 0, "over": over}
 
 
-class DataError(ValueError):
-    """Bad input data that cannot be skipped safely; the message names the file and field."""
+class DataError(UserError, ValueError):
+    """Bad input data that cannot be skipped safely, or a dataset that is not where the config says; the message
+    names the file and field. The entry scripts report it in one line (`errors.UserError`)."""
 
 
 @dataclasses.dataclass
