@@ -64,6 +64,18 @@ def test_prepare_notices_a_changed_source_and_force_prepares_again(tmp_path, cap
     assert len(prepared_dataset.prepare(str(data), "fix", source_dir=str(src)).index("train")) == 4
     assert not [p for p in os.listdir(data) if p.startswith(".yolos_")]
 
+    # An image replaced in place (the fix for one the report called undecodable): seen by its size.
+    victim = src / "val" / sorted(os.listdir(src / "val"))[0]
+    victim.write_bytes(victim.read_bytes() + b"\0")
+    with pytest.raises(SystemExit, match="error: .*source changed since: files in the 'val' image folder were "
+                                         "replaced or edited in place"):
+        prepare_cli.main(args)
+    prepare_cli.main(args + ["--force"])
+    # A split the preparation does not hold is refused, not silently left out.
+    with pytest.raises(SystemExit, match=r"error: .*already prepared with the splits \['train', 'val'\], without "
+                                         r"\['test'\]: .*--splits=train,val,test --force"):
+        prepare_cli.main(args + ["--splits=test"])
+
     # Deleting the source after preparing is not a change.
     import shutil
 

@@ -28,3 +28,13 @@ def test_changes_since_names_each_change(tmp_path):
     assert len(changes) == 2
     assert "'train' image folder (4 files now, 3 when prepared)" in changes[0]
     assert changes[1] == f"{src}/annotations/instances_val.json was modified"
+
+    # An image replaced in place (the undecodable one a preparation reported, fixed): same names, another size.
+    recorded = {s: source_fingerprint.source_fingerprint(str(src), s) for s in ("train", "val")}
+    victim = next(p for p in sorted((src / "val").iterdir()))
+    victim.write_bytes(victim.read_bytes() + b"\0")
+    assert source_fingerprint.changes_since(str(src), recorded) == [
+        "files in the 'val' image folder were replaced or edited in place (their sizes changed)"]
+    # A record written before sizes were fingerprinted sees no change from them.
+    older = {s: {k: v for k, v in r.items() if k != "file_sizes_sha1"} for s, r in recorded.items()}
+    assert source_fingerprint.changes_since(str(src), older) == []

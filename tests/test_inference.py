@@ -2,6 +2,7 @@
 YolosForObjectDetection; the same eval transform (sizes and pixels) as the eval iterator."""
 
 import json
+import os
 import warnings
 
 import jax
@@ -22,6 +23,7 @@ from yolos_jax import Detector, convert, data, draw, inference
 from yolos_jax.config import model_config
 from yolos_jax.data import prepared_dataset
 from yolos_jax.data import transforms as T
+from yolos_jax.errors import UnusableInputError
 from yolos_jax.data.transforms import eval_resize_hw
 from yolos_jax.inference import read_image_rgb
 from yolos_jax.yolos import YOLOS
@@ -222,6 +224,20 @@ def test_infer_images_draws_boxes_on_the_objects(tmp_path):
                 assert frac > 0.6, (frac, det)
                 checked += 1
     assert checked >= 6
+
+    # A truncated file among them: the others are still drawn and saved; then one error names the file left out.
+    good = (tmp_path / "img1.png").read_bytes()
+    (tmp_path / "img0.png").rename(tmp_path / "a_first.png")
+    (tmp_path / "img1.png").write_bytes(good[: len(good) // 2])
+    out2 = tmp_path / "out2"
+    with pytest.raises(UnusableInputError,
+                       match=r"^1 of 2 images could not be read and were left out \(the other 1 are in .*out2/"
+                             r"detections.json\): cannot read image .*img1.png"):
+        inference.infer_images(GroundTruthDetector(list(truth)), inference.list_images([str(tmp_path)]),
+                               str(out2), threshold=0.5, names=names)
+    kept = json.loads((out2 / "detections.json").read_text())
+    assert [os.path.basename(r["file"]) for r in kept] == ["a_first.png"] and (out2 / "a_first.png").exists()
+    assert kept[0]["detections"] == saved[0]["detections"]
 
 
 def test_list_images_errors(tmp_path):

@@ -315,7 +315,7 @@ def read_rgb(path: str) -> np.ndarray:
     """uint8 [H, W, 3] RGB of an image file (grayscale, palette, CMYK and alpha are converted)."""
     try:
         return read_image_rgb(path)
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # PIL: SyntaxError for a broken PNG
         raise UnusableInputError(f"cannot read image {path}: {e}") from None
 
 
@@ -325,6 +325,9 @@ def infer_images(detector: Any, paths: Sequence[str], out_dir: str, *, threshold
     """Runs `detector.predict` on image files; writes out_dir/<stem>.png (boxes, class names, scores)
     and out_dir/detections.json. Returns the JSON's list.
 
+    An image that cannot be read (corrupt, truncated, not an image) does not stop the others: it is left out,
+    detections.json is written for the rest, and then UnusableInputError names every file left out and why.
+
     detector: anything with `predict(list of uint8 [H, W, 3], threshold, top_k) -> [{'boxes' [N, 4] xyxy
       pixels, 'scores' [N], 'labels' [N], optional 'names'}]` (e.g. `yolos_jax.Detector`).
     names: class names indexed by label (overrides the detector's).
@@ -333,10 +336,14 @@ def infer_images(detector: Any, paths: Sequence[str], out_dir: str, *, threshold
     """
     from yolos_jax import draw  # drawing only here (`import yolos_jax` -> Detector stays light)
 
-    records = []
+    records, unreadable = [], []
     stems: dict[str, int] = {}
     for path in paths:
-        image = read_rgb(path)
+        try:
+            image = read_rgb(path)
+        except UnusableInputError as e:
+            unreadable.append(str(e))
+            continue
         res = detector.predict([image], threshold=threshold, top_k=top_k)[0]
         labels = [int(v) for v in np.asarray(res["labels"]).reshape(-1)]
         if names is not None:
@@ -366,6 +373,10 @@ def infer_images(detector: Any, paths: Sequence[str], out_dir: str, *, threshold
             ],
         })
     atomic.write_json_atomic(os.path.join(out_dir, "detections.json"), records, indent=1)
+    if unreadable:
+        raise UnusableInputError(
+            f"{len(unreadable)} of {len(paths)} images could not be read and were left out (the other "
+            f"{len(records)} are in {os.path.join(out_dir, 'detections.json')}): {'; '.join(unreadable)}")
     return records
 
 

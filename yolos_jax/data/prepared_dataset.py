@@ -72,6 +72,12 @@ def prepare(
         if changes and not reuse_changed:
             raise DataError(f"{ds.path} is already prepared, but its source changed since: {'; '.join(changes)}. "
                             "Prepare again with --force (python -m yolos_jax.data.prepare ... --force)")
+        missing = [s for s in (splits or ()) if s not in ds.splits]
+        if missing:  # a preparation holds the splits it was made with; asking for another must not pass unseen
+            wanted = ",".join(dict.fromkeys([*ds.splits, *splits]))
+            raise DataError(f"{ds.path} is already prepared with the splits {sorted(ds.splits)}, without {missing}: "
+                            f"prepare it again with them (python -m yolos_jax.data.prepare ... --splits={wanted} "
+                            "--force), or under another name")
         return ds
     if not b.data_path.exists():
         return _download_and_prepare(b, data_dir, name, source_dir, tfds_source, quiet)

@@ -13,11 +13,13 @@ from yolos_jax.data.coco_source import find_image_dir
 
 def source_fingerprint(source_dir: str, split: str, previous: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
     """What a change to a split's source shows up in: the instances JSON's size and SHA-1 (hashed only when its
-    size or modification time differ from `previous`, so an unchanged file costs one stat), and the sorted
-    file names of the image folder (files added, removed or renamed). Editing an image in place is not seen; copying the
-    folder elsewhere (new modification times) is not a change."""
+    size or modification time differ from `previous`, so an unchanged file costs one stat), the sorted file names
+    of the image folder (files added, removed or renamed) and their sizes: an image replaced in place, e.g. the
+    undecodable one a preparation's report named, shows up when its size changed (one stat per file: ~0.2 s for
+    COCO's 118k on a local disk). Copying the folder elsewhere (new modification times) is not a change."""
     ann_file = os.path.join(source_dir, "annotations", f"instances_{split}.json")
-    out: dict[str, Any] = {"size": None, "mtime_ns": None, "sha1": None, "num_files": None, "file_names_sha1": None}
+    out: dict[str, Any] = {"size": None, "mtime_ns": None, "sha1": None, "num_files": None, "file_names_sha1": None,
+                           "file_sizes_sha1": None}
     try:
         st = os.stat(ann_file)
         out["size"], out["mtime_ns"] = st.st_size, st.st_mtime_ns
@@ -32,9 +34,11 @@ def source_fingerprint(source_dir: str, split: str, previous: Optional[Mapping[s
     except OSError:
         pass
     try:
-        names = sorted(os.listdir(find_image_dir(source_dir, split)))
-        out["num_files"] = len(names)
-        out["file_names_sha1"] = hashlib.sha1("\n".join(names).encode()).hexdigest()
+        with os.scandir(find_image_dir(source_dir, split)) as entries:
+            sizes = sorted((e.name, e.stat().st_size if e.is_file() else -1) for e in entries)
+        out["num_files"] = len(sizes)
+        out["file_names_sha1"] = hashlib.sha1("\n".join(name for name, _ in sizes).encode()).hexdigest()
+        out["file_sizes_sha1"] = hashlib.sha1("\n".join(f"{n}\t{s}" for n, s in sizes).encode()).hexdigest()
     except (OSError, DataError):
         pass
     return out
@@ -51,4 +55,7 @@ def changes_since(source_dir: str, recorded: Mapping[str, Mapping[str, Any]]) ->
         if now["file_names_sha1"] != before.get("file_names_sha1"):
             changes.append(f"files were added to, removed from or renamed in the '{split}' image folder "
                            f"({now['num_files']} files now, {before.get('num_files')} when prepared)")
+        elif before.get("file_sizes_sha1") not in (None, now["file_sizes_sha1"]):  # (older records lack sizes)
+            changes.append(f"files in the '{split}' image folder were replaced or edited in place (their sizes "
+                           "changed)")
     return changes
