@@ -152,3 +152,17 @@ def test_prepare_from_tfds_coco(tmp_path, monkeypatch):
         assert [int(c) for c in rec["objects"]["category_id"]] == [1, 90]
         assert [bool(c) for c in rec["objects"]["is_crowd"]] == [False, True]
 
+
+
+def test_an_undecodable_image_is_reported_with_tfs_reason_not_its_op_wrapper():
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(buf, format="PNG")
+    truncated = buf.getvalue()[:60]
+    try:
+        coco_source.probe_image(truncated)
+    except ValueError as e:
+        message = str(e)
+    else:
+        raise AssertionError("a truncated PNG decoded")
+    assert message.startswith("cannot decode image (") and "PIL: " in message, message
+    assert "{{" not in message and "[Op:" not in message and "device:CPU" not in message, message

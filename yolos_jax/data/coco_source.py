@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import io
 import os
+import re
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -55,7 +56,7 @@ def probe_image(data: bytes, verify: bool = True) -> tuple[bytes, int, int, str]
         shape = tf.io.decode_image(data, channels=3, expand_animations=False).shape
         return data, int(shape[0]), int(shape[1]), mode
     except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as e:
-        tf_error = str(e).strip().split("\n")[0][-120:]
+        tf_error = tf_error_text(e)
     try:  # a format TF cannot decode but PIL can: store lossless RGB PNG
         with Image.open(io.BytesIO(data)) as im:
             rgb = im.convert("RGB")
@@ -64,6 +65,15 @@ def probe_image(data: bytes, verify: bool = True) -> tuple[bytes, int, int, str]
             return buf.getvalue(), rgb.height, rgb.width, f"{im.format}:{im.mode}->PNG"
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"cannot decode image ({tf_error}; PIL: {e})") from None
+
+
+def tf_error_text(error: BaseException, limit: int = 160) -> str:
+    """TF's reason in an op error, without the op's wrapper: '{{function_node __wrapped__DecodeImage_device_/job:
+    localhost/...}} Invalid PNG data, size 7 [Op:DecodeImage]' -> 'Invalid PNG data, size 7'."""
+    text = str(getattr(error, "message", None) or error).strip().split("\n")[0]
+    text = re.sub(r"^\{\{.*?\}\}\s*", "", text)
+    text = re.sub(r"\s*\[Op:[^\]]*\].*$", "", text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _tf_reads_header(data: bytes) -> bool:

@@ -54,7 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             splits=[s for s in a.splits.split(",") if s] or None, verify_images=not a.no_verify,
             num_threads=a.threads, force=a.force, reuse_changed=False)
     except (DataError, ValueError) as e:  # bad data or arguments: the message says what to fix
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"\nerror: {e}") from None  # on a line of its own, not after a progress bar's
     if existing and not a.force:
         print(f"{ds.path} was already prepared from this source, unchanged since; reused as it is "
               "(--force prepares it again)")
