@@ -50,13 +50,11 @@ def main(argv):
     out = FLAGS.out or (os.path.join(FLAGS.workdir, "eval") if FLAGS.workdir
                         else f"eval_{os.path.basename(os.path.normpath(FLAGS.checkpoint))}")
     config = ml_collections.ConfigDict(FLAGS.config.to_dict())
-    try:  # '{workdir}' in data paths (configs/demo.py) is the training workdir of the checkpoint
-        config.input = weights.input_config_for_checkpoint(config.input, path, FLAGS.workdir)
-    except (FileNotFoundError, ValueError) as e:
-        raise app.UsageError(str(e)) from None
     from yolos_jax.errors import UserError
 
     try:
+        # '{workdir}' in data paths (configs/demo.py) is the training workdir of the checkpoint
+        config.input = weights.input_config_for_checkpoint(config.input, path, FLAGS.workdir)
         eval_checkpoint.evaluate_checkpoint(config, path, out, speed=FLAGS.speed, robustness=FLAGS.robustness,
                                             model_name=FLAGS.model_name, skip_clean=FLAGS.skip_clean)
     except UserError as e:  # e.g. a checkpoint that does not restore: one line, no traceback

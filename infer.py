@@ -23,9 +23,10 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Converted checkpoint dir, training workdir or checkpoint step dir.")
 flags.DEFINE_list("images", None, "Image files, directories or glob patterns (comma-separated).")
 flags.DEFINE_string("out", None, "Output directory.")
-flags.DEFINE_float("threshold", 0.5, "Keep detections with score > threshold.")
-flags.DEFINE_integer("top_k", 100, "At most this many detections per image (0: no limit).")
-flags.DEFINE_integer("eval_size", 0, "Shortest side after resizing (0: the checkpoint's or the config's).")
+flags.DEFINE_float("threshold", 0.5, "Keep detections with score > threshold.", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_integer("top_k", 100, "At most this many detections per image (0: no limit).", lower_bound=0)
+flags.DEFINE_integer("eval_size", 0, "Shortest side after resizing (0: the checkpoint's or the config's).",
+                     lower_bound=0)
 config_flags.DEFINE_config_file("config", None, "Optional config file: class names and eval size of its dataset.",
                                 lock_config=True)
 flags.mark_flags_as_required(["checkpoint", "images", "out"])
@@ -41,14 +42,13 @@ def main(argv):
     from yolos_jax.errors import UserError
 
     try:
-        records = inference.run_inference(
+        inference.run_inference(
             FLAGS.checkpoint, FLAGS.images, FLAGS.out, threshold=FLAGS.threshold, top_k=FLAGS.top_k or None,
             eval_size=FLAGS.eval_size or None, config=FLAGS.config,
+            on_result=lambda r: print(f"{r['output']}: {len(r['detections'])} detections", flush=True),
         )
-    except UserError as e:  # e.g. a checkpoint that does not restore: one line, no traceback
+    except UserError as e:  # e.g. a checkpoint that does not restore, an unreadable image: one line, no traceback
         runtime.exit_with_error(e)
-    for r in records:
-        print(f"{r['output']}: {len(r['detections'])} detections")
 
 
 if __name__ == "__main__":

@@ -148,6 +148,20 @@ def test_detector_errors(setup, tmp_path):
         det.predict([images[0][..., :2]])
     with pytest.raises(ValueError, match=r"\[B, H, W, 3\]"):
         det.forward(np.zeros((1, 3, 64, 64), np.float32))
+    with pytest.raises(ValueError, match=r"float32 .*\(scale floats in \[0, 1\] with \(x \* 255\)"):
+        det.predict([images[0].astype(np.float32) / 255])
+    with pytest.raises(ValueError, match="the path 'photo.jpg'; read a file with yolos_jax.inference.read_rgb"):
+        det.predict("photo.jpg")
+    with pytest.raises(ValueError, match=r"threshold=1.5: a score threshold is in \[0, 1\]"):
+        det.predict([images[0]], threshold=1.5)
+    with pytest.raises(ValueError, match="top_k=0 keeps no detection"):
+        det.predict([images[0]], top_k=0)
+    # A PIL image (alone or in a list, grey or RGB) is what its convert('RGB') array is.
+    grey = Image.fromarray(images[0][..., 0])
+    want = det.predict([np.asarray(grey.convert("RGB"))], threshold=0.0)[0]
+    for got in (det.predict(grey, threshold=0.0)[0], det.predict([grey], threshold=0.0)[0]):
+        np.testing.assert_array_equal(got["boxes"], want["boxes"])
+        np.testing.assert_array_equal(got["labels"], want["labels"])
     timm_sd = ref.timm_vit_state(hidden=32, depth=2, mlp=64, grid=4, distilled=False, seed=3)
     torch.save({"model": timm_sd}, tmp_path / "vit.pth")
     convert.convert(str(tmp_path / "vit.pth"), str(tmp_path / "backbone"), variant="ti",

@@ -166,8 +166,8 @@ def test_config_mistakes_fail_before_training_in_one_line(tmp_path, env, data_ro
               "error: config.model.num_classes: 2 < 4 classes in the dataset's label map (input.label_mode="
               "'contiguous'): set --config.model.num_classes=4"),
              (f"--config.init_from={tmp_path / 'no_such_checkpoint'}", "error: config.init_from: "),
-             ("--config.input.batchsize=2", "error: --config.input.batchsize=2: config.input has no field 'batchsize'. "
-                                           'Did you mean "batch_size"')]
+             ("--config.input.batchsize=2", "error: --config.input.batchsize=2: config.input has no field 'batchsize'; "
+                                           "did you mean 'batch_size'")]
     for override, expected in cases:
         proc = _train(workdir, data_root, env, override, check=False)
         assert proc.returncode != 0, override
@@ -176,6 +176,11 @@ def test_config_mistakes_fail_before_training_in_one_line(tmp_path, env, data_ro
         if "split" in override:
             assert last.endswith("it has ['train', 'val'] (the <split> of each instances_<split>.json)"), last
         assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
+    # eval.py on a path without a checkpoint: the same one line (it printed the whole flag help before).
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--config", os.path.join(ROOT, "configs/demo.py:smoke"),
+                           "--checkpoint", str(workdir)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "--checkpoint:" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: no checkpoint found at {workdir}"), proc.stderr[-3000:]
 
 
 def _wait_for(predicate, proc, what, timeout=TIMEOUT):

@@ -135,7 +135,7 @@ def test_load_model_from_a_training_workdir_and_a_converted_dir(tmp_path):
         got = weights.input_config_for_checkpoint(input_cfg, str(path))
         assert got.data_dir == f"{tmp_path / 'work'}/data/tfds" and got.source_dir == f"{tmp_path / 'work'}/data/src"
     assert weights.input_config_for_checkpoint(input_cfg, str(tmp_path / "conv"), "/w").data_dir == "/w/data/tfds"
-    with pytest.raises(ValueError, match="not inside a training workdir: pass --workdir"):
+    with pytest.raises(ValueError, match="not inside a training workdir: set --config.input.data_dir"):
         weights.input_config_for_checkpoint(input_cfg, str(tmp_path / "conv"))
     with pytest.raises(FileNotFoundError, match="no checkpoint found"):
         weights.input_config_for_checkpoint(input_cfg, str(tmp_path / "typo"))

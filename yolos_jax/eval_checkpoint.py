@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional
 import jax
 import ml_collections
 
-from yolos_jax import atomic, weights
+from yolos_jax import atomic, run_config, weights
 from yolos_jax import config as config_lib
 from yolos_jax.evaluation import Evaluator, check_label_map
 from yolos_jax.robustness import run_robustness
@@ -41,7 +41,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, out_
     Writes out_dir/metrics.json and out_dir/detections.json; with `speed` also out_dir/speed.json and the
     Tables 4-6 row; with `robustness` out_dir/robustness/... (COCO-C). Returns
     {'metrics': ..., 'speed': ... | None, 'robustness': ... | None}.
+    Raises ConfigError for a config.input / config.eval value that cannot work, before the checkpoint is read.
     """
+    run_config.validate_data_configs(config)
     params, ckpt_cfg, meta = weights.load_any(checkpoint, require_detector=True)
     overrides, ignored = runtime_overrides(config.get("model"), ckpt_cfg)
     model = YOLOS(**{**ckpt_cfg, **overrides})

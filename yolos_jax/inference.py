@@ -31,7 +31,7 @@ import glob
 import io
 import json
 import os
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +41,7 @@ from PIL import Image, UnidentifiedImageError
 from yolos_jax import atomic, sharding, weights
 from yolos_jax.data import transforms as T
 from yolos_jax.data.labels import UNUSED_NAME, LabelMap
-from yolos_jax.errors import MissingInputError, UnusableInputError
+from yolos_jax.errors import MissingInputError, UnusableInputError, UserError
 from yolos_jax.yolos import YOLOS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")  # list_images
@@ -171,7 +171,8 @@ class Detector:
             params,
             cfg,
             eval_size=eval_size if eval_size is not None else int(meta.get("eval_size") or 800),
-            max_size=max_size if max_size is not None else meta.get("max_size"),
+            # the recorded max size goes with the recorded eval size; another eval size gets its own (x 1333/800)
+            max_size=max_size if max_size is not None else (meta.get("max_size") if eval_size is None else None),
             label_names=label_names if label_names is not None else meta.get("label_names"),
         )
 
@@ -232,6 +233,10 @@ class Detector:
           'scores' [N] float32, 'labels' [N] int32 (and 'names' when label names are known), sorted by
           descending score.
         """
+        if not 0.0 <= float(threshold) <= 1.0:
+            raise ValueError(f"threshold={threshold}: a score threshold is in [0, 1]")
+        if top_k is not None and int(top_k) < 1:
+            raise ValueError(f"top_k={top_k} keeps no detection: give a count >= 1, or None to keep all")
         images = _as_image_list(images)
         pixel_values, pixel_mask, _ = self.preprocess(images)
         out = self.forward(pixel_values, pixel_mask)
@@ -265,6 +270,11 @@ def read_image_rgb(source: Union[str, bytes]) -> np.ndarray:
 
 
 def _as_image_list(images: ImageBatch) -> list[np.ndarray]:
+    if isinstance(images, (str, bytes, os.PathLike)):
+        raise ValueError(f"images: pixels are expected, got the path {images!r}; read a file with "
+                         "yolos_jax.inference.read_rgb(path)")
+    if isinstance(images, Image.Image):
+        images = [images]
     if isinstance(images, np.ndarray):
         if images.ndim == 3:
             images = [images]
@@ -277,12 +287,11 @@ def _as_image_list(images: ImageBatch) -> list[np.ndarray]:
         raise ValueError("no images given")
     out = []
     for i, im in enumerate(images):
-        im = np.asarray(im)
+        im = np.asarray(im.convert("RGB")) if isinstance(im, Image.Image) else np.asarray(im)
         if im.dtype != np.uint8 or im.ndim != 3 or im.shape[-1] != 3:
-            raise ValueError(
-                f"image {i}: expected a uint8 RGB array [H, W, 3], got {im.dtype} {im.shape} "
-                "(convert grayscale/RGBA with PIL's .convert('RGB'))"
-            )
+            how = ("scale floats in [0, 1] with (x * 255).round().astype(np.uint8)" if im.dtype.kind == "f"
+                   else "convert grayscale/RGBA with PIL's .convert('RGB'), or pass the PIL image")
+            raise ValueError(f"image {i}: expected a uint8 RGB array [H, W, 3], got {im.dtype} {im.shape} ({how})")
         out.append(im)
     return out
 
@@ -321,12 +330,13 @@ def read_rgb(path: str) -> np.ndarray:
 
 def infer_images(detector: Any, paths: Sequence[str], out_dir: str, *, threshold: float = 0.5,
                  top_k: Optional[int] = None, names: Optional[Sequence[str]] = None,
-                 label_map: Any = None) -> list[dict]:
+                 label_map: Any = None, on_result: Optional[Callable[[dict], None]] = None) -> list[dict]:
     """Runs `detector.predict` on image files; writes out_dir/<stem>.png (boxes, class names, scores)
     and out_dir/detections.json. Returns the JSON's list.
 
     An image that cannot be read (corrupt, truncated, not an image) does not stop the others: it is left out,
-    detections.json is written for the rest, and then UnusableInputError names every file left out and why.
+    detections.json is written for the rest, and then UnusableInputError names the files left out and why.
+    on_result: called with each image's record as soon as it is written (infer.py prints a line).
 
     detector: anything with `predict(list of uint8 [H, W, 3], threshold, top_k) -> [{'boxes' [N, 4] xyxy
       pixels, 'scores' [N], 'labels' [N], optional 'names'}]` (e.g. `yolos_jax.Detector`).
@@ -336,6 +346,10 @@ def infer_images(detector: Any, paths: Sequence[str], out_dir: str, *, threshold
     """
     from yolos_jax import draw  # drawing only here (`import yolos_jax` -> Detector stays light)
 
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out={out_dir}: cannot write the results there ({e.strerror or e})") from None
     records, unreadable = [], []
     stems: dict[str, int] = {}
     for path in paths:
@@ -372,11 +386,14 @@ def infer_images(detector: Any, paths: Sequence[str], out_dir: str, *, threshold
                 for b, s, k, n in zip(boxes, scores, labels, label_names)
             ],
         })
+        if on_result is not None:
+            on_result(records[-1])
     atomic.write_json_atomic(os.path.join(out_dir, "detections.json"), records, indent=1)
     if unreadable:
         raise UnusableInputError(
             f"{len(unreadable)} of {len(paths)} images could not be read and were left out (the other "
-            f"{len(records)} are in {os.path.join(out_dir, 'detections.json')}): {'; '.join(unreadable)}")
+            f"{len(records)} are in {os.path.join(out_dir, 'detections.json')}): {'; '.join(unreadable[:10])}"
+            + (f"; and {len(unreadable) - 10} more" if len(unreadable) > 10 else ""))
     return records
 
 
@@ -387,7 +404,8 @@ def _category_of(label_map: Any, label: int) -> Optional[int]:
 
 
 def run_inference(checkpoint: str, inputs: Sequence[str], out_dir: str, *, threshold: float = 0.5,
-                  top_k: Optional[int] = None, eval_size: Optional[int] = None, config: Any = None) -> list[dict]:
+                  top_k: Optional[int] = None, eval_size: Optional[int] = None, config: Any = None,
+                  on_result: Optional[Callable[[dict], None]] = None) -> list[dict]:
     """`infer.py`: loads any converted or trained checkpoint into a `Detector` and runs `infer_images`.
 
     Class names: the dataset's (config.input) when `config` is given, else the checkpoint's (recorded at
@@ -401,8 +419,9 @@ def run_inference(checkpoint: str, inputs: Sequence[str], out_dir: str, *, thres
     if config is not None:
         # The dataset (TensorFlow) and its label-map check only when a config names one: evaluation imports the
         # input pipeline, which `import yolos_jax` (Detector) must not.
-        from yolos_jax import data, evaluation
+        from yolos_jax import data, evaluation, run_config
 
+        run_config.validate_data_configs(config)
         label_map = data.dataset_info(weights.input_config_for_checkpoint(config.input, checkpoint)).label_map
         evaluation.check_label_map(label_map, model_cfg["num_classes"], meta)
         names = label_map.names_for(model_cfg["num_classes"])
@@ -414,4 +433,5 @@ def run_inference(checkpoint: str, inputs: Sequence[str], out_dir: str, *, thres
     else:
         size = config.input.eval_size if config is not None else 800
     detector = Detector(params, model_cfg, eval_size=int(size), max_size=max_size)
-    return infer_images(detector, paths, out_dir, threshold=threshold, top_k=top_k, names=names, label_map=label_map)
+    return infer_images(detector, paths, out_dir, threshold=threshold, top_k=top_k, names=names, label_map=label_map,
+                        on_result=on_result)

@@ -222,6 +222,19 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
         raise ConfigError(str(e)) from None
 
 
+def validate_data_configs(config: ml_collections.ConfigDict) -> None:
+    """`config.input` and `config.eval` alone, what eval.py and infer.py read (batch sizes against this run's
+    process count); raises ConfigError naming the field."""
+    try:
+        input_config.validate_input_config(config.input, jax.process_count())
+    except ValueError as e:
+        raise ConfigError(f"config.{e}") from None
+    try:
+        evaluation.validate_eval_config(config.eval)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _check_config(config: ml_collections.ConfigDict, num_devices: Optional[int]) -> None:
     yolos.validate_model_config(config.model)
     m = config.model
@@ -229,13 +242,14 @@ def _check_config(config: ml_collections.ConfigDict, num_devices: Optional[int])
         _fail("input.max_boxes", f"{config.input.max_boxes} > model.num_det_tokens={m.num_det_tokens}: each target "
                                  "box needs its own [DET] token. Lower input.max_boxes, or raise model.num_det_tokens "
                                  "(with init_from, a converted checkpoint's [DET] tokens are grown to it)")
-    try:  # the input sub-config's own checks, before any step (an eval size of 0 would fail after training)
-        input_config.validate_input_config(config.input, jax.process_count())
-    except ValueError as e:
-        raise ConfigError(f"config.{e}") from None
-    evaluation.validate_eval_config(config.eval)
+    validate_data_configs(config)  # before any step: an eval size of 0 would fail after training
+    losses.validate_loss_config(config.loss)  # else found only when the step is traced, after the data is read
+    matcher.validate_matcher_config(config.matcher)
     batch = config.input.batch_size
     num_devices = num_devices or jax.device_count()
+    fsdp = int(config.mesh.get("fsdp", 1))
+    if fsdp < 1 or num_devices % fsdp:
+        _fail("mesh.fsdp", f"{fsdp} must be >= 1 and divide the device count {num_devices}")
     if batch % num_devices:
         _fail("input.batch_size", f"global batch {batch} must be a multiple of the device count {num_devices}")
     accum = int(config.train.get("grad_accum_steps", 1))

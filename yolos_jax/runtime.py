@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -112,40 +113,67 @@ def exit_with_error(error: BaseException) -> NoReturn:
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing for an entry script with a `--config` flag: `app.run(main, flags_parser=parse_flags)`.
 
-    A `--config.a.b=V` override that names no field of the config ends in one line naming it and ml_collections'
-    suggestion (`error: --config.input.batchsize=4: config.input has no field 'batchsize'. Did you mean
-    "batch_size" ...`), exit 2, instead of the three chained tracebacks ml_collections raises there, which absl
-    does not catch. Other parsing errors are absl's (one 'FATAL Flags parsing error' line)."""
-    from absl import app
+    Each way a command line can name a config wrongly ends in one `error:` line and exit 2, where ml_collections
+    would raise chained tracebacks (absl catches none of them) or absl print one inside its 'FATAL' line:
+    a `--config.a.b=V` override naming no field (`error: --config.input.batchsize=4: config.input has no field
+    'batchsize'; did you mean 'batch_size'?`) or going below a value, a config file that does not load, a
+    `:arg` the file refuses, a value of the wrong type."""
+    from absl import flags
 
     try:
-        return app.parse_flags_with_usage(argv)
-    except (AttributeError, KeyError) as e:
-        message = unknown_override_message(e, argv[1:])
+        rest = flags.FLAGS(argv)
+        config = flags.FLAGS["config"].value
+        if config is not None:
+            config.keys()  # a file that did not load is an error object that raises on first use
+        return rest
+    except flags.Error as e:  # absl's: a value of the wrong type, or the file's get_config raised
+        text = str(e)
+        message = (_last_line(text) if "Error whilst parsing config file" in text else text)
+    except OSError as e:  # the config file is missing or unreadable
+        message = f"--config={_config_spec(argv[1:])}: the config file does not load ({_last_line(str(e))})"
+    except (AttributeError, KeyError, TypeError):  # ml_collections, applying an override
+        spec = _config_spec(argv[1:])
+        message = unknown_override_message(flags.FLAGS["config"].parser.parse(spec), argv[1:]) if spec else None
         if message is None:  # not an override's: an error inside the config file itself, traceback and all
             raise
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
-def unknown_override_message(error: BaseException, args: list[str]) -> Optional[str]:
-    """The one-line report of ml_collections' error for an unknown `--config.*` field among `args`, or None when
-    `error` is not that (its KeyError's first line is the quoted field name, a 'Did you mean' line may follow)."""
-    chain, current = [], error
-    while current is not None and current not in chain:
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    key_error = next((e for e in chain if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str)), None)
-    if key_error is None:
-        return None
-    first, _, hint = key_error.args[0].partition("\n")
-    field = first.strip("'\"")
+def _last_line(text: str) -> str:
+    """The last line of an embedded traceback, without its exception type ('ValueError: x' -> 'x')."""
+    line = [t.strip() for t in text.strip().splitlines() if t.strip()][-1]
+    return re.sub(r"^[A-Za-z_.]*(Error|Exception): ", "", line)
+
+
+def _config_spec(args: list[str]) -> Optional[str]:
+    """The value of `--config=FILE[:arg]` (or `--config FILE`, one dash or two) among `args`; None if absent."""
+    for i, arg in enumerate(args):
+        name, eq, value = arg.lstrip("-").partition("=")
+        if arg.startswith("-") and name == "config":
+            return value if eq else (args[i + 1] if i + 1 < len(args) else None)
+    return None
+
+
+def unknown_override_message(config: Any, args: list[str]) -> Optional[str]:
+    """The one-line report of the first `--config.a.b[=V]` override among `args` (one dash or two) whose path does
+    not resolve in `config` (a ConfigDict, before overrides): a field its sub-config lacks (with the nearest names),
+    or a path going below a value. None when every override's path resolves."""
+    import difflib
+
     for arg in args:
-        name = arg.split("=", 1)[0]
-        parts = name.lstrip("-").split(".")
-        if name.startswith("--config.") and field in parts[1:]:
-            owner = ".".join(parts[:parts.index(field, 1)])
-            return f"{arg}: {owner} has no field {field!r}." + (f" {hint.strip()}" if hint.strip() else "")
+        name = arg.lstrip("-").partition("=")[0]
+        if not arg.startswith("-") or not name.startswith("config."):
+            continue
+        node, owner = config, "config"
+        for part in name.split(".")[1:]:
+            if not hasattr(node, "keys"):
+                return f"{arg}: {owner} is a value ({type(node).__name__}), not a sub-config with a field {part!r}"
+            if part not in node:
+                close = difflib.get_close_matches(part, list(node.keys()), n=3)
+                hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+                return f"{arg}: {owner} has no field {part!r}{hint}"
+            node, owner = node[part], f"{owner}.{part}"
     return None
 
 

@@ -225,8 +225,9 @@ def input_config_for_checkpoint(input_cfg: Any, checkpoint: str, workdir: Option
     if workdir is None:
         raise ConfigError(
             f"config.input.data_dir={input_cfg.data_dir!r} / source_dir={input_cfg.source_dir!r} refer to "
-            f"'{{workdir}}', and {checkpoint} is not inside a training workdir: pass --workdir=<the training "
-            "workdir>, or set --config.input.data_dir and --config.input.source_dir")
+            f"'{{workdir}}', and {checkpoint} is not inside a training workdir: set --config.input.data_dir and "
+            "--config.input.source_dir to the dataset's folders (eval.py also takes --workdir=<the training workdir> "
+            "in place of --checkpoint)")
     return workdir_paths.resolve_input_config(input_cfg, workdir)
 
 

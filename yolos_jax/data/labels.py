@@ -20,6 +20,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from yolos_jax.errors import ConfigError
+
 MODES = ("contiguous", "identity")
 # 'identity' allocates max(id) + 1 logits; above this, a typo or a hashed id is far more likely than a
 # real need, and the model would silently grow a huge head.
@@ -44,7 +46,7 @@ class LabelMap:
     def __init__(self, categories: Sequence[tuple[int, str]], mode: str = "contiguous"):
         """categories: (category_id, name) pairs, ids unique. Prefer `from_categories`."""
         if mode not in MODES:
-            raise ValueError(f"LabelMap mode must be one of {MODES}, got {mode!r}")
+            raise ConfigError(f"config.input.label_mode must be one of {MODES}, got {mode!r}")
         cats = sorted((int(i), str(n)) for i, n in categories)
         ids = [i for i, _ in cats]
         if not ids:
