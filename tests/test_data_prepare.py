@@ -71,10 +71,19 @@ def test_prepare_notices_a_changed_source_and_force_prepares_again(tmp_path, cap
                                          "replaced or edited in place"):
         prepare_cli.main(args)
     prepare_cli.main(args + ["--force"])
-    # A split the preparation does not hold is refused, not silently left out.
+    # A split the preparation does not hold is refused, not silently left out; one the source lacks is named.
+    (src / "annotations" / "instances_test.json").write_text((src / "annotations" / "instances_val.json").read_text())
     with pytest.raises(SystemExit, match=r"error: .*already prepared with the splits \['train', 'val'\], without "
                                          r"\['test'\]: .*--splits=train,val,test --force"):
         prepare_cli.main(args + ["--splits=test"])
+    with pytest.raises(SystemExit, match=r"error: .*no annotations/instances_<split>.json for the split\(s\) \['vall'\]; "
+                                         r"it has \['test', 'train', 'val'\]"):
+        prepare_cli.main(args + ["--splits=vall"])
+    # Asked for every split (no --splits) of a folder that now has one more than was prepared: said, not skipped.
+    with pytest.raises(SystemExit, match=r"error: .*prepared with the splits \['train', 'val'\] only; the source also "
+                                         r"has \['test'\]: prepare again with --force"):
+        prepare_cli.main(args)
+    (src / "annotations" / "instances_test.json").unlink()
 
     # Deleting the source after preparing is not a change.
     import shutil

@@ -35,6 +35,7 @@ def test_changes_since_names_each_change(tmp_path):
     victim.write_bytes(victim.read_bytes() + b"\0")
     assert source_fingerprint.changes_since(str(src), recorded) == [
         "files in the 'val' image folder were replaced or edited in place (their sizes changed)"]
+    assert source_fingerprint.changes_since(str(src), recorded, sizes=False) == []  # a run's start: no stat per file
     # A record written before sizes were fingerprinted sees no change from them.
     older = {s: {k: v for k, v in r.items() if k != "file_sizes_sha1"} for s, r in recorded.items()}
     assert source_fingerprint.changes_since(str(src), older) == []

@@ -30,6 +30,7 @@ import reference_models as ref
 import train_fixtures
 from yolos_jax import convert, init_from, sharding, weights
 from yolos_jax.config import model_config
+from yolos_jax.errors import ConfigError
 from yolos_jax.yolos import YOLOS
 
 
@@ -63,13 +64,16 @@ def test_init_params_from_detector_and_resizing(hf_s, tmp_path):
     want = want.permute(0, 2, 3, 1).numpy()
     assert ref.max_abs(flat["mid_pos_embed_patches"], want) <= 1e-5
     assert "resized 2" in str(report)
-    # a backbone of another width is refused with every mismatch listed
+    # a backbone of another width is refused in one line: the count of mismatches, the first 8 of them
     small = dict(cfg, hidden_size=24, num_heads=2)
     small_shapes = weights.expected_param_shapes(small)
     fresh_small = weights.unflatten_params({k: np.zeros(s, np.float32) for k, s in small_shapes.items()})
-    with pytest.raises(ValueError, match=r"problems\):") as e:
+    with pytest.raises(ConfigError, match=r"^config.init_from: the checkpoint does not fit the model .* \((\d+) "
+                                          r"problems\): ") as e:
         init_from.init_params_from(fresh_small, conv.params, small)
-    assert "patch_embed/proj/kernel" in str(e.value) and "block_2/mlp/fc2/kernel" in str(e.value)
+    problems = int(re.search(r"\((\d+) problems\)", str(e.value)).group(1))
+    assert problems > 8 and f"; and {problems - 8} more. Check that config.model" in str(e.value)
+    assert "block_0/" in str(e.value) and "(hidden_size=24, depth=" in str(e.value) and "\n" not in str(e.value)
     # kind 'backbone' keeps every detector-only leaf fresh even when it fits
     _, report = init_from.init_params_from(fresh, conv.params, cfg, kind="backbone")
     assert not any(t.startswith(("det_tokens", "class_head", "mid_")) for t in report.taken)

@@ -192,11 +192,12 @@ def init_params_from(
             else:
                 report.dropped.append(path)
     if errors:
-        what = f" for model {dict(model_cfg)}" if model_cfg is not None else ""
+        what = (" (" + ", ".join(f"{k}={model_cfg[k]}" for k in ("hidden_size", "depth", "num_heads", "patch_size")
+                                 if k in model_cfg) + ")") if model_cfg is not None else ""
+        shown = "; ".join(errors[:8]) + (f"; and {len(errors) - 8} more" if len(errors) > 8 else "")
         raise ConfigError(
-            f"converted checkpoint does not fit the model{what} ({len(errors)} problems):\n  "
-            + "\n  ".join(errors)
-            + "\nCheck that config.model matches the converted variant (hidden_size, depth, qkv_bias, patch_size)."
+            f"config.init_from: the checkpoint does not fit the model{what} ({len(errors)} problems): {shown}. "
+            "Check that config.model matches the checkpoint's variant (hidden_size, depth, qkv_bias, patch_size)."
         )
     return unflatten_params(out), report
 

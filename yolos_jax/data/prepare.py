@@ -25,7 +25,7 @@ import json
 import logging
 from typing import Optional, Sequence
 
-from yolos_jax.data import prepared_dataset
+from yolos_jax.data import coco_source, prepared_dataset
 from yolos_jax.data.coco_json import DataError
 
 
@@ -56,6 +56,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except (DataError, ValueError) as e:  # bad data or arguments: the message says what to fix
         raise SystemExit(f"\nerror: {e}") from None  # on a line of its own, not after a progress bar's
     if existing and not a.force:
+        in_source = coco_source.discover_splits(a.coco_dir) if a.coco_dir and not a.splits else []
+        left_out = [s for s in in_source if s not in ds.splits]
+        if left_out:  # prepared earlier with --splits; asked now for every split the folder has
+            raise SystemExit(f"\nerror: {ds.path} was prepared with the splits {ds.splits} only; the source also "
+                             f"has {left_out}: prepare again with --force to include them (or --splits="
+                             f"{','.join(ds.splits)} to use it as it is)")
         print(f"{ds.path} was already prepared from this source, unchanged since; reused as it is "
               "(--force prepares it again)")
     reports = {s: ds.report(s) for s in ds.splits}

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from yolos_jax import atomic
-from yolos_jax.data import source_fingerprint
+from yolos_jax.data import coco_source, source_fingerprint
 from yolos_jax.data.coco_json import DataError, box_limit_stats
 from yolos_jax.data.example_reader import RecordReader
 from yolos_jax.data.labels import LabelMap
@@ -61,6 +61,10 @@ def prepare(
         source_dir = os.path.abspath(source_dir)
         if not os.path.isdir(source_dir):
             raise DataError(f"source folder {source_dir} does not exist")
+        unknown = [s for s in (splits or ()) if s not in coco_source.discover_splits(source_dir)]
+        if unknown:
+            raise DataError(f"{source_dir}: no annotations/instances_<split>.json for the split(s) {unknown}; it has "
+                            f"{coco_source.discover_splits(source_dir)}")
     b = make_builder(data_dir, name, source_dir=source_dir, splits=splits, tfds_source=tfds_source,
                      tfds_data_dir=tfds_data_dir, verify_images=verify_images, num_threads=num_threads,
                      **builder_kwargs)
@@ -68,7 +72,7 @@ def prepare(
     if b.data_path.exists() and not force:
         ds = load(data_dir, name)
         ds.check_source(source_dir, tfds_source)
-        changes = ds.source_changes(source_dir)
+        changes = ds.source_changes(source_dir, sizes=not reuse_changed)  # a stat per image only when asked to prepare
         if changes and not reuse_changed:
             raise DataError(f"{ds.path} is already prepared, but its source changed since: {'; '.join(changes)}. "
                             "Prepare again with --force (python -m yolos_jax.data.prepare ... --force)")
@@ -204,15 +208,15 @@ class PreparedDataset:
             raise DataError(f"{self.path} was prepared from {self.source.get('source_dir') or self.source.get('tfds_source')}, "
                             f"not tfds {tfds_source}: choose another dataset name or delete the prepared folder")
 
-    def source_changes(self, source_dir: Optional[str] = None) -> list[str]:
+    def source_changes(self, source_dir: Optional[str] = None, sizes: bool = True) -> list[str]:
         """What changed in the source folder (`source_dir`, default `self.source_dir()`) since it was prepared
-        (`source_fingerprint.changes_since`); [] if nothing did, if the folder is gone (deleting the source after
+        (`source_fingerprint.changes_since`; sizes=False: not the image files' sizes); [] if nothing did, if the folder is gone (deleting the source after
         preparing is fine), or if nothing was recorded (tfds sources, datasets prepared by older versions)."""
         recorded = self.source.get("source_fingerprints") or {}
         src = os.path.abspath(source_dir) if source_dir else self.source_dir()
         if not src or not recorded or not os.path.isdir(src):
             return []
-        return source_fingerprint.changes_since(src, recorded)
+        return source_fingerprint.changes_since(src, recorded, sizes=sizes)
 
     def source_dir(self) -> Optional[str]:
         """The source folder: where it was when prepared, or, if that is gone and the folder sits at the same place
@@ -305,7 +309,7 @@ def open_dataset(cfg: ml_collections.ConfigDict, process_count: int = 1) -> Prep
             tfds_data_dir=cfg.tfds_data_dir or None, verify_images=cfg.verify_images, num_threads=cfg.prepare_threads)
     if cfg.source_dir or cfg.from_tfds:
         ds.check_source(cfg.source_dir or None, cfg.from_tfds or None)
-    changes = ds.source_changes(cfg.source_dir or None)
+    changes = ds.source_changes(cfg.source_dir or None, sizes=False)  # each start: names only, no stat per image
     if changes:
         log.warning("using %s as prepared, but its source changed since (%s); to use the source as it is now: "
                     "python -m yolos_jax.data.prepare --data_dir=%s --name=%s --coco_dir=%s --force",

@@ -11,12 +11,15 @@ from yolos_jax.data.coco_json import DataError
 from yolos_jax.data.coco_source import find_image_dir
 
 
-def source_fingerprint(source_dir: str, split: str, previous: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+def source_fingerprint(source_dir: str, split: str, previous: Optional[Mapping[str, Any]] = None,
+                       sizes: bool = True) -> dict[str, Any]:
     """What a change to a split's source shows up in: the instances JSON's size and SHA-1 (hashed only when its
     size or modification time differ from `previous`, so an unchanged file costs one stat), the sorted file names
     of the image folder (files added, removed or renamed) and their sizes: an image replaced in place, e.g. the
     undecodable one a preparation's report named, shows up when its size changed (one stat per file: ~0.2 s for
-    COCO's 118k on a local disk). Copying the folder elsewhere (new modification times) is not a change."""
+    COCO's 118k on a local disk, more on a network file system, so `changes_since` compares sizes only when asked:
+    the prepare command does, a run's start does not). Files in sub-folders of the image folder are not looked
+    at. Copying the folder elsewhere (new modification times) is not a change."""
     ann_file = os.path.join(source_dir, "annotations", f"instances_{split}.json")
     out: dict[str, Any] = {"size": None, "mtime_ns": None, "sha1": None, "num_files": None, "file_names_sha1": None,
                            "file_sizes_sha1": None}
@@ -35,27 +38,28 @@ def source_fingerprint(source_dir: str, split: str, previous: Optional[Mapping[s
         pass
     try:
         with os.scandir(find_image_dir(source_dir, split)) as entries:
-            sizes = sorted((e.name, e.stat().st_size if e.is_file() else -1) for e in entries)
-        out["num_files"] = len(sizes)
-        out["file_names_sha1"] = hashlib.sha1("\n".join(name for name, _ in sizes).encode()).hexdigest()
-        out["file_sizes_sha1"] = hashlib.sha1("\n".join(f"{n}\t{s}" for n, s in sizes).encode()).hexdigest()
+            files = sorted((e.name, (e.stat().st_size if e.is_file() else -1) if sizes else None) for e in entries)
+        out["num_files"] = len(files)
+        out["file_names_sha1"] = hashlib.sha1("\n".join(name for name, _ in files).encode()).hexdigest()
+        if sizes:
+            out["file_sizes_sha1"] = hashlib.sha1("\n".join(f"{n}\t{s}" for n, s in files).encode()).hexdigest()
     except (OSError, DataError):
         pass
     return out
 
 
-def changes_since(source_dir: str, recorded: Mapping[str, Mapping[str, Any]]) -> list[str]:
+def changes_since(source_dir: str, recorded: Mapping[str, Mapping[str, Any]], sizes: bool = True) -> list[str]:
     """What changed in `source_dir` since `recorded` ({split: `source_fingerprint` when prepared}), one sentence
-    per change; [] if nothing did."""
+    per change; [] if nothing did. sizes=False skips the image files' sizes (no stat per file)."""
     changes = []
     for split, before in sorted(recorded.items()):
-        now = source_fingerprint(source_dir, split, before)
+        now = source_fingerprint(source_dir, split, before, sizes=sizes)
         if [now["size"], now["sha1"]] != [before.get("size"), before.get("sha1")]:
             changes.append(f"{source_dir}/annotations/instances_{split}.json was modified")
         if now["file_names_sha1"] != before.get("file_names_sha1"):
             changes.append(f"files were added to, removed from or renamed in the '{split}' image folder "
                            f"({now['num_files']} files now, {before.get('num_files')} when prepared)")
-        elif before.get("file_sizes_sha1") not in (None, now["file_sizes_sha1"]):  # (older records lack sizes)
+        elif sizes and before.get("file_sizes_sha1") not in (None, now["file_sizes_sha1"]):  # (older: no sizes)
             changes.append(f"files in the '{split}' image folder were replaced or edited in place (their sizes "
                            "changed)")
     return changes
