@@ -56,6 +56,14 @@ def main(argv):
              if verified else "")
     print(f"wrote {FLAGS.out} ({FLAGS.format}, canvas {description['image_size'][0]}x{description['image_size'][1]}, "
           f"batch {description['inputs']['pixel_values']['shape'][0]}){check}")
+    if not description["holds_eval_resize"]:
+        from yolos_jax.data import transforms
+
+        short, long = transforms.eval_canvas_bound(description["eval_size"], description["max_size"])
+        print(f"warning: the canvas holds neither orientation of this checkpoint's eval resize (eval_size "
+              f"{description['eval_size']}, max_size {description['max_size']}): images resized as Detector does "
+              f"will not fit; for them export --image_size={short},{long} (landscape) or {long},{short} (portrait)",
+              flush=True)
 
 
 if __name__ == "__main__":

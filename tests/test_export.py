@@ -104,6 +104,8 @@ def random_artifacts(random_ckpt, tmp_path_factory):
             paths[fmt, size] = str(directory / f"model_{size[0]}x{size[1]}.{fmt}")
             description = export.export_checkpoint(random_ckpt, fmt, f"{size[0]},{size[1]}", paths[fmt, size])
             assert description["verified"]["batch"] == 2 and description["image_size"] == list(size)
+            # eval_size 64 (max 106): every landscape image resizes into 64 x 96 at most; 48 x 32 holds neither way
+            assert description["holds_eval_resize"] == (size == (64, 112)), (size, description)
     return paths
 
 

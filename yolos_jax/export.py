@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from yolos_jax import atomic, inference, vit, weights
+from yolos_jax.data import transforms as T
 from yolos_jax.data.labels import UNUSED_NAME
 from yolos_jax.errors import UserError, describe_error
 from yolos_jax.yolos import YOLOS
@@ -431,6 +432,11 @@ def _describe(fmt: str, checkpoint: str, model_cfg: Mapping[str, Any], meta: Map
     }
     if fmt != "onnx":
         description["platforms"] = list(platforms)
+    # Whether the canvas holds the eval resize of every landscape (or every portrait) image: a smaller one fails
+    # on the images `Detector` / the README's recipe would feed it (export.py says so).
+    short, long = T.eval_canvas_bound(eval_size, description["max_size"])
+    h, w = description["image_size"]
+    description["holds_eval_resize"] = (h >= short and w >= long) or (h >= long and w >= short)
     return description
 
 
