@@ -152,8 +152,11 @@ def test_detector_errors(setup, tmp_path):
         det.predict([images[0].astype(np.float32) / 255])
     with pytest.raises(ValueError, match="the path 'photo.jpg'; read a file with yolos_jax.inference.read_rgb"):
         det.predict("photo.jpg")
-    with pytest.raises(ValueError, match=r"threshold=1.5: a score threshold is in \[0, 1\]"):
+    with pytest.raises(ValueError, match="image 0: pixels are expected, got the path 'photo.jpg'"):
+        det.predict(["photo.jpg"])
+    with pytest.raises(ValueError, match=r"threshold=1.5: scores are at most 1, so it would keep nothing"):
         det.predict([images[0]], threshold=1.5)
+    assert len(det.predict([images[0]], threshold=-1.0)[0]["scores"]) == det.model_cfg["num_det_tokens"]
     with pytest.raises(ValueError, match="top_k=0 keeps no detection"):
         det.predict([images[0]], top_k=0)
     # A PIL image (alone or in a list, grey or RGB) is what its convert('RGB') array is.

@@ -206,6 +206,8 @@ app.run(lambda argv: print("ran", flags.FLAGS.config.input.batch_size), flags_pa
 CONFIG_FILE = """
 import ml_collections
 def get_config(arg=None):
+    if arg == "two":
+        raise ValueError("cfg.py: a message\\n  on two lines")
     if arg not in (None, "small"):
         raise ValueError(f"cfg.py: cannot read config argument {arg!r}; use 'small' or nothing")
     return ml_collections.ConfigDict({"input": {"batch_size": 2 if arg else 8}})
@@ -217,18 +219,32 @@ def get_config(arg=None):
     (["--config=CFG", "--config.input.batchsize=3"],
      "error: --config.input.batchsize=3: config.input has no field 'batchsize'; did you mean 'batch_size'?"),
     (["--config=CFG:smal"], "error: cfg.py: cannot read config argument 'smal'; use 'small' or nothing"),
-    (["--config=NOFILE"], "error: --config=NOFILE: the config file does not load ("),
+    (["--config=NOFILE"], "error: --config: the config file does not load ([Errno 2] No such file or directory: 'NOFILE')"),
     (["--config=CFG", "--config.input.batch_size=abc"], "error: flag --config.input.batch_size=abc: invalid literal"),
+    (["--config=CFG:two"], "error: cfg.py: a message on two lines"),
+    (["--flagfile=FLAGFILE", "--config.input.batchsize=3"],  # --config inside a flag file, as absl reads it
+     "error: --config.input.batchsize=3: config.input has no field 'batchsize'"),
 ])
 def test_parse_flags_ends_each_config_mistake_in_one_line(tmp_path, args, expected):
     import subprocess
     import sys
 
     (tmp_path / "cfg.py").write_text(CONFIG_FILE)
-    paths = {"CFG": str(tmp_path / "cfg.py"), "NOFILE": str(tmp_path / "nosuch.py")}
+    (tmp_path / "flags.txt").write_text(f"--config={tmp_path / 'cfg.py'}\n")
+    paths = {"CFG": str(tmp_path / "cfg.py"), "NOFILE": str(tmp_path / "nosuch.py"), "FLAGFILE": str(tmp_path / "flags.txt")}
     for key, path in paths.items():
         args, expected = [a.replace(key, path) for a in args], expected.replace(key, path)
     proc = subprocess.run([sys.executable, "-c", SCRIPT, *args], capture_output=True, text=True, timeout=120)
     output = (proc.stdout + proc.stderr).strip()
     assert output.splitlines()[-1].startswith(expected), output[-2000:]
     assert "Traceback" not in output and proc.returncode == (0 if expected.startswith("ran") else 2), output[-2000:]
+
+
+def test_parse_flags_in_a_script_without_a_config_flag():
+    import subprocess
+    import sys
+
+    script = ("from absl import app, flags\nfrom yolos_jax import runtime\nflags.DEFINE_integer('n', 1, 'n')\n"
+              "app.run(lambda argv: print('ran', flags.FLAGS.n), flags_parser=runtime.parse_flags)\n")
+    proc = subprocess.run([sys.executable, "-c", script, "--n=3"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ran 3", proc.stderr[-2000:]

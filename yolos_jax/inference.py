@@ -233,8 +233,9 @@ class Detector:
           'scores' [N] float32, 'labels' [N] int32 (and 'names' when label names are known), sorted by
           descending score.
         """
-        if not 0.0 <= float(threshold) <= 1.0:
-            raise ValueError(f"threshold={threshold}: a score threshold is in [0, 1]")
+        if not float(threshold) <= 1.0:  # (NaN too) a negative one keeps every token (run_plots draws them all)
+            raise ValueError(f"threshold={threshold}: scores are at most 1, so it would keep nothing; use a value "
+                             "in [0, 1]")
         if top_k is not None and int(top_k) < 1:
             raise ValueError(f"top_k={top_k} keeps no detection: give a count >= 1, or None to keep all")
         images = _as_image_list(images)
@@ -287,6 +288,9 @@ def _as_image_list(images: ImageBatch) -> list[np.ndarray]:
         raise ValueError("no images given")
     out = []
     for i, im in enumerate(images):
+        if isinstance(im, (str, bytes, os.PathLike)):
+            raise ValueError(f"image {i}: pixels are expected, got the path {im!r}; read a file with "
+                             "yolos_jax.inference.read_rgb(path)")
         im = np.asarray(im.convert("RGB")) if isinstance(im, Image.Image) else np.asarray(im)
         if im.dtype != np.uint8 or im.ndim != 3 or im.shape[-1] != 3:
             how = ("scale floats in [0, 1] with (x * 255).round().astype(np.uint8)" if im.dtype.kind == "f"

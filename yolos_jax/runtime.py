@@ -122,7 +122,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
     try:
         rest = flags.FLAGS(argv)
-        config = flags.FLAGS["config"].value
+        config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
         if config is not None:
             config.keys()  # a file that did not load is an error object that raises on first use
         return rest
@@ -130,29 +130,50 @@ def parse_flags(argv: list[str]) -> list[str]:
         text = str(e)
         message = (_last_line(text) if "Error whilst parsing config file" in text else text)
     except OSError as e:  # the config file is missing or unreadable
-        message = f"--config={_config_spec(argv[1:])}: the config file does not load ({_last_line(str(e))})"
-    except (AttributeError, KeyError, TypeError):  # ml_collections, applying an override
-        spec = _config_spec(argv[1:])
-        message = unknown_override_message(flags.FLAGS["config"].parser.parse(spec), argv[1:]) if spec else None
+        message = f"--config: the config file does not load ({_last_line(str(e))})"  # the reason names the file
+    except (AttributeError, KeyError, TypeError) as error:  # ml_collections, applying an override
+        args = _expanded(argv)
+        spec = _config_spec(args)
+        message = None
+        if spec and "config" in flags.FLAGS and any(a.lstrip("-").startswith("config.") for a in args):
+            try:  # the file again, without the overrides: which of them names no field?
+                message = unknown_override_message(flags.FLAGS["config"].parser.parse(spec), args)
+            except Exception:  # noqa: BLE001 - the file itself fails: its own error, below
+                message = None
         if message is None:  # not an override's: an error inside the config file itself, traceback and all
-            raise
+            raise error
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 
+def _expanded(argv: list[str]) -> list[str]:
+    """argv[1:] with `--flagfile=F` replaced by F's flags, as absl reads them."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False)
+    except Exception:  # noqa: BLE001 - an unreadable flagfile: the literal arguments
+        return list(argv[1:])
+
+
 def _last_line(text: str) -> str:
-    """The last line of an embedded traceback, without its exception type ('ValueError: x' -> 'x')."""
-    line = [t.strip() for t in text.strip().splitlines() if t.strip()][-1]
-    return re.sub(r"^[A-Za-z_.]*(Error|Exception): ", "", line)
+    """The exception message that ends an embedded traceback, without its type ('ValueError: x' -> 'x'), its lines
+    joined; the last line when there is no such message."""
+    lines = [t.strip() for t in text.strip().splitlines() if t.strip()] or [text.strip()]
+    starts = [i for i, t in enumerate(lines) if re.match(r"^[A-Za-z_.]*(Error|Exception): ", t)]
+    tail = lines[starts[-1]:] if starts else lines[-1:]
+    return re.sub(r"^[A-Za-z_.]*(Error|Exception): ", "", " ".join(tail))
 
 
 def _config_spec(args: list[str]) -> Optional[str]:
-    """The value of `--config=FILE[:arg]` (or `--config FILE`, one dash or two) among `args`; None if absent."""
+    """The value of the last `--config=FILE[:arg]` (or `--config FILE`, one dash or two) among `args`, the one absl
+    keeps; None if absent."""
+    spec = None
     for i, arg in enumerate(args):
         name, eq, value = arg.lstrip("-").partition("=")
         if arg.startswith("-") and name == "config":
-            return value if eq else (args[i + 1] if i + 1 < len(args) else None)
-    return None
+            spec = value if eq else (args[i + 1] if i + 1 < len(args) else None)
+    return spec
 
 
 def unknown_override_message(config: Any, args: list[str]) -> Optional[str]:
