@@ -2,7 +2,8 @@
 
 Raised for what a run can foresee: a workdir another run holds, checkpoints that do not restore or cannot be
 written, a non-finite loss, a config value that cannot work (`ConfigError`), a path that holds nothing usable
-(`MissingInputError`), bad data (`data.DataError`). The message says what happened, where (the file, step or field) and what to do.
+(`MissingInputError`), a file that cannot serve (`UnusableInputError`), bad data (`data.DataError`). The message
+says what happened, where (the file, step or field) and what to do.
 `describe_error` turns a storage library's exception (orbax, TensorStore: many lines, often a spec dump)
 into the one line such a message quotes.
 """

@@ -210,8 +210,9 @@ class PreparedDataset:
 
     def source_changes(self, source_dir: Optional[str] = None, sizes: bool = True) -> list[str]:
         """What changed in the source folder (`source_dir`, default `self.source_dir()`) since it was prepared
-        (`source_fingerprint.changes_since`; sizes=False: not the image files' sizes); [] if nothing did, if the folder is gone (deleting the source after
-        preparing is fine), or if nothing was recorded (tfds sources, datasets prepared by older versions)."""
+        (`source_fingerprint.changes_since`; sizes=False: not the image files' sizes); [] if nothing did, if the
+        folder is gone (deleting the source after preparing is fine), or if nothing was recorded (tfds sources,
+        datasets prepared by older versions)."""
         recorded = self.source.get("source_fingerprints") or {}
         src = os.path.abspath(source_dir) if source_dir else self.source_dir()
         if not src or not recorded or not os.path.isdir(src):

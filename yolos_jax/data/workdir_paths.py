@@ -4,7 +4,8 @@
 data: it substitutes the run's workdir into `data_dir` / `source_dir` and, when `input.synthetic` is set and
 `source_dir` does not exist yet, writes the seeded synthetic COCO-format dataset there (process 0; the others
 wait). Only into a '{workdir}' path (the config's own): a path the user gave is their data, and one that does not
-exist is a mistake to report, not a place to generate shapes into and train on. The training workdir of a checkpoint is `weights.workdir_of`'s to find (`weights.input_config_for_checkpoint`).
+exist is a mistake to report, not a place to generate shapes into and train on. The training workdir of a
+checkpoint is `weights.workdir_of`'s to find (`weights.input_config_for_checkpoint`).
 """
 
 from __future__ import annotations
