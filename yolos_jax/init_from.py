@@ -208,8 +208,9 @@ def init_from_converted(path: str, model: Any, model_cfg: Any, seed: int, image_
     input of image_hw = (height, width) pixels; shapes do not depend on it) overwritten by the checkpoint at
     `path` (a converted directory, or a training workdir, its checkpoints/ or one step: `weights.load_any`; a
     training run's weights are the ones eval reads, its EMA when it kept one) through `init_params_from`, placed
-    on `shardings` (the params' NamedShardings). The init runs the forward: it is traced under the shardings' mesh (`sharding.mesh_jit`), so that splash
-    attention runs its kernel per device there rather than warning and taking its no-mesh fallback."""
+    on `shardings` (the params' NamedShardings). The init runs the forward: it is traced under the shardings' mesh
+    (`sharding.mesh_jit`), so that splash attention runs its kernel per device there rather than warning and
+    taking its no-mesh fallback."""
     mesh = jax.tree.leaves(shardings)[0].mesh
     init = sharding.mesh_jit(lambda: model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *image_hw, 3))), mesh,
                              out_shardings=sharding.replicated(mesh))  # replicated: every process reads it whole
