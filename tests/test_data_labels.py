@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from yolos_jax.data.labels import LabelMap
+from yolos_jax.errors import ConfigError
 
 # COCO 2017's 80 category ids (gaps at 12, 26, 29, 30, 45, 66, 68, 69, 71, 83).
 COCO_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
@@ -59,8 +60,10 @@ def test_json_round_trip_and_equality():
     ],
 )
 def test_bad_categories_raise(cats, mode, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as e:
         LabelMap.from_categories(cats, mode)
+    # What config.input.label_mode can fix is a ConfigError: train.py / eval.py print it in one line.
+    assert isinstance(e.value, ConfigError) == (mode != "contiguous"), e.value
 
 
 def test_unknown_ids_and_labels_raise():

@@ -58,14 +58,14 @@ class LabelMap:
         self.category_ids: list[int] = ids
         if mode == "identity":
             if ids[0] < 0:
-                raise ValueError(
-                    f"category id {ids[0]} is negative; label_mode='identity' needs ids >= 0 "
-                    "(use label_mode='contiguous')"
+                raise ConfigError(
+                    f"category id {ids[0]} is negative; config.input.label_mode='identity' needs ids >= 0 "
+                    "(use --config.input.label_mode=contiguous)"
                 )
             if ids[-1] > MAX_IDENTITY_ID:
-                raise ValueError(
-                    f"category id {ids[-1]} > {MAX_IDENTITY_ID}: label_mode='identity' would allocate "
-                    f"{ids[-1] + 1} logits; use label_mode='contiguous'"
+                raise ConfigError(
+                    f"category id {ids[-1]} > {MAX_IDENTITY_ID}: config.input.label_mode='identity' would allocate "
+                    f"{ids[-1] + 1} logits; use --config.input.label_mode=contiguous"
                 )
             self.num_classes = ids[-1] + 1
             self.names = [UNUSED_NAME] * self.num_classes
