@@ -58,7 +58,8 @@ def default_distributed_config() -> ml_collections.ConfigDict:
             num_processes=0,
             process_id=-1,
             # A process that stops answering (died, or its host did) for this long ends the run on every other
-            # process with a message naming it, instead of a hang; re-running the command resumes.
+            # process with a message naming it, instead of a hang; re-running the command resumes. (jax's own
+            # heartbeat timeout is set to twice this: a backstop that aborts with a stack dump.)
             heartbeat_timeout_s=60,
         )
     )

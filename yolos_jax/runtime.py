@@ -205,6 +205,7 @@ def await_lost_peer_verdict() -> None:
         time.sleep(WATCHDOG_VERDICT_S)
 
 
+JAX_HEARTBEAT_FACTOR = 2  # jax's heartbeat timeout, in units of config.distributed.heartbeat_timeout_s
 MULTIPROCESS_ENV = ("TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
 
 
@@ -218,6 +219,10 @@ def maybe_initialize_distributed(dist_cfg: Any) -> None:
     import jax  # not at module level: setup_host() must run before jax is imported and configured
 
     heartbeat = int(dist_cfg.get("heartbeat_timeout_s", 60))
+    # jax's own heartbeat abort is the backstop, at twice the bound: it sends a heartbeat every half of its
+    # timeout, so it can abort as early as half its timeout after a process dies (measured: 11-19 s for a 20 s
+    # timeout); the watchdog, which names the lost process, must come first (`PeerWatchdog.verdict_within_s`).
+    backstop = JAX_HEARTBEAT_FACTOR * heartbeat
     if dist_cfg.coordinator_address:
         try:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -227,7 +232,7 @@ def maybe_initialize_distributed(dist_cfg: Any) -> None:
             coordinator_address=dist_cfg.coordinator_address,
             num_processes=int(dist_cfg.num_processes),
             process_id=int(dist_cfg.process_id),
-            heartbeat_timeout_seconds=heartbeat,
+            heartbeat_timeout_seconds=backstop,
         )
         start_peer_watchdog(heartbeat)
         return
@@ -241,7 +246,7 @@ def maybe_initialize_distributed(dist_cfg: Any) -> None:
         else:
             env_multi |= bool(value)
     if env_multi:
-        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
+        jax.distributed.initialize(heartbeat_timeout_seconds=backstop)
         start_peer_watchdog(heartbeat)
 
 
@@ -252,10 +257,11 @@ WATCHDOG_VERDICT_S = 0.0  # > 0 while the peer watchdog runs: the longest it tak
 def start_peer_watchdog(timeout_s: float) -> bool:
     """In a multi-process run, daemon threads that end this process in one line when another one is lost.
 
-    jax's coordination service already ends every process `timeout_s` after one stops sending heartbeats, but
-    with an abort and a C++ and Python stack dump in which the one line that names the lost process is easy to
-    miss. So each process also runs a `PeerWatchdog` over jax.distributed's key-value store: a lost peer ends
-    this process with exit code 1 and a message naming it, after `timeout_s`/2 of silence, before jax's abort.
+    jax's coordination service already ends every process when one stops sending heartbeats (here between
+    `timeout_s` and 2 `timeout_s` after it died: `maybe_initialize_distributed`), but with an abort and a C++ and
+    Python stack dump in which the one line that names the lost process is easy to miss. So each process also
+    runs a `PeerWatchdog` over jax.distributed's key-value store: a lost peer ends this process with exit code 1
+    and a message naming it, after `timeout_s`/2 of silence, within `timeout_s` of its death, before jax's abort.
     Returns whether the watchdog started (it needs jax's distributed client).
     """
     import jax  # not at module level: setup_host() must run before jax is imported and configured
@@ -296,7 +302,7 @@ def start_peer_watchdog(timeout_s: float) -> bool:
 class PeerWatchdog:
     """Finds a lost process of a multi-process run through a shared key-value store (jax.distributed's).
 
-    Each process bumps its own counter in the store every `timeout_s`/8 s and reads everyone's (counters, not
+    Each process bumps its own counter in the store every `timeout_s`/16 s and reads everyone's (counters, not
     clocks: hosts' clocks may differ). A peer whose counter this process has not seen change for `timeout_s`/2 s
     (and which has not said it finished) is lost; so is process 0, which serves the store, when the store stops
     answering other processes for as long. Then `on_lost(who, why)` is called once, e.g. ("process 1",
@@ -315,8 +321,9 @@ class PeerWatchdog:
     def __init__(self, client: Any, me: int, count: int, timeout_s: float, on_lost: Callable[[str, str], None],
                  clock: Callable[[], float] = time.monotonic):
         self.client, self.me, self.count, self.on_lost, self.clock = client, me, count, on_lost, clock
-        self.interval, self.patience = max(timeout_s / 8.0, 0.25), timeout_s / 2.0
-        # The longest from a process's last beat to this one's verdict: its silence, plus a poll and a judge tick.
+        self.interval, self.patience = max(timeout_s / 16.0, 0.25), timeout_s / 2.0
+        # The longest from a process's last beat to this one's verdict: its silence, plus a poll, a judge tick and
+        # a judge's wait for a fresh poll. 0.69 `timeout_s`: before jax's abort (no sooner than `timeout_s`).
         self.verdict_within_s = self.patience + 3 * self.interval
         self.stopped = threading.Event()  # by a verdict or by `finish`
         self._lock = threading.Lock()
