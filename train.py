@@ -26,11 +26,12 @@ def main(argv):
     from yolos_jax import runtime
 
     runtime.setup_host()
-    runtime.maybe_initialize_distributed(FLAGS.config.distributed)
-    from yolos_jax import trainer
     from yolos_jax.errors import UserError
 
     try:
+        runtime.maybe_initialize_distributed(FLAGS.config.distributed)
+        from yolos_jax import trainer
+
         trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except UserError as e:  # foreseen (a held workdir, bad checkpoints, a failed save, NaN): one line, no traceback
         runtime.exit_with_error(e)

@@ -71,23 +71,23 @@ def test_atomic_files_replace_all_their_targets_or_none(tmp_path, file_size_limi
     assert oct(second.stat().st_mode & 0o777) == oct(atomic.default_file_mode())  # not mkstemp's 0o600
 
 
-def test_remove_tree_outlasts_a_late_writer(tmp_path):
+def test_remove_tree_outlasts_a_late_writer(tmp_path, monkeypatch):
     """A failed storage write may still have writers in flight that recreate files in its temporary directory:
-    remove_tree keeps removing until the directory stays gone."""
-    import threading
-    import time
+    remove_tree keeps removing until the directory stays gone. (A writer in flight, without threads: each of the
+    first three removals is followed at once by a late write, so no timing can make the test pass or fail.)"""
+    import shutil
 
     target = tmp_path / ".out.tmp-1234"
+    real_rmtree, removals = shutil.rmtree, []
 
-    def late_writer():
-        for i in range(5):
-            time.sleep(0.04)
+    def rmtree_then_a_late_write(path, ignore_errors=False):
+        real_rmtree(path, ignore_errors=ignore_errors)
+        removals.append(path)
+        if len(removals) <= 3:
             os.makedirs(target / "d", exist_ok=True)
-            (target / "d" / f"chunk{i}").write_bytes(b"x")
+            (target / "d" / f"chunk{len(removals)}").write_bytes(b"x")
 
-    os.makedirs(target)
-    thread = threading.Thread(target=late_writer)
-    thread.start()
-    atomic.remove_tree(str(target), settle_s=0.3)
-    thread.join()
-    assert not target.exists()
+    os.makedirs(target / "d")
+    monkeypatch.setattr(atomic.shutil, "rmtree", rmtree_then_a_late_write)
+    atomic.remove_tree(str(target), settle_s=0.1)
+    assert not target.exists() and len(removals) == 4

@@ -61,7 +61,7 @@ def test_tiny_run_has_a_row_per_case(tmp_path):
         assert cells[1] == "64x96" and cells[2] == ("3" if variant == "ti" else "2"), cells
         ours_ips, hf_ips, ratio, tflop_step, tflops = (number(c) for c in cells[3:8])
         assert ours_ips > 0 and hf_ips > 0 and tflop_step > 0 and tflops > 0, cells
-        assert ratio == pytest.approx(ours_ips / hf_ips, rel=0.02)
+        assert ratio == pytest.approx(ours_ips / hf_ips, rel=0.02, abs=0.006)  # the cell is rounded to 0.01
         assert number(cells[8]) > 0  # MFU %
 
     by_variant = {r["variant"]: r for r in results["cases"]}

@@ -47,8 +47,10 @@ def test_a_live_run_holds_the_workdir_and_a_second_refuses_naming_it(tmp_path):
         assert f"pid {proc.pid} on host {socket.gethostname()}" in str(e.value)
         assert "another --workdir" in str(e.value) and "\n" not in str(e.value)
         first = json.loads((tmp_path / LOCK_FILE).read_text())["heartbeat"]
-        time.sleep(0.6)  # the holder's heartbeat thread keeps refreshing the lock
-        assert json.loads((tmp_path / LOCK_FILE).read_text())["heartbeat"] > first
+        deadline = time.time() + 10  # the holder's heartbeat thread keeps refreshing the lock (every 0.2 s)
+        while json.loads((tmp_path / LOCK_FILE).read_text())["heartbeat"] == first:
+            assert time.time() < deadline, "the holder's heartbeat did not refresh the lock in 10 s"
+            time.sleep(0.1)
     finally:
         proc.kill()
         proc.wait()

@@ -86,7 +86,25 @@ def build_step(mesh_devices, fsdp: int = 1, total_steps: int = 10, global_batch:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free just now (multi-process tests' coordinator address)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port that was free just now on every address (multi-process tests' coordinator address; jax binds
+    `[::]:port`), drawn below Linux's ephemeral range (32768-60999): the seconds until the coordinator binds it
+    cannot be lost to another process's connection or bind-to-port-0, which the kernel serves from that range."""
+    import errno
+    import random
+
+    draw = random.Random()  # its own state, from os.urandom: tests that seed `random` do not make workers collide
+    for _ in range(200):
+        port = draw.randrange(20000, 32000)
+        try:
+            with socket.socket() as s:
+                s.bind(("0.0.0.0", port))
+            try:
+                with socket.socket(socket.AF_INET6) as s:
+                    s.bind(("::", port))
+            except OSError as e:  # a host without IPv6 is fine; a port in use is not
+                if e.errno == errno.EADDRINUSE:
+                    raise
+            return port
+        except OSError:  # in use: draw another
+            continue
+    raise RuntimeError("no free TCP port in 20000-31999")
