@@ -98,11 +98,12 @@ def test_prior_attention_matches_numpy(impl, monkeypatch):
     # A zero bias (the split path) gives the unbiased attention (the fused path).
     unbiased = module.apply({"params": params}, x, jnp.asarray(key_mask))
     zero = module.apply({"params": params}, x, jnp.asarray(key_mask), jnp.zeros_like(bias))
-    np.testing.assert_allclose(np.asarray(zero), np.asarray(unbiased), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(zero), np.asarray(unbiased), rtol=1e-5, atol=1e-5)
     assert np.abs(np.asarray(unbiased) - np.asarray(got))[:, -q:].max() > 1e-2  # the prior changes [DET] rows
     # ... and only them. Not bit for bit: the two paths multiply different row counts (T against T - q), which
-    # XLA may tile differently (bit-equal on an AVX-512 host, 1e-6 apart on an AVX2 one).
-    np.testing.assert_allclose(np.asarray(unbiased)[:, :-q], np.asarray(got)[:, :-q], rtol=1e-5, atol=1e-6)
+    # XLA may tile differently (bit-equal on an AVX-512 host, up to 1.6e-6 apart on an AVX2 one, for O(1) values
+    # summed over 24 channels: float32 rounding, 1e-5 allows for it and stays far below the [DET] rows' 1e-2).
+    np.testing.assert_allclose(np.asarray(unbiased)[:, :-q], np.asarray(got)[:, :-q], rtol=1e-5, atol=1e-5)
 
 
 def test_prior_attention_gradients_match_einsum_autodiff(monkeypatch):

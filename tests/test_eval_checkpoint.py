@@ -25,7 +25,9 @@ def test_eval_command_with_speed_and_robustness(synth, tmp_path):
     config.eval.robustness_max_images = 4
     out = tmp_path / "out"
     res = eval_checkpoint.evaluate_checkpoint(config, str(ckpt), str(out), speed=True, robustness=True)
-    assert set(json.load(open(out / "metrics.json"))) >= set(coco_eval.METRIC_NAMES)
+    metrics = json.load(open(out / "metrics.json"))
+    assert set(metrics) >= set(coco_eval.METRIC_NAMES)
+    assert (metrics["eval_size"], metrics["eval_max_size"]) == (cfg.eval_size, cfg.eval_max_size)  # as scored
     speed = json.load(open(out / "speed.json"))
     assert speed["num_images"] == 3 and speed["model"] == "tiny" and speed["AP"] == res["metrics"]["AP"]
     assert speed["params"] == sum(x.size for x in jax.tree.leaves(params)) and speed["gflops"] > 0
@@ -51,6 +53,21 @@ def test_eval_takes_runtime_fields_from_config_model_and_names_the_ignored_ones(
     assert overrides == {"dtype": "bfloat16", "attention_impl": "xla", "remat": False}
     assert ignored == ["hidden_size"]  # sequence fields compare as tuples (JSON lists do not count as changes)
     assert eval_checkpoint.runtime_overrides(None, ckpt) == ({}, [])
+
+
+def test_a_checkpoint_made_for_another_eval_size_is_noted_with_the_overrides_that_match_it():
+    """A converted YOLOS-Ti records 512 (max 853); scored with yolos_s.py's 800 the note names the fix."""
+    from yolos_jax import data
+
+    ti = data.default_input_config("ti")
+    s = data.default_input_config("s")
+    converted_ti = {"eval_size": 512, "max_size": 853}
+    assert eval_checkpoint.eval_size_note(ti, converted_ti) is None
+    assert eval_checkpoint.eval_size_note(s, {}) is None  # nothing recorded: nothing to compare
+    assert eval_checkpoint.eval_size_note(s, converted_ti) == (
+        "note: evaluating at config.input's eval size 800 (max 1333); the checkpoint was made for 512 (max 853): "
+        "--config.input.eval_size=512 --config.input.eval_max_size=853 scores it as made")
+    assert eval_checkpoint.eval_size_note(ti, {"eval_size": 512, "max_size": None}) is None  # the original's rule
 
 
 # A tiny HF YOLOS with mid position embeddings on a 4x6 stored grid (64x96 px), 10 [DET] tokens.

@@ -106,3 +106,12 @@ def test_lr_scaling_rules_and_bad_values():
     cfg.lr_scaling = "cubic"
     with pytest.raises(ValueError, match="lr_scaling"):
         optim.peak_learning_rate(cfg, 8)
+
+
+def test_a_batch_other_than_the_recipes_is_said_with_its_learning_rate_and_the_way_to_keep_the_recipe():
+    cfg = optim.default_optim_config()  # S/B: base_lr 2.5e-5 at 8
+    assert optim.recipe_batch_note(cfg, 8) is None
+    assert optim.recipe_batch_note(cfg, 2) == (
+        "global batch 2 is not the recipe's 8 (optim.base_batch_size): peak lr 6.25e-06 by "
+        "optim.lr_scaling='linear' (base_lr 2.5e-05 at 8). To train the recipe's batch on less memory keep "
+        "--config.input.batch_size=8 and set --config.train.grad_accum_steps=k")

@@ -176,3 +176,17 @@ def test_rational_erf_of_the_portable_gelu_is_float32_accurate():
     with vit.portable_erf():
         y = jax.jit(lambda v: vit.gelu(v))(x.astype(np.float32))
     np.testing.assert_allclose(y, np.asarray(jax.jit(vit.gelu)(x.astype(np.float32))), atol=2e-6, rtol=1e-6)
+
+
+def test_trunc_normal_02_has_the_spread_of_timms_trunc_normal():
+    """timm's `trunc_normal_(std=.02)` (= torch.nn.init.trunc_normal_, bounds +-2 in absolute units) is in effect
+    N(0, 0.02^2): the [DET] tokens and position embeddings start with that spread (flax's default bounds, +-2
+    standard deviations, gave 0.0176)."""
+    import scipy.stats
+
+    ours = np.asarray(vit.trunc_normal_02(jax.random.PRNGKey(0), (400_000,), jnp.float32), np.float64)
+    torch.manual_seed(0)
+    theirs = torch.nn.init.trunc_normal_(torch.empty(400_000, dtype=torch.float64), std=0.02).numpy()
+    assert np.std(ours) == pytest.approx(0.02, rel=0.01) and np.std(theirs) == pytest.approx(0.02, rel=0.01)
+    assert np.abs(ours).max() <= 2.0
+    assert scipy.stats.ks_2samp(ours, theirs).pvalue > 1e-3  # the same distribution, not only the same spread

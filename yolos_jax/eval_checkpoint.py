@@ -14,6 +14,7 @@ import ml_collections
 
 from yolos_jax import atomic, run_config, weights
 from yolos_jax import config as config_lib
+from yolos_jax.data import input_config
 from yolos_jax.evaluation import Evaluator, check_label_map
 from yolos_jax.robustness import run_robustness
 from yolos_jax.speed import count_params, run_speed
@@ -33,18 +34,38 @@ def runtime_overrides(model_cfg: Optional[Mapping[str, Any]], checkpoint_cfg: Ma
     return overrides, ignored
 
 
+def eval_size_note(input_cfg: ml_collections.ConfigDict, meta: Mapping[str, Any]) -> Optional[str]:
+    """One line when the checkpoint was made for another eval size than config.input's (the original's args or
+    HF's preprocessor at conversion, the run's config in training; `meta['eval_size']`, `meta['max_size']`), naming
+    the overrides that score it as made (a converted YOLOS-Ti: 512, max 853, not yolos_s.py's 800); else None.
+    config.input decides, as for every other eval setting: a size given on purpose is kept."""
+    if not meta.get("eval_size"):
+        return None
+    made = (int(meta["eval_size"]), int(meta.get("max_size") or int(meta["eval_size"]) * 1333 // 800))
+    used = (int(input_cfg.eval_size), input_config.eval_max_size(input_cfg))
+    if made == used:
+        return None
+    return (f"note: evaluating at config.input's eval size {used[0]} (max {used[1]}); the checkpoint was made for "
+            f"{made[0]} (max {made[1]}): --config.input.eval_size={made[0]} --config.input.eval_max_size={made[1]} "
+            "scores it as made")
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, out_dir: str, *, speed: bool = False,
                         robustness: bool = False, model_name: Optional[str] = None,
                         skip_clean: bool = False) -> dict:
     """What `eval.py` does: COCO evaluation of `checkpoint` on the val split of `config.input`.
 
-    Writes out_dir/metrics.json and out_dir/detections.json; with `speed` also out_dir/speed.json and the
-    Tables 4-6 row; with `robustness` out_dir/robustness/... (COCO-C). Returns
+    Writes out_dir/metrics.json (with the eval size and max size scored at) and out_dir/detections.json; with
+    `speed` also out_dir/speed.json and the Tables 4-6 row; with `robustness` out_dir/robustness/... (COCO-C).
+    The eval size is config.input's; a checkpoint made for another one is noted (`eval_size_note`). Returns
     {'metrics': ..., 'speed': ... | None, 'robustness': ... | None}.
     Raises ConfigError for a config.input / config.eval value that cannot work, before the checkpoint is read.
     """
     run_config.validate_data_configs(config)
     params, ckpt_cfg, meta = weights.load_any(checkpoint, require_detector=True)
+    size_note = eval_size_note(config.input, meta)
+    if size_note and jax.process_index() == 0:
+        print(size_note, flush=True)
     overrides, ignored = runtime_overrides(config.get("model"), ckpt_cfg)
     model = YOLOS(**{**ckpt_cfg, **overrides})
     if ignored and jax.process_index() == 0:

@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 
 from yolos_jax import atomic, data, sharding
 from yolos_jax.coco_eval import DETECTIONS_FILE, METRICS_FILE, coco_evaluate, detections_to_coco, load_coco, postprocess
-from yolos_jax.data.input_config import check_batch_size
+from yolos_jax.data.input_config import check_batch_size, eval_max_size
 from yolos_jax.data.labels import LabelMap
 from yolos_jax.errors import ConfigError
 
@@ -257,11 +257,12 @@ class Evaluator:
         failure while writing either leaves the files of the previous evaluation there as they were.
 
         Call on process 0 (it reads the ground truth). Returns {METRIC_NAMES..., 'num_images',
-        'num_detections'}.
+        'num_detections', 'eval_size', 'eval_max_size' (pixels: the resize the images were scored at)}.
         """
         dets = detections_to_coco(pred["image_id"], pred["scores"], pred["labels"], pred["boxes"], self.label_map)
         metrics, table = coco_evaluate(self.coco_gt, dets, image_ids=pred["image_id"])
-        metrics.update(num_images=int(pred.num_images), num_detections=len(dets))
+        metrics.update(num_images=int(pred.num_images), num_detections=len(dets),
+                       eval_size=int(self.input_cfg.eval_size), eval_max_size=eval_max_size(self.input_cfg))
         if verbose:
             print(table, end="", flush=True)
         if out_dir:  # the two files together: a failure writing either leaves the previous pair as it was

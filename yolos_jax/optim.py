@@ -17,7 +17,7 @@ recipes follow; `optim.lr_scaling='none'` uses `base_lr` as is, 'sqrt' scales wi
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +44,7 @@ def default_optim_config() -> ml_collections.ConfigDict:
             clip_grad_norm=0.1,  # global-norm clipping as DETR/YOLOS; <= 0 disables
             schedule="cosine",  # 'cosine' | 'constant'
             warmup_steps=0,  # linear warm-up from 0 to the peak lr
-            min_lr=1e-7,  # cosine floor (the original's CosineAnnealingLR eta_min)
+            min_lr=1e-7,  # cosine floor (the original timm "warmupcos" schedule's min_lr)
             backbone_lr_mult=1.0,  # lr multiplier for everything outside the heads
             decay_mid_pos_embed=True,  # the original decays mid_pos_embed (not in its skip list)
             # Exponential moving average of the parameters (0 = off): kept in the train state, saved with each
@@ -79,6 +79,18 @@ def ema_update(ema_params: Any, params: Any, step: jax.Array, decay: float) -> A
     params keep a float32 average)."""
     d = ema_decay_at(step, decay)
     return jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), ema_params, params)
+
+
+def recipe_batch_note(optim_cfg: ml_collections.ConfigDict, global_batch_size: int) -> Optional[str]:
+    """One line when the global batch is not the recipe's (`optim.base_batch_size`): the learning rate it gets by
+    `optim.lr_scaling`, and how to keep the recipe's batch when memory is short; None at the recipe's batch."""
+    base = int(optim_cfg.base_batch_size)
+    if int(global_batch_size) == base:
+        return None
+    return (f"global batch {global_batch_size} is not the recipe's {base} (optim.base_batch_size): peak lr "
+            f"{peak_learning_rate(optim_cfg, global_batch_size):.3g} by optim.lr_scaling={optim_cfg.lr_scaling!r} "
+            f"(base_lr {optim_cfg.base_lr:.3g} at {base}). To train the recipe's batch on less memory keep "
+            f"--config.input.batch_size={base} and set --config.train.grad_accum_steps=k")
 
 
 def peak_learning_rate(optim_cfg: ml_collections.ConfigDict, global_batch_size: int) -> float:

@@ -287,6 +287,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         atomic.write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()), indent=2)
         log.info("training %d steps (%d per epoch) at global batch %d on %d devices", total_steps,
                  steps_per_epoch, global_batch, jax.device_count())
+        batch_note = optim.recipe_batch_note(config.optim, global_batch)
+        if batch_note:
+            log.info("%s", batch_note)
 
     evaluator = None
     weights_name = "ema" if ema_decay > 0 else "params"
