@@ -43,15 +43,18 @@ def main(argv):
     from yolos_jax import runtime  # imported here, as the rest: setup_host() runs before jax and TF are used
 
     runtime.setup_host()
-    runtime.maybe_initialize_distributed(FLAGS.config.distributed)
+    from yolos_jax.errors import UserError
+
+    try:
+        runtime.maybe_initialize_distributed(FLAGS.config.distributed)
+    except UserError as e:  # a distributed setting that cannot work: one line, no traceback
+        runtime.exit_with_error(e)
     from yolos_jax import eval_checkpoint, weights
 
     path = FLAGS.workdir or FLAGS.checkpoint
     out = FLAGS.out or (os.path.join(FLAGS.workdir, "eval") if FLAGS.workdir
                         else f"eval_{os.path.basename(os.path.normpath(FLAGS.checkpoint))}")
     config = ml_collections.ConfigDict(FLAGS.config.to_dict())
-    from yolos_jax.errors import UserError
-
     try:
         # '{workdir}' in data paths (configs/demo.py) is the training workdir of the checkpoint
         config.input = weights.input_config_for_checkpoint(config.input, path, FLAGS.workdir)

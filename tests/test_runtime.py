@@ -42,6 +42,13 @@ def test_jax_aborts_at_the_bound_itself_where_the_watchdog_cannot_run_and_a_too_
         with pytest.raises(ConfigError, match=r"^config\.distributed\.heartbeat_timeout_s=.*: must be a number of "):
             runtime.maybe_initialize_distributed(cfg)
     assert len(calls) == 1
+    cfg = run_config.default_distributed_config()
+    cfg.coordinator_address = "127.0.0.1:1234"
+    for count, me in ((2, 2), (2, -1), (0, 0)):  # an id out of range, left unset, no process count
+        cfg.num_processes, cfg.process_id = count, me
+        with pytest.raises(ConfigError, match=rf"^config\.distributed\.process_id={me}, num_processes={count}: "):
+            runtime.maybe_initialize_distributed(cfg)
+    assert len(calls) == 1  # refused before joining
 
 
 @pytest.mark.parametrize("timeout_s", [4, 5, 8, 20, 60, 600])

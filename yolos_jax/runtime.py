@@ -247,6 +247,11 @@ def maybe_initialize_distributed(dist_cfg: Any) -> None:
     # (`PeerWatchdog.verdict_within_s`). Without the watchdog, jax's abort is the bound itself.
     backstop = JAX_HEARTBEAT_FACTOR * heartbeat if peer_watchdog_supported() else heartbeat
     if dist_cfg.coordinator_address:
+        count, me = int(dist_cfg.num_processes), int(dist_cfg.process_id)
+        if count < 1 or not 0 <= me < count:  # before joining: a peer would wait minutes for this process
+            raise ConfigError(
+                f"config.distributed.process_id={me}, num_processes={count}: with coordinator_address set, give "
+                "every process the same num_processes >= 1 and its own process_id in 0..num_processes-1")
         try:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         except Exception:  # noqa: BLE001 - older/newer jax without the option: CPU collectives unavailable
